@@ -1,0 +1,223 @@
+"""One institution's data: the entry point the Flower client and the server use.
+
+This module owns the glue: source (:mod:`.sources`) -> partition (:mod:`.partition`) ->
+MONAI ``CacheDataset`` with the transforms of :mod:`.transforms`. Results are cached per
+process (Flower calls a client many times per process), keyed by the data fields of the
+:class:`~flower_focal.config.RunConfig` only, so changing e.g. ``lr`` reuses the cache.
+
+Callers use :func:`load_institution` (client), :func:`load_split` (central evaluation) and
+:func:`describe_partitions` (logging; loads no image).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from monai.data import CacheDataset, Dataset
+
+from flower_focal.config import RunConfig
+from flower_focal.data.keys import IMAGE
+from flower_focal.data.partition import histogram, partition_train_val
+from flower_focal.data.sources import SourceData, load_source
+from flower_focal.data.transforms import (
+    ImageDataError,
+    build_transforms,
+    find_data_error,
+    load_image,
+)
+
+logger = logging.getLogger("flower_focal.data")
+
+DATA_FIELDS: tuple[str, ...] = (
+    "dataset", "data_path", "num_samples", "image_size", "train_split", "val_split",
+    "label_column", "image_column", "partitioner", "dirichlet_alpha", "site_column",
+    "min_partition_size", "seed",
+)
+"""The RunConfig fields that determine the data (the per-process cache key)."""
+
+
+@dataclass(frozen=True)
+class InstitutionData:
+    """The train and val datasets of one institution (partition).
+
+    ``train`` / ``val`` yield ``{"image": float32 tensor (in_channels, S, S), "label":
+    torch.long scalar}``; ``train`` applies random flips/rotations, ``val`` does not.
+    ``val`` may be empty (``n_val == 0``): skip local evaluation then.
+    """
+
+    partition_id: int
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    in_channels: int
+    n_train: int
+    n_val: int
+    train_histogram: list[int]
+    val_histogram: list[int]
+    class_names: tuple[str, ...] = ()
+
+
+def _data_config(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with every non-data field at its default: a hashable cache key."""
+    return RunConfig(**{name: getattr(cfg, name) for name in DATA_FIELDS})
+
+
+@functools.lru_cache(maxsize=4)
+def _source(key: RunConfig) -> SourceData:
+    return load_source(key)
+
+
+@functools.lru_cache(maxsize=16)
+def _partitions(
+    key: RunConfig, num_partitions: int
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    src = _source(key)
+    return partition_train_val(
+        src.labels("train"), src.labels("val"), num_partitions, key.partitioner, key.seed,
+        alpha=key.dirichlet_alpha, train_sites=src.sites("train"),
+        val_sites=src.sites("val"), min_size=key.min_partition_size,
+    )
+
+
+def _check_partition(partition_id: int, num_partitions: int) -> None:
+    if num_partitions < 1:
+        raise ValueError(f"num_partitions must be >= 1, got {num_partitions}.")
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(
+            f"partition_id {partition_id} out of range for {num_partitions} partitions "
+            f"(valid: 0..{num_partitions - 1})."
+        )
+
+
+def make_dataset(items: Sequence[dict[str, Any]], transform: Any, from_files: bool) -> Dataset:
+    """``CacheDataset`` over ``items`` (all cached now); a bad image raises ``ValueError``
+    naming the file instead of MONAI's wrapped ``RuntimeError``."""
+    try:
+        return CacheDataset(list(items), transform, cache_rate=1.0, num_workers=0,
+                            progress=False)
+    except Exception as err:
+        own = find_data_error(err)
+        if own is not None:
+            raise ImageDataError(str(own)) from err
+        if from_files:  # find the unreadable file (load_image names it)
+            for item in items:
+                load_image(item[IMAGE])
+        raise
+
+
+def _histograms(src: SourceData, tr: np.ndarray, va: np.ndarray) -> tuple[list[int], list[int]]:
+    return (histogram(src.labels("train")[tr], src.num_classes),
+            histogram(src.labels("val")[va], src.num_classes))
+
+
+@functools.lru_cache(maxsize=8)
+def _institution(key: RunConfig, partition_id: int, num_partitions: int) -> InstitutionData:
+    src = _source(key)
+    train_parts, val_parts = _partitions(key, num_partitions)
+    tr, va = train_parts[partition_id], val_parts[partition_id]
+    kw = {"from_files": src.from_files, "synthetic_items": src.synthetic,
+          "in_channels": src.in_channels}
+    train = make_dataset([src.train[i] for i in tr],
+                         build_transforms(key.image_size, True, seed=key.seed + partition_id,
+                                          **kw),
+                         src.from_files)
+    val = make_dataset([src.val[i] for i in va],
+                       build_transforms(key.image_size, False, **kw), src.from_files)
+    tr_hist, va_hist = _histograms(src, tr, va)
+    logger.info(
+        "institution %d/%d (%s, %s): %d train, %d val; train histogram %s; val histogram %s",
+        partition_id, num_partitions, key.dataset, key.partitioner, len(tr), len(va),
+        tr_hist, va_hist,
+    )
+    return InstitutionData(
+        partition_id=partition_id, train=train, val=val, num_classes=src.num_classes,
+        in_channels=src.in_channels, n_train=len(tr), n_val=len(va),
+        train_histogram=tr_hist, val_histogram=va_hist, class_names=src.class_names,
+    )
+
+
+def load_institution(cfg: RunConfig, partition_id: int, num_partitions: int) -> InstitutionData:
+    """Return institution ``partition_id`` of ``num_partitions`` (cached per process).
+
+    Raises ``ValueError`` / ``FileNotFoundError`` for bad data, an impossible partition or
+    an out-of-range ``partition_id``.
+    """
+    _check_partition(partition_id, num_partitions)
+    return _institution(_data_config(cfg), partition_id, num_partitions)
+
+
+@functools.lru_cache(maxsize=4)
+def _split(key: RunConfig, role: str) -> Dataset:
+    src = _source(key)
+    items = src.train if role == "train" else src.val
+    transform = build_transforms(key.image_size, False, src.from_files,
+                                 synthetic_items=src.synthetic, in_channels=src.in_channels)
+    return make_dataset(items, transform, src.from_files)
+
+
+def load_split(cfg: RunConfig, split: str) -> Dataset:
+    """Whole ``split``, unpartitioned, with evaluation transforms: for central evaluation.
+
+    ``"train"`` / ``cfg.train_split`` and ``"val"`` / ``cfg.val_split`` are the run's
+    splits; any other name (e.g. ``"test"``) is loaded in place of val (npz keys
+    ``test_images``/``test_labels``, a ``test/`` folder, CSV rows with ``split=test``, or a
+    synthetic split seeded by that name). Cached per process.
+    """
+    if split in ("train", cfg.train_split):
+        return _split(_data_config(cfg), "train")
+    if split in ("val", cfg.val_split):
+        return _split(_data_config(cfg), "val")
+    return _split(_data_config(cfg.replace(val_split=split)), "val")
+
+
+def source_info(cfg: RunConfig) -> SourceData:
+    """The (cached) :class:`SourceData` of ``cfg``: label space and channels, for building
+    a model on the server without loading images."""
+    return _source(_data_config(cfg))
+
+
+def describe_partitions(cfg: RunConfig, num_partitions: int) -> list[dict[str, Any]]:
+    """Sizes and class histograms of every institution (no image is loaded or generated).
+
+    Each dict has ``partition_id``, ``n_train``, ``n_val``, ``train_histogram``,
+    ``val_histogram`` and, for ``by-site``, ``site``.
+    """
+    _check_partition(0, num_partitions)
+    key = _data_config(cfg)
+    src = _source(key)
+    train_parts, val_parts = _partitions(key, num_partitions)
+    sites = src.sites("train")
+    out = []
+    for k, (tr, va) in enumerate(zip(train_parts, val_parts)):
+        tr_hist, va_hist = _histograms(src, tr, va)
+        row: dict[str, Any] = {"partition_id": k, "n_train": len(tr), "n_val": len(va),
+                               "train_histogram": tr_hist, "val_histogram": va_hist}
+        if cfg.partitioner == "by-site" and sites is not None:
+            row["site"] = str(sites[tr[0]])
+        out.append(row)
+    return out
+
+
+def clear_caches() -> None:
+    """Forget every cached source, partition and dataset of this process (tests, notebooks)."""
+    from flower_focal.data.sources import _read_npz  # noqa: PLC0415
+
+    for fn in (_source, _partitions, _institution, _split, _read_npz):
+        fn.cache_clear()
+
+
+__all__ = [
+    "DATA_FIELDS",
+    "InstitutionData",
+    "clear_caches",
+    "describe_partitions",
+    "load_institution",
+    "load_split",
+    "make_dataset",
+    "source_info",
+]

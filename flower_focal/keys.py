@@ -1,0 +1,40 @@
+"""Names of the records and fields exchanged between the ServerApp and the ClientApps.
+
+One place for every string that crosses the wire, so the server and client sides cannot drift.
+"""
+
+from __future__ import annotations
+
+# RecordDict keys (Flower's FedAvg defaults, kept so Flower's own mods and wrappers work).
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+
+# MetricRecord / ConfigRecord fields.
+NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key
+SERVER_ROUND = "server-round"  # injected by Flower's FedAvg into every config
+TRAIN_LOSS = "train-loss"
+LOSS = "loss"
+ACCURACY = "accuracy"
+AUROC = "auroc"
+
+# QUERY "describe": what an institution tells the server when it joins (no label statistics).
+PARTITION_ID = "partition-id"
+NUM_CLASSES = "num-classes"
+IN_CHANNELS = "in-channels"
+NUM_TRAIN = "num-train"
+
+# Node config keys (simulation sets partition-id/num-partitions; deployments set data-path).
+NODE_PARTITION_ID = "partition-id"
+NODE_NUM_PARTITIONS = "num-partitions"
+NODE_DATA_PATH = "data-path"
+NODE_DEVICE = "device"
+
+# HE-FedAvg (see flower_focal/strategy/he_fedavg.py and flower_focal/client/he_mod.py).
+HE_STYPE = "he/flower-focal"  # Array.stype of a ciphertext blob (EncryptedVector bytes)
+HE_CIPHERTEXT = "ciphertext"  # name of the ciphertext Array in an encrypted ArrayRecord
+HE_WEIGHTS = "he-weights"  # plaintext Array [C, W]: decrypt, then multiply by C / W
+HE_FINGERPRINT = "he-fingerprint"  # config: hex fingerprint of the key set in use
+HE_WEIGHT_NORM = "he-weight-norm"  # config: public constant C; institutions encrypt (n_i / C) * w_i
+HE_CLIP_NORM = "he-clip-norm"  # config: L2 bound on the update before encryption (0 = off)
+NODE_HE_SECRET_KEY = "he-secret-key"  # node config: path of this institution's secret.ctx

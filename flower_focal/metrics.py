@@ -1,0 +1,139 @@
+"""Classification metrics and NaN-aware federated aggregation of metric records.
+
+This module owns how predictions become numbers (:func:`accuracy`, :func:`macro_auroc`)
+and how the server combines the clients' ``MetricRecord`` replies
+(:func:`nan_weighted_average`, a drop-in for flwr's ``aggregate_metricrecords``).
+
+Macro-AUROC rule: one-vs-rest AUROC is computed per class with MONAI's
+``compute_roc_auc(..., average="none")``; the macro value is the unweighted mean over the
+classes that have at least one positive *and* one negative example in ``labels``. Classes
+without both are skipped (a small client partition often lacks some classes), and the
+result is NaN when no class qualifies. With every class present this equals scikit-learn's
+``roc_auc_score(labels, probs, multi_class="ovr", average="macro")``; for two classes it
+equals the binary AUROC of ``probs[:, 1]``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+if TYPE_CHECKING:
+    from flwr.app import MetricRecord, RecordDict
+
+__all__ = ["accuracy", "macro_auroc", "nan_weighted_average", "per_class_auroc"]
+
+
+def _check(probs: npt.ArrayLike, labels: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(labels).reshape(-1)
+    if p.ndim != 2 or p.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"probs must have shape (n, K) and labels shape (n,), got {p.shape} and {y.shape}"
+        )
+    return p, y.astype(np.int64)
+
+
+def accuracy(probs: npt.ArrayLike, labels: npt.ArrayLike) -> float:
+    """Fraction of rows whose arg-max class equals the label; NaN when there are no rows."""
+    p, y = _check(probs, labels)
+    if y.size == 0:
+        return math.nan
+    return float(np.mean(p.argmax(axis=1) == y))
+
+
+def per_class_auroc(probs: npt.ArrayLike, labels: npt.ArrayLike, num_classes: int) -> np.ndarray:
+    """One-vs-rest AUROC of each class, shape ``(num_classes,)``; NaN where undefined.
+
+    A class's AUROC is undefined (NaN) when ``labels`` has no positive or no negative
+    example of it.
+    """
+    from monai.metrics import compute_roc_auc
+
+    p, y = _check(probs, labels)
+    if p.shape[1] != num_classes:
+        raise ValueError(f"probs has {p.shape[1]} columns but num_classes={num_classes}")
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}), got {y.min()}..{y.max()}")
+    result = np.full(num_classes, np.nan)
+    counts = np.bincount(y, minlength=num_classes)
+    defined = (counts > 0) & (counts < y.size)
+    if not defined.any():
+        return result
+    one_hot = np.eye(num_classes, dtype=np.int64)[y]
+    with warnings.catch_warnings():  # MONAI warns for each undefined class; we return NaN.
+        warnings.simplefilter("ignore", UserWarning)
+        values = compute_roc_auc(torch.from_numpy(p), torch.from_numpy(one_hot), average="none")
+    result[:] = np.asarray(values, dtype=np.float64)
+    result[~defined] = np.nan
+    return result
+
+
+def macro_auroc(probs: npt.ArrayLike, labels: npt.ArrayLike, num_classes: int) -> float:
+    """Mean one-vs-rest AUROC over classes with positives and negatives (see module doc)."""
+    values = per_class_auroc(probs, labels, num_classes)
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else math.nan
+
+
+def nan_weighted_average(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    """Average every numeric metric over replies, weighted by ``weighted_by_key``, skipping NaN.
+
+    Drop-in for flwr's ``aggregate_metricrecords`` (pass it as ``train_metrics_aggr_fn`` /
+    ``evaluate_metrics_aggr_fn``). Differences:
+
+    - for each metric key, replies whose value is NaN/Inf are left out and the weights are
+      renormalised over the remaining replies; a key with no finite value becomes NaN;
+    - replies with weight 0 are ignored (they carry no examples);
+    - the weight key itself is returned as the sum of the weights (total examples);
+    - values that are not ``int``/``float`` (e.g. lists) are skipped.
+
+    Each reply's weight is read from the first of its MetricRecords that holds
+    ``weighted_by_key``; a reply without it, or with a negative or non-finite weight,
+    raises ``ValueError``.
+    """
+    from flwr.app import MetricRecord
+
+    weights: list[float] = []
+    for i, record in enumerate(records):
+        weight = next(
+            (m[weighted_by_key] for m in record.metric_records.values() if weighted_by_key in m),
+            None,
+        )
+        if not _is_number(weight) or not math.isfinite(weight) or weight < 0:
+            raise ValueError(
+                f"reply {i} has no valid weight {weighted_by_key!r} (got {weight!r}); "
+                "every reply must report a finite, non-negative number of examples"
+            )
+        weights.append(weight)
+
+    sums: dict[str, float] = {}
+    totals: dict[str, float] = {}
+    for record, weight in zip(records, weights, strict=True):
+        for metric_record in record.metric_records.values():
+            for key, value in metric_record.items():
+                if key == weighted_by_key or not _is_number(value):
+                    continue
+                sums.setdefault(key, 0.0)
+                totals.setdefault(key, 0.0)
+                if weight > 0 and math.isfinite(value):
+                    sums[key] += weight * value
+                    totals[key] += weight
+
+    aggregated = MetricRecord()
+    for key, total in totals.items():
+        aggregated[key] = sums[key] / total if total > 0 else math.nan
+    total_weight = sum(weights)
+    aggregated[weighted_by_key] = (
+        int(total_weight) if all(isinstance(w, int) for w in weights) else float(total_weight)
+    )
+    return aggregated
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)

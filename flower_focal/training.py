@@ -1,0 +1,268 @@
+"""Local training, evaluation and prediction on one institution's data.
+
+This module owns the inner loop that every strategy's client runs: :func:`train_local`
+(cross-entropy, SGD or Adam), :func:`evaluate_model` and :func:`predict_proba`, plus the
+helpers :func:`resolve_device` and :func:`seed_everything`. It knows nothing about Flower.
+
+Datasets yield MONAI-style dicts ``{"image": (C, H, W) float tensor, "label": scalar long
+tensor}``; ``(image, label)`` tuples are accepted too. Callers own thread policy; these
+functions move the model to ``device`` in place and leave it there.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from collections.abc import Iterator, Sized
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from flower_focal import keys
+from flower_focal.metrics import accuracy, macro_auroc
+
+__all__ = [
+    "OPTIMIZERS",
+    "evaluate_model",
+    "predict_proba",
+    "resolve_device",
+    "seed_everything",
+    "train_local",
+]
+
+OPTIMIZERS = ("sgd", "adam")
+"""Values accepted for ``train_local(optimizer=...)`` (and ``RunConfig.optimizer``)."""
+
+IMAGE_KEY = "image"
+LABEL_KEY = "label"
+
+
+def resolve_device(name: str) -> torch.device:
+    """Map ``"auto"`` (CUDA if available, else CPU), ``"cpu"`` or ``"cuda[:i]"`` to a device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu" or name.startswith("cuda"):
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but CUDA is not available; use 'auto'")
+        return device
+    raise ValueError(f"Unknown device {name!r}; expected 'auto', 'cpu' or 'cuda[:index]'")
+
+
+def seed_everything(seed: int, *, deterministic: bool = True) -> None:
+    """Seed Python's ``random``, NumPy and torch (all devices).
+
+    With ``deterministic`` (default) cuDNN autotuning is switched off and torch is asked
+    for deterministic algorithms, warning rather than failing for ops that have none.
+    This changes process-wide state; call it once at the start of a run.
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _seed_augmentation(dataset: Any, seed: int) -> None:
+    """Re-seed a MONAI dataset's random transforms, so augmentation depends on ``seed`` only.
+
+    MONAI transforms keep their own RNG; a cached dataset reused across rounds (or by
+    another institution in the same simulation worker) would otherwise continue from
+    wherever the previous call left it, and runs would not be reproducible.
+    """
+    transform = getattr(dataset, "transform", None)
+    if transform is not None and hasattr(transform, "set_random_state"):
+        transform.set_random_state(seed=seed % (2**32))
+
+
+def train_local(
+    model: nn.Module,
+    dataset: Dataset[Any],
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    momentum: float,
+    weight_decay: float,
+    optimizer: str,
+    device: torch.device | str,
+    seed: int,
+    class_weights: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Train ``model`` in place for ``epochs`` passes over ``dataset``; return its metrics.
+
+    Shuffling uses a ``torch.Generator`` seeded with ``seed``, and torch's global RNG is
+    seeded with ``seed`` inside a forked RNG scope (so stochastic layers are reproducible
+    and the caller's RNG state is left untouched). ``momentum`` applies to SGD only;
+    ``class_weights`` (length K) weights the cross-entropy.
+
+    Returns ``{"train-loss": mean per-example loss of the last epoch, "num-examples":
+    len(dataset)}``. Raises ``ValueError`` for an empty dataset or bad arguments and
+    ``FloatingPointError`` as soon as the loss is NaN or infinite.
+    """
+    num_examples = _length(dataset)
+    if num_examples == 0:
+        raise ValueError("train_local got an empty dataset; this client has nothing to train on")
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    device = torch.device(device)
+    model.to(device)
+    opt = _make_optimizer(model, optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    weight = None if class_weights is None else class_weights.to(device, torch.float32)
+
+    _seed_augmentation(dataset, seed)
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=0,
+        # A trailing batch of a few samples gives BatchNorm a near-zero variance and a noisy,
+        # ill-conditioned step; drop it whenever there is at least one full batch.
+        drop_last=num_examples > batch_size,
+        generator=generator,
+    )
+    rng_devices = [_cuda_index(device)] if device.type == "cuda" else []
+    epoch_loss = math.nan
+    model.train()
+    with torch.random.fork_rng(devices=rng_devices):
+        torch.manual_seed(seed)
+        for epoch in range(epochs):
+            loss_sum, seen = 0.0, 0
+            for step, (images, labels) in enumerate(_batches(loader, device)):
+                opt.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(model(images), labels, weight=weight)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise FloatingPointError(
+                        f"training loss became {value} at epoch {epoch + 1}, batch {step + 1}; "
+                        f"lower the learning rate (lr={lr}) or check the inputs for NaN/Inf"
+                    )
+                loss.backward()
+                opt.step()
+                loss_sum += value * labels.shape[0]
+                seen += labels.shape[0]
+            epoch_loss = loss_sum / seen
+    return {keys.TRAIN_LOSS: epoch_loss, keys.NUM_EXAMPLES: num_examples}
+
+
+def evaluate_model(
+    model: nn.Module,
+    dataset: Dataset[Any],
+    *,
+    batch_size: int,
+    device: torch.device | str,
+    num_classes: int,
+) -> dict[str, float]:
+    """Return ``{"loss", "accuracy", "auroc", "num-examples"}`` of ``model`` on ``dataset``.
+
+    ``loss`` is the mean cross-entropy, ``auroc`` the macro one-vs-rest AUROC of
+    :func:`flower_focal.metrics.macro_auroc` (classes absent from ``dataset`` are skipped).
+    An empty dataset gives ``num-examples`` 0 and NaN metrics.
+    """
+    if _length(dataset) == 0:
+        nan = math.nan
+        return {keys.LOSS: nan, keys.ACCURACY: nan, keys.AUROC: nan, keys.NUM_EXAMPLES: 0}
+    logits, labels = _logits(model, dataset, batch_size, device)
+    if logits.shape[1] != num_classes:
+        raise ValueError(f"model outputs {logits.shape[1]} classes but num_classes={num_classes}")
+    probs = torch.softmax(logits, dim=1).numpy()
+    y = labels.numpy()
+    return {
+        keys.LOSS: float(F.cross_entropy(logits, labels)),
+        keys.ACCURACY: accuracy(probs, y),
+        keys.AUROC: macro_auroc(probs, y, num_classes),
+        keys.NUM_EXAMPLES: len(y),
+    }
+
+
+def predict_proba(
+    model: nn.Module, dataset: Dataset[Any], batch_size: int, device: torch.device | str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return softmax probabilities ``(n, K)`` (float32) and labels ``(n,)`` (int64)."""
+    logits, labels = _logits(model, dataset, batch_size, device)
+    return torch.softmax(logits, dim=1).numpy(), labels.numpy()
+
+
+def _logits(
+    model: nn.Module, dataset: Dataset[Any], batch_size: int, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``model`` in eval mode over ``dataset`` in order; return CPU logits and labels."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = torch.device(device)
+    model.to(device)
+    was_training = model.training
+    model.eval()
+    out_logits: list[torch.Tensor] = []
+    out_labels: list[torch.Tensor] = []
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    try:
+        with torch.no_grad():
+            for images, labels in _batches(loader, device):
+                out_logits.append(model(images).float().cpu())
+                out_labels.append(labels.cpu())
+    finally:
+        model.train(was_training)
+    if not out_logits:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
+    return torch.cat(out_logits), torch.cat(out_labels)
+
+
+def _batches(
+    loader: DataLoader[Any], device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(images, labels)`` on ``device`` from dict or tuple batches."""
+    for batch in loader:
+        if isinstance(batch, dict):
+            if IMAGE_KEY not in batch or LABEL_KEY not in batch:
+                raise ValueError(
+                    f"dict batches need keys {IMAGE_KEY!r} and {LABEL_KEY!r}, got {sorted(batch)}"
+                )
+            images, labels = batch[IMAGE_KEY], batch[LABEL_KEY]
+        elif isinstance(batch, list | tuple) and len(batch) == 2:
+            images, labels = batch
+        else:
+            raise ValueError(
+                f"batches must be dicts with {IMAGE_KEY!r}/{LABEL_KEY!r} or (image, label) "
+                f"pairs, got {type(batch).__name__}"
+            )
+        # MONAI MetaTensors carry metadata through every op; plain tensors are faster.
+        images = torch.as_tensor(images).as_subclass(torch.Tensor)
+        labels = torch.as_tensor(labels).as_subclass(torch.Tensor)
+        yield (
+            images.to(device, torch.float32, non_blocking=True),
+            labels.reshape(-1).to(device, torch.long, non_blocking=True),
+        )
+
+
+def _make_optimizer(
+    model: nn.Module, name: str, *, lr: float, momentum: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
+        )
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"Unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _length(dataset: Dataset[Any]) -> int:
+    if not isinstance(dataset, Sized):
+        raise ValueError("dataset must define __len__ (map-style dataset)")
+    return len(dataset)

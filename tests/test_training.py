@@ -1,0 +1,153 @@
+"""Tests for flower_focal.training: local training, evaluation, reproducibility, NaN guard."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+from flower_focal.models import build_model
+from flower_focal.training import (
+    evaluate_model,
+    predict_proba,
+    resolve_device,
+    seed_everything,
+    train_local,
+)
+
+K, C, SIZE = 3, 1, 16
+
+
+class DictDataset(Dataset):
+    """MONAI-style dataset: class-dependent mean images plus noise."""
+
+    def __init__(self, n: int, seed: int = 0, poison: bool = False):
+        g = torch.Generator().manual_seed(seed)
+        self.labels = torch.arange(n) % K
+        self.images = torch.randn(n, C, SIZE, SIZE, generator=g) * 0.5
+        self.images += (self.labels.float() - 1.0).view(-1, 1, 1, 1)
+        if poison:
+            self.images[0, 0, 0, 0] = float("nan")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"image": self.images[i], "label": self.labels[i]}
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model("small-cnn", C, K, SIZE)
+
+
+def _train(model: torch.nn.Module, dataset: Dataset, seed: int = 1, **kw: object) -> dict:
+    args: dict = {
+        "epochs": 2,
+        "lr": 0.05,
+        "batch_size": 16,
+        "momentum": 0.9,
+        "weight_decay": 0.0,
+        "optimizer": "sgd",
+        "device": "cpu",
+        "seed": seed,
+    }
+    args.update(kw)
+    return train_local(model, dataset, **args)
+
+
+def test_train_local_reduces_loss_and_reports_examples() -> None:
+    data = DictDataset(90)
+    model = _model()
+    before = evaluate_model(model, data, batch_size=32, device="cpu", num_classes=K)
+    result = _train(model, data, epochs=3)
+    after = evaluate_model(model, data, batch_size=32, device="cpu", num_classes=K)
+    assert set(result) == {"train-loss", "num-examples"}
+    assert result["num-examples"] == 90
+    assert math.isfinite(result["train-loss"])
+    assert after["loss"] < 0.5 * before["loss"]
+    assert after["accuracy"] > 0.9 and after["auroc"] > 0.95
+
+
+def test_adam_class_weights_and_tuple_batches() -> None:
+    data = DictDataset(40)
+    tuples = TensorDataset(data.images, data.labels)
+    result = _train(
+        _model(), tuples, optimizer="adam", lr=1e-3, class_weights=torch.tensor([1.0, 2.0, 0.5])
+    )
+    assert result["num-examples"] == 40 and math.isfinite(result["train-loss"])
+
+
+def test_monai_dataset_with_metatensors() -> None:
+    from monai.data import Dataset as MonaiDataset
+    from monai.transforms import EnsureTyped
+
+    base = DictDataset(12)
+    items = [{"image": base.images[i].numpy(), "label": int(base.labels[i])} for i in range(12)]
+    data = MonaiDataset(items, transform=EnsureTyped(keys=["image", "label"]))
+    assert _train(_model(), data, epochs=1, batch_size=5)["num-examples"] == 12
+    out = evaluate_model(_model(), data, batch_size=5, device="cpu", num_classes=K)
+    assert out["num-examples"] == 12 and type(out["loss"]) is float
+
+
+def test_same_seed_same_weights_different_seed_different() -> None:
+    data = DictDataset(50)  # 50 % 16 = 2: exercises the short final batch
+    a, b, c = _model(), _model(), _model()
+    _train(a, data, seed=7)
+    _train(b, data, seed=7)
+    _train(c, data, seed=8)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_train_local_leaves_global_rng_untouched() -> None:
+    state = torch.get_rng_state()
+    _train(_model(), DictDataset(20), epochs=1)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_nan_loss_raises() -> None:
+    with pytest.raises(FloatingPointError, match="lr="):
+        _train(_model(), DictDataset(20, poison=True), batch_size=20)
+
+
+def test_bad_arguments_raise() -> None:
+    with pytest.raises(ValueError, match="empty"):
+        _train(_model(), DictDataset(0))
+    with pytest.raises(ValueError, match="optimizer"):
+        _train(_model(), DictDataset(8), optimizer="rmsprop")
+    with pytest.raises(ValueError, match="epochs"):
+        _train(_model(), DictDataset(8), epochs=0)
+
+
+def test_evaluate_empty_dataset() -> None:
+    out = evaluate_model(_model(), DictDataset(0), batch_size=8, device="cpu", num_classes=K)
+    assert out["num-examples"] == 0
+    assert all(math.isnan(out[k]) for k in ("loss", "accuracy", "auroc"))
+
+
+def test_predict_proba_shapes_order_and_mode() -> None:
+    data = DictDataset(25)
+    model = _model().train()
+    probs, labels = predict_proba(model, data, 8, "cpu")
+    assert probs.shape == (25, K) and labels.shape == (25,)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(labels, data.labels.numpy())
+    assert model.training  # mode restored
+    with pytest.raises(ValueError, match="num_classes"):
+        evaluate_model(model, data, batch_size=8, device="cpu", num_classes=K + 1)
+
+
+def test_resolve_device_and_seed_everything() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="device"):
+        resolve_device("tpu")
+    seed_everything(3, deterministic=False)
+    first = (torch.rand(1).item(), np.random.rand())
+    seed_everything(3, deterministic=False)
+    assert (torch.rand(1).item(), np.random.rand()) == first
