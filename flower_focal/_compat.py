@@ -1,0 +1,28 @@
+"""Every use of a non-public Flower detail lives here, so a Flower upgrade breaks one file."""
+
+from __future__ import annotations
+
+import uuid
+
+from flwr.app import Message
+
+
+def stamp_message_id(message: Message) -> Message:
+    """Give a server message the ID a SuperLink would (needed to reply to it in-process).
+
+    Flower's own in-memory grid does exactly this (``InMemoryGrid.push_messages``).
+    """
+    message.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+    return message
+
+
+def set_task_identity(run_id: int, node_id: int = 0) -> None:
+    """Set the run/node identity Flower stamps on new messages (done by Flower in a real run).
+
+    Needed only to drive a strategy in-process, e.g. the tests' loopback grid.
+    """
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id = 1
+    TaskIdentity.run_id = run_id
+    TaskIdentity.node_id = node_id

@@ -1,0 +1,1 @@
+"""Institution-side message handlers used by ``clients/client_app.py``."""

@@ -1,0 +1,146 @@
+"""Client mod that puts HE-FedAvg's encryption at the institution's edge.
+
+Placed around the ordinary train/evaluate handlers (``@app.train(mods=[he_fedavg_mod])``),
+it makes them run unchanged under HE-FedAvg:
+
+* incoming: a ciphertext global model (Array with stype :data:`~flower_focal.keys.HE_STYPE`)
+  is decrypted with the shared secret key and rescaled by ``C / W`` (the weights that travel
+  with the aggregate); a plaintext model (round 1) passes through;
+* outgoing (train only): the trained model is checked for NaN/Inf, optionally clipped
+  (``he-clip-norm`` bounds ``||w_local - w_global||``), weighted by ``n_i / C`` *here*, so the
+  server only adds, and encrypted; the reply carries one ciphertext Array and the metrics.
+
+Messages without the HE config key pass through untouched, so the same ClientApp serves
+every strategy. The secret key is read from the node config ``he-secret-key`` or the run
+config ``he-key-dir``; it never leaves this process.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType, RecordDict
+from flwr.clientapp.typing import ClientAppCallable
+
+from flower_focal import keys
+from flower_focal.config import RunConfig
+from flower_focal.crypto import SECRET_FILE, SecretContext
+from flower_focal.packing import ArrayLayout
+
+
+@functools.lru_cache(maxsize=4)
+def _load_secret(path: str, mtime: float) -> SecretContext:
+    return SecretContext.load(path)
+
+
+def secret_context(context: Context) -> SecretContext:
+    """This institution's secret context (node config first, then the run config).
+
+    Raises
+    ------
+    FileNotFoundError
+        When no key is configured or the file is missing (the message says how to make one).
+    """
+    node_path = context.node_config.get(keys.NODE_HE_SECRET_KEY)
+    if node_path:
+        path = Path(str(node_path))
+    else:
+        key_dir = RunConfig.from_mapping(context.run_config).he_key_dir
+        if not key_dir:
+            raise FileNotFoundError(
+                "he-fedavg needs the institutions' secret key: run `flower-focal keygen --out DIR` "
+                "and set run config he-key-dir=DIR or node config he-secret-key=DIR/secret.ctx"
+            )
+        path = Path(key_dir)
+    if path.is_dir():
+        path = path / SECRET_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"HE secret key {path} not found")
+    return _load_secret(str(path.resolve()), path.stat().st_mtime)
+
+
+def is_encrypted(record: ArrayRecord) -> bool:
+    """Whether an ArrayRecord holds an HE ciphertext rather than plaintext arrays."""
+    arr = record.get(keys.HE_CIPHERTEXT)
+    return arr is not None and arr.stype == keys.HE_STYPE
+
+
+def decrypt_record(record: ArrayRecord, he_secret: SecretContext, layout: ArrayLayout) -> ArrayRecord:
+    """Plaintext global model from an encrypted aggregate (``C/W`` rescaling applied)."""
+    flat = he_secret.decrypt(record[keys.HE_CIPHERTEXT].data)
+    norm, total = (float(x) for x in record[keys.HE_WEIGHTS].numpy())
+    if total <= 0:
+        raise ValueError(f"encrypted aggregate carries a non-positive total weight {total}")
+    return layout.unflatten(flat * (norm / total))
+
+
+def encrypt_record(
+    record: ArrayRecord,
+    he_secret: SecretContext,
+    layout: ArrayLayout,
+    weight: float,
+    *,
+    reference: ArrayRecord | None = None,
+    clip_norm: float = 0.0,
+    workers: int = 1,
+) -> ArrayRecord:
+    """The encrypted, weighted reply: ``Enc(weight * w)`` as one ciphertext Array.
+
+    With ``clip_norm > 0`` the update ``w - reference`` is scaled down to that L2 norm first.
+
+    Raises
+    ------
+    ValueError
+        If the model holds NaN/Inf (refused before anything is encrypted).
+    """
+    flat = layout.flatten(record)
+    if not np.all(np.isfinite(flat)):
+        bad = [n for n in layout.names if not np.all(np.isfinite(record[n].numpy()))]
+        raise ValueError(f"refusing to encrypt a model with NaN/Inf values (arrays: {bad[:5]})")
+    if clip_norm > 0 and reference is not None:
+        base = layout.flatten(reference)
+        delta = flat - base
+        norm = float(np.linalg.norm(delta))
+        if norm > clip_norm:
+            flat = base + delta * (clip_norm / norm)
+    blob = he_secret.encrypt(flat * weight, workers=workers).to_bytes()
+    return ArrayRecord(
+        {keys.HE_CIPHERTEXT: Array(dtype="float64", shape=(layout.size,), stype=keys.HE_STYPE, data=blob)}
+    )
+
+
+def he_fedavg_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Decrypt the incoming global model; encrypt the weighted outgoing one (see module doc)."""
+    config = message.content.config_records.get(keys.CONFIG)
+    if config is None or keys.HE_FINGERPRINT not in config:
+        return call_next(message, context)
+
+    he_secret = secret_context(context)
+    if he_secret.fingerprint.hex() != config[keys.HE_FINGERPRINT]:
+        raise ValueError(
+            "this institution's HE key set differs from the server's (fingerprint "
+            f"{he_secret.fingerprint.hex()} != {config[keys.HE_FINGERPRINT]}); use the same keygen output"
+        )
+    layout = ArrayLayout.from_config(config)
+    incoming = message.content[keys.ARRAYS]
+    global_model = decrypt_record(incoming, he_secret, layout) if is_encrypted(incoming) else incoming
+    message.content = RecordDict({keys.ARRAYS: global_model, keys.CONFIG: config})
+
+    reply = call_next(message, context)
+    if message.metadata.message_type != MessageType.TRAIN or reply.has_error():
+        return reply
+    cfg = RunConfig.from_mapping(context.run_config)
+    num_examples = float(reply.content[keys.METRICS][keys.NUM_EXAMPLES])
+    encrypted = encrypt_record(
+        reply.content[keys.ARRAYS],
+        he_secret,
+        layout,
+        weight=num_examples / float(config[keys.HE_WEIGHT_NORM]),
+        reference=global_model,
+        clip_norm=float(config.get(keys.HE_CLIP_NORM, 0.0)),
+        workers=cfg.he_workers,
+    )
+    reply.content = RecordDict({keys.ARRAYS: encrypted, keys.METRICS: reply.content[keys.METRICS]})
+    return reply

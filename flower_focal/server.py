@@ -1,0 +1,105 @@
+"""The server side of one run: discover the federation, run the strategy, write the run directory.
+
+:func:`run_server` is what ``strategies/server_app.py`` calls; a consortium's own ServerApp can
+call it too. It never touches institution data: the model's shape comes from the institutions'
+answers to the describe query.
+
+Run directory contents: ``metrics.json`` (updated every round), ``curves.png``, ``summary.md``,
+``model.pt`` + ``model.json`` (final global model, for strategies whose server holds it in
+plaintext), ``config.json`` (the run config).
+"""
+
+from __future__ import annotations
+
+import traceback
+from logging import INFO
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result
+from flwr.supercore import log
+
+from flower_focal import keys
+from flower_focal.artifacts import ModelSpec, save_encrypted_model, save_model
+from flower_focal.config import RunConfig
+from flower_focal.history import RunHistory, write_json_atomic
+from flower_focal.models import build_model, count_parameters
+from flower_focal.reporting import plot_curves, write_summary
+from flower_focal.strategy.registry import build_strategy
+
+
+def resolve_run_dir(cfg: RunConfig, run_id: int | str) -> Path:
+    """``cfg.run_dir`` as an absolute path, or ``./runs/<run_id>`` when empty."""
+    base = Path(cfg.run_dir) if cfg.run_dir else Path.cwd() / "runs" / str(run_id)
+    return base.expanduser().resolve()
+
+
+def run_server(grid: Grid, cfg: RunConfig, run_id: int | str = "local") -> Result:
+    """Run ``cfg.strategy`` for ``cfg.num_server_rounds`` rounds and write the run directory.
+
+    Raises whatever the strategy raises, after writing ``metrics.json`` and ``summary.md``
+    with status ``failed`` so that a failed run never looks like a finished one.
+    """
+    run_dir = resolve_run_dir(cfg, run_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log(INFO, "flower-focal: strategy=%s, writing the run directory %s", cfg.strategy, run_dir)
+    write_json_atomic(run_dir / "config.json", cfg.to_flower())
+
+    history = RunHistory(strategy=cfg.strategy, config=cfg.to_flower(), path=run_dir / "metrics.json")
+    try:
+        strategy = build_strategy(cfg)
+        strategy.history = history
+        shape = strategy.roster.data_shape(grid)
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model, shape.in_channels, shape.num_classes, cfg.image_size)
+        history.info.update(
+            num_classes=shape.num_classes,
+            in_channels=shape.in_channels,
+            model_parameters=count_parameters(model),
+            institutions=len(strategy.roster.ordered_node_ids(grid.get_node_ids())),
+        )
+        shared = ConfigRecord(
+            {keys.NUM_CLASSES: shape.num_classes, keys.IN_CHANNELS: shape.in_channels}
+        )
+        result = strategy.start(
+            grid,
+            ArrayRecord(model.state_dict()),
+            num_rounds=cfg.num_server_rounds,
+            timeout=cfg.round_timeout,
+            train_config=shared,
+            evaluate_config=ConfigRecord(dict(shared)),
+        )
+        history.status = "completed"
+    except BaseException as exc:
+        history.status = "failed"
+        history.info["error"] = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        raise
+    finally:
+        history.save(run_dir / "metrics.json")
+        write_summary(history, run_dir / "summary.md")
+        if history.rounds:
+            plot_curves(history, run_dir / "curves.png")
+
+    spec = ModelSpec(
+        model=cfg.model,
+        in_channels=shape.in_channels,
+        num_classes=shape.num_classes,
+        image_size=cfg.image_size,
+        dataset=cfg.dataset,
+        strategy=cfg.strategy,
+        seed=cfg.seed,
+        rounds=cfg.num_server_rounds,
+    )
+    final = strategy.final_model(result)
+    encrypted = strategy.final_ciphertext(result)
+    if final is not None:
+        path = save_model(run_dir, final, spec)
+        log(INFO, "flower-focal: final global model written to %s", path)
+    elif encrypted is not None:
+        path = save_encrypted_model(run_dir, *encrypted, spec)
+        log(INFO, "flower-focal: encrypted final global model written to %s (decrypt it where "
+            "the secret key lives: flower-focal decrypt-model --run-dir DIR --key DIR)", path)
+    log(INFO, "flower-focal: run directory %s", run_dir)
+    return result

@@ -1,0 +1,241 @@
+"""Run a flower-focal app in Flower's simulation engine (Ray) through ``flwr run``, safely.
+
+``flwr run . --stream`` exits 0 even when the run fails and leaves a local SuperLink daemon
+running on shared ports (``shared/notes/flower-1.41.md``, §7). :func:`simulate` wraps it:
+
+* a private ``FLWR_HOME`` and free ports, so runs never collide with each other or a user's
+  own Flower setup;
+* Flower's runtime ``uv sync`` of app dependencies disabled (the library is pip-installed);
+* the run's final status read back with ``flwr ls --format json``: anything but
+  ``finished:completed`` raises :class:`SimulationFailed` naming the status and the log;
+* the managed SuperLink (and its SuperExec/Ray children) stopped afterwards.
+
+Used by the Hydra launcher (``python -m simulations.run``), the benchmarks and the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flower_focal.config import RunConfig
+
+
+class SimulationFailed(RuntimeError):
+    """A ``flwr run`` that did not finish as ``finished:completed``."""
+
+
+@dataclass(frozen=True)
+class Federation:
+    """Simulation engine settings (Flower's federation config for the local SuperLink)."""
+
+    num_supernodes: int = 5
+    client_cpus: int = 1
+    client_gpus: float = 0.0
+    ray_num_cpus: int | None = None  # Ray's own CPU budget (None: all cores)
+    ray_num_gpus: int | None = None
+
+    def to_flower(self) -> str:
+        """The ``--federation-config`` string."""
+        if self.num_supernodes < 1:
+            raise ValueError(f"num_supernodes must be >= 1, got {self.num_supernodes}")
+        if self.client_cpus < 1:
+            raise ValueError("client_cpus must be a whole number >= 1 (a flwr run limit)")
+        items = [
+            f"num-supernodes={self.num_supernodes}",
+            f"client-resources-num-cpus={int(self.client_cpus)}",
+            f"client-resources-num-gpus={float(self.client_gpus)}",
+            "init-args-log-to-driver=false",
+            "init-args-logging-level='ERROR'",
+            "backend='ray'",
+        ]
+        if self.ray_num_cpus is not None:
+            items.append(f"init-args-num-cpus={int(self.ray_num_cpus)}")
+        if self.ray_num_gpus is not None:
+            items.append(f"init-args-num-gpus={int(self.ray_num_gpus)}")
+        return " ".join(items)
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    """Outcome of one :func:`simulate` call."""
+
+    run_id: int
+    status: str
+    run_dir: Path
+    wall_time_s: float
+    log_path: Path
+
+    def metrics(self) -> dict[str, Any]:
+        """The run's ``metrics.json``."""
+        return json.loads((self.run_dir / "metrics.json").read_text())
+
+
+def repo_root() -> Path:
+    """The Flower app directory (the repository root with ``pyproject.toml``)."""
+    return Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))  # a TOML basic string
+
+
+def write_run_config(cfg: RunConfig, path: Path) -> Path:
+    """Write ``cfg`` as the TOML file ``flwr run --run-config`` accepts."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in cfg.to_flower().items()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for ``flwr``: private home and ports, no runtime installs, no telemetry."""
+    env = dict(os.environ)
+    env.update(
+        FLWR_HOME=str(flwr_home),
+        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(_free_port()),
+        FLWR_LOCAL_CONTROL_API_PORT=str(_free_port()),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        PYTHONUNBUFFERED="1",
+    )
+    # The ServerApp/ClientApps are started from PATH: make sure it is this interpreter's.
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def _flwr() -> str:
+    exe = Path(sys.executable).parent / "flwr"
+    return str(exe) if exe.exists() else "flwr"
+
+
+def stop_processes_under(flwr_home: Path, grace_s: float = 10.0) -> int:
+    """SIGTERM (then SIGKILL) every process whose command line mentions ``flwr_home``.
+
+    That is the managed local SuperLink started for this run, and through it its SuperExec
+    and simulation children. Returns the number of processes signalled.
+    """
+    marker = str(flwr_home).encode()
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if marker in (proc / "cmdline").read_bytes() and int(proc.name) != os.getpid():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + grace_s
+    while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+        time.sleep(0.2)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return len(pids)
+
+
+def run_status(run_id: int, env: dict[str, str]) -> dict[str, Any]:
+    """The run's entry of ``flwr ls --format json`` (keys: status, status-details, ...)."""
+    out = subprocess.run(
+        [_flwr(), "ls", "--run-id", str(run_id), "--format", "json"],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )
+    try:
+        runs = json.loads(out.stdout)["runs"]
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise SimulationFailed(f"`flwr ls` gave no run status: {out.stdout}{out.stderr}") from exc
+    return runs[0]
+
+
+def simulate(
+    cfg: RunConfig,
+    federation: Federation,
+    *,
+    app_dir: Path | None = None,
+    timeout_s: float | None = None,
+    echo: bool = True,
+) -> SimulationResult:
+    """Run ``cfg`` in Flower's Ray simulation engine with ``federation`` institutions.
+
+    ``cfg.run_dir`` must be set (the ServerApp writes there); it also receives
+    ``run_config.toml``, ``flwr.log`` (the streamed run log) and ``superlink.log``.
+
+    Raises
+    ------
+    SimulationFailed
+        If the run ends in any state but ``finished:completed`` (or times out).
+    """
+    if not cfg.run_dir:
+        raise ValueError("simulate() needs cfg.run_dir (where the run directory goes)")
+    run_dir = Path(cfg.run_dir).expanduser().resolve()
+    cfg = cfg.replace(run_dir=str(run_dir))
+    app_dir = app_dir or repo_root()
+    toml_path = write_run_config(cfg, run_dir / "run_config.toml")
+    log_path = run_dir / "flwr.log"
+    flwr_home = Path(tempfile.mkdtemp(prefix="flower-focal-home-"))
+    env = flower_env(flwr_home)
+    cmd = [
+        _flwr(), "run", str(app_dir), "--stream",
+        "--run-config", str(toml_path),
+        "--federation-config", federation.to_flower(),
+    ]
+    start = time.time()
+    run_id: int | None = None
+    try:
+        with open(log_path, "w") as log_file:
+            proc = subprocess.Popen(
+                cmd, cwd=app_dir, env=env, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, text=True, bufsize=1,
+            )
+            for line in proc.stdout or ():
+                log_file.write(line)
+                if echo:
+                    sys.stdout.write(line)
+                if run_id is None and (m := re.search(r"run (\d+)", line)):
+                    run_id = int(m.group(1))
+                if timeout_s is not None and time.time() - start > timeout_s:
+                    proc.kill()
+                    raise SimulationFailed(f"simulation exceeded {timeout_s:.0f} s; log: {log_path}")
+            proc.wait()
+        wall = time.time() - start
+        if run_id is None:
+            raise SimulationFailed(f"`flwr run` did not start a run (exit {proc.returncode}); log: {log_path}")
+        entry = run_status(run_id, env)
+        status = str(entry.get("status", "unknown"))
+        if status != "finished:completed":
+            details = entry.get("status-details") or entry
+            raise SimulationFailed(f"run {run_id} ended as {status!r}: {details}; log: {log_path}")
+        return SimulationResult(run_id, status, run_dir, wall, log_path)
+    finally:
+        stop_processes_under(flwr_home)
+        superlink_log = flwr_home / "local-superlink" / "superlink.log"
+        if superlink_log.exists():
+            shutil.copy(superlink_log, run_dir / "superlink.log")
+        shutil.rmtree(flwr_home, ignore_errors=True)

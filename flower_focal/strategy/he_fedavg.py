@@ -1,0 +1,160 @@
+"""HE-FedAvg: FedAvg whose server only ever adds ciphertexts.
+
+Institutions encrypt ``(n_i / C) * w_i`` under a shared CKKS/BFV key (client mod
+:func:`flower_focal.client.he_mod.he_fedavg_mod`); this strategy sums the ciphertexts as they
+are checked, sends the encrypted sum back together with the plaintext pair ``[C, W]``
+(``W = sum n_i`` of the replies that made it into the sum), and institutions decrypt and
+multiply by ``C / W``. So the weighting stays exact when institutions fail or are rejected,
+and the server holds no secret key, no plaintext update and no plaintext model.
+
+Everything else (sampling, rounds, per-institution history, metrics) is :class:`FedAvg`'s.
+Server-side evaluation of the model does not exist in this mode: evaluation is federated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result
+from flwr.supercore import log
+
+from flower_focal import keys
+from flower_focal.crypto import Accumulator, CiphertextError, PublicContext
+from flower_focal.history import metric_dict
+from flower_focal.packing import ArrayLayout
+from flower_focal.strategy.fedavg import FedAvg
+
+
+class HEFedAvg(FedAvg):
+    """Homomorphically encrypted FedAvg (server adds ciphertexts only).
+
+    Parameters
+    ----------
+    he_public : PublicContext
+        The server's key-less context (``public.ctx`` from ``flower-focal keygen``). A
+        context holding a secret key is refused.
+    clip_norm : float
+        Sent to institutions: clip ``||w_local - w_global||_2`` to this before encrypting
+        (0 disables).
+    **kwargs
+        Forwarded to :class:`FedAvg` (``seed``, ``fraction_train``, ...).
+
+    Callers must run institutions with :func:`~flower_focal.client.he_mod.he_fedavg_mod`
+    around their train and evaluate handlers and the matching ``secret.ctx``.
+    """
+
+    name = "he-fedavg"
+
+    def __init__(self, *, he_public: PublicContext, clip_norm: float = 0.0, **kwargs) -> None:
+        if not isinstance(he_public, PublicContext) or he_public.holds_secret_key:
+            raise ValueError(
+                "HEFedAvg must be given a public context (no secret key): load public.ctx "
+                "with flower_focal.crypto.PublicContext.load"
+            )
+        super().__init__(**kwargs)
+        self.he_public = he_public
+        self.clip_norm = clip_norm
+        self._layout: ArrayLayout | None = None
+        self._weight_norm = 1.0
+
+    def summary(self) -> None:
+        """FedAvg summary plus HE parameters (never keys)."""
+        super().summary()
+        p = self.he_public.preset
+        log(INFO, "\t└──> HE: preset %s (%s), fingerprint %s, server holds no secret key",
+            p.name, p.params(), self.he_public.fingerprint.hex())
+
+    def final_model(self, result: Result) -> ArrayRecord | None:
+        """None: the server never holds the plaintext model (see :meth:`final_ciphertext`)."""
+        return None
+
+    def final_ciphertext(self, result: Result) -> tuple[ArrayRecord, ArrayLayout] | None:
+        """The encrypted final global model (ciphertext Array + ``[C, W]``) and its layout."""
+        if self._layout is None or keys.HE_CIPHERTEXT not in result.arrays:
+            return None
+        return result.arrays, self._layout
+
+    # ------------------------------------------------------------------ configure
+    def _he_config(self, arrays: ArrayRecord, config: ConfigRecord) -> None:
+        if self._layout is None:
+            if keys.HE_CIPHERTEXT in arrays:
+                raise ValueError("HEFedAvg must start from a plaintext model (the public initial weights)")
+            self._layout = ArrayLayout.of(arrays)
+        self._layout.to_config(config)
+        config[keys.HE_FINGERPRINT] = self.he_public.fingerprint.hex()
+        config[keys.HE_CLIP_NORM] = float(self.clip_norm)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's sampling; adds the layout, key fingerprint and weight normaliser C."""
+        self.roster.refresh(grid)
+        self._he_config(arrays, config)
+        self._weight_norm = float(max(self.roster.total_train_examples(), 1))
+        config[keys.HE_WEIGHT_NORM] = self._weight_norm
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's evaluation sampling; institutions decrypt the model themselves."""
+        self._he_config(arrays, config)
+        return super().configure_evaluate(server_round, arrays, config, grid)
+
+    # ------------------------------------------------------------------ aggregate
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Add the valid ciphertexts in partition order; reject malformed ones, keep going."""
+        replies = self.roster.sort_replies(replies)
+        self._record_replies(server_round, replies, phase="train")
+        record = self.history.round(server_round)
+        acc = Accumulator(self.he_public)
+        accepted, total_weight = [], 0.0
+        for reply in replies:
+            if reply.has_error():
+                continue
+            pid = self.roster.partition_of(reply.metadata.src_node_id)
+            try:
+                blob, weight = self._checked_reply(reply)
+                acc.add(blob)
+            except (CiphertextError, ValueError, KeyError, TypeError) as exc:
+                log(WARNING, "he-fedavg round %d: rejected reply of institution %d: %s",
+                    server_round, pid, exc)
+                record.failures.append(f"train institution {pid}: rejected ({exc})")
+                record.train_institutions.pop(pid, None)
+                continue
+            accepted.append(reply.content)
+            total_weight += weight
+        log(INFO, "he-fedavg round %d: summed %d ciphertexts (total weight %.0f)",
+            server_round, len(accepted), total_weight)
+        if not accepted:
+            return None, None
+        norm = self._weight_norm
+        arrays = ArrayRecord({
+            keys.HE_CIPHERTEXT: Array(dtype="float64", shape=(acc.length,), stype=keys.HE_STYPE,
+                                      data=acc.to_bytes()),
+            keys.HE_WEIGHTS: Array(np.array([norm, total_weight], dtype=np.float64)),
+        })
+        metrics = self.train_metrics_aggr_fn(accepted, self.weighted_by_key)
+        self.history.round(server_round).train = metric_dict(metrics)
+        return arrays, metrics
+
+    def _checked_reply(self, reply: Message) -> tuple[bytes, float]:
+        content = reply.content
+        if len(content.array_records) != 1 or len(content.metric_records) != 1:
+            raise ValueError("expected exactly one ArrayRecord and one MetricRecord")
+        arrays = next(iter(content.array_records.values()))
+        arr = arrays.get(keys.HE_CIPHERTEXT)
+        if arr is None or len(arrays) != 1:
+            raise ValueError(f"expected one {keys.HE_CIPHERTEXT!r} array, got {list(arrays.keys())}")
+        if arr.stype != keys.HE_STYPE:
+            raise ValueError(f"wrong array stype {arr.stype!r} (expected {keys.HE_STYPE!r}): a plaintext reply?")
+        weight = float(next(iter(content.metric_records.values()))[self.weighted_by_key])
+        if not np.isfinite(weight) or weight <= 0:
+            raise ValueError(f"invalid {self.weighted_by_key} {weight}")
+        return arr.data, weight
