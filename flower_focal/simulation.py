@@ -8,7 +8,10 @@ running on shared ports (``shared/notes/flower-1.41.md``, §7). :func:`simulate`
 * Flower's runtime ``uv sync`` of app dependencies disabled (the library is pip-installed);
 * the run's final status read back with ``flwr ls --format json``: anything but
   ``finished:completed`` raises :class:`SimulationFailed` naming the status and the log;
-* the managed SuperLink (and its SuperExec/Ray children) stopped afterwards.
+* the managed SuperLink (and its SuperExec/Ray children) stopped afterwards;
+* for HE strategies without ``he-key-dir``: a temporary key set for the run (this process
+  plays the institutions' key holder), and the encrypted final model decrypted into
+  ``model.pt`` afterwards; the server side only ever gets ``public.ctx``.
 
 Used by the Hydra launcher (``python -m simulations.run``), the benchmarks and the tests.
 """
@@ -29,7 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flower_focal.artifacts import ENCRYPTED_FILE, MODEL_FILE, decrypt_model
 from flower_focal.config import RunConfig
+
+KEYED_STRATEGIES = frozenset({"he-fedavg"})  # strategies whose institutions share an HE key
 
 
 class SimulationFailed(RuntimeError):
@@ -197,6 +203,14 @@ def simulate(
     run_dir = Path(cfg.run_dir).expanduser().resolve()
     cfg = cfg.replace(run_dir=str(run_dir))
     app_dir = app_dir or repo_root()
+    key_dir: Path | None = None
+    if cfg.strategy in KEYED_STRATEGIES and not cfg.he_key_dir:
+        # In a simulation this process plays the institutions' key holder: a fresh key set
+        # lives in a private temporary directory for the run only (never in run_dir).
+        from flower_focal.crypto import keygen
+
+        key_dir = keygen(Path(tempfile.mkdtemp(prefix="flower-focal-keys-")), cfg.he_preset)
+        cfg = cfg.replace(he_key_dir=str(key_dir))
     toml_path = write_run_config(cfg, run_dir / "run_config.toml")
     log_path = run_dir / "flwr.log"
     flwr_home = Path(tempfile.mkdtemp(prefix="flower-focal-home-"))
@@ -232,8 +246,15 @@ def simulate(
         if status != "finished:completed":
             details = entry.get("status-details") or entry
             raise SimulationFailed(f"run {run_id} ended as {status!r}: {details}; log: {log_path}")
+        if (run_dir / ENCRYPTED_FILE).exists() and cfg.he_key_dir:
+            decrypt_model(run_dir, cfg.he_key_dir)
+            if echo:
+                print(f"flower-focal: decrypted the final global model with the institutions' key "
+                      f"into {run_dir / MODEL_FILE} (the server only ever held {ENCRYPTED_FILE})")
         return SimulationResult(run_id, status, run_dir, wall, log_path)
     finally:
+        if key_dir is not None:
+            shutil.rmtree(key_dir, ignore_errors=True)
         stop_processes_under(flwr_home)
         superlink_log = flwr_home / "local-superlink" / "superlink.log"
         if superlink_log.exists():

@@ -29,7 +29,9 @@ log = logging.getLogger("flower_focal.launcher")
 def to_run_config(cfg: DictConfig) -> RunConfig:
     """Map the composed Hydra config onto the Flower run config (one place, explicit)."""
     ds, part, train, fed = cfg.dataset, cfg.partition, cfg.train, cfg.federation
-    data_path = str(ds.get("path") or "")
+    data_path = str(ds.path or "")  # raises MissingMandatoryValue for file datasets without a path
+    he = cfg.strategy.get("he") or {}
+    he_key_dir = str(he.get("key_dir") or "")
     values = {
         "strategy": cfg.strategy.name,
         "num-server-rounds": cfg.num_rounds,
@@ -60,6 +62,10 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
         "seed": cfg.seed,
         "run-dir": to_absolute_path(str(cfg.run_dir)),
         "device": cfg.device,
+        "he-preset": he.get("preset", RunConfig.he_preset),
+        "he-key-dir": to_absolute_path(he_key_dir) if he_key_dir else "",
+        "he-workers": he.get("workers", RunConfig.he_workers),
+        "he-clip-norm": float(he.get("clip_norm", RunConfig.he_clip_norm)),
     }
     return RunConfig.from_mapping(values)
 

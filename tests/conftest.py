@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -53,7 +54,10 @@ class LoopbackGrid:
             )
             for i, nid in enumerate(self.node_ids)
         }
-        self.down: set[int] = set()  # nodes that fail (raise) on every message
+        self.down: set[int] = set()  # nodes that never answer (a dead SuperNode)
+        self.crash_from_round: dict[int, int] = {}  # node -> first round whose messages raise
+        self.sent: list[Message] = []  # every message the server sent
+        self.received: list[Message] = []  # every reply that reached the server
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.node_ids)
@@ -65,10 +69,16 @@ class LoopbackGrid:
             dst = msg.metadata.dst_node_id
             if dst in self.down:
                 continue  # a dead node never answers
+            self.sent.append(copy.deepcopy(msg))  # the content object is reused by later rounds
+            config = msg.content.config_records.get("config", {})
             try:
-                replies.append(self.app(msg, self.contexts[dst]))
+                if config.get("server-round", 0) >= self.crash_from_round.get(dst, 10**9):
+                    raise RuntimeError(f"node {dst} crashed")
+                # a copy, as if serialised: handlers and mods must not touch the server's object
+                replies.append(self.app(copy.deepcopy(msg), self.contexts[dst]))
             except Exception as exc:  # what the engine does with a ClientApp exception
                 replies.append(Message(Error(code=1, reason=repr(exc)), reply_to=msg))
+        self.received.extend(replies)
         return list(reversed(replies))  # arrival order differs from send order
 
 

@@ -103,3 +103,21 @@ def test_hydra_multirun_runs_each_setting(tmp_path):
     assert len(runs) == 2
     seeds = {json.loads(p.read_text())["config"]["seed"] for p in runs}
     assert seeds == {1, 2}
+
+
+def test_he_fedavg_equals_fedavg_in_a_real_ray_simulation(npz, tmp_path):
+    """Same seed, same data, 3 rounds on Flower's Ray engine: HE-FedAvg == FedAvg (<= 1e-5)."""
+    base = RunConfig(dataset="medmnist", data_path=str(npz), image_size=28, model="lenet-sigmoid",
+                     lr=0.01, num_server_rounds=3, min_available_nodes=3, seed=11)
+    runs = {}
+    for strategy in ("fedavg", "he-fedavg"):
+        cfg = base.replace(strategy=strategy, run_dir=str(tmp_path / strategy))
+        runs[strategy] = simulate(cfg, Federation(num_supernodes=3), echo=False)
+    plain = torch.load(runs["fedavg"].run_dir / "model.pt")
+    he = torch.load(runs["he-fedavg"].run_dir / "model.pt")  # decrypted by the launcher
+    assert max(float((plain[k].double() - he[k].double()).abs().max()) for k in plain) <= 1e-5
+    mp, mh = runs["fedavg"].metrics()["rounds"], runs["he-fedavg"].metrics()["rounds"]
+    for rp, rh in zip(mp, mh, strict=True):
+        for key in ("loss", "accuracy", "auroc"):
+            assert rh["evaluate"][key] == pytest.approx(rp["evaluate"][key], abs=1e-5)
+    assert not list(runs["he-fedavg"].run_dir.glob("*.ctx"))  # no key files in the run directory

@@ -101,6 +101,13 @@ def _small_cnn(*, in_channels: int, num_classes: int, image_size: int) -> nn.Mod
     return SmallCNN(in_channels, num_classes)
 
 
+def _medium_cnn(*, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    """SmallCNN at 2-4x the width, five blocks (about 1M parameters)."""
+    if image_size < 16:
+        raise ValueError(f"medium-cnn needs image_size >= 16, got {image_size}")
+    return SmallCNN(in_channels, num_classes, widths=(32, 64, 128, 256, 256))
+
+
 def _resnet18(*, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     """MONAI ResNet-18 (2-D) with a 3x3 stride-1 stem for small medical images.
 
@@ -149,6 +156,7 @@ def _lenet_sigmoid(*, in_channels: int, num_classes: int, image_size: int) -> nn
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "small-cnn": _small_cnn,
+    "medium-cnn": _medium_cnn,
     "resnet18": _resnet18,
     "densenet121": _densenet121,
     "lenet-sigmoid": _lenet_sigmoid,

@@ -1,0 +1,116 @@
+"""HE-FedAvg vs FedAvg: bytes, crypto times, error, and round wall time in the same simulation.
+
+    python benchmarks/bench_he_fedavg.py                                  # 1M + 11M, all presets
+    python benchmarks/bench_he_fedavg.py --models medium-cnn --presets compact nvflare
+    python benchmarks/bench_he_fedavg.py --auroc-rounds 20                # + PathMNIST AUROC, 5 institutions
+
+Part 1 (micro, per preset, at each model's exact parameter count, 10 institutions):
+upload/download bytes per parameter, client encrypt/decrypt time, server aggregation time,
+relative error (benchmarks/bench_crypto.py:bench_preset).
+Part 2 (simulation): the same Flower Ray simulation (10 institutions, synthetic pathology
+tiles, 28 px) run with fedavg and with he-fedavg per preset; ratio of the mean round wall
+time of rounds 2.. (steady state: encrypted model both ways) he / plain.
+Part 3 (optional): PathMNIST macro AUROC / accuracy of he-fedavg next to fedavg, 5
+institutions, val split, via `flower-focal evaluate`.
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from _common import emit, machine, shared_npz
+from bench_crypto import bench_preset
+
+from flower_focal.config import RunConfig
+from flower_focal.crypto import PRESETS
+from flower_focal.models import build_model, count_parameters
+from flower_focal.simulation import Federation, simulate
+
+
+def _round_wall(result) -> float:
+    walls = [r["wall_time_s"] for r in result.metrics()["rounds"][1:]]
+    return statistics.mean(walls)
+
+
+def simulation_ratio(model: str, presets: list[str], args, out: Path) -> dict:
+    base = RunConfig(
+        dataset="synthetic-pathology", num_samples=args.images_per_institution * args.institutions,
+        image_size=28, model=model, num_server_rounds=args.rounds, partitioner="iid",
+        min_available_nodes=args.institutions, seed=1, local_epochs=1,
+    )
+    fed = Federation(num_supernodes=args.institutions)
+    plain = simulate(base.replace(run_dir=str(out / f"{model}-fedavg")), fed, echo=False)
+    plain_wall = _round_wall(plain)
+    rows = {"fedavg_round_wall_s": round(plain_wall, 2), "presets": {}}
+    for preset in presets:
+        cfg = base.replace(strategy="he-fedavg", he_preset=preset, run_dir=str(out / f"{model}-{preset}"))
+        he = simulate(cfg, fed, echo=False)
+        wall = _round_wall(he)
+        last = he.metrics()["rounds"][-1]
+        rows["presets"][preset] = {
+            "round_wall_s": round(wall, 2),
+            "ratio_vs_fedavg": round(wall / plain_wall, 2),
+            "bytes_up_per_round": last["bytes_up"],
+            "bytes_down_per_round": last["bytes_down"],
+            "val_auroc_he": last["evaluate"].get("auroc"),
+            "val_auroc_plain": plain.metrics()["rounds"][-1]["evaluate"].get("auroc"),
+        }
+    return rows
+
+
+def pathmnist_auroc(args, out: Path) -> dict:
+    data = shared_npz("pathmnist")
+    if data is None:
+        return {"skipped": "../shared/data/pathmnist absent"}
+    res = {}
+    for strategy in ("fedavg", "he-fedavg"):
+        cfg = RunConfig(
+            strategy=strategy, dataset="medmnist", data_path=str(data), image_size=32,
+            num_server_rounds=args.auroc_rounds, local_epochs=2, lr=0.05, partitioner="iid",
+            min_available_nodes=5, seed=42, run_dir=str(out / f"pathmnist-{strategy}"),
+        )
+        run = simulate(cfg, Federation(num_supernodes=5), echo=False)
+        ev = subprocess.run(
+            [sys.executable, "-m", "flower_focal.cli", "evaluate", "--run-dir", str(run.run_dir),
+             "--data", str(data), "--split", "val"], capture_output=True, text=True, check=True)
+        final = json.loads(ev.stdout)
+        res[strategy] = {"val_auroc_macro": round(final["auroc_macro"], 4),
+                         "val_accuracy": round(final["accuracy"], 4), "wall_s": round(run.wall_time_s, 1)}
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["medium-cnn", "resnet18"])
+    p.add_argument("--presets", nargs="+", default=sorted(PRESETS), choices=sorted(PRESETS))
+    p.add_argument("--institutions", type=int, default=10)
+    p.add_argument("--images-per-institution", type=int, default=100)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--auroc-rounds", type=int, default=0, help="PathMNIST rounds (0 = skip part 3)")
+    p.add_argument("--skip-micro", action="store_true")
+    p.add_argument("--skip-simulation", action="store_true")
+    args = p.parse_args()
+    result = {"benchmark": "he_fedavg_vs_fedavg", "machine": machine(), "settings": vars(args), "models": {}}
+    with tempfile.TemporaryDirectory(prefix="ff-he-") as tmp:
+        for model in args.models:
+            n_params = count_parameters(build_model(model, 3, 9, 28))
+            entry: dict = {"params": n_params}
+            if not args.skip_micro:
+                entry["micro"] = [bench_preset(pr, n_params, args.institutions, 0, 0) for pr in args.presets]
+            if not args.skip_simulation:
+                entry["simulation"] = simulation_ratio(model, args.presets, args, Path(tmp))
+            result["models"][model] = entry
+        if args.auroc_rounds:
+            result["pathmnist"] = pathmnist_auroc(args, Path(tmp))
+    emit(result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""HE-FedAvg: equivalence with FedAvg, a key-less server, and bad replies that lose nothing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from clients.client_app import app as client_app
+from flower_focal import keys
+from flower_focal.artifacts import decrypt_model
+from flower_focal.client.he_mod import decrypt_record, encrypt_record
+from flower_focal.config import RunConfig
+from flower_focal.crypto import PublicContext, SecretContext, keygen
+from flower_focal.packing import ArrayLayout
+from flower_focal.server import run_server
+from flower_focal.strategy import build_strategy
+from flower_focal.strategy.he_fedavg import HEFedAvg
+from flower_focal.strategy.roster import Institution, InstitutionRoster
+from tests.conftest import LoopbackGrid, make_reply
+
+
+@pytest.fixture(scope="module")
+def key_dir(tmp_path_factory):
+    return keygen(tmp_path_factory.mktemp("keys"), "compact")
+
+
+def _run(tmp_path, strategy, key_dir, grid_hook=None, **overrides):
+    cfg = RunConfig(
+        strategy=strategy, num_server_rounds=3, num_samples=150, min_available_nodes=3,
+        run_dir=str(tmp_path / strategy), he_key_dir=str(key_dir), model="lenet-sigmoid", lr=0.01,
+        **overrides,
+    )
+    grid = LoopbackGrid(client_app, 3, cfg.to_flower())
+    if grid_hook:
+        grid_hook(grid)
+    run_server(grid, cfg)
+    return grid, tmp_path / strategy
+
+
+def _state(run_dir):
+    return torch.load(run_dir / "model.pt")
+
+
+def test_he_fedavg_equals_fedavg_over_three_rounds(tmp_path, key_dir):
+    _, plain = _run(tmp_path, "fedavg", key_dir)
+    _, enc = _run(tmp_path, "he-fedavg", key_dir)
+    assert not (enc / "model.pt").exists()  # the server never had a plaintext model
+    decrypt_model(enc, key_dir)
+    a, b = _state(plain), _state(enc)
+    assert max(float((a[k].double() - b[k].double()).abs().max()) for k in a) <= 1e-5
+    ma = json.loads((plain / "metrics.json").read_text())["rounds"]
+    mb = json.loads((enc / "metrics.json").read_text())["rounds"]
+    assert len(ma) == len(mb) == 3
+    for ra, rb in zip(ma, mb):
+        for key in ("loss", "accuracy", "auroc"):
+            assert rb["evaluate"][key] == pytest.approx(ra["evaluate"][key], abs=1e-5)
+        assert rb["train"]["train-loss"] == pytest.approx(ra["train"]["train-loss"], abs=1e-5)
+        assert rb["bytes_up"] < 2 * ra["bytes_up"]  # compact preset: < 8 B/param vs 4 for float32
+
+
+def test_server_sees_only_ciphertext_and_never_the_secret_key(tmp_path, key_dir):
+    grid, run_dir = _run(tmp_path, "he-fedavg", key_dir)
+    secret = (key_dir / "secret.ctx").read_bytes()
+    probe = secret[len(secret) // 2 : len(secret) // 2 + 64]  # a slice of the key material
+    assert probe not in (key_dir / "public.ctx").read_bytes()
+    train_replies = [m for m in grid.received if m.metadata.message_type == "train" and not m.has_error()]
+    assert len(train_replies) == 9
+    for reply in grid.received:
+        if reply.has_error():
+            continue
+        for record in reply.content.array_records.values():
+            for name, arr in record.items():
+                assert probe not in arr.data
+                if reply.metadata.message_type == "train":
+                    assert (name, arr.stype) == (keys.HE_CIPHERTEXT, keys.HE_STYPE)
+    # later rounds send the model encrypted too; round 1 sends the public initial weights
+    later = [m for m in grid.sent if m.metadata.message_type == "train"
+             and m.content["config"]["server-round"] > 1]
+    assert later and all(keys.HE_CIPHERTEXT in m.content["arrays"] for m in later)
+    for path in run_dir.iterdir():
+        assert probe not in path.read_bytes(), path
+
+
+def test_server_context_is_public_and_cannot_decrypt(key_dir):
+    public = PublicContext.load(key_dir / "public.ctx")
+    assert not public.holds_secret_key
+    assert not hasattr(public, "decrypt")
+    with pytest.raises(ValueError, match="public context"):
+        PublicContext.load(key_dir / "secret.ctx")
+    with pytest.raises(ValueError, match="public context"):
+        HEFedAvg(he_public=SecretContext.load(key_dir))  # a private context is refused
+    strategy = build_strategy(RunConfig(strategy="he-fedavg", he_key_dir=str(key_dir)))
+    assert isinstance(strategy, HEFedAvg) and not strategy.he_public.holds_secret_key
+
+
+def test_he_fedavg_without_keys_says_how_to_make_them():
+    with pytest.raises(ValueError, match="flower-focal keygen"):
+        build_strategy(RunConfig(strategy="he-fedavg"))
+
+
+# ---------------------------------------------------------------------------- bad replies
+LAYOUT = ArrayLayout(names=("w", "b"), shapes=((3, 4), (4,)), dtypes=("float32", "float32"))
+
+
+def _plain(rng):
+    return ArrayRecord({"w": Array(rng.normal(size=(3, 4)).astype(np.float32)),
+                        "b": Array(rng.normal(size=4).astype(np.float32))})
+
+
+def _enc_reply(node, record, n, he_secret, norm):
+    arrays = encrypt_record(record, he_secret, LAYOUT, weight=n / norm)
+    return make_reply(node, RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": n})}))
+
+
+def test_malformed_foreign_and_plaintext_replies_are_excluded_and_the_rest_aggregate_exactly(key_dir, tmp_path):
+    he_secret = SecretContext.load(key_dir)
+    other = SecretContext.load(keygen(tmp_path / "other", "compact"))
+    rng = np.random.default_rng(0)
+    roster = InstitutionRoster()
+    for pid in range(7):
+        roster.register(Institution(node_id=100 + pid, partition_id=pid, num_classes=2, in_channels=1, num_train=50))
+    strategy = HEFedAvg(he_public=PublicContext.load(key_dir), roster=roster)
+    config = ConfigRecord()
+    strategy._he_config(_plain(rng), config)  # layout of the round-1 model
+    strategy._layout = LAYOUT
+    strategy._weight_norm = norm = 350.0
+    good = [(_plain(rng), n) for n in (20, 50, 80)]
+    replies = [_enc_reply(100 + i, rec, n, he_secret, norm) for i, (rec, n) in enumerate(good)]
+    truncated = _enc_reply(103, _plain(rng), 40, he_secret, norm)
+    blob = truncated.content["arrays"][keys.HE_CIPHERTEXT]
+    truncated.content["arrays"] = ArrayRecord({keys.HE_CIPHERTEXT: Array(
+        dtype="float64", shape=blob.shape, stype=keys.HE_STYPE, data=blob.data[: len(blob.data) // 2])})
+    foreign = _enc_reply(104, _plain(rng), 40, other, norm)
+    plaintext = make_reply(105, RecordDict({"arrays": _plain(rng), "metrics": MetricRecord({"num-examples": 40})}))
+    arrays, metrics = strategy.aggregate_train(1, replies + [truncated, foreign, plaintext])
+    decrypted = decrypt_record(arrays, he_secret, LAYOUT)
+    total = sum(n for _, n in good)
+    for name in LAYOUT.names:
+        expected = sum(n * rec[name].numpy().astype(np.float64) for rec, n in good) / total
+        np.testing.assert_allclose(decrypted[name].numpy(), expected, atol=1e-6)
+    assert metrics["num-examples"] == total
+    failures = strategy.history.rounds[0].failures
+    assert len(failures) == 3 and all("rejected" in f for f in failures)
+    assert sorted(strategy.history.rounds[0].train_institutions) == [0, 1, 2]
+
+
+def test_nan_update_is_refused_before_encryption(key_dir):
+    he_secret = SecretContext.load(key_dir)
+    bad = ArrayRecord({"w": Array(np.full((3, 4), np.nan, np.float32)), "b": Array(np.zeros(4, np.float32))})
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        encrypt_record(bad, he_secret, LAYOUT, weight=0.5)
+
+
+def test_clip_before_encrypt_bounds_the_update(key_dir):
+    he_secret = SecretContext.load(key_dir)
+    rng = np.random.default_rng(1)
+    ref, local = _plain(rng), _plain(rng)
+    enc = encrypt_record(local, he_secret, LAYOUT, weight=1.0, reference=ref, clip_norm=0.1)
+    enc = ArrayRecord({**{k: v for k, v in enc.items()}, keys.HE_WEIGHTS: Array(np.array([1.0, 1.0]))})
+    out = LAYOUT.flatten(decrypt_record(enc, he_secret, LAYOUT))
+    assert np.linalg.norm(out - LAYOUT.flatten(ref)) == pytest.approx(0.1, rel=1e-4)
+
+
+def test_an_institution_that_crashes_mid_run_is_left_out_with_exact_weights(tmp_path, key_dir):
+    def crash_third_node_from_round_2(grid):
+        grid.crash_from_round[grid.node_ids[2]] = 2
+
+    _, run_dir = _run(tmp_path, "he-fedavg", key_dir, grid_hook=crash_third_node_from_round_2)
+    rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    assert [len(r["train_institutions"]) for r in rounds] == [3, 2, 2]
+    assert all(r["failures"] for r in rounds[1:])
+    assert rounds[-1]["evaluate"]["num-examples"] > 0
+    decrypt_model(run_dir, key_dir)  # the [C, W] weights travelled with the aggregate
+    assert (run_dir / "model.pt").is_file()
