@@ -84,15 +84,11 @@ class FedAvg(FlowerFedAvg):
     ) -> Iterable[Message]:
         """Flower's FedAvg sampling, made deterministic; counts bytes sent."""
         self.roster.refresh(grid)
-        record = self.history.round(server_round)
         with seeded_random(self.seed, server_round, "train"):
             messages = list(
                 super().configure_train(server_round, arrays, config, OrderedGrid(grid, self.roster))
             )
-        record.bytes_down += sum(
-            sum(array_bytes(a) for a in m.content.array_records.values()) for m in messages
-        )
-        return messages
+        return self._count_sent(server_round, messages)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -109,17 +105,13 @@ class FedAvg(FlowerFedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Flower's FedAvg evaluation sampling, made deterministic; counts bytes sent."""
-        record = self.history.round(server_round)
         with seeded_random(self.seed, server_round, "evaluate"):
             messages = list(
                 super().configure_evaluate(
                     server_round, arrays, config, OrderedGrid(grid, self.roster)
                 )
             )
-        record.bytes_down += sum(
-            sum(array_bytes(a) for a in m.content.array_records.values()) for m in messages
-        )
-        return messages
+        return self._count_sent(server_round, messages)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Record each institution's metrics and the federation's weighted mean."""
@@ -131,6 +123,12 @@ class FedAvg(FlowerFedAvg):
         return metrics
 
     # ------------------------------------------------------------------ helpers
+    def _count_sent(self, server_round: int, messages: list[Message]) -> list[Message]:
+        record = self.history.round(server_round)
+        for message in messages:
+            record.bytes_down += sum(array_bytes(a) for a in message.content.array_records.values())
+        return messages
+
     def _record_replies(self, server_round: int, replies: list[Message], phase: str) -> None:
         record = self.history.round(server_round)
         per_institution = record.train_institutions if phase == "train" else record.evaluate_institutions
