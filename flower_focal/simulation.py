@@ -93,7 +93,7 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -120,8 +120,8 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         FLWR_HOME=str(flwr_home),
-        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(_free_port()),
-        FLWR_LOCAL_CONTROL_API_PORT=str(_free_port()),
+        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
+        FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
         FLWR_TELEMETRY_ENABLED="0",
         FLWR_DISABLE_UPDATE_CHECK="1",
@@ -132,7 +132,7 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     return env
 
 
-def _flwr() -> str:
+def flwr_executable() -> str:
     exe = Path(sys.executable).parent / "flwr"
     return str(exe) if exe.exists() else "flwr"
 
@@ -167,10 +167,11 @@ def stop_processes_under(flwr_home: Path, grace_s: float = 10.0) -> int:
     return len(pids)
 
 
-def run_status(run_id: int, env: dict[str, str]) -> dict[str, Any]:
+def run_status(run_id: int, env: dict[str, str], connection: str | None = None) -> dict[str, Any]:
     """The run's entry of ``flwr ls --format json`` (keys: status, status-details, ...)."""
     out = subprocess.run(
-        [_flwr(), "ls", "--run-id", str(run_id), "--format", "json"],
+        [flwr_executable(), "ls", *([connection] if connection else []), "--run-id", str(run_id),
+         "--format", "json"],
         env=env, capture_output=True, text=True, timeout=120, check=False,
     )
     try:
@@ -216,7 +217,7 @@ def simulate(
     flwr_home = Path(tempfile.mkdtemp(prefix="flower-focal-home-"))
     env = flower_env(flwr_home)
     cmd = [
-        _flwr(), "run", str(app_dir), "--stream",
+        flwr_executable(), "run", str(app_dir), "--stream",
         "--run-config", str(toml_path),
         "--federation-config", federation.to_flower(),
     ]
