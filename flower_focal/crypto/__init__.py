@@ -29,12 +29,14 @@ What callers must know (limits of this threat model):
 
 Modules: :mod:`.params` (presets, security rules), :mod:`.keys` (key files, contexts),
 :mod:`.envelope` (wire format), :mod:`.aggregate` (server sum), :mod:`.backends` (SEAL /
-TenSEAL calls).
+TenSEAL calls), :mod:`.ckks` (FOCAL's server evaluator / institution key holder and the level
+plan of preset ``focal``, see :data:`FOCAL_PRESETS`).
 """
 
 from __future__ import annotations
 
 from flower_focal.crypto.aggregate import Accumulator
+from flower_focal.crypto.ckks import CkksEvaluator, CkksKeyHolder, LevelPlan
 from flower_focal.crypto.envelope import EncryptedVector
 from flower_focal.crypto.errors import CiphertextError
 from flower_focal.crypto.keys import (
@@ -48,7 +50,9 @@ from flower_focal.crypto.keys import (
     read_manifest,
 )
 from flower_focal.crypto.params import (
+    ALL_PRESETS,
     DEFAULT_PRESET,
+    FOCAL_PRESETS,
     MAX_COEFF_BITS_128,
     PRESETS,
     HEPreset,
@@ -56,7 +60,9 @@ from flower_focal.crypto.params import (
 )
 
 __all__ = [
+    "ALL_PRESETS",
     "DEFAULT_PRESET",
+    "FOCAL_PRESETS",
     "MANIFEST_FILE",
     "MAX_COEFF_BITS_128",
     "PRESETS",
@@ -64,8 +70,11 @@ __all__ = [
     "SECRET_FILE",
     "Accumulator",
     "CiphertextError",
+    "CkksEvaluator",
+    "CkksKeyHolder",
     "EncryptedVector",
     "HEPreset",
+    "LevelPlan",
     "PublicContext",
     "SecretContext",
     "fingerprint",

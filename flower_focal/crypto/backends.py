@@ -184,7 +184,11 @@ class SealCkksBackend(Backend):
             if "relin" in preset.eval_keys:
                 eval_keys["relin_keys"] = io.dump(keygen.create_relin_keys())
             if "galois" in preset.eval_keys:
-                eval_keys["galois_keys"] = io.dump(keygen.create_galois_keys())
+                if preset.galois_steps:
+                    elts = cls._galois_elts(context, preset)
+                    eval_keys["galois_keys"] = io.dump(keygen.create_galois_keys(elts))
+                else:
+                    eval_keys["galois_keys"] = io.dump(keygen.create_galois_keys())
         return cls(preset, parms, keygen.secret_key(), eval_keys)
 
     @classmethod
@@ -215,10 +219,44 @@ class SealCkksBackend(Backend):
                 if "relin_keys" in sections:
                     io.load(seal.RelinKeys(), sections["relin_keys"], backend.context)
                 if "galois_keys" in sections:
-                    io.load(seal.GaloisKeys(), sections["galois_keys"], backend.context)
+                    gk = io.load(seal.GaloisKeys(), sections["galois_keys"], backend.context)
+                    missing = [
+                        e for e in cls._galois_elts(backend.context, preset) if not gk.has_key(e)
+                    ]
+                    if missing:
+                        raise ValueError(f"Galois keys lack elements {missing} the preset lists")
             except Exception as exc:
                 raise ValueError(f"unreadable SEAL key material: {exc}") from exc
         return backend
+
+    @staticmethod
+    def _galois_elts(context: Any, preset: HEPreset) -> list[int]:
+        tool = context.key_context_data().galois_tool()
+        return [int(e) for e in tool.get_elts_from_steps(list(preset.galois_steps))]
+
+    # -- raw SEAL access for flower_focal.crypto.ckks (same package; nothing else uses it) --
+    def seal_objects(self) -> dict[str, Any]:
+        """SEAL context, encoder and evaluator (and encryptor/decryptor with a secret key)."""
+        out: dict[str, Any] = {
+            "context": self.context,
+            "encoder": self._encoder,
+            "evaluator": self._evaluator,
+        }
+        if self._secret_key is not None:
+            out |= {"encryptor": self._encryptor, "decryptor": self._decryptor}
+        return out
+
+    def load_eval_keys(self) -> dict[str, Any]:
+        """The evaluation keys this context carries, as loaded SEAL objects."""
+        out: dict[str, Any] = {}
+        with scratch() as io:
+            if "relin_keys" in self._eval_key_bytes:
+                out["relin"] = io.load(seal.RelinKeys(), self._eval_key_bytes["relin_keys"], self.context)
+            if "galois_keys" in self._eval_key_bytes:
+                out["galois"] = io.load(
+                    seal.GaloisKeys(), self._eval_key_bytes["galois_keys"], self.context
+                )
+        return out
 
     @property
     def has_secret_key(self) -> bool:

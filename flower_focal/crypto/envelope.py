@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from flower_focal.crypto.errors import CiphertextError
-from flower_focal.crypto.params import PRESETS, HEPreset
+from flower_focal.crypto.params import ALL_PRESETS, HEPreset
 
 MAGIC = b"FFHE"
 VERSION = 1
@@ -46,7 +46,7 @@ _CRC = struct.Struct("<I")
 
 
 def _preset_label(wire_id: int) -> str:
-    names = [p.name for p in PRESETS.values() if p.wire_id == wire_id]
+    names = [p.name for p in ALL_PRESETS.values() if p.wire_id == wire_id]
     return f"{names[0]!r}" if names else f"wire id {wire_id}"
 
 

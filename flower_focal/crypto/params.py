@@ -95,6 +95,10 @@ class HEPreset:
     eval_keys
         Public evaluation keys (``"relin"``, ``"galois"``) the server context must carry. Empty
         for additive-only aggregation; a FOCAL preset lists what its server ops need.
+    galois_steps
+        ``seal-ckks`` only: the slot-rotation steps (positive = left) the Galois keys are made
+        for. Empty with ``"galois"`` in ``eval_keys`` means SEAL's default (every power of two,
+        both directions); a FOCAL preset lists exactly the steps its layouts rotate by.
     description
         Free text (not part of the fingerprint).
 
@@ -115,6 +119,7 @@ class HEPreset:
     complex_packing: bool = False
     seeded: bool = False
     eval_keys: tuple[str, ...] = ()
+    galois_steps: tuple[int, ...] = ()
     description: str = field(default="", compare=False)
 
     # ------------------------------------------------------------------ derived values
@@ -184,6 +189,10 @@ class HEPreset:
         d.pop("description")
         d["coeff_mod_bit_sizes"] = list(self.coeff_mod_bit_sizes)
         d["eval_keys"] = list(self.eval_keys)
+        if self.galois_steps:
+            d["galois_steps"] = list(self.galois_steps)
+        else:  # omitted when empty so fingerprints of pre-FOCAL key sets do not change
+            d.pop("galois_steps")
         return d
 
     def canonical_bytes(self) -> bytes:
@@ -211,6 +220,7 @@ class HEPreset:
         kwargs = dict(params)
         kwargs["coeff_mod_bit_sizes"] = tuple(kwargs["coeff_mod_bit_sizes"])
         kwargs["eval_keys"] = tuple(kwargs.get("eval_keys", ()))
+        kwargs["galois_steps"] = tuple(kwargs.get("galois_steps", ()))
         preset = cls(**kwargs)
         preset.validate()
         return preset
@@ -264,6 +274,15 @@ class HEPreset:
             fail("evaluation keys need key switching, i.e. at least two primes (data + special)")
         if self.backend.startswith("tenseal-") and len(bits) < 2:
             fail("TenSEAL needs at least two primes (it refuses contexts without key switching)")
+        steps = self.galois_steps
+        if not isinstance(steps, tuple) or any(
+            isinstance(k, bool) or not isinstance(k, int) or not 0 < abs(k) < n // 2 for k in steps
+        ):
+            fail(f"galois_steps must be a tuple of non-zero ints with |step| < N/2, got {steps!r}")
+        if len(set(steps)) != len(steps):
+            fail("galois_steps lists a step twice")
+        if steps and ("galois" not in self.eval_keys or self.backend != "seal-ckks"):
+            fail("galois_steps needs 'galois' in eval_keys and the 'seal-ckks' backend")
         if self.backend != "seal-ckks" and (self.complex_packing or self.seeded):
             fail("complex_packing and seeded are only implemented by the 'seal-ckks' backend")
 
@@ -292,7 +311,9 @@ class HEPreset:
                 "values and noise would overflow the first prime"
             )
         middle = self.coeff_mod_bit_sizes[1 : self.data_primes]
-        if any(b != s for b in middle):
+        # TenSEAL resets the scale to 2**scale_bits after every rescale, so its primes must
+        # match the scale; raw SEAL (seal-ckks) tracks exact scales and FOCAL sets them itself.
+        if self.backend.startswith("tenseal-") and any(b != s for b in middle):
             fail(
                 f"intermediate primes {list(middle)} must equal scale_bits={s}; otherwise every "
                 "rescale adds a systematic relative error (TenSEAL resets the scale)"
@@ -380,6 +401,34 @@ PRESETS: dict[str, HEPreset] = _registry(
 )
 
 
+#: Presets for FOCAL split training (server-side multiply/rotate; see flower_focal.crypto.ckks).
+#: Kept out of :data:`PRESETS`, the aggregation presets HE-FedAvg offers, because they carry
+#: evaluation keys and a modulus chain HE-FedAvg does not need; :func:`get_preset` finds both.
+FOCAL_PRESETS: dict[str, HEPreset] = _registry(
+    HEPreset(
+        name="focal",
+        backend="seal-ckks",
+        wire_id=5,
+        poly_modulus_degree=8192,
+        coeff_mod_bit_sizes=(60, 40, 60),
+        scale_bits=29,
+        seeded=True,
+        eval_keys=("galois", "relin"),
+        galois_steps=(16, 32, 64, 128, 256, 512, 1024, 2048),
+        description=(
+            "FOCAL split training (flower_focal.focal). Raw SEAL CKKS, N=8192 (4096 slots), data "
+            "primes q0=60 (the level the head W lives at) and q1=40 (dropped by the one rescale "
+            "of the backward pass), 60-bit special prime: 160 of 218 bits allowed at 128-bit "
+            "security. Head scale 2^29 (embeddings 2^23, see crypto.ckks.LevelPlan). Seeded "
+            "symmetric uploads. Galois keys only for the left rotations by 16..2048, i.e. the "
+            "lane sums of FOCAL layouts with sample blocks of 2..256."
+        ),
+    ),
+)
+
+ALL_PRESETS: dict[str, HEPreset] = _registry(*PRESETS.values(), *FOCAL_PRESETS.values())
+
+
 def get_preset(preset: str | HEPreset) -> HEPreset:
     """Resolve a preset name (or pass a preset through, validated).
 
@@ -390,7 +439,7 @@ def get_preset(preset: str | HEPreset) -> HEPreset:
         custom preset that reuses a registered name with other parameters.
     """
     if isinstance(preset, HEPreset):
-        registered = PRESETS.get(preset.name)
+        registered = ALL_PRESETS.get(preset.name)
         if registered is not None and registered != preset:
             raise ValueError(
                 f"preset name {preset.name!r} is registered with different parameters; give a "
@@ -398,8 +447,8 @@ def get_preset(preset: str | HEPreset) -> HEPreset:
             )
         return preset.validate()
     try:
-        return PRESETS[preset]
+        return ALL_PRESETS[preset]
     except KeyError:
         raise ValueError(
-            f"unknown HE preset {preset!r}; choose one of: {', '.join(sorted(PRESETS))}"
+            f"unknown HE preset {preset!r}; choose one of: {', '.join(sorted(ALL_PRESETS))}"
         ) from None

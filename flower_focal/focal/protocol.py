@@ -1,0 +1,446 @@
+"""FOCAL split training of a linear head on encrypted embeddings: the step functions.
+
+This module owns the protocol, as pure step functions that read top to bottom (no Flower
+imports, no TenSEAL import). One training step over full batch::
+
+    # once
+    head = init_head(holder, layout, seed=0)                      # an institution
+    server = server_setup(evaluator, layout, head, workers=1)     # the server
+    for inst: server_add_embeddings(server, inst, encrypt_embeddings(holder_i, layout, X_i))
+    # every step
+    for inst: logits = server_forward(server, inst)                          # to inst only
+              err[inst] = institution_error(holder_i, layout, logits, y_i,
+                                             lr=lr, n_total=N).message       # upload
+    server_backward_update(server, err)       # W += lane_sum(sum X*E), additions only
+    # at the end (or to evaluate)
+    W = decrypt_head(holder, layout, server_export_head(server))
+
+Who holds what: institutions share the CKKS secret key (``holder`` is a
+:class:`~flower_focal.crypto.ckks.CkksKeyHolder`, or the twin's
+:class:`~flower_focal.focal.plaintext.PlainKeyHolder`); the server holds a
+:class:`~flower_focal.crypto.ckks.CkksEvaluator` built from the *public* context (relin +
+Galois keys, no secret key). Messages are bytes (envelopes) on the encrypted path.
+
+Choices (and what callers must do):
+
+* **Initial head.** Keys are symmetric (no public encryption key exists), so the server
+  cannot encrypt; one institution runs :func:`init_head` (zeros, or small seeded Gaussian
+  weights) and uploads it once.
+* **Learning rate folded into the error.** ``E = -lr * c_y * (softmax - onehot(y)) / N``
+  (``N`` = the public global sample count, ``c`` optional class weights), so the server only
+  adds to W and its level never changes (see :mod:`flower_focal.crypto.ckks`).
+* **Normalisation** is the caller's: an institution cannot know global statistics, so pass
+  a public per-feature ``feature_scale``/``feature_shift`` (same for every institution), or
+  none.
+* **Dropout.** An institution absent in a step is simply left out of that step's sum; its
+  error would have been divided by the same public ``N``, so the others need no change.
+* **Leakage.** An institution decrypts lane partial sums of its own logits; it could decrypt
+  W itself (shared key), so this reveals nothing new to it. The server never decrypts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from flower_focal.crypto.errors import CiphertextError
+from flower_focal.focal._server import LocalShard, ProcessShard, Shard
+from flower_focal.focal.packing import (
+    FocalLayout,
+    pack_errors,
+    pack_features,
+    pack_head,
+    unpack_head,
+    unpack_logits,
+    with_bias,
+)
+
+Message = Any  # bytes on the encrypted path; a tuple of numpy slot vectors for the twin
+
+
+# ----------------------------------------------------------------------------- helpers
+def _check_features(layout: FocalLayout, x: np.ndarray) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.ndim != 2 or arr.shape[0] < 1:
+        raise ValueError(f"embeddings must be a non-empty 2-D array (n, d), got {arr.shape}")
+    if arr.dtype.kind not in "fiu":
+        raise ValueError(f"embeddings must be real numbers, got dtype {arr.dtype}")
+    if arr.shape[1] != layout.n_features:
+        raise ValueError(
+            f"embedding dimension is {arr.shape[1]} but the layout expects "
+            f"{layout.n_features}; every institution must use the same backbone"
+        )
+    arr = arr.astype(np.float64)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("embeddings contain NaN/Inf")
+    return arr
+
+
+def _check_labels(layout: FocalLayout, y: np.ndarray, n: int | None = None) -> np.ndarray:
+    arr = np.asarray(y)
+    if arr.ndim != 1 or (n is not None and arr.shape[0] != n):
+        raise ValueError(f"labels must be 1-D with one label per sample, got shape {arr.shape}")
+    if arr.dtype.kind not in "iu" and not (
+        arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr))
+    ):
+        raise ValueError(f"labels must be integers, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64)
+    if arr.size and (arr.min() < 0 or arr.max() >= layout.n_classes):
+        raise ValueError(
+            f"labels must be in 0..{layout.n_classes - 1}, got range "
+            f"{arr.min()}..{arr.max()}"
+        )
+    return arr
+
+
+def prepare_features(
+    layout: FocalLayout,
+    x: np.ndarray,
+    feature_scale: np.ndarray | None = None,
+    feature_shift: np.ndarray | None = None,
+) -> np.ndarray:
+    """``[(x - shift) * scale, 1]`` after validation (what gets encrypted, and evaluated on)."""
+    arr = _check_features(layout, x)
+    d = layout.n_features
+    if feature_shift is not None:
+        shift = np.asarray(feature_shift, dtype=np.float64)
+        if shift.shape != (d,) or not np.all(np.isfinite(shift)):
+            raise ValueError(f"feature_shift must be {d} finite values")
+        arr = arr - shift
+    if feature_scale is not None:
+        scale = np.asarray(feature_scale, dtype=np.float64)
+        if scale.shape != (d,) or not np.all(np.isfinite(scale)):
+            raise ValueError(f"feature_scale must be {d} finite values")
+        arr = arr * scale
+    return with_bias(arr)
+
+
+def predict_logits(
+    head: np.ndarray,
+    layout: FocalLayout,
+    x: np.ndarray,
+    feature_scale: np.ndarray | None = None,
+    feature_shift: np.ndarray | None = None,
+) -> np.ndarray:
+    """Plaintext logits ``[x, 1] @ W`` (institutions evaluating a decrypted head)."""
+    return prepare_features(layout, x, feature_scale, feature_shift) @ head
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax (numerically stable)."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def balanced_class_weights(class_counts: Sequence[int]) -> np.ndarray:
+    """``N / (K * n_k)`` (scikit-learn's "balanced"), from global per-class counts."""
+    counts = np.asarray(class_counts, dtype=np.float64)
+    if counts.ndim != 1 or counts.size < 2 or np.any(counts <= 0):
+        raise ValueError("class_counts must list a positive count for each of >= 2 classes")
+    return counts.sum() / (counts.size * counts)
+
+
+# ----------------------------------------------------------------------------- institution
+def encrypt_embeddings(
+    holder: Any,
+    layout: FocalLayout,
+    x: np.ndarray,
+    *,
+    feature_scale: np.ndarray | None = None,
+    feature_shift: np.ndarray | None = None,
+) -> Message:
+    """Step 1 (once per institution): pack ``[x, 1]`` feature-lane by sample-block, encrypt.
+
+    Returns the upload: ``n_chunks * n_groups`` ciphertexts in ``[chunk][group]`` order.
+
+    Raises
+    ------
+    ValueError
+        Wrong dimension, empty, NaN/Inf, or a bad scale/shift.
+    """
+    x1 = prepare_features(layout, x, feature_scale, feature_shift)
+    packed = pack_features(layout, x1)
+    slots = [packed[c, g] for c in range(packed.shape[0]) for g in range(packed.shape[1])]
+    return holder.encrypt(slots, holder.plan.x_level, holder.plan.x_scale)
+
+
+def init_head(
+    holder: Any, layout: FocalLayout, *, seed: int | None = None, std: float = 0.01
+) -> Message:
+    """The initial encrypted head (one institution makes it; symmetric keys).
+
+    ``seed=None`` gives zeros; otherwise ``N(0, std^2)`` weights from that seed.
+    """
+    if seed is None:
+        w = np.zeros((layout.d1, layout.n_classes))
+    else:
+        w = np.random.default_rng(seed).normal(0.0, std, size=(layout.d1, layout.n_classes))
+    packed = pack_head(layout, w)
+    slots = [packed[g, p] for g in range(layout.n_groups) for p in range(layout.n_pairs)]
+    return holder.encrypt(slots, holder.plan.w_level, holder.plan.w_scale)
+
+
+@dataclass(frozen=True)
+class ErrorUpload:
+    """What :func:`institution_error` returns.
+
+    Attributes
+    ----------
+    message
+        The encrypted error (upload it to the server).
+    loss
+        This institution's summed (class-weighted) cross-entropy at the current head.
+    n_correct
+        Training samples whose arg-max logit is the label.
+    logits
+        The decrypted logits (n x K); stays at the institution.
+    """
+
+    message: Message
+    loss: float
+    n_correct: int
+    logits: np.ndarray
+
+
+def institution_error(
+    holder: Any,
+    layout: FocalLayout,
+    logits_message: Message,
+    labels: np.ndarray,
+    *,
+    lr: float,
+    n_total: int,
+    class_weights: np.ndarray | None = None,
+) -> ErrorUpload:
+    """Step 3: decrypt logits, exact softmax, encrypt ``-lr * c_y * (p - onehot) / N``.
+
+    Parameters
+    ----------
+    labels
+        This institution's labels, in the order of its embeddings (``0..K-1``).
+    lr, n_total
+        Learning rate and the public global sample count ``N`` (the same for everyone).
+    class_weights
+        Optional per-class weights ``c`` (e.g. :func:`balanced_class_weights`).
+
+    Raises
+    ------
+    ValueError
+        Bad labels/weights/lr, or decrypted values beyond the level plan's bound (the
+        forward product wrapped around: lower ``lr`` or scale the features down).
+    CiphertextError
+        The server's message is malformed or was made under other keys.
+    """
+    y = _check_labels(layout, labels)
+    n = y.shape[0]
+    if n < 1:
+        raise ValueError("an institution needs at least one labelled sample")
+    if not np.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    if isinstance(n_total, bool) or not isinstance(n_total, int) or n_total < n:
+        raise ValueError(f"n_total must be an int >= this institution's {n} samples")
+    if class_weights is None:
+        cw = np.ones(layout.n_classes)
+    else:
+        cw = np.asarray(class_weights, dtype=np.float64)
+        if cw.shape != (layout.n_classes,) or not np.all(np.isfinite(cw)) or np.any(cw <= 0):
+            raise ValueError(f"class_weights must be {layout.n_classes} positive finite values")
+    plan, chunks = holder.plan, layout.n_chunks(n)
+    z = np.stack(
+        holder.decrypt(logits_message, plan.logit_level, plan.logit_scale, chunks * layout.n_pairs)
+    ).reshape(chunks, layout.n_pairs, layout.slots)
+    peak = float(max(np.abs(z.real).max(), np.abs(z.imag).max()))
+    if peak >= plan.logit_bound / 2:
+        raise ValueError(
+            f"forward partial sums reach {peak:.3g}, beyond the safe range "
+            f"{plan.logit_bound / 2:g} of the level plan (values may have wrapped); lower the "
+            "learning rate or scale the features down"
+        )
+    logits = unpack_logits(layout, z, n)
+    prob = softmax(logits)
+    onehot = np.eye(layout.n_classes)[y]
+    w_y = cw[y]
+    err = -lr * w_y[:, None] * (prob - onehot) / n_total
+    packed = pack_errors(layout, err)
+    slots = [packed[c, p] for c in range(chunks) for p in range(layout.n_pairs)]
+    message = holder.encrypt(slots, plan.e_level, plan.e_scale)
+    loss = float(-(w_y * np.log(np.clip(prob[np.arange(n), y], 1e-300, None))).sum())
+    return ErrorUpload(message, loss, int((logits.argmax(axis=1) == y).sum()), logits)
+
+
+def decrypt_head(holder: Any, layout: FocalLayout, head_message: Message) -> np.ndarray:
+    """Step 5: the head ``W`` (d+1 x K, bias row last) from the server's head message."""
+    count = layout.n_groups * layout.n_pairs
+    z = holder.decrypt(head_message, holder.plan.w_level, holder.plan.w_scale, count)
+    return unpack_head(layout, np.stack(z).reshape(layout.n_groups, layout.n_pairs, -1))
+
+
+# ----------------------------------------------------------------------------- server
+class FocalServer:
+    """The server's state between steps: embeddings and head, held by shards.
+
+    Build it with :func:`server_setup`; drive it with the ``server_*`` step functions; call
+    :meth:`close` (or use ``with``) to stop worker processes.
+    """
+
+    def __init__(self, ev: Any, layout: FocalLayout, shards: list[Any], pairs: list[list[int]]):
+        self.ev, self.layout = ev, layout
+        self._shards, self._pairs = shards, pairs
+        self.chunks: dict[str, int] = {}
+
+    def close(self) -> None:
+        """Stop worker processes (idempotent)."""
+        for s in self._shards:
+            s.close()
+
+    def __enter__(self) -> FocalServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _broadcast(self, cmd: str, per_shard: Sequence[tuple[Any, ...]]) -> list[Any]:
+        for shard, args in zip(self._shards, per_shard):
+            shard.send(cmd, *args)
+        results, error = [], None
+        for shard in self._shards:
+            try:
+                results.append(shard.recv())
+            except Exception as exc:  # collect every reply before raising
+                error = error or exc
+        if error is not None:
+            raise error
+        return results
+
+    def _split(self, raw: Sequence[Any], rows: int) -> list[list[Any]]:
+        """Route ``[row][pair]`` ciphertexts to shards as ``[row][local pair]`` lists."""
+        n_p = self.layout.n_pairs
+        return [[raw[r * n_p + p] for r in range(rows) for p in pairs] for pairs in self._pairs]
+
+    def _merge(self, parts: Sequence[Sequence[Any]], rows: int) -> list[Any]:
+        """Inverse of :meth:`_split`."""
+        out: list[Any] = [None] * (rows * self.layout.n_pairs)
+        for pairs, part in zip(self._pairs, parts):
+            for i, item in enumerate(part):
+                r, lp = divmod(i, len(pairs))
+                out[r * self.layout.n_pairs + pairs[lp]] = item
+        return out
+
+
+def server_setup(
+    ev: Any,
+    layout: FocalLayout,
+    head_message: Message,
+    *,
+    workers: int = 1,
+    evaluator_factory: Any | None = None,
+) -> FocalServer:
+    """Create the server state from the initial encrypted head.
+
+    Parameters
+    ----------
+    ev
+        The server's evaluator (``CkksEvaluator(public)``, or the twin's ``PlainEvaluator``).
+    workers
+        ``1``: everything in this process. ``k > 1``: ``min(k, n_pairs)`` spawned worker
+        processes, each owning the class pairs ``p = w (mod k)`` (needs
+        ``evaluator_factory``, a picklable zero-argument callable building ``ev`` in the
+        worker, e.g. :func:`flower_focal.focal.driver.he_evaluator_factory`). Scripts must
+        guard their entry point with ``if __name__ == "__main__":``.
+    """
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+    if ev.slots != layout.slots:
+        raise ValueError(f"layout has {layout.slots} slots but the keys give {ev.slots}")
+    count = layout.n_groups * layout.n_pairs
+    raw = ev.open_envelope(head_message, count)
+    k = min(workers, layout.n_pairs)
+    pairs = [list(range(w, layout.n_pairs, k)) for w in range(k)]
+    tmp = FocalServer(ev, layout, [], pairs)
+    parts = tmp._split(raw, layout.n_groups)
+    if k == 1:
+        shards: list[Any] = [LocalShard(Shard(ev, layout, pairs[0], parts[0]))]
+    else:
+        if evaluator_factory is None:
+            raise ValueError("workers > 1 needs an evaluator_factory")
+        shards = []
+        try:
+            for p, part in zip(pairs, parts):
+                shards.append(ProcessShard(evaluator_factory, layout, p, part))
+        except BaseException:
+            for s in shards:
+                s.close()
+            raise
+    return FocalServer(ev, layout, shards, pairs)
+
+
+def server_add_embeddings(server: FocalServer, institution: str, x_message: Message) -> None:
+    """Step 1, server side: check and keep an institution's encrypted embeddings.
+
+    Raises
+    ------
+    CiphertextError
+        Malformed/foreign upload, or a ciphertext count that is not a whole number of
+        sample chunks; the server state is unchanged.
+    """
+    raw = server.ev.open_envelope(x_message)
+    g = server.layout.n_groups
+    if len(raw) % g:
+        raise CiphertextError(
+            f"institution {institution!r} sent {len(raw)} embedding ciphertexts, not a multiple "
+            f"of the layout's {g} feature groups (wrong embedding dimension or layout?)"
+        )
+    server._broadcast("add_x", [(institution, raw)] * len(server._shards))
+    server.chunks[institution] = len(raw) // g
+
+
+def server_forward(server: FocalServer, institution: str) -> Message:
+    """Step 2: encrypted logit partial sums for one institution (send to it only)."""
+    if institution not in server.chunks:
+        raise ValueError(f"unknown institution {institution!r}; add its embeddings first")
+    parts = server._broadcast("forward", [(institution,)] * len(server._shards))
+    rows = server.chunks[institution]
+    return server.ev.seal_envelope(server._merge(parts, rows))
+
+
+def server_backward_update(server: FocalServer, errors: Mapping[str, Message]) -> None:
+    """Step 4: ``W += lane_sum(sum_{inst, chunk} X * E)`` over the institutions present.
+
+    Institutions missing from ``errors`` are left out of this step's sum. Every upload is
+    checked before anything changes: on any error the head is unchanged and the exception
+    names the institution (drop it and call again with the others).
+
+    Raises
+    ------
+    CiphertextError
+        A malformed, foreign or wrongly sized error upload.
+    ValueError
+        An institution whose embeddings the server does not hold.
+    """
+    per_shard: list[dict[str, list[Any]]] = [{} for _ in server._shards]
+    for inst, message in errors.items():
+        if inst not in server.chunks:
+            raise ValueError(f"unknown institution {inst!r}; add its embeddings first")
+        rows = server.chunks[inst]
+        try:
+            raw = server.ev.open_envelope(message, rows * server.layout.n_pairs)
+        except CiphertextError as exc:
+            raise CiphertextError(f"institution {inst!r}: {exc}") from exc
+        for i, part in enumerate(server._split(raw, rows)):
+            per_shard[i][inst] = part
+    try:
+        server._broadcast("stage", [(d,) for d in per_shard])
+    except BaseException:
+        server._broadcast("discard", [()] * len(server._shards))
+        raise
+    server._broadcast("commit", [()] * len(server._shards))
+
+
+def server_export_head(server: FocalServer) -> Message:
+    """The encrypted head (for institutions to decrypt at the end or for evaluation)."""
+    parts = server._broadcast("head", [()] * len(server._shards))
+    return server.ev.seal_envelope(server._merge(parts, server.layout.n_groups))

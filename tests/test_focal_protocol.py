@@ -1,0 +1,215 @@
+"""FOCAL split training: HE/plaintext parity, sanity vs scikit-learn, key custody, failures."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+
+from flower_focal.crypto import CiphertextError, PublicContext, SecretContext, get_preset
+from flower_focal.crypto.ckks import CkksEvaluator, CkksKeyHolder
+from flower_focal.focal import (
+    FocalLayout,
+    Institution,
+    balanced_class_weights,
+    decrypt_head,
+    encrypt_embeddings,
+    init_head,
+    institution_error,
+    predict_logits,
+    server_add_embeddings,
+    server_backward_update,
+    server_export_head,
+    server_forward,
+    server_setup,
+    softmax,
+    train_encrypted,
+    train_plaintext,
+)
+
+D, K = 48, 5
+
+
+def _data(seed: int, sizes: tuple[int, ...], d: int = D, k: int = K, sep: float = 0.35):
+    rng = np.random.default_rng(seed)
+    means = rng.normal(0, sep, (k, d))
+
+    def make(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = rng.integers(0, k, n)
+        return means[y] + rng.normal(0, 1, (n, d)), y
+
+    insts = [Institution(f"h{i}", *make(n)) for i, n in enumerate(sizes)]
+    return insts, make(1500)
+
+
+def _auroc_acc(head: np.ndarray, lay: FocalLayout, test: tuple[np.ndarray, np.ndarray]):
+    x, y = test
+    p = softmax(predict_logits(head, lay, x))
+    return roc_auc_score(y, p, multi_class="ovr", average="macro"), int((p.argmax(1) == y).sum())
+
+
+@pytest.fixture(scope="module")
+def secret() -> SecretContext:
+    return SecretContext.generate("focal")
+
+
+@pytest.fixture(scope="module")
+def data():
+    return _data(0, (70, 130, 45))
+
+
+def test_he_matches_plaintext_twin(secret: SecretContext, data) -> None:
+    insts, test = data
+    he = train_encrypted(insts, K, secret=secret, epochs=15, lr=1.0, init_seed=3)
+    pl = train_plaintext(insts, K, epochs=15, lr=1.0, init_seed=3)
+    lay = FocalLayout(D, K)
+    (auc_he, acc_he), (auc_pl, acc_pl) = _auroc_acc(he.head, lay, test), _auroc_acc(pl.head, lay, test)
+    dw = float(np.abs(he.head - pl.head).max())
+    print(f"parity: max|dW|={dw:.2e} auroc {auc_he:.5f}/{auc_pl:.5f} acc {acc_he}/{acc_pl}")
+    assert dw < 2e-4
+    assert abs(auc_he - auc_pl) < 0.002 and abs(acc_he - acc_pl) <= 1
+    assert [round(h["loss"], 3) for h in he.history] == [round(h["loss"], 3) for h in pl.history]
+
+
+def test_twin_is_plain_gradient_descent_and_approaches_sklearn() -> None:
+    insts, test = _data(5, (300, 450, 250))
+    x = np.vstack([i.x for i in insts])
+    y = np.concatenate([i.y for i in insts])
+    cw = balanced_class_weights(np.bincount(y, minlength=K))
+    pl = train_plaintext(insts, K, epochs=10, lr=0.7, class_weights=cw, block=32)
+    # the same algorithm written as matrix maths
+    x1, w = np.hstack([x, np.ones((len(y), 1))]), np.zeros((D + 1, K))
+    for _ in range(10):
+        w -= 0.7 * x1.T @ (cw[y][:, None] * (softmax(x1 @ w) - np.eye(K)[y])) / len(y)
+    np.testing.assert_allclose(pl.head, w, atol=1e-12)
+    long = train_plaintext(insts, K, epochs=400, lr=1.0)
+    ref = LogisticRegression(C=1e4, max_iter=5000).fit(x, y)
+    p_ref = ref.predict_proba(test[0])
+    auc_ref = roc_auc_score(test[1], p_ref, multi_class="ovr", average="macro")
+    auc, _ = _auroc_acc(long.head, FocalLayout(D, K), test)
+    print(f"twin auroc {auc:.4f} vs sklearn {auc_ref:.4f}")
+    assert abs(auc - auc_ref) < 0.01
+
+
+def test_constant_depth_over_many_steps(secret: SecretContext) -> None:
+    insts, _ = _data(1, (40, 25), d=12, k=3)
+    he = train_encrypted(insts, 3, secret=secret, epochs=30, lr=0.5)
+    pl = train_plaintext(insts, 3, epochs=30, lr=0.5)
+    dw = float(np.abs(he.head - pl.head).max())
+    print(f"30 steps: max|dW|={dw:.2e}")
+    assert dw < 5e-4 and np.all(np.isfinite(he.head))
+
+
+def test_dropout_leaves_institution_out_of_that_step(secret: SecretContext, data) -> None:
+    insts, _ = data
+    absent = {1: {"h1"}, 2: {"h0", "h2"}}
+    he = train_encrypted(insts, K, secret=secret, epochs=4, lr=1.0, absent=absent)
+    pl = train_plaintext(insts, K, epochs=4, lr=1.0, absent=absent)
+    full = train_plaintext(insts, K, epochs=4, lr=1.0)
+    assert [h["present"] for h in he.history] == [3.0, 2.0, 1.0, 3.0]
+    assert np.abs(he.head - pl.head).max() < 1e-4
+    assert np.abs(pl.head - full.head).max() > 1e-3
+
+
+def test_server_holds_no_secret_key(secret: SecretContext) -> None:
+    public = PublicContext.from_bytes(secret.public_bytes())
+    assert not public.holds_secret_key and set(public.eval_keys) == {"galois", "relin"}
+    ev = CkksEvaluator(public)
+    assert not ev.holds_secret_key
+    assert not hasattr(ev, "decrypt") and not hasattr(ev, "encrypt")
+    assert "decryptor" not in ev._objs and "encryptor" not in ev._objs
+    with pytest.raises(ValueError, match="secret key"):
+        SecretContext.from_bytes(secret.public_bytes())
+    with pytest.raises(ValueError):
+        CkksEvaluator(secret)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        CkksKeyHolder(public)  # type: ignore[arg-type]
+    # only the Galois keys of the listed steps: a layout needing others is refused
+    lay = FocalLayout(8, 2, block=512)
+    holder = CkksKeyHolder(secret)
+    with pytest.raises(ValueError, match="rotations"):
+        server_setup(ev, lay, init_head(holder, lay))
+
+
+def _setup(secret: SecretContext, insts: list[Institution], lay: FocalLayout):
+    holder, ev = CkksKeyHolder(secret), CkksEvaluator(secret.public_context())
+    server = server_setup(ev, lay, init_head(holder, lay))
+    for inst in insts:
+        server_add_embeddings(server, inst.name, encrypt_embeddings(holder, lay, inst.x))
+    return holder, server
+
+
+def test_bad_inputs_and_malformed_ciphertexts(secret: SecretContext) -> None:
+    insts, _ = _data(2, (20, 30), d=6, k=3)
+    lay = FocalLayout(6, 3)
+    holder, server = _setup(secret, insts, lay)
+    with pytest.raises(ValueError, match="dimension"):
+        encrypt_embeddings(holder, lay, np.zeros((4, 7)))
+    with pytest.raises(ValueError, match="NaN"):
+        encrypt_embeddings(holder, lay, np.full((4, 6), np.nan))
+    logits = server_forward(server, "h0")
+    for bad in (np.array([0, 1, 3] + [0] * 17), np.array([-1] + [0] * 19), np.full(20, 0.5)):
+        with pytest.raises(ValueError, match="labels"):
+            institution_error(holder, lay, logits, bad, lr=0.1, n_total=50)
+    with pytest.raises(ValueError, match="one label per sample"):
+        institution_error(holder, lay, logits, insts[0].y[:, None], lr=0.1, n_total=50)
+    with pytest.raises(CiphertextError, match="expected 4"):  # 70 labels: 2 chunks, not 1
+        institution_error(holder, lay, logits, np.zeros(70, int), lr=0.1, n_total=100)
+    # truncated / foreign / wrong role uploads
+    up = encrypt_embeddings(holder, lay, insts[0].x)
+    with pytest.raises(CiphertextError, match="truncated"):
+        server_add_embeddings(server, "h9", up[:-100])
+    other = CkksKeyHolder(SecretContext.generate("focal"))
+    with pytest.raises(CiphertextError, match="different key"):
+        server_add_embeddings(server, "h9", encrypt_embeddings(other, lay, insts[0].x))
+    with pytest.raises(CiphertextError, match="role"):  # the head's level, not an upload's
+        server_add_embeddings(server, "h9", init_head(holder, lay))
+    with pytest.raises(CiphertextError, match="different key"):
+        institution_error(holder, lay, encrypt_embeddings(other, lay, insts[0].x), insts[0].y,
+                          lr=0.1, n_total=50)
+    assert "h9" not in server.chunks
+    # a bad error upload changes nothing; retrying without it works
+    before = decrypt_head(holder, lay, server_export_head(server))
+    good = institution_error(holder, lay, logits, insts[0].y, lr=0.5, n_total=50).message
+    bad = bytearray(good)
+    bad[-10] ^= 0xFF
+    with pytest.raises(CiphertextError, match="'h1'"):
+        server_backward_update(server, {"h0": good, "h1": bytes(bad)})
+    with pytest.raises(CiphertextError, match="'h1'.*role"):  # valid envelope, wrong level
+        server_backward_update(server, {"h0": good, "h1": init_head(holder, lay)})
+    with pytest.raises(ValueError, match="unknown institution"):
+        server_backward_update(server, {"zz": good})
+    np.testing.assert_array_equal(decrypt_head(holder, lay, server_export_head(server)), before)
+    server_backward_update(server, {"h0": good})
+    assert np.abs(decrypt_head(holder, lay, server_export_head(server)) - before).max() > 1e-3
+
+
+def test_out_of_range_logits_are_refused(secret: SecretContext) -> None:
+    insts, _ = _data(3, (10,), d=4, k=2)
+    lay = FocalLayout(4, 2)
+    holder, server = _setup(secret, [Institution("a", insts[0].x * 500, insts[0].y)], lay)
+    with pytest.raises(ValueError, match="safe range"):
+        for _ in range(5):
+            up = institution_error(holder, lay, server_forward(server, "a"), insts[0].y,
+                                   lr=50.0, n_total=10)
+            server_backward_update(server, {"a": up.message})
+
+
+def test_workers_2_matches_workers_1(secret: SecretContext) -> None:
+    insts, _ = _data(4, (30, 50), d=10, k=4)
+    two = train_encrypted(insts, 4, secret=secret, epochs=3, lr=1.0, workers=2)
+    pl = train_plaintext(insts, 4, epochs=3, lr=1.0)
+    assert np.abs(two.head - pl.head).max() < 1e-4
+
+
+def test_focal_preset_is_128_bit_and_needs_two_data_primes() -> None:
+    p = get_preset("focal")
+    assert p.total_coeff_bits == 160 <= 218 and p.data_primes == 2
+    assert p.galois_steps == tuple(2**i for i in range(4, 12))
+    with pytest.raises(ValueError, match="galois_steps"):
+        dataclasses.replace(p, name="x", wire_id=250, eval_keys=("relin",)).validate()
+    with pytest.raises(ValueError, match="two data primes"):
+        CkksKeyHolder(SecretContext.generate("compact"))
