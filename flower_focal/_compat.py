@@ -26,3 +26,9 @@ def set_task_identity(run_id: int, node_id: int = 0) -> None:
     TaskIdentity.task_id = 1
     TaskIdentity.run_id = run_id
     TaskIdentity.node_id = node_id
+
+
+try:  # the config key Flower's DP wrappers use for the clipping norm
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+except ImportError:  # pragma: no cover - moved in another Flower version
+    KEY_CLIPPING_NORM = "clipping_norm"

@@ -29,6 +29,8 @@ class RunConfig:
     fraction_evaluate: float = 1.0
     min_available_nodes: int = 2
     round_timeout: float = 3600.0
+    min_train_replies: int = 1
+    resume: bool = False
     # --- local training ---------------------------------------------------------------
     local_epochs: int = 1
     lr: float = 0.05
@@ -56,6 +58,17 @@ class RunConfig:
     he_key_dir: str = ""
     he_workers: int = 1
     he_clip_norm: float = 0.0
+    # --- FOCAL split training (strategy focal) ----------------------------------------
+    backbone: str = "efficientnet-lite0"
+    backbone_weights: str = ""
+    backbone_input_size: int = 0
+    embedding_cache_dir: str = ""
+    focal_block: int = 64
+    focal_class_weights: str = "none"
+    focal_steps_per_round: int = 1
+    # --- differential privacy (fedavg: Flower's DP wrapper + clipping mod) -------------
+    dp_noise_multiplier: float = 0.0
+    dp_clipping_norm: float = 1.0
     # --- reproducibility and outputs -------------------------------------------------
     seed: int = 42
     run_dir: str = ""

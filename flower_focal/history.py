@@ -59,6 +59,21 @@ class RoundRecord:
     evaluate_institutions: dict[int, dict[str, Any]] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RoundRecord:
+        """Inverse of :meth:`to_json` (used when a run resumes from a checkpoint)."""
+        return cls(
+            round=int(data["round"]),
+            wall_time_s=data.get("wall_time_s"),
+            bytes_down=int(data.get("bytes_down", 0)),
+            bytes_up=int(data.get("bytes_up", 0)),
+            train=dict(data.get("train", {})),
+            train_institutions={int(k): v for k, v in data.get("train_institutions", {}).items()},
+            evaluate=dict(data.get("evaluate", {})),
+            evaluate_institutions={int(k): v for k, v in data.get("evaluate_institutions", {}).items()},
+            failures=list(data.get("failures", [])),
+        )
+
     def to_json(self) -> dict[str, Any]:
         """JSON form (institution keys become strings)."""
         return {
@@ -86,6 +101,12 @@ class RunHistory:
     rounds: list[RoundRecord] = field(default_factory=list)
     status: str = "running"
     path: Path | None = None  # when set, metrics.json is rewritten after every round
+
+    def restore(self, data: dict[str, Any]) -> None:
+        """Take over rounds and info of a saved ``metrics.json`` document (resume)."""
+        self.rounds = [RoundRecord.from_json(r) for r in data.get("rounds", [])]
+        self.info.update(data.get("info", {}))
+        self.info["resumed_after_round"] = self.rounds[-1].round if self.rounds else 0
 
     def round(self, server_round: int) -> RoundRecord:
         """The record of ``server_round``, created on first use."""

@@ -22,12 +22,13 @@ from flwr.serverapp.strategy import Result
 from flwr.supercore import log
 
 from flower_focal import keys
+from flower_focal.checkpoint import CHECKPOINT_FILE, RoundOffset, check_compatible, load_checkpoint
 from flower_focal.artifacts import ModelSpec, save_encrypted_model, save_model
 from flower_focal.config import RunConfig
 from flower_focal.history import RunHistory, write_json_atomic
 from flower_focal.models import build_model, count_parameters
 from flower_focal.reporting import plot_curves, write_summary
-from flower_focal.strategy.registry import build_strategy
+from flower_focal.strategy.registry import build_strategy, core_strategy
 
 
 def resolve_run_dir(cfg: RunConfig, run_id: int | str) -> Path:
@@ -49,8 +50,14 @@ def run_server(grid: Grid, cfg: RunConfig, run_id: int | str = "local") -> Resul
 
     history = RunHistory(strategy=cfg.strategy, config=cfg.to_flower(), path=run_dir / "metrics.json")
     try:
-        strategy = build_strategy(cfg)
+        checkpoint = load_checkpoint(run_dir) if cfg.resume else None
+        if checkpoint is not None:
+            check_compatible(checkpoint, history.config)
+            history.restore(checkpoint.history)
+        driver = build_strategy(cfg)  # what Flower's loop runs (may wrap the core strategy)
+        strategy = core_strategy(driver)
         strategy.history = history
+        strategy.checkpoint_dir = run_dir
         shape = strategy.roster.data_shape(grid)
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, shape.in_channels, shape.num_classes, cfg.image_size)
@@ -63,14 +70,23 @@ def run_server(grid: Grid, cfg: RunConfig, run_id: int | str = "local") -> Resul
         shared = ConfigRecord(
             {keys.NUM_CLASSES: shape.num_classes, keys.IN_CHANNELS: shape.in_channels}
         )
-        result = strategy.start(
+        initial = ArrayRecord(model.state_dict())
+        strategy.bind_initial_model(initial)
+        done = checkpoint.server_round if checkpoint is not None else 0
+        if done:
+            log(INFO, "flower-focal: resuming after round %d from %s", done, run_dir / CHECKPOINT_FILE)
+        if done:
+            driver = RoundOffset(driver, done)
+        result = driver.start(
             grid,
-            ArrayRecord(model.state_dict()),
-            num_rounds=cfg.num_server_rounds,
+            checkpoint.arrays if checkpoint is not None else initial,
+            num_rounds=max(cfg.num_server_rounds - done, 0),
             timeout=cfg.round_timeout,
             train_config=shared,
             evaluate_config=ConfigRecord(dict(shared)),
         )
+        if checkpoint is not None and not result.arrays:  # nothing was left to run
+            result.arrays = checkpoint.arrays
         history.status = "completed"
     except BaseException as exc:
         history.status = "failed"
@@ -92,6 +108,7 @@ def run_server(grid: Grid, cfg: RunConfig, run_id: int | str = "local") -> Resul
         seed=cfg.seed,
         rounds=cfg.num_server_rounds,
     )
+    spec = strategy.final_spec(spec)
     final = strategy.final_model(result)
     encrypted = strategy.final_ciphertext(result)
     if final is not None:

@@ -16,7 +16,8 @@ HE-FedAvg and FOCAL build on it, so every strategy reports the same way.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from logging import INFO
+from logging import INFO, WARNING
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -24,6 +25,8 @@ from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.serverapp.strategy import Result
 from flwr.supercore import log
 
+from flower_focal.artifacts import ModelSpec
+from flower_focal.checkpoint import Checkpoint, save_checkpoint
 from flower_focal.history import RunHistory, array_bytes, metric_dict, reply_bytes
 from flower_focal.metrics import nan_weighted_average
 from flower_focal.packing import ArrayLayout
@@ -42,6 +45,11 @@ class FedAvg(FlowerFedAvg):
         ``roster.data_shape(grid)`` before ``start`` to discover the federation.
     history : RunHistory, optional
         Where round records go; a new one is made if not given.
+    min_train_replies : int
+        A round with fewer valid training replies keeps the previous global model (and says
+        so in the history) instead of averaging too few institutions.
+    checkpoint_dir : Path, optional
+        Where ``checkpoint.npz`` is written atomically at the end of every round.
     **fedavg_kwargs
         Forwarded unchanged to :class:`flwr.serverapp.strategy.FedAvg`
         (``fraction_train``, ``min_available_nodes``, ...). Metric aggregation defaults to
@@ -56,6 +64,8 @@ class FedAvg(FlowerFedAvg):
         seed: int = 0,
         roster: InstitutionRoster | None = None,
         history: RunHistory | None = None,
+        min_train_replies: int = 1,
+        checkpoint_dir: Path | None = None,
         **fedavg_kwargs,
     ) -> None:
         fedavg_kwargs.setdefault("train_metrics_aggr_fn", nan_weighted_average)
@@ -64,11 +74,18 @@ class FedAvg(FlowerFedAvg):
         self.seed = seed
         self.roster = roster if roster is not None else InstitutionRoster()
         self.history = history if history is not None else RunHistory(strategy=self.name)
+        self.min_train_replies = max(1, min_train_replies)
+        self.checkpoint_dir = checkpoint_dir
+        self._global: ArrayRecord | None = None  # what the server holds after the last round
 
     def summary(self) -> None:
         """Log Flower's FedAvg summary plus the sampling seed."""
         super().summary()
         log(INFO, "\t└──> Sampling seed: %d (partition-ordered, reproducible)", self.seed)
+
+    def bind_initial_model(self, arrays: ArrayRecord) -> None:
+        """Called with the (public) initial model before the first round, also on resume."""
+        self._global = arrays
 
     def final_model(self, result: Result) -> ArrayRecord | None:
         """The plaintext global model the server may write to disk (HE strategies: None)."""
@@ -78,12 +95,17 @@ class FedAvg(FlowerFedAvg):
         """The encrypted final model and its layout, for strategies that only hold ciphertext."""
         return None
 
+    def final_spec(self, spec: ModelSpec) -> ModelSpec:
+        """The spec written with the final model (strategies with another model change it)."""
+        return spec
+
     # ------------------------------------------------------------------ train
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Flower's FedAvg sampling, made deterministic; counts bytes sent."""
         self.roster.refresh(grid)
+        self._global = arrays
         with seeded_random(self.seed, server_round, "train"):
             messages = list(
                 super().configure_train(server_round, arrays, config, OrderedGrid(grid, self.roster))
@@ -96,8 +118,12 @@ class FedAvg(FlowerFedAvg):
         """Record each institution, then let Flower's FedAvg average in partition order."""
         replies = self.roster.sort_replies(replies)
         self._record_replies(server_round, replies, phase="train")
+        if not self._enough_replies(server_round, sum(not r.has_error() for r in replies)):
+            return None, None
         arrays, metrics = super().aggregate_train(server_round, replies)
         self.history.round(server_round).train = metric_dict(metrics)
+        if arrays is not None:
+            self._global = arrays
         return arrays, metrics
 
     # ------------------------------------------------------------------ evaluate
@@ -105,6 +131,7 @@ class FedAvg(FlowerFedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Flower's FedAvg evaluation sampling, made deterministic; counts bytes sent."""
+        self._global = arrays  # the global model as it now is (after any wrapper's noise)
         with seeded_random(self.seed, server_round, "evaluate"):
             messages = list(
                 super().configure_evaluate(
@@ -120,9 +147,21 @@ class FedAvg(FlowerFedAvg):
         metrics = super().aggregate_evaluate(server_round, replies)
         self.history.round(server_round).evaluate = metric_dict(metrics)
         self.history.close_round(server_round)
+        if self.checkpoint_dir is not None and self._global is not None:
+            save_checkpoint(self.checkpoint_dir, Checkpoint(
+                server_round, self._global, self.history.to_json(), self.history.config))
         return metrics
 
     # ------------------------------------------------------------------ helpers
+    def _enough_replies(self, server_round: int, received: int) -> bool:
+        if received >= self.min_train_replies:
+            return True
+        msg = (f"round {server_round}: {received} training replies < min-train-replies "
+               f"{self.min_train_replies}; the global model is left unchanged")
+        log(WARNING, msg)
+        self.history.round(server_round).failures.append(msg)
+        return False
+
     def _count_sent(self, server_round: int, messages: list[Message]) -> list[Message]:
         record = self.history.round(server_round)
         for message in messages:

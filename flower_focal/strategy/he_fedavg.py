@@ -68,6 +68,11 @@ class HEFedAvg(FedAvg):
         log(INFO, "\t└──> HE: preset %s (%s), fingerprint %s, server holds no secret key",
             p.name, p.params(), self.he_public.fingerprint.hex())
 
+    def bind_initial_model(self, arrays: ArrayRecord) -> None:
+        """Fix the array layout from the plaintext initial model (also when resuming)."""
+        super().bind_initial_model(arrays)
+        self._layout = ArrayLayout.of(arrays)
+
     def final_model(self, result: Result) -> ArrayRecord | None:
         """None: the server never holds the plaintext model (see :meth:`final_ciphertext`)."""
         return None
@@ -132,7 +137,7 @@ class HEFedAvg(FedAvg):
             total_weight += weight
         log(INFO, "he-fedavg round %d: summed %d ciphertexts (total weight %.0f)",
             server_round, len(accepted), total_weight)
-        if not accepted:
+        if not accepted or not self._enough_replies(server_round, len(accepted)):
             return None, None
         norm = self._weight_norm
         arrays = ArrayRecord({
@@ -142,6 +147,7 @@ class HEFedAvg(FedAvg):
         })
         metrics = self.train_metrics_aggr_fn(accepted, self.weighted_by_key)
         self.history.round(server_round).train = metric_dict(metrics)
+        self._global = arrays
         return arrays, metrics
 
     def _checked_reply(self, reply: Message) -> tuple[bytes, float]:

@@ -24,11 +24,26 @@ def fedavg_kwargs(cfg: RunConfig) -> dict[str, object]:
         "min_train_nodes": min_nodes,
         "min_evaluate_nodes": min_nodes,
         "min_available_nodes": cfg.min_available_nodes,
+        "min_train_replies": cfg.min_train_replies,
+        "seed": cfg.seed,
     }
 
 
 def _build_fedavg(cfg: RunConfig) -> Strategy:
-    return FedAvg(seed=cfg.seed, **fedavg_kwargs(cfg))
+    strategy = FedAvg(**fedavg_kwargs(cfg))
+    if cfg.dp_noise_multiplier <= 0:
+        return strategy
+    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
+
+    # Flower's own DP wrapper: clients clip (flower_focal.client.dp.dp_clipping_mod), the
+    # server adds Gaussian noise of std noise_multiplier * clipping_norm / num_sampled.
+    sampled = max(1, round(cfg.min_available_nodes * cfg.fraction_train))
+    return DifferentialPrivacyClientSideFixedClipping(
+        strategy,
+        noise_multiplier=cfg.dp_noise_multiplier,
+        clipping_norm=cfg.dp_clipping_norm,
+        num_sampled_clients=sampled,
+    )
 
 
 def _build_he_fedavg(cfg: RunConfig) -> Strategy:
@@ -41,13 +56,45 @@ def _build_he_fedavg(cfg: RunConfig) -> Strategy:
             "run config he-key-dir=DIR (the server reads only DIR/public.ctx)"
         )
     he_public = PublicContext.load(Path(cfg.he_key_dir) / PUBLIC_FILE)
-    return HEFedAvg(he_public=he_public, clip_norm=cfg.he_clip_norm, seed=cfg.seed, **fedavg_kwargs(cfg))
+    return HEFedAvg(he_public=he_public, clip_norm=cfg.he_clip_norm, **fedavg_kwargs(cfg))
+
+
+def _build_focal(cfg: RunConfig) -> Strategy:
+    from flower_focal.crypto import PUBLIC_FILE, PublicContext
+    from flower_focal.strategy.focal import Focal
+
+    if not cfg.he_key_dir:
+        raise ValueError(
+            "strategy focal needs keys: run `flower-focal keygen --out DIR --preset focal` and "
+            "set run config he-key-dir=DIR (the server reads only DIR/public.ctx)"
+        )
+    he_public = PublicContext.load(Path(cfg.he_key_dir) / PUBLIC_FILE)
+    kwargs = fedavg_kwargs(cfg)
+    kwargs["fraction_train"] = 1.0  # every institution takes part in every step
+    return Focal(
+        he_public=he_public, lr=cfg.lr, block=cfg.focal_block,
+        class_weights=cfg.focal_class_weights, steps_per_round=cfg.focal_steps_per_round,
+        exchange_timeout=cfg.round_timeout, backbone=cfg.backbone,
+        backbone_weights=cfg.backbone_weights, backbone_input_size=cfg.backbone_input_size,
+        **kwargs,
+    )
 
 
 STRATEGIES: dict[str, Callable[[RunConfig], Strategy]] = {
     "fedavg": _build_fedavg,
     "he-fedavg": _build_he_fedavg,
+    "focal": _build_focal,
 }
+
+
+def core_strategy(strategy: Strategy) -> FedAvg:
+    """The flower-focal strategy inside any wrappers (e.g. Flower's DP wrappers)."""
+    inner = strategy
+    while not isinstance(inner, FedAvg):
+        inner = getattr(inner, "strategy", None)
+        if inner is None:
+            raise TypeError(f"{type(strategy).__name__} wraps no flower-focal strategy")
+    return inner
 
 
 def build_strategy(cfg: RunConfig) -> Strategy:
