@@ -38,6 +38,8 @@ from flower_focal.config import RunConfig
 KEYED_STRATEGIES = frozenset({"he-fedavg"})  # strategies whose institutions share an HE key
 
 
+
+
 class SimulationFailed(RuntimeError):
     """A ``flwr run`` that did not finish as ``finished:completed``."""
 
@@ -137,20 +139,41 @@ def flwr_executable() -> str:
     return str(exe) if exe.exists() else "flwr"
 
 
-def stop_processes_under(flwr_home: Path, grace_s: float = 10.0) -> int:
-    """SIGTERM (then SIGKILL) every process whose command line mentions ``flwr_home``.
+def _process_tree(roots: set[int]) -> list[int]:
+    """``roots`` and all their descendants (from /proc), children after parents."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    order, stack = [], sorted(roots)
+    while stack:
+        pid = stack.pop(0)
+        if pid not in order:
+            order.append(pid)
+            stack.extend(children.get(pid, []))
+    return order
 
-    That is the managed local SuperLink started for this run, and through it its SuperExec
-    and simulation children. Returns the number of processes signalled.
+
+def stop_processes_under(flwr_home: Path, grace_s: float = 10.0) -> int:
+    """SIGTERM (then SIGKILL) every process whose command line mentions ``flwr_home``, and
+    all their descendants.
+
+    That is the managed local SuperLink started for this run and everything it started
+    (SuperExec, the simulation runtime with the ServerApp, Ray). Returns the number of
+    processes signalled.
     """
     marker = str(flwr_home).encode()
-    pids = []
+    roots = set()
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             if marker in (proc / "cmdline").read_bytes() and int(proc.name) != os.getpid():
-                pids.append(int(proc.name))
+                roots.add(int(proc.name))
         except OSError:
             continue
+    pids = [p for p in _process_tree(roots) if p != os.getpid()]
     for pid in pids:
         try:
             os.kill(pid, signal.SIGTERM)
@@ -188,11 +211,14 @@ def simulate(
     app_dir: Path | None = None,
     timeout_s: float | None = None,
     echo: bool = True,
+    flwr_home: Path | None = None,
 ) -> SimulationResult:
     """Run ``cfg`` in Flower's Ray simulation engine with ``federation`` institutions.
 
     ``cfg.run_dir`` must be set (the ServerApp writes there); it also receives
     ``run_config.toml``, ``flwr.log`` (the streamed run log) and ``superlink.log``.
+    ``flwr_home`` (default: a new temporary directory, removed afterwards) is where Flower
+    keeps its state; every process of the run carries it on its command line.
 
     Raises
     ------
@@ -214,7 +240,8 @@ def simulate(
         cfg = cfg.replace(he_key_dir=str(key_dir))
     toml_path = write_run_config(cfg, run_dir / "run_config.toml")
     log_path = run_dir / "flwr.log"
-    flwr_home = Path(tempfile.mkdtemp(prefix="flower-focal-home-"))
+    flwr_home = Path(flwr_home or tempfile.mkdtemp(prefix="flower-focal-home-"))
+    flwr_home.mkdir(parents=True, exist_ok=True)
     env = flower_env(flwr_home)
     cmd = [
         flwr_executable(), "run", str(app_dir), "--stream",
