@@ -73,3 +73,33 @@ def test_he_fedavg_runs_and_the_superlink_host_never_holds_the_secret_key(deploy
     decrypt_model(result.run_dir, keys)  # where the key lives: an institution
     state = torch.load(result.run_dir / "model.pt")
     assert all(torch.isfinite(v.double()).all() for v in state.values())
+
+
+def test_a_killed_supernode_leaves_the_round_to_the_survivors_and_rejoins(tmp_path_factory, tmp_path):
+    import threading
+    import time
+
+    from flower_focal.checkpoint import load_checkpoint
+
+    data = write_synthetic_npz(tmp_path_factory.mktemp("data3") / "site.npz", sizes=(180, 45, 45))
+    nodes = [{"partition-id": i, "num-partitions": 3, "data-path": str(data)} for i in range(3)]
+    cfg = RunConfig(dataset="medmnist", image_size=28, num_server_rounds=4, min_available_nodes=2,
+                    min_train_replies=2, round_timeout=300.0, seed=4, run_dir=str(tmp_path / "run"))
+    with LoopbackDeployment(nodes, workdir=tmp_path_factory.mktemp("deploy3")) as dep:
+        outcome = {}
+        thread = threading.Thread(target=lambda: outcome.setdefault("result", dep.run(cfg)))
+        thread.start()
+        ckpt = tmp_path / "run"
+        deadline = time.time() + 600
+        while time.time() < deadline and not (ckpt / "checkpoint.npz").exists():
+            time.sleep(0.5)
+        dep.kill_node(2)  # site 2 dies during round 2
+        while time.time() < deadline and load_checkpoint(ckpt).server_round < 2:
+            time.sleep(0.5)
+        dep.restart_node(2)  # and comes back
+        thread.join(timeout=900)
+    metrics = outcome["result"].metrics()
+    assert metrics["status"] == "completed"
+    trained = [len(r["train_institutions"]) for r in metrics["rounds"]]
+    assert trained[0] == 3 and min(trained[1:]) == 2  # the round(s) without site 2 completed
+    assert trained[-1] == 3  # the restarted SuperNode rejoined (new node id, same partition)

@@ -121,3 +121,41 @@ def test_he_fedavg_equals_fedavg_in_a_real_ray_simulation(npz, tmp_path):
         for key in ("loss", "accuracy", "auroc"):
             assert rh["evaluate"][key] == pytest.approx(rp["evaluate"][key], abs=1e-5)
     assert not list(runs["he-fedavg"].run_dir.glob("*.ctx"))  # no key files in the run directory
+
+
+def test_a_killed_simulation_resumes_to_the_uninterrupted_result(npz, tmp_path):
+    import threading
+    import time
+
+    from flower_focal.checkpoint import load_checkpoint
+    from flower_focal.simulation import stop_processes_under
+
+    cfg = RunConfig(dataset="medmnist", data_path=str(npz), image_size=28, model="lenet-sigmoid",
+                    lr=0.01, local_epochs=3, num_server_rounds=4, min_available_nodes=2, seed=21)
+    whole = simulate(cfg.replace(run_dir=str(tmp_path / "whole")), Federation(num_supernodes=2), echo=False)
+
+    killed_dir, home = tmp_path / "killed", tmp_path / "home"
+    outcome = {}
+
+    def run():
+        try:
+            simulate(cfg.replace(run_dir=str(killed_dir)), Federation(num_supernodes=2), echo=False, flwr_home=home)
+        except Exception as exc:  # the kill makes the run fail
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.time() + 300
+    while time.time() < deadline and not (killed_dir / "checkpoint.npz").exists():
+        time.sleep(0.2)
+    assert stop_processes_under(home, grace_s=0) > 0  # SIGTERM the SuperLink, SuperExec, ServerApp, Ray
+    thread.join(timeout=120)
+    done = load_checkpoint(killed_dir).server_round
+    assert 1 <= done < 4 and "error" in outcome
+
+    resumed = simulate(cfg.replace(run_dir=str(killed_dir), resume=True), Federation(num_supernodes=2), echo=False)
+    metrics = resumed.metrics()
+    assert metrics["status"] == "completed" and len(metrics["rounds"]) == 4
+    assert metrics["info"]["resumed_after_round"] == done
+    a, b = torch.load(whole.run_dir / "model.pt"), torch.load(killed_dir / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
