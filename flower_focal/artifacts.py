@@ -5,9 +5,11 @@ Written by the run driver at the end of a run; read by ``flower-focal evaluate``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord
@@ -36,10 +38,23 @@ class ModelSpec:
     strategy: str
     seed: int
     rounds: int
+    backbone: str = ""  # FOCAL: frozen backbone + linear head (model "focal-linear")
+    backbone_weights: str = ""
+    backbone_input_size: int = 0
 
     def build(self) -> nn.Module:
         """A freshly initialised network of this spec."""
+        if self.backbone:
+            from flower_focal.models.focal_classifier import build_focal_classifier
+
+            return build_focal_classifier(self.backbone, self.num_classes,
+                                          weights_path=self.backbone_weights,
+                                          input_size=self.backbone_input_size)
         return build_model(self.model, self.in_channels, self.num_classes, self.image_size)
+
+    def replace(self, **changes: object) -> ModelSpec:
+        """A copy with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
 
 def save_spec(run_dir: Path, spec: ModelSpec) -> Path:
@@ -62,14 +77,28 @@ def save_model(run_dir: Path, arrays: ArrayRecord, spec: ModelSpec) -> Path:
     return path
 
 
-def save_encrypted_model(run_dir: Path, arrays: ArrayRecord, layout: ArrayLayout, spec: ModelSpec) -> Path:
+def save_encrypted_model(run_dir: Path, arrays: ArrayRecord, layout: Any, spec: ModelSpec) -> Path:
     """Write an HE strategy's encrypted final model (``model.he`` + ``model.he.json``).
 
     The server can write this: it is ciphertext plus public facts (layout, weights). Turn it
-    into ``model.pt`` with :func:`decrypt_model` where the secret key lives.
+    into ``model.pt`` with :func:`decrypt_model` where the secret key lives. ``layout`` is an
+    :class:`~flower_focal.packing.ArrayLayout` (HE-FedAvg) or a
+    :class:`~flower_focal.focal.FocalLayout` (FOCAL: ``arrays`` holds the encrypted head).
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / ENCRYPTED_FILE
+    if not isinstance(layout, ArrayLayout):
+        from flower_focal.focal import FocalLayout
+
+        if not isinstance(layout, FocalLayout):
+            raise ValueError(f"unknown layout type {type(layout).__name__}")
+        tmp = path.with_suffix(".he.tmp")
+        tmp.write_bytes(arrays[keys.FOCAL_HEAD].data)
+        tmp.replace(path)
+        write_json_atomic(run_dir / ENCRYPTED_META_FILE,
+                          {"kind": "focal-head", "focal_layout": dataclasses.asdict(layout)})
+        save_spec(run_dir, spec)
+        return path
     tmp = path.with_suffix(".he.tmp")
     tmp.write_bytes(arrays[keys.HE_CIPHERTEXT].data)
     tmp.replace(path)
@@ -96,6 +125,8 @@ def decrypt_model(run_dir: str | Path, key_path: str | Path) -> Path:
         if not (run_dir / name).is_file():
             raise FileNotFoundError(f"{run_dir / name} not found: not an HE run directory?")
     meta = json.loads((run_dir / ENCRYPTED_META_FILE).read_text())
+    if meta.get("kind") == "focal-head":
+        return _decrypt_focal_head(run_dir, key_path, meta)
     layout = ArrayLayout(
         names=tuple(meta["layout"]["names"]),
         shapes=tuple(tuple(s) for s in meta["layout"]["shapes"]),
@@ -106,6 +137,24 @@ def decrypt_model(run_dir: str | Path, key_path: str | Path) -> Path:
     flat = he_secret.decrypt((run_dir / ENCRYPTED_FILE).read_bytes()) * (norm / total)
     spec = ModelSpec(**json.loads((run_dir / SPEC_FILE).read_text()))
     return save_model(run_dir, layout.unflatten(flat), spec)
+
+
+def _decrypt_focal_head(run_dir: Path, key_path: str | Path, meta: dict[str, Any]) -> Path:
+    """FOCAL: decrypt the head W and write backbone + head as ``model.pt``."""
+    from flower_focal.crypto import CkksKeyHolder, SecretContext
+    from flower_focal.focal import FocalLayout, decrypt_head
+
+    layout = FocalLayout(**meta["focal_layout"])
+    holder = CkksKeyHolder(SecretContext.load(key_path))
+    head = decrypt_head(holder, layout, (run_dir / ENCRYPTED_FILE).read_bytes())
+    spec = ModelSpec(**json.loads((run_dir / SPEC_FILE).read_text()))
+    model = spec.build()
+    model.set_head(head)  # type: ignore[operator]
+    path = run_dir / MODEL_FILE
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(path)
+    return path
 
 
 def load_model(run_dir: str | Path) -> tuple[nn.Module, ModelSpec]:

@@ -88,7 +88,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_keygen(sub: argparse._SubParsersAction) -> None:
-    from flower_focal.crypto import DEFAULT_PRESET, PRESETS
+    from flower_focal.crypto import ALL_PRESETS, DEFAULT_PRESET
 
     p = sub.add_parser(
         "keygen",
@@ -96,7 +96,7 @@ def _add_keygen(sub: argparse._SubParsersAction) -> None:
         "public.ctx (the server) and manifest.json",
     )
     p.add_argument("--out", required=True, type=Path, help="directory to write the key set into")
-    p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS))
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(ALL_PRESETS))
     p.add_argument("--overwrite", action="store_true", help="replace an existing key set")
     p.set_defaults(handler=_keygen)
 

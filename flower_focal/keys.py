@@ -38,3 +38,24 @@ HE_FINGERPRINT = "he-fingerprint"  # config: hex fingerprint of the key set in u
 HE_WEIGHT_NORM = "he-weight-norm"  # config: public constant C; institutions encrypt (n_i / C) * w_i
 HE_CLIP_NORM = "he-clip-norm"  # config: L2 bound on the update before encryption (0 = off)
 NODE_HE_SECRET_KEY = "he-secret-key"  # node config: path of this institution's secret.ctx
+
+# FOCAL split training (see flower_focal/strategy/focal.py and flower_focal/client/focal.py).
+# Every Array below is a ciphertext envelope with stype HE_STYPE; the server holds no plaintext.
+ACTION_EMBED = "train.embed"  # round 1: encrypted embeddings (+ the initial head from one institution)
+ACTION_FOCAL = "train.focal"  # every step: encrypted logits down, encrypted error up
+ACTION_FOCAL_EVALUATE = "evaluate.focal"  # encrypted head down, plaintext metrics up
+FOCAL_EMBEDDINGS = "focal-embeddings"  # Array: Enc([x, 1]) packed by FocalLayout
+FOCAL_HEAD = "focal-head"  # Array: Enc(W), the linear head
+FOCAL_LOGITS = "focal-logits"  # Array: Enc(lane partial sums of [x, 1] W), one institution's
+FOCAL_ERROR = "focal-error"  # Array: Enc(-lr * c_y * (softmax - onehot) / N)
+FOCAL_CLASS_COUNTS = "focal-class-counts"  # Array: Enc(per-class counts), summed by the server
+FOCAL_INIT_HEAD = "focal-init-head"  # config bool: this institution makes the initial head
+FOCAL_INIT_SEED = "focal-init-seed"  # config int: seed of the initial head (-1: zeros)
+FOCAL_N_FEATURES = "focal-n-features"  # config: embedding dimension d of the layout
+FOCAL_SLOTS = "focal-slots"  # config: slots per ciphertext of the layout
+FOCAL_BLOCK = "focal-block"  # config: sample positions per ciphertext of the layout
+FOCAL_N_TOTAL = "focal-n-total"  # config: public global training sample count N
+FOCAL_LR = "focal-lr"  # config: learning rate (folded into the error by institutions)
+FOCAL_STEP = "focal-step"  # config: global step number (1-based)
+FOCAL_CLASS_WEIGHTS = "focal-class-weights"  # config: "none" | "balanced"
+EMBED_DIM = "embed-dim"  # metric of the embed reply: the backbone's embedding dimension

@@ -35,9 +35,16 @@ from typing import Any
 from flower_focal.artifacts import ENCRYPTED_FILE, MODEL_FILE, decrypt_model
 from flower_focal.config import RunConfig
 
-KEYED_STRATEGIES = frozenset({"he-fedavg"})  # strategies whose institutions share an HE key
+KEYED_STRATEGIES = frozenset({"he-fedavg", "focal"})  # strategies whose institutions share an HE key
 
 
+def key_preset(cfg: RunConfig) -> str:
+    """The preset of the launcher's temporary key set (FOCAL needs a FOCAL preset)."""
+    from flower_focal.crypto import FOCAL_PRESETS
+
+    if cfg.strategy == "focal" and cfg.he_preset not in FOCAL_PRESETS:
+        return "focal"
+    return cfg.he_preset
 
 
 class SimulationFailed(RuntimeError):
@@ -236,7 +243,7 @@ def simulate(
         # lives in a private temporary directory for the run only (never in run_dir).
         from flower_focal.crypto import keygen
 
-        key_dir = keygen(Path(tempfile.mkdtemp(prefix="flower-focal-keys-")), cfg.he_preset)
+        key_dir = keygen(Path(tempfile.mkdtemp(prefix="flower-focal-keys-")), key_preset(cfg))
         cfg = cfg.replace(he_key_dir=str(key_dir))
     toml_path = write_run_config(cfg, run_dir / "run_config.toml")
     log_path = run_dir / "flwr.log"

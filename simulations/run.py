@@ -32,6 +32,9 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     data_path = str(ds.path or "")  # raises MissingMandatoryValue for file datasets without a path
     he = cfg.strategy.get("he") or {}
     he_key_dir = str(he.get("key_dir") or "")
+    focal = cfg.strategy.get("focal") or {}
+    bb_weights = str(focal.get("backbone_weights") or "")
+    cache_dir = str(focal.get("embedding_cache_dir") or "")
     values = {
         "strategy": cfg.strategy.name,
         "num-server-rounds": cfg.num_rounds,
@@ -66,6 +69,13 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
         "he-key-dir": to_absolute_path(he_key_dir) if he_key_dir else "",
         "he-workers": he.get("workers", RunConfig.he_workers),
         "he-clip-norm": float(he.get("clip_norm", RunConfig.he_clip_norm)),
+        "backbone": focal.get("backbone", RunConfig.backbone),
+        "backbone-weights": to_absolute_path(bb_weights) if bb_weights else "",
+        "backbone-input-size": int(focal.get("backbone_input_size", RunConfig.backbone_input_size)),
+        "embedding-cache-dir": to_absolute_path(cache_dir) if cache_dir else "",
+        "focal-block": int(focal.get("block", RunConfig.focal_block)),
+        "focal-class-weights": focal.get("class_weights", RunConfig.focal_class_weights),
+        "focal-steps-per-round": int(focal.get("steps_per_round", RunConfig.focal_steps_per_round)),
     }
     return RunConfig.from_mapping(values)
 

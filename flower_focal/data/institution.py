@@ -151,6 +151,23 @@ def load_institution(cfg: RunConfig, partition_id: int, num_partitions: int) -> 
     return _institution(_data_config(cfg), partition_id, num_partitions)
 
 
+def load_institution_train_eval(cfg: RunConfig, partition_id: int, num_partitions: int) -> Dataset:
+    """Institution ``partition_id``'s training split with the deterministic transforms only.
+
+    Same items and order as :func:`load_institution`'s ``train``, without random
+    augmentation: what a frozen backbone embeds once (FOCAL) and what an embedding cache may
+    store.
+    """
+    _check_partition(partition_id, num_partitions)
+    key = _data_config(cfg)
+    src = _source(key)
+    train_parts, _ = _partitions(key, num_partitions)
+    transform = build_transforms(key.image_size, False, from_files=src.from_files,
+                                 synthetic_items=src.synthetic, in_channels=src.in_channels)
+    return make_dataset([src.train[i] for i in train_parts[partition_id]], transform,
+                        src.from_files)
+
+
 @functools.lru_cache(maxsize=4)
 def _split(key: RunConfig, role: str) -> Dataset:
     src = _source(key)

@@ -1,0 +1,213 @@
+"""What an institution does under FOCAL: embed once, answer each step, evaluate the head.
+
+This module owns the institution side of :mod:`flower_focal.strategy.focal`, as plain
+handlers ``(Message, Context) -> Message`` (registered in ``clients/client_app.py`` for
+``train.embed``, ``train.focal`` and ``evaluate.focal``):
+
+* :func:`embed` - embeddings of the institution's own training images with the configured
+  frozen backbone (deterministic transforms; cached on disk under ``embedding-cache-dir``
+  and in this process), encrypted; the institution asked for it also makes the initial
+  encrypted head; with balanced class weights, its encrypted class counts;
+* :func:`step` - decrypt its own logits, softmax against its own labels, encrypt the error;
+* :func:`evaluate` - decrypt the head, evaluate on its own validation embeddings.
+
+Labels, embeddings, logits and the decrypted head never leave the institution; every Array
+it sends is a ciphertext envelope. The secret key comes from
+:func:`flower_focal.client.he_mod.secret_context` (node config ``he-secret-key`` or run
+config ``he-key-dir``).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from logging import INFO
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.supercore import log
+
+from flower_focal import keys
+from flower_focal.client.handlers import Site, site_from_context
+from flower_focal.client.he_mod import secret_context
+from flower_focal.crypto import CkksKeyHolder
+from flower_focal.data.institution import load_institution_train_eval
+from flower_focal.focal import (
+    FocalLayout,
+    balanced_class_weights,
+    decrypt_head,
+    encrypt_embeddings,
+    init_head,
+    institution_error,
+    predict_logits,
+    softmax,
+)
+from flower_focal.metrics import accuracy, macro_auroc
+from flower_focal.models.backbones import Backbone, build_backbone
+from flower_focal.models.embeddings import cached_embeddings, data_key_parts
+from flower_focal.strategy.focal import he_array, he_bytes
+from flower_focal.training import resolve_device
+
+_BACKBONES: dict[tuple[str, str, int, str], Backbone] = {}
+_EMBEDDINGS: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}
+_HOLDERS: dict[str, CkksKeyHolder] = {}
+
+
+def default_cache_dir() -> Path:
+    """Where embeddings are cached when ``embedding-cache-dir`` is empty."""
+    return Path(tempfile.gettempdir()) / "flower-focal-embeddings"
+
+
+def site_backbone(site: Site) -> Backbone:
+    """The run's frozen backbone (built once per process)."""
+    cfg = site.cfg
+    device = str(resolve_device(cfg.device))
+    key = (cfg.backbone, cfg.backbone_weights, cfg.backbone_input_size, device)
+    if key not in _BACKBONES:
+        _BACKBONES[key] = build_backbone(
+            cfg.backbone, weights_path=cfg.backbone_weights or None, device=device,
+            input_size=cfg.backbone_input_size or None,
+        )
+    return _BACKBONES[key]
+
+
+def site_embeddings(site: Site, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(X (n, d), y (n,))`` of this institution's ``"train"`` or ``"val"`` split.
+
+    Computed once with the frozen backbone on deterministic transforms, cached on disk per
+    (backbone, data, partition, split) and in this process.
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    cfg = site.cfg
+    backbone = site_backbone(site)
+    parts = data_key_parts(cfg, split=split, partition_id=site.partition_id,
+                           num_partitions=site.num_partitions)
+    cache_dir = Path(cfg.embedding_cache_dir) if cfg.embedding_cache_dir else default_cache_dir()
+    memo = (str(cache_dir), repr(sorted(backbone.identity.items())), repr(sorted(parts.items())))
+    if memo not in _EMBEDDINGS:
+        dataset = (load_institution_train_eval(cfg, site.partition_id, site.num_partitions)
+                   if split == "train" else site.data.val)
+        if len(dataset) == 0:  # type: ignore[arg-type]
+            x, y = np.zeros((0, backbone.embed_dim), np.float32), np.zeros((0,), np.int64)
+        else:
+            x, y = cached_embeddings(backbone, dataset, cache_dir, parts,
+                                     batch_size=cfg.batch_size, device=backbone.device)
+        _EMBEDDINGS[memo] = (x, y)
+        log(INFO, "institution %d: %s embeddings %s with %s", site.partition_id, split,
+            x.shape, backbone.name)
+    return _EMBEDDINGS[memo]
+
+
+def _holder(context: Context, config: ConfigRecord) -> CkksKeyHolder:
+    """This institution's key holder, checked against the server's key fingerprint."""
+    secret = secret_context(context)
+    fp = secret.fingerprint.hex()
+    if fp != config[keys.HE_FINGERPRINT]:
+        raise ValueError(
+            f"this institution's HE key set differs from the server's (fingerprint {fp} != "
+            f"{config[keys.HE_FINGERPRINT]}); use the same `flower-focal keygen --preset focal` output"
+        )
+    if fp not in _HOLDERS:
+        _HOLDERS[fp] = CkksKeyHolder(secret)
+    return _HOLDERS[fp]
+
+
+def _checked_labels(y: np.ndarray, num_classes: int, split: str) -> np.ndarray:
+    if y.size and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(
+            f"{split} labels range {int(y.min())}..{int(y.max())} is outside 0..{num_classes - 1} "
+            "of the federation (num-classes)"
+        )
+    return y
+
+
+def _layout(config: ConfigRecord, x: np.ndarray) -> FocalLayout:
+    """The run's layout from the server's config; the embeddings must match it."""
+    layout = FocalLayout(int(config[keys.FOCAL_N_FEATURES]), int(config[keys.NUM_CLASSES]),
+                         int(config[keys.FOCAL_SLOTS]), int(config[keys.FOCAL_BLOCK]))
+    if x.shape[1] != layout.n_features:
+        raise ValueError(
+            f"this institution's embeddings have dimension {x.shape[1]} but the run's layout "
+            f"expects {layout.n_features}: every institution must use the same backbone"
+        )
+    return layout
+
+
+def _class_weights(holder: CkksKeyHolder, arrays: ArrayRecord, num_classes: int) -> np.ndarray | None:
+    if keys.FOCAL_CLASS_COUNTS not in arrays:
+        return None
+    plan = holder.plan
+    (z,) = holder.decrypt(he_bytes(arrays, keys.FOCAL_CLASS_COUNTS), plan.w_level, plan.w_scale, 1)
+    counts = np.rint(z.real[:num_classes]).astype(np.int64)
+    if np.any(counts <= 0):
+        raise ValueError(f"balanced class weights need every class in the federation; counts {counts}")
+    return balanced_class_weights(counts)
+
+
+def embed(message: Message, context: Context) -> Message:
+    """``train.embed``: upload encrypted embeddings (and the initial head, class counts)."""
+    site = site_from_context(context)
+    config = message.content[keys.CONFIG]
+    holder = _holder(context, config)
+    num_classes = int(config[keys.NUM_CLASSES])
+    x, y = site_embeddings(site, "train")
+    if x.shape[0] < 1:
+        raise ValueError(f"institution {site.partition_id} has no training images to embed")
+    _checked_labels(y, num_classes, "training")
+    layout = FocalLayout(int(x.shape[1]), num_classes, int(config[keys.FOCAL_SLOTS]),
+                         int(config[keys.FOCAL_BLOCK]))
+    arrays = ArrayRecord({keys.FOCAL_EMBEDDINGS: he_array(encrypt_embeddings(holder, layout, x))})
+    if bool(config.get(keys.FOCAL_INIT_HEAD, False)):
+        seed = int(config.get(keys.FOCAL_INIT_SEED, -1))
+        arrays[keys.FOCAL_HEAD] = he_array(init_head(holder, layout, seed=None if seed < 0 else seed))
+    if config.get(keys.FOCAL_CLASS_WEIGHTS, "none") == "balanced":
+        vec = np.zeros(holder.slots)
+        vec[:num_classes] = np.bincount(y, minlength=num_classes)
+        plan = holder.plan
+        arrays[keys.FOCAL_CLASS_COUNTS] = he_array(holder.encrypt([vec], plan.w_level, plan.w_scale))
+    metrics = MetricRecord({keys.NUM_EXAMPLES: int(x.shape[0]), keys.EMBED_DIM: int(x.shape[1])})
+    return Message(RecordDict({keys.ARRAYS: arrays, keys.METRICS: metrics}), reply_to=message)
+
+
+def step(message: Message, context: Context) -> Message:
+    """``train.focal``: decrypt own logits, encrypt ``-lr * c_y * (softmax - onehot) / N``."""
+    site = site_from_context(context)
+    config = message.content[keys.CONFIG]
+    arrays = message.content[keys.ARRAYS]
+    holder = _holder(context, config)
+    x, y = site_embeddings(site, "train")
+    layout = _layout(config, x)
+    _checked_labels(y, layout.n_classes, "training")
+    up = institution_error(
+        holder, layout, he_bytes(arrays, keys.FOCAL_LOGITS), y,
+        lr=float(config[keys.FOCAL_LR]), n_total=int(config[keys.FOCAL_N_TOTAL]),
+        class_weights=_class_weights(holder, arrays, layout.n_classes),
+    )
+    n = int(y.shape[0])
+    metrics = MetricRecord({keys.TRAIN_LOSS: up.loss / n, keys.ACCURACY: up.n_correct / n,
+                            keys.NUM_EXAMPLES: n})
+    content = RecordDict({keys.ARRAYS: ArrayRecord({keys.FOCAL_ERROR: he_array(up.message)}),
+                          keys.METRICS: metrics})
+    return Message(content, reply_to=message)
+
+
+def evaluate(message: Message, context: Context) -> Message:
+    """``evaluate.focal``: decrypt the head, evaluate on own validation embeddings."""
+    site = site_from_context(context)
+    config = message.content[keys.CONFIG]
+    holder = _holder(context, config)
+    x, y = site_embeddings(site, "val")
+    layout = _layout(config, x)
+    _checked_labels(y, layout.n_classes, "validation")
+    if y.size == 0:
+        nan = float("nan")
+        metrics = {keys.LOSS: nan, keys.ACCURACY: nan, keys.AUROC: nan, keys.NUM_EXAMPLES: 0}
+    else:
+        head = decrypt_head(holder, layout, he_bytes(message.content[keys.ARRAYS], keys.FOCAL_HEAD))
+        probs = softmax(predict_logits(head, layout, x))
+        loss = float(-np.log(np.clip(probs[np.arange(y.size), y], 1e-12, None)).mean())
+        metrics = {keys.LOSS: loss, keys.ACCURACY: accuracy(probs, y),
+                   keys.AUROC: macro_auroc(probs, y, layout.n_classes),
+                   keys.NUM_EXAMPLES: int(y.size)}
+    return Message(RecordDict({keys.METRICS: MetricRecord(metrics)}), reply_to=message)

@@ -1,0 +1,382 @@
+"""FOCAL on Flower: the server trains a linear head on encrypted embeddings, message by message.
+
+This module owns the mapping of the step functions of :mod:`flower_focal.focal.protocol` onto
+Flower rounds; the protocol itself and all HE live there and in :mod:`flower_focal.crypto`.
+
+* **Setup (inside round 1's** ``configure_train`` **).** One extra exchange
+  (:data:`~flower_focal.keys.ACTION_EMBED`): every institution uploads ``Enc([x, 1])`` of its
+  frozen-backbone embeddings; the lowest partition id also uploads the initial encrypted head
+  (keys are symmetric, the server cannot encrypt); with ``class_weights="balanced"`` each
+  also uploads ``Enc(class counts)``, which the server only adds.
+* **Every round = one step** (or ``steps_per_round``, the extra ones exchanged inside
+  ``aggregate_train``): server forward, one :data:`~flower_focal.keys.ACTION_FOCAL` message per
+  institution carrying only *its* encrypted logits, institutions answer with their encrypted
+  error, the server sums over institutions and updates ``W`` (additions and one
+  multiply/rotate pass on ciphertexts). A failed or missing institution is left out of that
+  step; the others need no change (the error is divided by the public ``N``).
+* **Evaluation is federated** (:data:`~flower_focal.keys.ACTION_FOCAL_EVALUATE`): institutions
+  decrypt ``W`` and report loss / accuracy / macro AUROC on their own validation embeddings.
+
+Every strategy-level concern (roster, deterministic order, per-institution history, bytes,
+checkpoints) is :class:`~flower_focal.strategy.fedavg.FedAvg`'s. The server never holds a
+secret key, nor plaintext images, embeddings, labels, logits, errors or weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from logging import INFO, WARNING
+from typing import Any
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result
+from flwr.supercore import log
+
+from flower_focal import keys
+from flower_focal.artifacts import ModelSpec
+from flower_focal.crypto import FOCAL_PRESETS, CiphertextError, CkksEvaluator, PublicContext
+from flower_focal.focal import (
+    FocalLayout,
+    FocalServer,
+    server_add_embeddings,
+    server_backward_update,
+    server_export_head,
+    server_forward,
+    server_setup,
+)
+from flower_focal.history import metric_dict, reply_bytes
+from flower_focal.strategy.fedavg import FedAvg
+
+CLASS_WEIGHTS = ("none", "balanced")
+
+
+def he_array(blob: bytes) -> Array:
+    """A ciphertext envelope as a Flower Array (stype :data:`~flower_focal.keys.HE_STYPE`)."""
+    return Array(dtype="uint8", shape=(len(blob),), stype=keys.HE_STYPE, data=blob)
+
+
+def he_bytes(record: ArrayRecord, name: str) -> bytes:
+    """The ciphertext bytes of ``record[name]``; refuses a plaintext (non-HE) Array."""
+    arr = record.get(name)
+    if arr is None:
+        raise ValueError(f"expected an encrypted array {name!r}, got {list(record.keys())}")
+    if arr.stype != keys.HE_STYPE:
+        raise ValueError(f"array {name!r} has stype {arr.stype!r}, not {keys.HE_STYPE!r}: plaintext?")
+    return bytes(arr.data)
+
+
+class Focal(FedAvg):
+    """FOCAL split training of a linear head on encrypted embeddings (see module doc).
+
+    Parameters
+    ----------
+    he_public : PublicContext
+        The server's key-less context of a FOCAL preset (``public.ctx`` of
+        ``flower-focal keygen --preset focal``): relin + Galois keys, no secret key. A context
+        holding a secret key, or of another preset, is refused.
+    lr : float
+        Learning rate of the full-batch gradient steps.
+    block : int
+        Sample positions per ciphertext (:class:`~flower_focal.focal.FocalLayout`).
+    class_weights : str
+        ``"none"`` or ``"balanced"`` (global class counts summed under HE; only institutions
+        decrypt them).
+    steps_per_round : int
+        Gradient steps per Flower round (the extra ones are exchanged in ``aggregate_train``).
+    exchange_timeout : float
+        Seconds to wait for the extra exchanges (embeddings, extra steps).
+    backbone, backbone_weights, backbone_input_size
+        Recorded in the model spec of the final model (institutions embed with the same).
+    **kwargs
+        Forwarded to :class:`FedAvg` (``seed``, ``min_train_replies``, ...). Every
+        institution takes part in every step: ``fraction_train`` is ignored.
+
+    Callers must register :mod:`flower_focal.client.focal`'s handlers for ``train.embed``,
+    ``train.focal`` and ``evaluate.focal`` and give institutions the matching ``secret.ctx``.
+    """
+
+    name = "focal"
+
+    def __init__(
+        self,
+        *,
+        he_public: PublicContext,
+        lr: float,
+        block: int = 64,
+        class_weights: str = "none",
+        steps_per_round: int = 1,
+        exchange_timeout: float = 3600.0,
+        backbone: str = "",
+        backbone_weights: str = "",
+        backbone_input_size: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(he_public, PublicContext) or he_public.holds_secret_key:
+            raise ValueError(
+                "Focal must be given a public context (no secret key): load public.ctx with "
+                "flower_focal.crypto.PublicContext.load"
+            )
+        if he_public.preset.name not in FOCAL_PRESETS:
+            raise ValueError(
+                f"Focal needs keys of a FOCAL preset ({', '.join(FOCAL_PRESETS)}), got "
+                f"{he_public.preset.name!r}: run `flower-focal keygen --preset focal`"
+            )
+        if not lr > 0:
+            raise ValueError(f"lr must be positive, got {lr!r}")
+        if class_weights not in CLASS_WEIGHTS:
+            raise ValueError(f"class_weights must be one of {CLASS_WEIGHTS}, got {class_weights!r}")
+        if isinstance(steps_per_round, bool) or not isinstance(steps_per_round, int) or steps_per_round < 1:
+            raise ValueError(f"steps_per_round must be an int >= 1, got {steps_per_round!r}")
+        super().__init__(**kwargs)
+        self.he_public = he_public
+        self.evaluator = CkksEvaluator(he_public)
+        self.lr = float(lr)
+        self.block = int(block)
+        self.class_weights = class_weights
+        self.steps_per_round = steps_per_round
+        self.exchange_timeout = exchange_timeout
+        self.backbone = (backbone, backbone_weights, backbone_input_size)
+        self.layout: FocalLayout | None = None
+        self._server: FocalServer | None = None
+        self._members: dict[int, str] = {}  # node id -> institution name, partition order
+        self._n_total = 0
+        self._class_counts: bytes | None = None
+        self._grid: Grid | None = None
+        self._step = 0
+
+    # ------------------------------------------------------------------ hooks
+    def summary(self) -> None:
+        """FedAvg summary plus FOCAL parameters (never keys)."""
+        super().summary()
+        p = self.he_public.preset
+        log(INFO, "\t└──> FOCAL: preset %s, fingerprint %s, block %d, lr %g, %d step(s)/round, "
+            "class weights %s; server holds no secret key", p.name, self.he_public.fingerprint.hex(),
+            self.block, self.lr, self.steps_per_round, self.class_weights)
+
+    def start(self, *args: Any, **kwargs: Any) -> Result:
+        """Flower's round loop; stops the FOCAL server state (worker shards) afterwards."""
+        try:
+            return super().start(*args, **kwargs)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release the server state (idempotent)."""
+        if self._server is not None:
+            self._server.close()
+
+    def final_model(self, result: Result) -> ArrayRecord | None:
+        """None: the server never holds the plaintext head."""
+        return None
+
+    def final_ciphertext(self, result: Result) -> tuple[ArrayRecord, Any] | None:
+        """The encrypted head and its :class:`~flower_focal.focal.FocalLayout`."""
+        if self.layout is None or keys.FOCAL_HEAD not in result.arrays:
+            return None
+        return result.arrays, self.layout
+
+    def final_spec(self, spec: ModelSpec) -> ModelSpec:
+        """The final model is the frozen backbone plus the linear head."""
+        name, weights, size = self.backbone
+        return spec.replace(model="focal-linear", backbone=name, backbone_weights=weights,
+                            backbone_input_size=size)
+
+    # ------------------------------------------------------------------ setup
+    def _base_config(self, server_round: int) -> ConfigRecord:
+        cfg = ConfigRecord({
+            keys.SERVER_ROUND: server_round,
+            keys.HE_FINGERPRINT: self.he_public.fingerprint.hex(),
+            keys.FOCAL_SLOTS: self.evaluator.slots,
+            keys.FOCAL_BLOCK: self.block,
+            keys.FOCAL_CLASS_WEIGHTS: self.class_weights,
+        })
+        if self.layout is not None:
+            cfg[keys.FOCAL_N_FEATURES] = self.layout.n_features
+            cfg[keys.NUM_CLASSES] = self.layout.n_classes
+        return cfg
+
+    def _setup(self, server_round: int, arrays: ArrayRecord, grid: Grid) -> None:
+        """The embed exchange: encrypted embeddings of all, initial head of the first."""
+        num_classes = self.roster.data_shape(grid).num_classes
+        nodes = self.roster.ordered_node_ids(grid.get_node_ids())
+        if not nodes:
+            raise RuntimeError("focal: no institution is known; nothing to train on")
+        resumed = keys.FOCAL_HEAD in arrays and arrays[keys.FOCAL_HEAD].stype == keys.HE_STYPE
+        messages = []
+        for i, node in enumerate(nodes):
+            config = self._base_config(server_round)
+            config[keys.NUM_CLASSES] = num_classes
+            config[keys.FOCAL_INIT_HEAD] = i == 0 and not resumed
+            config[keys.FOCAL_INIT_SEED] = self.seed
+            messages.append(Message(RecordDict({keys.CONFIG: config}), dst_node_id=node,
+                                    message_type=keys.ACTION_EMBED))
+        record = self.history.round(server_round)
+        replies = self.roster.sort_replies(
+            grid.send_and_receive(self._count_sent(server_round, messages), timeout=self.exchange_timeout))
+        ok: list[tuple[int, int, RecordDict]] = []
+        for reply in replies:
+            pid = self.roster.partition_of(reply.metadata.src_node_id)
+            record.bytes_up += reply_bytes(reply)
+            if reply.has_error():
+                record.failures.append(f"embed institution {pid}: {reply.error.reason}")
+                log(WARNING, "focal: institution %d failed to upload embeddings: %s", pid, reply.error.reason)
+                continue
+            ok.append((reply.metadata.src_node_id, pid, reply.content))
+        head = arrays[keys.FOCAL_HEAD].data if resumed else None
+        if head is None:
+            first = [c for n, _, c in ok if n == nodes[0]]
+            if not first:
+                raise RuntimeError(
+                    f"focal: institution {self.roster.partition_of(nodes[0])} (lowest partition id) "
+                    "did not upload the initial head; see its ClientApp log")
+            head = he_bytes(first[0][keys.ARRAYS], keys.FOCAL_HEAD)
+            dim = int(first[0][keys.METRICS][keys.EMBED_DIM])
+        else:
+            dim = int(ok[0][2][keys.METRICS][keys.EMBED_DIM]) if ok else 0
+        self.layout = FocalLayout(dim, num_classes, self.evaluator.slots, self.block)
+        self._server = server_setup(self.evaluator, self.layout, bytes(head))
+        counts = []
+        for node, pid, content in ok:
+            name = str(pid)
+            try:
+                got = int(content[keys.METRICS][keys.EMBED_DIM])
+                if got != dim:
+                    raise ValueError(f"embedding dimension {got} != {dim} of the others (another backbone?)")
+                server_add_embeddings(self._server, name, he_bytes(content[keys.ARRAYS], keys.FOCAL_EMBEDDINGS))
+                if self.class_weights == "balanced":
+                    counts.append(he_bytes(content[keys.ARRAYS], keys.FOCAL_CLASS_COUNTS))
+            except (CiphertextError, ValueError, KeyError) as exc:
+                record.failures.append(f"embed institution {pid}: rejected ({exc})")
+                log(WARNING, "focal: rejected the embeddings of institution %d: %s", pid, exc)
+                continue
+            self._members[node] = name
+            self._n_total += int(content[keys.METRICS][keys.NUM_EXAMPLES])
+        if not self._members:
+            raise RuntimeError("focal: no institution uploaded usable embeddings")
+        if counts:
+            self._class_counts = self._sum_counts(counts)
+        log(INFO, "focal: %d institutions, N=%d samples, layout d=%d K=%d block %d",
+            len(self._members), self._n_total, dim, num_classes, self.block)
+
+    def _sum_counts(self, blobs: list[bytes]) -> bytes:
+        """Add the institutions' encrypted class-count vectors (the server never decrypts)."""
+        ev, plan = self.evaluator, self.evaluator.plan
+        total = None
+        for blob in blobs:
+            (ct,) = ev.load(blob, plan.w_level, plan.w_scale, 1)
+            total = ct if total is None else ev.add_inplace(total, ct)
+        return ev.dump([total])
+
+    # ------------------------------------------------------------------ train
+    def _step_messages(self, server_round: int, grid: Grid) -> list[Message]:
+        """One step's forward pass: per-institution messages with only its own logits."""
+        if self._server is None:
+            raise RuntimeError("focal: the server state is not set up")
+        self._step += 1
+        online = set(grid.get_node_ids())
+        messages = []
+        for node, name in self._members.items():
+            if node not in online:
+                continue
+            config = self._base_config(server_round)
+            config[keys.FOCAL_STEP] = self._step
+            config[keys.FOCAL_N_TOTAL] = self._n_total
+            config[keys.FOCAL_LR] = self.lr
+            arrays = ArrayRecord({keys.FOCAL_LOGITS: he_array(server_forward(self._server, name))})
+            if self._class_counts is not None:
+                arrays[keys.FOCAL_CLASS_COUNTS] = he_array(self._class_counts)
+            messages.append(Message(RecordDict({keys.ARRAYS: arrays, keys.CONFIG: config}),
+                                    dst_node_id=node, message_type=keys.ACTION_FOCAL))
+        return self._count_sent(server_round, messages)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Round 1: the embed exchange first. Then one forward message per institution."""
+        self.roster.refresh(grid)
+        self._grid = grid
+        if self._server is None:
+            self._setup(server_round, arrays, grid)
+        return self._step_messages(server_round, grid)
+
+    def _update(self, server_round: int, replies: list[Message]) -> list[RecordDict]:
+        """Backward/update with the valid error uploads; returns the accepted contents."""
+        server = self._server
+        if server is None:
+            raise RuntimeError("focal: the server state is not set up")
+        record = self.history.round(server_round)
+        errors: dict[str, bytes] = {}
+        contents: dict[str, RecordDict] = {}
+        pids: dict[str, int] = {}
+        for reply in replies:
+            if reply.has_error():
+                continue
+            node = reply.metadata.src_node_id
+            pid = self.roster.partition_of(node)
+            name = self._members.get(node)
+            try:
+                if name is None:
+                    raise ValueError("not a member of this FOCAL run (no embeddings)")
+                errors[name] = he_bytes(reply.content[keys.ARRAYS], keys.FOCAL_ERROR)
+                contents[name], pids[name] = reply.content, pid
+            except (ValueError, KeyError) as exc:
+                record.failures.append(f"train institution {pid}: rejected ({exc})")
+                record.train_institutions.pop(pid, None)
+        while errors:
+            try:
+                server_backward_update(server, errors)
+                break
+            except (CiphertextError, ValueError) as exc:
+                bad = [n for n in errors if repr(n) in str(exc)]
+                if not bad:
+                    raise
+                for name in bad:
+                    errors.pop(name)
+                    contents.pop(name)
+                    record.failures.append(f"train institution {pids[name]}: rejected ({exc})")
+                    record.train_institutions.pop(pids[name], None)
+        log(INFO, "focal round %d step %d: updated the head with %d of %d institutions",
+            server_round, self._step, len(errors), len(self._members))
+        return list(contents.values())
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Sum the encrypted errors and update W; run the round's extra steps, if any."""
+        replies = self.roster.sort_replies(replies)
+        self._record_replies(server_round, replies, phase="train")
+        accepted = self._update(server_round, replies)
+        for _ in range(1, self.steps_per_round):
+            if self._grid is None:
+                break
+            more = self._grid.send_and_receive(self._step_messages(server_round, self._grid),
+                                               timeout=self.exchange_timeout)
+            more = self.roster.sort_replies(more)
+            self._record_replies(server_round, more, phase="train")
+            accepted = self._update(server_round, more) or accepted
+        if not accepted or not self._enough_replies(server_round, len(accepted)):
+            return None, None
+        server = self._server
+        if server is None:
+            return None, None
+        arrays = ArrayRecord({keys.FOCAL_HEAD: he_array(server_export_head(server))})
+        metrics = self.train_metrics_aggr_fn(accepted, self.weighted_by_key)
+        self.history.round(server_round).train = metric_dict(metrics)
+        self._global = arrays
+        return arrays, metrics
+
+    # ------------------------------------------------------------------ evaluate
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The encrypted head to every known institution; they decrypt and evaluate locally."""
+        if self._server is None or self.layout is None or self.fraction_evaluate <= 0:
+            return []
+        head = (he_bytes(arrays, keys.FOCAL_HEAD) if keys.FOCAL_HEAD in arrays
+                else server_export_head(self._server))
+        content = RecordDict({keys.ARRAYS: ArrayRecord({keys.FOCAL_HEAD: he_array(head)}),
+                              keys.CONFIG: self._base_config(server_round)})
+        messages = [Message(content, dst_node_id=node, message_type=keys.ACTION_FOCAL_EVALUATE)
+                    for node in self.roster.ordered_node_ids(grid.get_node_ids())]
+        return self._count_sent(server_round, messages)
