@@ -46,29 +46,29 @@ def _build_fedavg(cfg: RunConfig) -> Strategy:
     )
 
 
-def _build_he_fedavg(cfg: RunConfig) -> Strategy:
+def server_public_context(cfg: RunConfig, keygen_hint: str = ""):
+    """The server's key-less context from ``cfg.he_key_dir`` (it reads only ``public.ctx``)."""
     from flower_focal.crypto import PUBLIC_FILE, PublicContext
-    from flower_focal.strategy.he_fedavg import HEFedAvg
 
     if not cfg.he_key_dir:
         raise ValueError(
-            "strategy he-fedavg needs keys: run `flower-focal keygen --out DIR` and set "
-            "run config he-key-dir=DIR (the server reads only DIR/public.ctx)"
+            f"strategy {cfg.strategy} needs keys: run `flower-focal keygen --out DIR{keygen_hint}` "
+            "and set run config he-key-dir=DIR (the server reads only DIR/public.ctx)"
         )
-    he_public = PublicContext.load(Path(cfg.he_key_dir) / PUBLIC_FILE)
+    return PublicContext.load(Path(cfg.he_key_dir) / PUBLIC_FILE)
+
+
+def _build_he_fedavg(cfg: RunConfig) -> Strategy:
+    from flower_focal.strategy.he_fedavg import HEFedAvg
+
+    he_public = server_public_context(cfg)
     return HEFedAvg(he_public=he_public, clip_norm=cfg.he_clip_norm, **fedavg_kwargs(cfg))
 
 
 def _build_focal(cfg: RunConfig) -> Strategy:
-    from flower_focal.crypto import PUBLIC_FILE, PublicContext
     from flower_focal.strategy.focal import Focal
 
-    if not cfg.he_key_dir:
-        raise ValueError(
-            "strategy focal needs keys: run `flower-focal keygen --out DIR --preset focal` and "
-            "set run config he-key-dir=DIR (the server reads only DIR/public.ctx)"
-        )
-    he_public = PublicContext.load(Path(cfg.he_key_dir) / PUBLIC_FILE)
+    he_public = server_public_context(cfg, keygen_hint=" --preset focal")
     kwargs = fedavg_kwargs(cfg)
     kwargs["fraction_train"] = 1.0  # every institution takes part in every step
     return Focal(
