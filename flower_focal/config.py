@@ -58,6 +58,7 @@ class RunConfig:
     he_key_dir: str = ""
     he_workers: int = 1
     he_clip_norm: float = 0.0
+    he_noise_multiplier: float = 0.0
     # --- FOCAL split training (strategy focal) ----------------------------------------
     backbone: str = "efficientnet-lite0"
     backbone_weights: str = ""

@@ -37,6 +37,7 @@ HE_WEIGHTS = "he-weights"  # plaintext Array [C, W]: decrypt, then multiply by C
 HE_FINGERPRINT = "he-fingerprint"  # config: hex fingerprint of the key set in use
 HE_WEIGHT_NORM = "he-weight-norm"  # config: public constant C; institutions encrypt (n_i / C) * w_i
 HE_CLIP_NORM = "he-clip-norm"  # config: L2 bound on the update before encryption (0 = off)
+HE_NOISE_STD = "he-noise-std"  # config: std of the Gaussian noise each institution adds (0 = off)
 NODE_HE_SECRET_KEY = "he-secret-key"  # node config: path of this institution's secret.ctx
 
 # FOCAL split training (see flower_focal/strategy/focal.py and flower_focal/client/focal.py).

@@ -69,6 +69,7 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
         "he-key-dir": to_absolute_path(he_key_dir) if he_key_dir else "",
         "he-workers": he.get("workers", RunConfig.he_workers),
         "he-clip-norm": float(he.get("clip_norm", RunConfig.he_clip_norm)),
+        "he-noise-multiplier": float(he.get("noise_multiplier", RunConfig.he_noise_multiplier)),
         "backbone": focal.get("backbone", RunConfig.backbone),
         "backbone-weights": to_absolute_path(bb_weights) if bb_weights else "",
         "backbone-input-size": int(focal.get("backbone_input_size", RunConfig.backbone_input_size)),

@@ -25,6 +25,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MessageType, RecordDi
 from flwr.clientapp.typing import ClientAppCallable
 
 from flower_focal import keys
+from flower_focal.client.handlers import local_seed
 from flower_focal.config import RunConfig
 from flower_focal.crypto import SECRET_FILE, SecretContext
 from flower_focal.packing import ArrayLayout
@@ -84,11 +85,15 @@ def encrypt_record(
     *,
     reference: ArrayRecord | None = None,
     clip_norm: float = 0.0,
+    noise_std: float = 0.0,
+    seed: int = 0,
     workers: int = 1,
 ) -> ArrayRecord:
     """The encrypted, weighted reply: ``Enc(weight * w)`` as one ciphertext Array.
 
-    With ``clip_norm > 0`` the update ``w - reference`` is scaled down to that L2 norm first.
+    With ``clip_norm > 0`` the update ``w - reference`` is scaled down to that L2 norm first;
+    with ``noise_std > 0`` Gaussian noise of that std (seeded by ``seed``) is added to the
+    clipped update, so only a noised update is ever encrypted (distributed DP).
 
     Raises
     ------
@@ -104,7 +109,10 @@ def encrypt_record(
         delta = flat - base
         norm = float(np.linalg.norm(delta))
         if norm > clip_norm:
-            flat = base + delta * (clip_norm / norm)
+            delta = delta * (clip_norm / norm)
+        if noise_std > 0:
+            delta = delta + np.random.default_rng(seed).normal(0.0, noise_std, delta.shape)
+        flat = base + delta
     blob = he_secret.encrypt(flat * weight, workers=workers).to_bytes()
     return ArrayRecord(
         {keys.HE_CIPHERTEXT: Array(dtype="float64", shape=(layout.size,), stype=keys.HE_STYPE, data=blob)}
@@ -140,6 +148,9 @@ def he_fedavg_mod(message: Message, context: Context, call_next: ClientAppCallab
         weight=num_examples / float(config[keys.HE_WEIGHT_NORM]),
         reference=global_model,
         clip_norm=float(config.get(keys.HE_CLIP_NORM, 0.0)),
+        noise_std=float(config.get(keys.HE_NOISE_STD, 0.0)),
+        seed=local_seed(cfg.seed, int(context.node_config.get(keys.NODE_PARTITION_ID, 0)),
+                        int(config[keys.SERVER_ROUND])) + 7919,
         workers=cfg.he_workers,
     )
     reply.content = RecordDict({keys.ARRAYS: encrypted, keys.METRICS: reply.content[keys.METRICS]})

@@ -40,6 +40,11 @@ class HEFedAvg(FedAvg):
     clip_norm : float
         Sent to institutions: clip ``||w_local - w_global||_2`` to this before encrypting
         (0 disables).
+    noise_multiplier : float
+        Distributed Gaussian noise: each of the ``m`` sampled institutions adds noise of std
+        ``noise_multiplier * clip_norm / sqrt(m)`` to its clipped update before encrypting, so
+        the (uniformly weighted) sum carries the noise of central DP with this multiplier
+        while no institution's update is ever encrypted un-noised. Needs ``clip_norm > 0``.
     **kwargs
         Forwarded to :class:`FedAvg` (``seed``, ``fraction_train``, ...).
 
@@ -49,15 +54,20 @@ class HEFedAvg(FedAvg):
 
     name = "he-fedavg"
 
-    def __init__(self, *, he_public: PublicContext, clip_norm: float = 0.0, **kwargs) -> None:
+    def __init__(
+        self, *, he_public: PublicContext, clip_norm: float = 0.0, noise_multiplier: float = 0.0, **kwargs
+    ) -> None:
         if not isinstance(he_public, PublicContext) or he_public.holds_secret_key:
             raise ValueError(
                 "HEFedAvg must be given a public context (no secret key): load public.ctx "
                 "with flower_focal.crypto.PublicContext.load"
             )
+        if noise_multiplier > 0 and clip_norm <= 0:
+            raise ValueError("he-noise-multiplier needs he-clip-norm > 0 (noise is calibrated to the clip)")
         super().__init__(**kwargs)
         self.he_public = he_public
         self.clip_norm = clip_norm
+        self.noise_multiplier = noise_multiplier
         self._layout: ArrayLayout | None = None
         self._weight_norm = 1.0
 
@@ -101,7 +111,13 @@ class HEFedAvg(FedAvg):
         self._he_config(arrays, config)
         self._weight_norm = float(max(self.roster.total_train_examples(), 1))
         config[keys.HE_WEIGHT_NORM] = self._weight_norm
-        return super().configure_train(server_round, arrays, config, grid)
+        config[keys.HE_NOISE_STD] = 0.0
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        if self.noise_multiplier > 0 and messages:
+            std = self.noise_multiplier * self.clip_norm / len(messages) ** 0.5  # m = sampled
+            for message in messages:
+                message.content[keys.CONFIG][keys.HE_NOISE_STD] = std
+        return messages
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -62,7 +62,8 @@ def _build_he_fedavg(cfg: RunConfig) -> Strategy:
     from flower_focal.strategy.he_fedavg import HEFedAvg
 
     he_public = server_public_context(cfg)
-    return HEFedAvg(he_public=he_public, clip_norm=cfg.he_clip_norm, **fedavg_kwargs(cfg))
+    return HEFedAvg(he_public=he_public, clip_norm=cfg.he_clip_norm,
+                    noise_multiplier=cfg.he_noise_multiplier, **fedavg_kwargs(cfg))
 
 
 def _build_focal(cfg: RunConfig) -> Strategy:

@@ -1,0 +1,64 @@
+"""he-fedavg clip-and-noise before encryption (distributed Gaussian noise)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord
+
+from flower_focal import keys
+from flower_focal.client.he_mod import decrypt_record, encrypt_record
+from flower_focal.crypto import PublicContext, SecretContext, keygen
+from flower_focal.packing import ArrayLayout
+from flower_focal.strategy.he_fedavg import HEFedAvg
+from flower_focal.strategy.roster import Institution, InstitutionRoster
+
+LAYOUT = ArrayLayout(names=("w",), shapes=((2000,),), dtypes=("float32",))
+
+
+@pytest.fixture(scope="module")
+def key_dir(tmp_path_factory):
+    return keygen(tmp_path_factory.mktemp("keys"), "compact")
+
+
+def test_noise_is_added_to_the_clipped_update_before_encryption(key_dir):
+    he_secret = SecretContext.load(key_dir)
+    ref = ArrayRecord({"w": Array(np.zeros(2000, np.float32))})
+    local = ArrayRecord({"w": Array(np.full(2000, 1.0, np.float32))})
+    enc = encrypt_record(local, he_secret, LAYOUT, weight=1.0, reference=ref, clip_norm=1.0,
+                         noise_std=0.05, seed=3)
+    enc = ArrayRecord({**dict(enc.items()), keys.HE_WEIGHTS: Array(np.array([1.0, 1.0]))})
+    out = LAYOUT.flatten(decrypt_record(enc, he_secret, LAYOUT))
+    clipped = np.full(2000, 1.0 / np.sqrt(2000))
+    assert np.std(out - clipped) == pytest.approx(0.05, rel=0.1)
+    again = encrypt_record(local, he_secret, LAYOUT, weight=1.0, reference=ref, clip_norm=1.0,
+                           noise_std=0.05, seed=3)
+    again = ArrayRecord({**dict(again.items()), keys.HE_WEIGHTS: Array(np.array([1.0, 1.0]))})
+    np.testing.assert_allclose(LAYOUT.flatten(decrypt_record(again, he_secret, LAYOUT)), out, atol=1e-6)
+
+
+def test_noise_needs_a_clip_norm(key_dir):
+    with pytest.raises(ValueError, match="he-clip-norm"):
+        HEFedAvg(he_public=PublicContext.load(key_dir), noise_multiplier=1.0)
+
+
+class _Grid:
+    def __init__(self, ids):
+        self.ids = ids
+
+    def get_node_ids(self):
+        return list(self.ids)
+
+
+def test_server_calibrates_the_noise_to_the_number_of_sampled_institutions(key_dir):
+    roster = InstitutionRoster()
+    for pid in range(4):
+        roster.register(Institution(node_id=10 + pid, partition_id=pid, num_classes=2, in_channels=1, num_train=5))
+    strategy = HEFedAvg(he_public=PublicContext.load(key_dir), clip_norm=2.0, noise_multiplier=1.5,
+                        roster=roster, min_available_nodes=4)
+    initial = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
+    strategy.bind_initial_model(initial)
+    messages = list(strategy.configure_train(1, initial, ConfigRecord(), _Grid([10, 11, 12, 13])))
+    assert len(messages) == 4
+    for m in messages:
+        assert m.content["config"][keys.HE_NOISE_STD] == pytest.approx(1.5 * 2.0 / 2.0)
