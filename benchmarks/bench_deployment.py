@@ -69,7 +69,9 @@ def main() -> None:
                     "deployment_run_s": round(depl.wall_time_s, 1),
                 }
             # (c) a SuperNode killed mid-round
-            cfg = base.replace(num_server_rounds=3, min_train_replies=1, run_dir=str(tmp / "killnode"))
+            # one of the 2 nodes dies: the run must be allowed to go on with 1
+            cfg = base.replace(num_server_rounds=3, min_train_replies=1, min_available_nodes=1,
+                               run_dir=str(tmp / "killnode"))
             holder: dict = {}
             thread = threading.Thread(target=lambda: holder.setdefault("r", dep.run(cfg)))
             thread.start()
