@@ -31,7 +31,7 @@ from flower_focal.simulation import (
     free_port,
     flower_env,
     repo_root,
-    run_status,
+    require_completed,
     write_run_config,
 )
 
@@ -182,8 +182,5 @@ class LoopbackDeployment:
         if match is None:
             raise SimulationFailed(f"`flwr run` did not start a run (exit {proc.returncode}); log: {log_path}")
         run_id = int(match.group(1))
-        entry = run_status(run_id, self.env, CONNECTION)
-        status = str(entry.get("status", "unknown"))
-        if status != "finished:completed":
-            raise SimulationFailed(f"run {run_id} ended as {status!r}: {entry.get('status-details')}; log: {log_path}")
+        status = require_completed(run_id, self.env, log_path, CONNECTION)
         return SimulationResult(run_id, status, run_dir, wall, log_path)

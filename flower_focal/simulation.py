@@ -211,6 +211,17 @@ def run_status(run_id: int, env: dict[str, str], connection: str | None = None) 
     return runs[0]
 
 
+def require_completed(run_id: int, env: dict[str, str], log_path: Path,
+                      connection: str | None = None) -> str:
+    """Read the run's final status; raise :class:`SimulationFailed` unless it completed."""
+    entry = run_status(run_id, env, connection)
+    status = str(entry.get("status", "unknown"))
+    if status != "finished:completed":
+        details = entry.get("status-details") or entry
+        raise SimulationFailed(f"run {run_id} ended as {status!r}: {details}; log: {log_path}")
+    return status
+
+
 def simulate(
     cfg: RunConfig,
     federation: Federation,
@@ -276,11 +287,7 @@ def simulate(
         wall = time.time() - start
         if run_id is None:
             raise SimulationFailed(f"`flwr run` did not start a run (exit {proc.returncode}); log: {log_path}")
-        entry = run_status(run_id, env)
-        status = str(entry.get("status", "unknown"))
-        if status != "finished:completed":
-            details = entry.get("status-details") or entry
-            raise SimulationFailed(f"run {run_id} ended as {status!r}: {details}; log: {log_path}")
+        status = require_completed(run_id, env, log_path)
         if (run_dir / ENCRYPTED_FILE).exists() and cfg.he_key_dir:
             decrypt_model(run_dir, cfg.he_key_dir)
             if echo:
