@@ -3,6 +3,7 @@
     flower-focal evaluate --run-dir DIR --data FILE.npz --split test
     flower-focal keygen --out keys/ [--preset compact]
     flower-focal decrypt-model --run-dir DIR --key keys/
+    flower-focal report --runs RUN_DIR... --out DIR     # compare strategies (report.md + plots)
 
 Subcommands are registered in ``COMMANDS``; each owns its arguments and returns an exit code.
 """
@@ -133,10 +134,36 @@ def _decrypt_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="compare runs (e.g. fedavg, he-fedavg, focal on the same data): report.md, "
+        "report.json and plots, read from the runs' metrics.json / config.json / audit.json",
+    )
+    p.add_argument("--runs", required=True, nargs="+", type=Path,
+                   help="run directories, or a sweep directory standing for its runs")
+    p.add_argument("--out", required=True, type=Path, help="directory to write the report into")
+    p.add_argument("--allow-mismatch", action="store_true",
+                   help="compare runs that differ in data, partition, institutions, seed or rounds "
+                   "(the report lists the differences)")
+    p.set_defaults(handler=_report)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from flower_focal.compare import REPORT_JSON, write_report
+
+    report = write_report(args.runs, args.out, allow_mismatch=args.allow_mismatch)
+    doc = json.loads((report.parent / REPORT_JSON).read_text())
+    print(json.dumps({"report": str(report), "runs": [r["run_dir"] for r in doc["runs"]],
+                      "differences": doc["differences"]}))
+    return 0
+
+
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_evaluate,
     _add_keygen,
     _add_decrypt_model,
+    _add_report,
 )
 
 
