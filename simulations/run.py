@@ -4,9 +4,13 @@
     python -m simulations.run dataset=pathmnist num_institutions=5 num_rounds=10
     python -m simulations.run dataset=medmnist dataset.path=/data/dermamnist.npz
     python -m simulations.run -m strategy=fedavg seed=1,2,3     # Hydra multirun
+    python -m simulations.run -m strategy=fedavg,he_fedavg,focal audit.enabled=true   # + comparison report
 
 Each run directory (``run_dir``, by default Hydra's output dir) receives ``metrics.json``,
-``curves.png``, ``summary.md``, ``model.pt`` + ``model.json``, ``config.json`` and the logs.
+``curves.png``, ``summary.md``, ``model.pt`` + ``model.json``, ``config.json`` and the logs;
+with ``audit.enabled=true`` also ``audit.json`` (a gradient-inversion audit of the run). A
+multirun ends with a comparison report of its runs in ``<sweep dir>/report/``
+(``simulations/callbacks.py``).
 The mapping from this Hydra config to Flower's run config is :func:`to_run_config`.
 """
 
@@ -93,6 +97,28 @@ def to_federation(cfg: DictConfig) -> Federation:
     )
 
 
+AUDIT_OVERRIDES = ("num_samples", "iterations", "attack", "model")  # audit.* keys passed on when set
+
+
+def run_audit_for(cfg: DictConfig, run_cfg: RunConfig, run_dir: Path) -> dict | None:
+    """``audit.enabled``: attack the run just launched (same data, model, seed, strategy) and
+    write ``audit.json`` into its run directory; returns the audit result (None when off)."""
+    audit = cfg.get("audit") or {}
+    if not audit.get("enabled", False):
+        return None
+    try:
+        from flower_focal.audit import AuditConfig, run_audit
+    except ImportError as exc:
+        raise RuntimeError(
+            f"audit.enabled=true but the privacy audit (flower_focal.audit) cannot be imported: {exc}"
+        ) from exc
+    overrides = {k: audit[k] for k in AUDIT_OVERRIDES if audit.get(k) is not None}
+    result = run_audit(AuditConfig.from_run_config(run_cfg, **overrides), out_dir=run_dir)
+    log.info("audit of %s: leakage rate %s (%s)", run_cfg.strategy, result.get("leakage_rate"),
+             result.get("reason") or result.get("rule", ""))
+    return result
+
+
 @hydra.main(config_path="conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> float | None:
     """Run one composed experiment; returns the final validation AUROC (for sweepers)."""
@@ -104,6 +130,7 @@ def main(cfg: DictConfig) -> float | None:
     metrics = result.metrics()
     final = metrics["rounds"][-1]["evaluate"] if metrics["rounds"] else {}
     log.info("run %d finished in %.1f s: %s", result.run_id, result.wall_time_s, json.dumps(final))
+    run_audit_for(cfg, run_cfg, run_dir)
     log.info("run directory: %s", run_dir)
     return final.get("auroc")
 
