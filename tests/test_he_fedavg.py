@@ -12,7 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from clients.client_app import app as client_app
 from flower_focal import keys
 from flower_focal.artifacts import decrypt_model
-from flower_focal.client.he_mod import decrypt_record, encrypt_record
+from flower_focal.client.he_mod import DECRYPTED, decrypt_record, encrypt_record
 from flower_focal.config import RunConfig
 from flower_focal.crypto import PublicContext, SecretContext, keygen
 from flower_focal.packing import ArrayLayout
@@ -146,6 +146,38 @@ def test_malformed_foreign_and_plaintext_replies_are_excluded_and_the_rest_aggre
     failures = strategy.history.rounds[0].failures
     assert len(failures) == 3 and all("rejected" in f for f in failures)
     assert sorted(strategy.history.rounds[0].train_institutions) == [0, 1, 2]
+
+
+def test_an_aggregate_is_decrypted_once_per_process_and_callers_get_independent_arrays(key_dir, tmp_path, monkeypatch):
+    he_secret, other = SecretContext.load(key_dir), SecretContext.load(keygen(tmp_path / "other", "compact"))
+    rng = np.random.default_rng(3)
+    rec = _plain(rng)
+
+    def aggregate(record, weights):
+        enc = encrypt_record(record, he_secret, LAYOUT, weight=1.0)
+        return ArrayRecord({**dict(enc.items()), keys.HE_WEIGHTS: Array(np.array(weights, dtype=np.float64))})
+
+    calls = []
+    real = SecretContext.decrypt
+    monkeypatch.setattr(SecretContext, "decrypt", lambda self, v: calls.append(1) or real(self, v))
+    DECRYPTED.clear()
+    agg = aggregate(rec, [2.0, 1.0])
+    first = decrypt_record(agg, he_secret, LAYOUT)
+    first["w"].numpy()[...] = 0.0  # a handler that trains in place must not change the next caller's copy
+    again = decrypt_record(agg, he_secret, LAYOUT)
+    assert len(calls) == 1 and (DECRYPTED.hits, DECRYPTED.misses) == (1, 1)
+    np.testing.assert_allclose(again["w"].numpy(), 2.0 * rec["w"].numpy(), atol=1e-6)
+    # Other weights, another ciphertext or another key: decrypted afresh, never served stale.
+    np.testing.assert_allclose(decrypt_record(aggregate(rec, [1.0, 1.0]), he_secret, LAYOUT)["b"].numpy(),
+                               rec["b"].numpy(), atol=1e-6)
+    other_rec = _plain(rng)
+    np.testing.assert_allclose(decrypt_record(aggregate(other_rec, [1.0, 1.0]), he_secret, LAYOUT)["w"].numpy(),
+                               other_rec["w"].numpy(), atol=1e-6)
+    assert len(calls) == 3
+    with pytest.raises(Exception, match="(?i)key|fingerprint"):
+        decrypt_record(agg, other, LAYOUT)
+    with pytest.raises(ValueError, match="invalid weights"):
+        decrypt_record(aggregate(rec, [1.0, 0.0]), he_secret, LAYOUT)
 
 
 def test_nan_update_is_refused_before_encryption(key_dir):

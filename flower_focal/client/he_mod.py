@@ -18,6 +18,8 @@ config ``he-key-dir``; it never leaves this process.
 from __future__ import annotations
 
 import functools
+import hashlib
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -68,13 +70,61 @@ def is_encrypted(record: ArrayRecord) -> bool:
     return arr is not None and arr.stype == keys.HE_STYPE
 
 
+class _DecryptCache:
+    """The last decrypted aggregate of this process, keyed by a digest of what was decrypted.
+
+    Within a round every institution receives the same encrypted aggregate twice (evaluate
+    of round ``r``, then train of round ``r + 1``), and in a simulation one worker process
+    serves many institutions that hold the same key: decrypting once per process and round
+    is enough. The key covers the key fingerprint, the ciphertext bytes and ``[C, W]``, so a
+    different aggregate or key never hits; the cached vector is read-only and every caller
+    gets freshly built arrays. Only the plaintext global model (which this process decrypts
+    anyway) is kept, one entry.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._key: bytes | None = None
+        self._flat: np.ndarray | None = None
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, record: ArrayRecord, he_secret: SecretContext) -> np.ndarray:
+        blob = record[keys.HE_CIPHERTEXT].data
+        weights = record[keys.HE_WEIGHTS].numpy()
+        digest = hashlib.sha256(he_secret.fingerprint)
+        digest.update(np.ascontiguousarray(weights, dtype=np.float64).tobytes())
+        digest.update(blob)
+        key = digest.digest()
+        with self._lock:
+            if key == self._key and self._flat is not None:
+                self.hits += 1
+                return self._flat
+        norm, total = (float(x) for x in weights)
+        if not (np.isfinite(total) and total > 0 and np.isfinite(norm) and norm > 0):
+            raise ValueError(f"encrypted aggregate carries invalid weights [C, W] = [{norm}, {total}]")
+        flat = he_secret.decrypt(blob) * (norm / total)
+        flat.setflags(write=False)
+        with self._lock:
+            self._key, self._flat = key, flat
+            self.misses += 1
+        return flat
+
+    def clear(self) -> None:
+        with self._lock:
+            self._key, self._flat = None, None
+            self.hits = self.misses = 0
+
+
+DECRYPTED = _DecryptCache()
+
+
 def decrypt_record(record: ArrayRecord, he_secret: SecretContext, layout: ArrayLayout) -> ArrayRecord:
-    """Plaintext global model from an encrypted aggregate (``C/W`` rescaling applied)."""
-    flat = he_secret.decrypt(record[keys.HE_CIPHERTEXT].data)
-    norm, total = (float(x) for x in record[keys.HE_WEIGHTS].numpy())
-    if total <= 0:
-        raise ValueError(f"encrypted aggregate carries a non-positive total weight {total}")
-    return layout.unflatten(flat * (norm / total))
+    """Plaintext global model from an encrypted aggregate (``C/W`` rescaling applied).
+
+    Decrypts at most once per distinct aggregate in this process (see :class:`_DecryptCache`).
+    """
+    return layout.unflatten(DECRYPTED.get(record, he_secret))
 
 
 def encrypt_record(
