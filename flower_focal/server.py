@@ -25,6 +25,7 @@ from flower_focal import keys
 from flower_focal.checkpoint import CHECKPOINT_FILE, RoundOffset, check_compatible, load_checkpoint
 from flower_focal.artifacts import ModelSpec, save_encrypted_model, save_model
 from flower_focal.config import RunConfig
+from flower_focal.grid import PromptGrid
 from flower_focal.history import RunHistory, write_json_atomic
 from flower_focal.models import build_model, count_parameters
 from flower_focal.reporting import plot_curves, write_summary
@@ -44,6 +45,7 @@ def run_server(grid: Grid, cfg: RunConfig, run_id: int | str = "local") -> Resul
     with status ``failed`` so that a failed run never looks like a finished one.
     """
     run_dir = resolve_run_dir(cfg, run_id)
+    grid = PromptGrid(grid)  # replies collected as they arrive, not on Flower's 3 s poll tick
     run_dir.mkdir(parents=True, exist_ok=True)
     log(INFO, "flower-focal: strategy=%s, writing the run directory %s", cfg.strategy, run_dir)
     write_json_atomic(run_dir / "config.json", cfg.to_flower())

@@ -58,15 +58,18 @@ class LoopbackGrid:
         self.crash_from_round: dict[int, int] = {}  # node -> first round whose messages raise
         self.sent: list[Message] = []  # every message the server sent
         self.received: list[Message] = []  # every reply that reached the server
+        self.outbox: dict[str, Message] = {}  # replies not pulled yet
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.node_ids)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
-        replies = []
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        """Deliver every message now; replies wait in an outbox until pulled."""
+        ids = []
         for msg in messages:
             stamp_message_id(msg)
             dst = msg.metadata.dst_node_id
+            ids.append(msg.metadata.message_id)
             if dst in self.down:
                 continue  # a dead node never answers
             self.sent.append(copy.deepcopy(msg))  # the content object is reused by later rounds
@@ -75,11 +78,21 @@ class LoopbackGrid:
                 if config.get("server-round", 0) >= self.crash_from_round.get(dst, 10**9):
                     raise RuntimeError(f"node {dst} crashed")
                 # a copy, as if serialised: handlers and mods must not touch the server's object
-                replies.append(self.app(copy.deepcopy(msg), self.contexts[dst]))
+                reply = self.app(copy.deepcopy(msg), self.contexts[dst])
             except Exception as exc:  # what the engine does with a ClientApp exception
-                replies.append(Message(Error(code=1, reason=repr(exc)), reply_to=msg))
+                reply = Message(Error(code=1, reason=repr(exc)), reply_to=msg)
+            self.outbox[msg.metadata.message_id] = reply
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        """Replies to ``message_ids`` that are waiting, in reverse id order (not send order)."""
+        replies = [self.outbox.pop(mid) for mid in sorted(message_ids, reverse=True) if mid in self.outbox]
         self.received.extend(replies)
-        return list(reversed(replies))  # arrival order differs from send order
+        return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
+        ids = self.push_messages(messages)
+        return self.pull_messages([mid for mid in ids if mid in self.outbox])
 
 
 @pytest.fixture

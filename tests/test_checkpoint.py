@@ -25,12 +25,12 @@ class DyingGrid(LoopbackGrid):
 
     die_at = 10**9
 
-    def send_and_receive(self, messages, *, timeout=None):
+    def push_messages(self, messages):
         messages = list(messages)
         for m in messages:
             if m.metadata.message_type == "train" and m.content["config"]["server-round"] >= self.die_at:
                 raise ServerKilled()
-        return super().send_and_receive(messages, timeout=timeout)
+        return super().push_messages(messages)
 
 
 def _cfg(run_dir, strategy="fedavg", **kw):

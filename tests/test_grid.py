@@ -1,0 +1,69 @@
+"""PromptGrid: replies are collected as they arrive, Flower's timeout semantics are kept."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+from clients.client_app import app as client_app
+from flower_focal.config import RunConfig
+from flower_focal.grid import PromptGrid
+from tests.conftest import LoopbackGrid
+
+
+class SlowGrid(LoopbackGrid):
+    """Node ``i``'s reply becomes pullable ``delays[i]`` seconds after the push."""
+
+    def __init__(self, delays):
+        super().__init__(client_app, len(delays), RunConfig(num_samples=60).to_flower())
+        self.delay = dict(zip(self.node_ids, delays))
+        self.ready_at: dict[str, float] = {}
+        self.pull_times: list[float] = []
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        ids = super().push_messages(messages)
+        now = self.pushed_at = time.monotonic()
+        for msg, mid in zip(messages, ids):
+            self.ready_at[mid] = now + self.delay[msg.metadata.dst_node_id]
+        return ids
+
+    def pull_messages(self, message_ids):
+        self.pull_times.append(time.monotonic())
+        now = time.monotonic()
+        return super().pull_messages([m for m in message_ids if self.ready_at.get(m, 1e18) <= now])
+
+
+def _queries(grid):
+    return [Message(RecordDict({"config": ConfigRecord({"action": "describe"})}), dst_node_id=nid,
+                    message_type=MessageType.QUERY) for nid in grid.get_node_ids()]
+
+
+def test_all_replies_are_returned_soon_after_the_last_one_arrives():
+    inner = SlowGrid([0.05, 0.3, 0.6])
+    grid = PromptGrid(inner, max_poll_s=0.1)
+    replies = list(grid.send_and_receive(_queries(inner), timeout=None))
+    returned = time.monotonic()
+    assert sorted(r.metadata.src_node_id for r in replies) == sorted(inner.node_ids)
+    assert not any(r.has_error() for r in replies)
+    last = max(inner.ready_at.values())
+    assert 0 <= returned - last < 0.1 + 0.2  # Flower's own grid polls every 3 s
+    assert max(b - a for a, b in zip(inner.pull_times, inner.pull_times[1:])) <= 0.1 + 0.05
+
+
+def test_timeout_returns_the_replies_that_arrived_and_stops_waiting():
+    inner = SlowGrid([0.05, 5.0, 0.1])
+    grid = PromptGrid(inner, max_poll_s=0.1)
+    replies = list(grid.send_and_receive(_queries(inner), timeout=2.0))
+    assert time.monotonic() - inner.pushed_at < 2.0 + 0.3  # the node that needs 5 s is not waited for
+    assert sorted(r.metadata.src_node_id for r in replies) == sorted([inner.node_ids[0], inner.node_ids[2]])
+
+
+def test_wrapping_is_idempotent_and_bad_intervals_are_refused():
+    inner = SlowGrid([0.0])
+    assert PromptGrid(PromptGrid(inner)).inner is inner
+    assert list(PromptGrid(inner).get_node_ids()) == inner.node_ids
+    with pytest.raises(ValueError, match="poll"):
+        PromptGrid(inner, first_poll_s=1.0, max_poll_s=0.5)
