@@ -48,6 +48,8 @@ PLOTS = {
     "leakage": "leakage.png",
 }
 _COLORS = {"fedavg": "#1f77b4", "he-fedavg": "#ff7f0e", "focal": "#2ca02c"}
+# fedavg and he-fedavg often give the same curve: distinct markers and dashes keep both visible
+_STYLES = {"fedavg": ("o", "-", 7), "he-fedavg": ("s", "--", 5), "focal": ("^", ":", 6)}
 
 # Settings that must agree for runs to be compared (key -> when it matters).
 _ALWAYS = ("dataset", "data-path", "image-size", "train-split", "val-split", "partitioner",
@@ -224,6 +226,8 @@ def read_run(run_dir: str | os.PathLike[str]) -> RunSummary:
             raise ValueError(f"{metrics_path} has no {key!r}: not a flower-focal metrics.json")
     config_path = run_dir / "config.json"
     config = _read_json(config_path) if config_path.is_file() else dict(metrics.get("config") or {})
+    if config.get("data-path"):  # one file, however the launcher spelled its path
+        config["data-path"] = os.path.normpath(str(config["data-path"]))
     info = dict(metrics.get("info") or {})
     institutions = int(info.get("institutions") or config.get("min-available-nodes") or 0)
     if institutions < 1:
@@ -450,6 +454,11 @@ def _color(run: RunSummary) -> str | None:
     return _COLORS.get(run.strategy)
 
 
+def _line(ax, run: RunSummary, xs: Sequence[float], ys: Sequence[float]) -> None:
+    marker, dash, size = _STYLES.get(run.strategy, ("o", "-", 6))
+    ax.plot(xs, ys, marker=marker, linestyle=dash, markersize=size, label=run.label, color=_color(run))
+
+
 def _round_axis(ax) -> None:
     from matplotlib.ticker import MaxNLocator
 
@@ -462,7 +471,7 @@ def _metric_plot(runs: Sequence[RunSummary], key: str, title: str, path: Path) -
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for run in runs:
         xs, ys = run.series("evaluate", key)
-        ax.plot(xs, ys, marker="o", label=run.label, color=_color(run))
+        _line(ax, run, xs, ys)
     _round_axis(ax)
     ax.set_ylabel(title)
     ax.set_ylim(0.0, 1.0)
@@ -480,8 +489,7 @@ def _wall_plot(runs: Sequence[RunSummary], path: Path) -> Path:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     for run in runs:
         rows = run.per_round()
-        ax1.plot([r["round"] for r in rows], [r["wall_time_s"] or 0.0 for r in rows], marker="o",
-                 label=run.label, color=_color(run))
+        _line(ax1, run, [r["round"] for r in rows], [r["wall_time_s"] or 0.0 for r in rows])
     _round_axis(ax1)
     ax1.set_ylabel("seconds")
     ax1.set_title("wall time per round")
@@ -507,8 +515,7 @@ def _bytes_plot(runs: Sequence[RunSummary], path: Path) -> Path:
         for run in runs:
             rows = run.per_round()
             values += [r[key] for r in rows if r[key] > 0]
-            ax.plot([r["round"] for r in rows], [r[key] for r in rows], marker="o", label=run.label,
-                    color=_color(run))
+            _line(ax, run, [r["round"] for r in rows], [r[key] for r in rows])
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: fmt_bytes(v)))
         few_decades = bool(values) and max(values) < 30 * min(values)  # label minor ticks too
