@@ -247,6 +247,24 @@ def test_hydra_callback_is_registered_and_writes_or_explains(runs, tmp_path, cap
     assert not (sweep / "report").exists()
 
 
+def test_hydra_callback_compares_the_run_dirs_its_jobs_reported(runs, tmp_path):
+    """Runs outside the sweep directory (run_dir=...) are found through on_job_end."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from simulations.callbacks import CompareReport
+
+    callback = CompareReport()
+    callback.on_multirun_start(_callback_config(tmp_path))
+    for name in ("he-fedavg", "fedavg"):
+        ret = JobReturn(cfg=OmegaConf.create({"run_dir": str(runs / name)}), status=JobStatus.COMPLETED)
+        callback.on_job_end(OmegaConf.create({}), job_return=ret)
+    failed = JobReturn(cfg=OmegaConf.create({"run_dir": str(tmp_path / "x")}), status=JobStatus.FAILED)
+    callback.on_job_end(OmegaConf.create({}), job_return=failed)
+    callback.on_multirun_end(_callback_config(tmp_path))  # the sweep dir itself holds no runs
+    assert callback.report == tmp_path / "report" / "report.md"
+    check_report_matches_runs(tmp_path / "report", [runs / "fedavg", runs / "he-fedavg"])
+
+
 def test_audit_hook_is_off_by_default_and_named_when_unavailable(tmp_path):
     from simulations.run import run_audit_for
 
