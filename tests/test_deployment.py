@@ -5,8 +5,10 @@ Slow (the SuperLink and SuperNodes poll every 3 s): ~1 min per run. Still run in
 
 from __future__ import annotations
 
-import json
+import math
 import shutil
+import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,20 +22,74 @@ from tests.conftest import write_synthetic_npz
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def site_keys(tmp_path_factory):
-    """Keygen output; the server host gets a copy of public.ctx + manifest only."""
-    keys = keygen(tmp_path_factory.mktemp("institution-keys"), "compact")
-    server = tmp_path_factory.mktemp("server-keys")
+def _keyset(tmp_path_factory, preset: str) -> tuple[Path, Path]:
+    """Keygen output (institutions) and the server host's copy: public.ctx + manifest only."""
+    keys = keygen(tmp_path_factory.mktemp(f"institution-keys-{preset}"), preset)
+    server = tmp_path_factory.mktemp(f"server-keys-{preset}")
     for name in (PUBLIC_FILE, MANIFEST_FILE):
         shutil.copy(keys / name, server / name)
     return keys, server
 
 
+def _secret_key_bytes(secret_file: Path) -> bytes:
+    """The ``secret_key`` section of a key file, parsed from the documented layout (not the
+    whole file: secret.ctx also holds parameters and, for FOCAL, evaluation keys that
+    public.ctx legitimately shares)."""
+    data = secret_file.read_bytes()
+    assert data[:4] == b"FFHK"
+    (meta_len,) = struct.unpack_from("<I", data, 6)
+    pos = 10 + meta_len
+    (count,) = struct.unpack_from("<H", data, pos)
+    pos += 2
+    sections = {}
+    for _ in range(count):
+        name_len = data[pos]
+        name = data[pos + 1 : pos + 1 + name_len].decode()
+        (size,) = struct.unpack_from("<Q", data, pos + 1 + name_len)
+        pos += 9 + name_len
+        sections[name] = data[pos : pos + size]
+        pos += size
+    assert "secret_key" in sections and len(sections["secret_key"]) > 1000, sorted(sections)
+    return sections["secret_key"]
+
+
+def assert_server_side_never_saw_the_secret_key(keys: Path, server_keys: Path, run_dir: Path,
+                                                deployment: LoopbackDeployment) -> int:
+    """Scan every server-side file for pieces of the secret key; returns the files scanned.
+
+    Server side: the run directory (outputs, checkpoint, run config, `flwr run` log), the
+    server's key directory, and everything of the SuperLink (log, state.db, its FLWR_HOME with
+    the installed app) -- all of the deployment's workdir except the SuperNodes' own logs.
+    """
+    secret = _secret_key_bytes(keys / "secret.ctx")
+    probes = [secret[i : i + 48] for i in (0, len(secret) // 3, len(secret) // 2, len(secret) - 48)]
+    probes += [p.hex().encode() for p in probes]
+    server_side = [*run_dir.rglob("*"), *server_keys.rglob("*"),
+                   *(p for p in deployment.workdir.rglob("*") if not p.name.startswith("supernode"))]
+    files = [p for p in server_side if p.is_file()]
+    assert deployment.workdir / "superlink.log" in files and deployment.workdir / "state.db" in files
+    for path in files:
+        blob = path.read_bytes()
+        for probe in probes:
+            assert probe not in blob, path
+    assert str(keys) not in (run_dir / "run_config.toml").read_text()
+    return len(files)
+
+
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory, site_keys):
+def site_keys(tmp_path_factory):
+    return _keyset(tmp_path_factory, "compact")
+
+
+@pytest.fixture(scope="module")
+def site_data(tmp_path_factory):
+    return write_synthetic_npz(tmp_path_factory.mktemp("data") / "site.npz", sizes=(160, 40, 40))
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory, site_keys, site_data):
     keys, _ = site_keys
-    data = write_synthetic_npz(tmp_path_factory.mktemp("data") / "site.npz", sizes=(160, 40, 40))
+    data = site_data
     nodes = [
         {"partition-id": i, "num-partitions": 2, "data-path": str(data), "he-secret-key": str(keys / "secret.ctx")}
         for i in range(2)
@@ -62,17 +118,63 @@ def test_he_fedavg_runs_and_the_superlink_host_never_holds_the_secret_key(deploy
     assert metrics["status"] == "completed"
     assert [len(r["train_institutions"]) for r in metrics["rounds"]] == [2, 2]
     assert not (result.run_dir / "model.pt").exists() and (result.run_dir / "model.he").is_file()
-    secret = (keys / "secret.ctx").read_bytes()
-    probe = secret[len(secret) // 2 : len(secret) // 2 + 64]
-    server_side = [*result.run_dir.rglob("*"), *server_keys.rglob("*"), deployment.workdir / "superlink.log",
-                   deployment.workdir / "state.db"]
-    for path in server_side:
-        if path.is_file():
-            assert probe not in path.read_bytes(), path
-    assert str(keys) not in (result.run_dir / "run_config.toml").read_text()
+    assert_server_side_never_saw_the_secret_key(keys, server_keys, result.run_dir, deployment)
     decrypt_model(result.run_dir, keys)  # where the key lives: an institution
     state = torch.load(result.run_dir / "model.pt")
     assert all(torch.isfinite(v.double()).all() for v in state.values())
+
+
+def test_focal_runs_on_real_superlink_and_supernodes_and_the_server_never_holds_the_secret_key(
+        tmp_path_factory, tmp_path, site_data):
+    """FOCAL through a real SuperLink: each SuperNode gets its data and the FOCAL secret key by
+    node config, the server only public.ctx (relin + Galois keys, no secret key)."""
+    keys, server_keys = _keyset(tmp_path_factory, "focal")
+    nodes = [{"partition-id": i, "num-partitions": 2, "data-path": str(site_data),
+              "he-secret-key": str(keys / "secret.ctx")} for i in range(2)]
+    cfg = RunConfig(strategy="focal", dataset="medmnist", image_size=28, num_server_rounds=1,
+                    min_available_nodes=2, lr=0.5, seed=5, backbone="monai-resnet18", backbone_input_size=32,
+                    embedding_cache_dir=str(tmp_path / "institution-embeddings"), he_key_dir=str(server_keys),
+                    run_dir=str(tmp_path / "focal"))
+    with LoopbackDeployment(nodes, workdir=tmp_path_factory.mktemp("deploy-focal")) as dep:
+        result = dep.run(cfg)
+        assert result.status == "finished:completed"  # read back with `flwr ls`
+        metrics = result.metrics()
+        # one round (~6 s per message exchange in deployment): embed, one head step, evaluate
+        assert metrics["status"] == "completed" and [r["round"] for r in metrics["rounds"]] == [1]
+        (rnd,) = metrics["rounds"]
+        assert sorted(rnd["train_institutions"]) == ["0", "1"] and not rnd["failures"]
+        assert sorted(rnd["evaluate_institutions"]) == ["0", "1"]
+        assert math.isfinite(rnd["train"]["train-loss"]) and 0.0 <= rnd["evaluate"]["auroc"] <= 1.0
+        assert not (result.run_dir / "model.pt").exists() and (result.run_dir / "model.he").is_file()
+        scanned = assert_server_side_never_saw_the_secret_key(keys, server_keys, result.run_dir, dep)
+        assert scanned >= 6
+    decrypt_model(result.run_dir, keys)  # an institution turns model.he into backbone + head
+    state = torch.load(result.run_dir / "model.pt")
+    assert all(torch.isfinite(v.double()).all() for v in state.values())
+
+
+def test_the_secret_scan_catches_a_leaked_key(tmp_path_factory, tmp_path, site_keys):
+    """Negative control for the scan above: a key that did reach the server side is found."""
+    from types import SimpleNamespace
+
+    keys, server_keys = site_keys
+    run_dir, workdir = tmp_path / "run", tmp_path / "deploy"
+    for d in (run_dir, workdir / "flwr-home"):
+        d.mkdir(parents=True)
+    (run_dir / "run_config.toml").write_text("strategy = 'he-fedavg'\n")
+    (workdir / "state.db").write_bytes(b"\0" * 64)
+    (workdir / "supernode0.log").write_bytes((keys / "secret.ctx").read_bytes())  # institution side: fine
+    (workdir / "superlink.log").write_text("INFO clean\n")
+    fake = SimpleNamespace(workdir=workdir)
+    assert assert_server_side_never_saw_the_secret_key(keys, server_keys, run_dir, fake) == 5  # run config, 2 server keys, log, db
+    leaks = [(workdir / "superlink.log", lambda: "key " + _secret_key_bytes(keys / "secret.ctx").hex()),
+             (run_dir / "checkpoint.npz", lambda: (keys / "secret.ctx").read_bytes())]
+    for path, content in leaks:
+        data = content()
+        path.write_bytes(data if isinstance(data, bytes) else data.encode())
+        with pytest.raises(AssertionError):
+            assert_server_side_never_saw_the_secret_key(keys, server_keys, run_dir, fake)
+        path.write_text("clean")
 
 
 def test_a_killed_supernode_leaves_the_round_to_the_survivors_and_rejoins(tmp_path_factory, tmp_path):
