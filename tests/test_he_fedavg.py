@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -178,6 +179,50 @@ def test_an_aggregate_is_decrypted_once_per_process_and_callers_get_independent_
         decrypt_record(agg, other, LAYOUT)
     with pytest.raises(ValueError, match="invalid weights"):
         decrypt_record(aggregate(rec, [1.0, 0.0]), he_secret, LAYOUT)
+
+
+def test_replies_added_on_arrival_give_the_same_sum_bytes_and_failures_as_adding_at_the_end(key_dir, tmp_path):
+    """The streaming path (PromptGrid's reply hook) in any arrival order == the batch path."""
+    he_secret = SecretContext.load(key_dir)
+    other = SecretContext.load(keygen(tmp_path / "other", "compact"))
+    rng = np.random.default_rng(5)
+    good = [(_plain(rng), n) for n in (20, 50, 80, 10)]
+
+    sent = [_enc_reply(100 + i, rec, n, he_secret, 350.0) for i, (rec, n) in enumerate(good)]
+    sent.append(_enc_reply(104, good[0][0], 40, other, 350.0))  # foreign key: rejected
+
+    def replies():  # the same ciphertexts for both paths
+        return copy.deepcopy(sent)
+
+    def strategy():
+        roster = InstitutionRoster()
+        for pid in range(5):
+            roster.register(Institution(node_id=100 + pid, partition_id=pid, num_classes=2, in_channels=1,
+                                        num_train=50))
+        s = HEFedAvg(he_public=PublicContext.load(key_dir), roster=roster)
+        s._layout, s._weight_norm = LAYOUT, 350.0
+        return s
+
+    batch = strategy()
+    arrays_b, metrics_b = batch.aggregate_train(1, replies())
+
+    stream = strategy()
+    from flower_focal.crypto import Accumulator
+    from flower_focal.strategy.he_fedavg import _RoundSum
+    stream._sum = _RoundSum(Accumulator(stream.he_public))
+    arrived = [stream._absorb(r) for r in reversed(replies())]  # what PromptGrid does, other order
+    assert sum(keys.HE_CIPHERTEXT not in r.content.array_records.get("arrays", {}) for r in arrived) == 4
+    arrays_s, metrics_s = stream.aggregate_train(1, arrived)
+
+    assert arrays_s[keys.HE_CIPHERTEXT].data == arrays_b[keys.HE_CIPHERTEXT].data  # exact modular sums
+    np.testing.assert_array_equal(arrays_s[keys.HE_WEIGHTS].numpy(), [350.0, 160.0])
+    assert dict(metrics_s) == dict(metrics_b)
+    rb, rs = batch.history.rounds[0], stream.history.rounds[0]
+    assert rs.bytes_up == rb.bytes_up > 0 and rs.failures == rb.failures and len(rs.failures) == 1
+    assert sorted(rs.train_institutions) == sorted(rb.train_institutions) == [0, 1, 2, 3]
+    out = LAYOUT.flatten(decrypt_record(arrays_s, he_secret, LAYOUT))
+    expected = sum(n * LAYOUT.flatten(rec) for rec, n in good) / 160.0
+    np.testing.assert_allclose(out, expected, atol=1e-6)
 
 
 def test_nan_update_is_refused_before_encryption(key_dir):

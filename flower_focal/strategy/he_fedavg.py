@@ -7,6 +7,12 @@ are checked, sends the encrypted sum back together with the plaintext pair ``[C,
 multiply by ``C / W``. So the weighting stays exact when institutions fail or are rejected,
 and the server holds no secret key, no plaintext update and no plaintext model.
 
+Replies are added the moment they arrive when the grid is a
+:class:`~flower_focal.grid.PromptGrid` (``run_server`` always wraps it so): each ciphertext is
+checked, added into the running sum and dropped, so the sum is ready when the last reply
+lands and the server holds about one model, not one per institution. Ciphertext addition is
+exact modular arithmetic, so the sum is bit-identical in any arrival order.
+
 Everything else (sampling, rounds, per-institution history, metrics) is :class:`FedAvg`'s.
 Server-side evaluation of the model does not exist in this mode: evaluation is federated.
 """
@@ -14,19 +20,33 @@ Server-side evaluation of the model does not exist in this mode: evaluation is f
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 from flwr.supercore import log
 
 from flower_focal import keys
 from flower_focal.crypto import Accumulator, CiphertextError, PublicContext
-from flower_focal.history import metric_dict
+from flower_focal.grid import PromptGrid
+from flower_focal.history import metric_dict, reply_bytes
 from flower_focal.packing import ArrayLayout
 from flower_focal.strategy.fedavg import FedAvg
+
+
+_REJECTED = (CiphertextError, ValueError, KeyError, TypeError)
+
+
+@dataclass
+class _RoundSum:
+    """One round's running encrypted sum and what happened to each reply added so far."""
+
+    acc: Accumulator
+    # id(reply) -> (reply, weight or None, rejection reason or None, ciphertext bytes)
+    seen: dict[int, tuple[Message, float | None, str | None, int]] = field(default_factory=dict)
 
 
 class HEFedAvg(FedAvg):
@@ -70,6 +90,7 @@ class HEFedAvg(FedAvg):
         self.noise_multiplier = noise_multiplier
         self._layout: ArrayLayout | None = None
         self._weight_norm = 1.0
+        self._sum: _RoundSum | None = None
 
     def summary(self) -> None:
         """FedAvg summary plus HE parameters (never keys)."""
@@ -117,7 +138,27 @@ class HEFedAvg(FedAvg):
             std = self.noise_multiplier * self.clip_norm / len(messages) ** 0.5  # m = sampled
             for message in messages:
                 message.content[keys.CONFIG][keys.HE_NOISE_STD] = std
+        self._sum = _RoundSum(Accumulator(self.he_public))
+        if isinstance(grid, PromptGrid):
+            grid.reply_hook = self._absorb  # add each ciphertext as it arrives
         return messages
+
+    def _absorb(self, reply: Message) -> Message:
+        """Check and add a training reply into the round's sum, then drop its ciphertext."""
+        stream = self._sum
+        if stream is None or reply.has_error() or reply.metadata.message_type != MessageType.TRAIN:
+            return reply
+        size = reply_bytes(reply)
+        try:
+            blob, weight = self._checked_reply(reply)
+            stream.acc.add(blob)
+        except _REJECTED as exc:
+            stream.seen[id(reply)] = (reply, None, str(exc), size)
+            return reply
+        metrics = next(iter(reply.content.metric_records.values()))
+        reply.content = RecordDict({keys.METRICS: metrics})  # the sum holds the ciphertext now
+        stream.seen[id(reply)] = (reply, weight, None, size)
+        return reply
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -130,27 +171,40 @@ class HEFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Add the valid ciphertexts in partition order; reject malformed ones, keep going."""
+        """Finish the round's encrypted sum; rejected replies are logged and left out.
+
+        Replies that :meth:`_absorb` already added on arrival are only accounted for here;
+        any other reply (a grid without :class:`PromptGrid`) is checked and added now.
+        """
         replies = self.roster.sort_replies(replies)
+        stream, self._sum = self._sum or _RoundSum(Accumulator(self.he_public)), None
         self._record_replies(server_round, replies, phase="train")
         record = self.history.round(server_round)
-        acc = Accumulator(self.he_public)
         accepted, total_weight = [], 0.0
         for reply in replies:
             if reply.has_error():
                 continue
             pid = self.roster.partition_of(reply.metadata.src_node_id)
-            try:
-                blob, weight = self._checked_reply(reply)
-                acc.add(blob)
-            except (CiphertextError, ValueError, KeyError, TypeError) as exc:
+            seen = stream.seen.get(id(reply))
+            if seen is not None and seen[0] is reply:  # added on arrival
+                _, weight, error, size = seen
+                record.bytes_up += size - reply_bytes(reply)  # its ciphertext was dropped
+            else:
+                weight, error = None, None
+                try:
+                    blob, weight = self._checked_reply(reply)
+                    stream.acc.add(blob)
+                except _REJECTED as exc:
+                    error = str(exc)
+            if error is not None:
                 log(WARNING, "he-fedavg round %d: rejected reply of institution %d: %s",
-                    server_round, pid, exc)
-                record.failures.append(f"train institution {pid}: rejected ({exc})")
+                    server_round, pid, error)
+                record.failures.append(f"train institution {pid}: rejected ({error})")
                 record.train_institutions.pop(pid, None)
                 continue
             accepted.append(reply.content)
             total_weight += weight
+        acc = stream.acc
         log(INFO, "he-fedavg round %d: summed %d ciphertexts (total weight %.0f)",
             server_round, len(accepted), total_weight)
         if not accepted or not self._enough_replies(server_round, len(accepted)):
