@@ -8,8 +8,12 @@ Part 1 (micro, per preset, at each model's exact parameter count, 10 institution
 upload/download bytes per parameter, client encrypt/decrypt time, server aggregation time,
 relative error (benchmarks/bench_crypto.py:bench_preset).
 Part 2 (simulation): the same Flower Ray simulation (10 institutions, synthetic pathology
-tiles, 28 px) run with fedavg and with he-fedavg per preset; ratio of the mean round wall
-time of rounds 2.. (steady state: encrypted model both ways) he / plain.
+tiles, 28 px, 1 local epoch) run with fedavg and with he-fedavg per preset, for each workload
+in --images-per-institution; ratio of the mean round wall time of rounds 2.. (steady state:
+encrypted model both ways) he / plain, the HE overhead in seconds per round (which does not
+grow with the data, so the ratio falls as institutions hold more images), the training
+replies summed per round and every failure the run recorded (a preset whose run fails is
+reported with its error; the others still run).
 Part 3 (optional): PathMNIST macro AUROC / accuracy of he-fedavg next to fedavg, 5
 institutions, val split, via `flower-focal evaluate`.
 Prints one JSON object.
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -39,24 +44,45 @@ def _round_wall(result) -> float:
     return statistics.mean(walls)
 
 
-def simulation_ratio(model: str, presets: list[str], args, out: Path) -> dict:
+def _load() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def _failures(result) -> dict:
+    """Per round: training replies summed, and every failure line the run recorded."""
+    rounds = result.metrics()["rounds"]
+    return {
+        "train_replies_per_round": [len(r["train_institutions"]) for r in rounds],
+        "failures": [f"round {r['round']}: {f}" for r in rounds for f in r["failures"]],
+    }
+
+
+def simulation_ratio(model: str, presets: list[str], args, out: Path, images: int) -> dict:
     base = RunConfig(
-        dataset="synthetic-pathology", num_samples=args.images_per_institution * args.institutions,
+        dataset="synthetic-pathology", num_samples=images * args.institutions,
         image_size=28, model=model, num_server_rounds=args.rounds, partitioner="iid",
         min_available_nodes=args.institutions, seed=1, local_epochs=1,
     )
     fed = Federation(num_supernodes=args.institutions)
-    plain = simulate(base.replace(run_dir=str(out / f"{model}-fedavg")), fed, echo=False)
+    plain = simulate(base.replace(run_dir=str(out / f"{model}-{images}-fedavg")), fed, echo=False)
     plain_wall = _round_wall(plain)
-    rows = {"fedavg_round_wall_s": round(plain_wall, 2), "presets": {}}
+    rows = {"images_per_institution": images, "fedavg_round_wall_s": round(plain_wall, 2),
+            "fedavg_loadavg": _load(), "presets": {}}
     for preset in presets:
-        cfg = base.replace(strategy="he-fedavg", he_preset=preset, run_dir=str(out / f"{model}-{preset}"))
-        he = simulate(cfg, fed, echo=False)
+        cfg = base.replace(strategy="he-fedavg", he_preset=preset, run_dir=str(out / f"{model}-{images}-{preset}"))
+        try:
+            he = simulate(cfg, fed, echo=False)
+        except Exception as exc:  # report the preset's failure and go on with the others
+            rows["presets"][preset] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+            continue
         wall = _round_wall(he)
         last = he.metrics()["rounds"][-1]
         rows["presets"][preset] = {
             "round_wall_s": round(wall, 2),
             "ratio_vs_fedavg": round(wall / plain_wall, 2),
+            "overhead_s_per_round": round(wall - plain_wall, 2),
+            "loadavg": _load(),
+            **_failures(he),
             "bytes_up_per_round": last["bytes_up"],
             "bytes_down_per_round": last["bytes_down"],
             "val_auroc_he": last["evaluate"].get("auroc"),
@@ -91,7 +117,8 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["medium-cnn", "resnet18"])
     p.add_argument("--presets", nargs="+", default=sorted(PRESETS), choices=sorted(PRESETS))
     p.add_argument("--institutions", type=int, default=10)
-    p.add_argument("--images-per-institution", type=int, default=100)
+    p.add_argument("--images-per-institution", type=int, nargs="+", default=[100, 1000],
+                   help="workloads: the plain round time grows with them, the HE overhead does not")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--auroc-rounds", type=int, default=0, help="PathMNIST rounds (0 = skip part 3)")
     p.add_argument("--skip-micro", action="store_true")
@@ -105,7 +132,8 @@ def main() -> None:
             if not args.skip_micro:
                 entry["micro"] = [bench_preset(pr, n_params, args.institutions, 0, 0) for pr in args.presets]
             if not args.skip_simulation:
-                entry["simulation"] = simulation_ratio(model, args.presets, args, Path(tmp))
+                entry["simulation"] = [simulation_ratio(model, args.presets, args, Path(tmp), images)
+                                       for images in args.images_per_institution]
             result["models"][model] = entry
         if args.auroc_rounds:
             result["pathmnist"] = pathmnist_auroc(args, Path(tmp))
