@@ -61,32 +61,39 @@ def run_server(grid: Grid, cfg: RunConfig, run_id: int | str = "local") -> Resul
         strategy.history = history
         strategy.checkpoint_dir = run_dir
         shape = strategy.roster.data_shape(grid)
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model, shape.in_channels, shape.num_classes, cfg.image_size)
         history.info.update(
             num_classes=shape.num_classes,
             in_channels=shape.in_channels,
-            model_parameters=count_parameters(model),
             institutions=len(strategy.roster.ordered_node_ids(grid.get_node_ids())),
         )
         shared = ConfigRecord(
             {keys.NUM_CLASSES: shape.num_classes, keys.IN_CHANNELS: shape.in_channels}
         )
-        initial = ArrayRecord(model.state_dict())
+        initial = ArrayRecord()  # FOCAL: an institution makes the (encrypted) initial head
+        if getattr(strategy, "uses_initial_model", True):
+            torch.manual_seed(cfg.seed)
+            model = build_model(cfg.model, shape.in_channels, shape.num_classes, cfg.image_size)
+            history.info["model_parameters"] = count_parameters(model)
+            initial = ArrayRecord(model.state_dict())
         strategy.bind_initial_model(initial)
         done = checkpoint.server_round if checkpoint is not None else 0
         if done:
             log(INFO, "flower-focal: resuming after round %d from %s", done, run_dir / CHECKPOINT_FILE)
         if done:
             driver = RoundOffset(driver, done)
-        result = driver.start(
-            grid,
-            checkpoint.arrays if checkpoint is not None else initial,
-            num_rounds=max(cfg.num_server_rounds - done, 0),
-            timeout=cfg.round_timeout,
-            train_config=shared,
-            evaluate_config=ConfigRecord(dict(shared)),
-        )
+        try:
+            result = driver.start(
+                grid,
+                checkpoint.arrays if checkpoint is not None else initial,
+                num_rounds=max(cfg.num_server_rounds - done, 0),
+                timeout=cfg.round_timeout,
+                train_config=shared,
+                evaluate_config=ConfigRecord(dict(shared)),
+            )
+        finally:  # also when RoundOffset's loop ran instead of the strategy's own start()
+            close = getattr(strategy, "close", None)
+            if callable(close):
+                close()
         if checkpoint is not None and not result.arrays:  # nothing was left to run
             result.arrays = checkpoint.arrays
         history.status = "completed"

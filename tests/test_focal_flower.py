@@ -1,5 +1,7 @@
-"""FOCAL on Flower: loopback parity with the plaintext twin, ciphertext-only replies, dropout,
-and one real Ray simulation (slow) through ``simulate()`` and ``flower-focal evaluate``."""
+"""FOCAL on Flower: loopback parity with the plaintext twin (also with balanced class weights and
+several steps per round), ciphertext-only replies, dropout, min-train-replies, fraction-evaluate,
+resume of a killed server, and one real Ray simulation (slow) launched through the Hydra
+launcher with the default EfficientNet-Lite0 backbone, checked with ``flower-focal evaluate``."""
 
 from __future__ import annotations
 
@@ -16,12 +18,21 @@ from sklearn.metrics import roc_auc_score
 from clients.client_app import app as client_app
 from flower_focal import keys
 from flower_focal.artifacts import decrypt_model, load_model
+from flower_focal.checkpoint import load_checkpoint
 from flower_focal.client.focal import site_embeddings
 from flower_focal.client.handlers import site_from_context
 from flower_focal.config import RunConfig
 from flower_focal.crypto import keygen
-from flower_focal.focal import FocalLayout, Institution, predict_logits, softmax, train_plaintext
+from flower_focal.focal import (
+    FocalLayout,
+    Institution,
+    balanced_class_weights,
+    predict_logits,
+    softmax,
+    train_plaintext,
+)
 from flower_focal.server import run_server
+from flower_focal.simulation import repo_root
 from flower_focal.strategy import build_strategy
 from flower_focal.strategy.focal import Focal
 from tests.conftest import LoopbackGrid, write_synthetic_npz
@@ -40,20 +51,39 @@ def npz(tmp_path_factory) -> Path:
 
 
 def _cfg(tmp_path: Path, npz: Path, key_dir: Path, name: str, **kw) -> RunConfig:
-    return RunConfig(
+    settings = dict(
         strategy="focal", num_server_rounds=ROUNDS, min_available_nodes=3, lr=LR,
         dataset="medmnist", data_path=str(npz), image_size=28, partitioner="iid",
         backbone="monai-resnet18", backbone_input_size=32, embedding_cache_dir=str(tmp_path / "emb"),
-        he_key_dir=str(key_dir), run_dir=str(tmp_path / name), device="cpu", seed=7, **kw,
+        he_key_dir=str(key_dir), run_dir=str(tmp_path / name), device="cpu", seed=7,
     )
+    return RunConfig(**{**settings, **kw})
 
 
-def _run(cfg: RunConfig, hook=None) -> LoopbackGrid:
-    grid = LoopbackGrid(client_app, 3, cfg.to_flower())
+def _run(cfg: RunConfig, hook=None, grid_class=LoopbackGrid) -> LoopbackGrid:
+    grid = grid_class(client_app, 3, cfg.to_flower())
     if hook:
         hook(grid)
     run_server(grid, cfg)
     return grid
+
+
+class ServerKilled(Exception):
+    """Stands for the ServerApp process dying."""
+
+
+class DyingGrid(LoopbackGrid):
+    """The server dies when it sends round ``DIE_AT``'s first FOCAL step."""
+
+    DIE_AT = 3
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        for m in messages:
+            if (m.metadata.message_type == keys.ACTION_FOCAL
+                    and m.content[keys.CONFIG][keys.SERVER_ROUND] >= self.DIE_AT):
+                raise ServerKilled()
+        return super().push_messages(messages)
 
 
 def _institutions(grid: LoopbackGrid, split: str) -> list[Institution]:
@@ -83,8 +113,23 @@ def _auroc(head: np.ndarray, val: list[Institution]) -> float:
                                multi_class="ovr", average="macro", labels=present))
 
 
-def test_focal_matches_plaintext_twin_and_server_sees_only_ciphertext(tmp_path, npz, key_dir):
-    cfg = _cfg(tmp_path, npz, key_dir, "run")
+def _rounds_match_twin(metrics: dict, plain, steps: int = 1) -> None:
+    """Every round's federated training loss is the twin's loss at that round's last step."""
+    for i, rnd in enumerate(metrics["rounds"]):
+        hist = plain.history[(i + 1) * steps - 1]
+        assert rnd["train"]["train-loss"] == pytest.approx(hist["loss"], abs=1e-4)
+
+
+@pytest.mark.parametrize("class_weights,steps", [
+    ("none", 1),
+    pytest.param("balanced", 2, marks=pytest.mark.slow),
+])
+def test_focal_matches_plaintext_twin_and_server_sees_only_ciphertext(
+    tmp_path, npz, key_dir, class_weights, steps
+):
+    rounds = ROUNDS if steps == 1 else 2
+    cfg = _cfg(tmp_path, npz, key_dir, "run", num_server_rounds=rounds,
+               focal_class_weights=class_weights, focal_steps_per_round=steps)
     strategy = build_strategy(cfg)
     assert isinstance(strategy, Focal) and not strategy.he_public.holds_secret_key
     assert not strategy.evaluator.holds_secret_key
@@ -103,30 +148,45 @@ def test_focal_matches_plaintext_twin_and_server_sees_only_ciphertext(tmp_path, 
             for name, arr in record.items():
                 assert arr.stype == keys.HE_STYPE, (reply.metadata.message_type, name)
     assert {keys.ACTION_EMBED, keys.ACTION_FOCAL, keys.ACTION_FOCAL_EVALUATE} <= actions
-    # each forward message carries one institution's logits only
+    # each forward message carries one institution's logits only (+ the encrypted class total)
     fwd = [m for m in grid.sent if m.metadata.message_type == keys.ACTION_FOCAL]
-    assert len(fwd) == 3 * ROUNDS
-    assert all(list(m.content[keys.ARRAYS].keys()) == [keys.FOCAL_LOGITS] for m in fwd)
+    assert len(fwd) == 3 * rounds * steps
+    expected = [keys.FOCAL_LOGITS] + ([keys.FOCAL_CLASS_COUNTS] if class_weights == "balanced" else [])
+    for m in fwd:
+        assert list(m.content[keys.ARRAYS].keys()) == expected
+        assert all(a.stype == keys.HE_STYPE for a in m.content[keys.ARRAYS].values())
+    assert [m.content[keys.CONFIG][keys.FOCAL_STEP] for m in fwd[::3]] == list(range(1, rounds * steps + 1))
 
     train, val = _institutions(grid, "train"), _institutions(grid, "val")
     k = int(json.loads((run_dir / "model.json").read_text())["num_classes"])
-    plain = train_plaintext(train, k, epochs=ROUNDS, lr=LR, init_seed=cfg.seed, block=cfg.focal_block)
+    weights = None
+    if class_weights == "balanced":
+        weights = balanced_class_weights(np.bincount(np.concatenate([i.y for i in train]), minlength=k))
+    plain = train_plaintext(train, k, epochs=rounds * steps, lr=LR, init_seed=cfg.seed,
+                            block=cfg.focal_block, class_weights=weights)
     head = _head(run_dir, key_dir)
     dw = float(np.abs(head - plain.head).max())
     a_he, a_pl = _auroc(head, val), _auroc(plain.head, val)
-    print(f"focal loopback: max|dW|={dw:.2e}, auroc {a_he:.4f} vs {a_pl:.4f}")
+    print(f"focal loopback ({class_weights}, {steps} steps/round): max|dW|={dw:.2e}, "
+          f"auroc {a_he:.4f} vs {a_pl:.4f}")
     assert dw < 1e-4 and abs(a_he - a_pl) < 0.002
+    if weights is not None:  # the weights really changed the training
+        unweighted = train_plaintext(train, k, epochs=rounds * steps, lr=LR, init_seed=cfg.seed)
+        assert float(np.abs(head - unweighted.head).max()) > 100 * dw
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["status"] == "completed" and len(metrics["rounds"]) == ROUNDS
-    for rnd, hist in zip(metrics["rounds"], plain.history):
+    assert metrics["status"] == "completed" and len(metrics["rounds"]) == rounds
+    assert metrics["info"]["model_parameters"] == (train[0].x.shape[1] + 1) * k  # the head only
+    _rounds_match_twin(metrics, plain, steps)
+    for rnd in metrics["rounds"]:
         assert sorted(rnd["train_institutions"]) == ["0", "1", "2"]
-        assert rnd["train"]["train-loss"] == pytest.approx(hist["loss"], abs=1e-4)
         assert 0.0 <= rnd["evaluate"]["auroc"] <= 1.0 and not rnd["failures"]
 
 
-def test_institution_crashing_mid_training_is_left_out(tmp_path, npz, key_dir):
-    cfg = _cfg(tmp_path, npz, key_dir, "crash")
+@pytest.mark.parametrize("min_replies", [1, pytest.param(3, marks=pytest.mark.slow)])
+def test_institution_crashing_mid_training_is_left_out(tmp_path, npz, key_dir, min_replies):
+    # also: fraction-evaluate 0.5 evaluates 2 of the 3 institutions (min-evaluate-nodes 2)
+    cfg = _cfg(tmp_path, npz, key_dir, "crash", min_train_replies=min_replies, fraction_evaluate=0.5)
 
     def crash_pid2(grid: LoopbackGrid) -> None:
         grid.crash_from_round[grid.node_ids[2]] = 2  # partition 2 dies from round 2 on
@@ -137,11 +197,47 @@ def test_institution_crashing_mid_training_is_left_out(tmp_path, npz, key_dir):
     assert [sorted(r["train_institutions"]) for r in metrics["rounds"]] == [
         ["0", "1", "2"], ["0", "1"], ["0", "1"]]
     assert any("institution 2" in f for f in metrics["rounds"][1]["failures"])
+    evaluated = [m for m in grid.sent if m.metadata.message_type == keys.ACTION_FOCAL_EVALUATE]
+    assert len(evaluated) == 2 * ROUNDS
     train = _institutions(grid, "train")
     k = int(json.loads((Path(cfg.run_dir) / "model.json").read_text())["num_classes"])
-    plain = train_plaintext(train, k, epochs=ROUNDS, lr=LR, init_seed=cfg.seed,
-                            absent={1: {"2"}, 2: {"2"}})
+    if min_replies == 1:  # rounds 2 and 3 train with the two survivors
+        plain = train_plaintext(train, k, epochs=ROUNDS, lr=LR, init_seed=cfg.seed,
+                                absent={1: {"2"}, 2: {"2"}})
+    else:  # 2 replies < min-train-replies 3: the head is left as round 1 made it
+        plain = train_plaintext(train, k, epochs=1, lr=LR, init_seed=cfg.seed)
+        for rnd in metrics["rounds"][1:]:
+            assert rnd["train"] == {} and any("min-train-replies" in f for f in rnd["failures"])
     assert float(np.abs(_head(Path(cfg.run_dir), key_dir) - plain.head).max()) < 1e-4
+
+
+@pytest.mark.slow
+def test_focal_resumes_a_killed_server_to_the_uninterrupted_result(tmp_path, npz, key_dir):
+    cfg = _cfg(tmp_path, npz, key_dir, "killed")
+    run_dir = Path(cfg.run_dir)
+    with pytest.raises(ServerKilled):
+        _run(cfg, grid_class=DyingGrid)
+    ckpt = load_checkpoint(run_dir)
+    assert ckpt is not None and ckpt.server_round == DyingGrid.DIE_AT - 1
+    assert list(ckpt.arrays.keys()) == [keys.FOCAL_HEAD]  # the server checkpoints the encrypted head
+    assert ckpt.arrays[keys.FOCAL_HEAD].stype == keys.HE_STYPE
+
+    grid = _run(cfg.replace(resume=True))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
+    assert metrics["info"]["resumed_after_round"] == 2
+    # the resumed server re-collected the embeddings, kept the checkpointed head, ran round 3 only
+    embed = [m for m in grid.sent if m.metadata.message_type == keys.ACTION_EMBED]
+    assert len(embed) == 3 and not any(m.content[keys.CONFIG][keys.FOCAL_INIT_HEAD] for m in embed)
+    fwd = [m for m in grid.sent if m.metadata.message_type == keys.ACTION_FOCAL]
+    assert [m.content[keys.CONFIG][keys.SERVER_ROUND] for m in fwd] == [3, 3, 3]
+    assert {m.content[keys.CONFIG][keys.FOCAL_STEP] for m in fwd} == {3}
+    # same head as an uninterrupted run (its twin; fresh CKKS noise per encryption)
+    train = _institutions(grid, "train")
+    k = int(json.loads((run_dir / "model.json").read_text())["num_classes"])
+    plain = train_plaintext(train, k, epochs=ROUNDS, lr=LR, init_seed=cfg.seed)
+    assert float(np.abs(_head(run_dir, key_dir) - plain.head).max()) < 1e-4
+    _rounds_match_twin(metrics, plain)
 
 
 def test_focal_refuses_a_secret_context_and_a_non_focal_preset(key_dir, tmp_path):
@@ -155,28 +251,39 @@ def test_focal_refuses_a_secret_context_and_a_non_focal_preset(key_dir, tmp_path
 
 
 @pytest.mark.slow
-def test_focal_real_ray_simulation_end_to_end(tmp_path, npz):
-    from flower_focal.simulation import Federation, simulate
-
-    cfg = RunConfig(
-        strategy="focal", num_server_rounds=2, min_available_nodes=3, lr=LR,
-        dataset="medmnist", data_path=str(npz), image_size=28, partitioner="iid",
-        backbone="monai-resnet18", backbone_input_size=32, embedding_cache_dir=str(tmp_path / "emb"),
-        run_dir=str(tmp_path / "sim"), device="cpu",
-    )
-    result = simulate(cfg, Federation(num_supernodes=3, ray_num_cpus=2), timeout_s=900, echo=False)
-    assert result.status == "finished:completed"
-    metrics = result.metrics()
+def test_focal_hydra_ray_simulation_with_the_default_backbone(tmp_path):
+    """``python -m simulations.run strategy=focal``: Ray, EfficientNet-Lite0 (at 32 px), temporary
+    focal keys, model.he decrypted into model.pt, scored by ``flower-focal evaluate``."""
+    # 5 classes: 3 ciphertext class pairs instead of the 9-class fixture's 5 (server work per step)
+    npz = write_synthetic_npz(tmp_path / "retina.npz", "synthetic-retina", sizes=(60, 30, 30))
+    run_dir = tmp_path / "sim"
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+    cmd = [
+        sys.executable, "-m", "simulations.run", "strategy=focal", "dataset=medmnist",
+        f"dataset.path={npz}", "dataset.image_size=28", "partition=iid", "num_institutions=3",
+        "num_rounds=2", "train.lr=0.05", "device=cpu", "strategy.fraction_evaluate=0.67",
+        "strategy.focal.backbone=efficientnet-lite0", "strategy.focal.backbone_input_size=32",
+        f"strategy.focal.embedding_cache_dir={tmp_path / 'emb'}", "federation.ray_num_cpus=2",
+        f"run_dir={run_dir}", f"hydra.run.dir={tmp_path / 'hydra'}",
+    ]
+    out = subprocess.run(cmd, cwd=repo_root(), env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "completed" and [r["round"] for r in metrics["rounds"]] == [1, 2]
+    assert metrics["config"]["strategy"] == "focal" and metrics["config"]["backbone"] == "efficientnet-lite0"
+    assert metrics["info"]["model_parameters"] == 1281 * 5  # d=1280 (+ bias) x 5 classes
     for rnd in metrics["rounds"]:
         assert sorted(rnd["train_institutions"]) == ["0", "1", "2"]
-        assert sorted(rnd["evaluate_institutions"]) == ["0", "1", "2"]
-        assert 0.0 <= rnd["evaluate"]["auroc"] <= 1.0
+        assert len(rnd["evaluate_institutions"]) == 2  # fraction-evaluate 0.67 of 3
+        assert 0.0 <= rnd["evaluate"]["auroc"] <= 1.0 and not rnd["failures"]
+    assert metrics["rounds"][1]["train"]["train-loss"] < metrics["rounds"][0]["train"]["train-loss"]
     for name in ("model.he", "model.pt", "model.json", "metrics.json", "summary.md"):
-        assert (result.run_dir / name).is_file(), name
-    env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+        assert (run_dir / name).is_file(), name
+    spec = json.loads((run_dir / "model.json").read_text())
+    assert spec["model"] == "focal-linear" and spec["backbone"] == "efficientnet-lite0"
+    assert spec["backbone_input_size"] == 32
     out = subprocess.run(
-        [sys.executable, "-m", "flower_focal.cli", "evaluate", "--run-dir", str(result.run_dir),
+        [sys.executable, "-m", "flower_focal.cli", "evaluate", "--run-dir", str(run_dir),
          "--data", str(npz), "--split", "test", "--device", "cpu"],
         env=env, capture_output=True, text=True, timeout=300, check=False,
     )

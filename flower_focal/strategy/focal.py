@@ -24,6 +24,7 @@ secret key, nor plaintext images, embeddings, labels, logits, errors or weights.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable
 from logging import INFO, WARNING
 from typing import Any
@@ -47,6 +48,7 @@ from flower_focal.focal import (
 )
 from flower_focal.history import metric_dict, reply_bytes
 from flower_focal.strategy.fedavg import FedAvg
+from flower_focal.strategy.roster import OrderedGrid, seeded_random
 
 CLASS_WEIGHTS = ("none", "balanced")
 
@@ -97,6 +99,7 @@ class Focal(FedAvg):
     """
 
     name = "focal"
+    uses_initial_model = False  # the head is made (encrypted) by an institution, not the server
 
     def __init__(
         self,
@@ -256,8 +259,11 @@ class Focal(FedAvg):
             raise RuntimeError("focal: no institution uploaded usable embeddings")
         if counts:
             self._class_counts = self._sum_counts(counts)
-        log(INFO, "focal: %d institutions, N=%d samples, layout d=%d K=%d block %d",
-            len(self._members), self._n_total, dim, num_classes, self.block)
+        self._step = (server_round - 1) * self.steps_per_round  # continues after a resume
+        self.history.info["model_parameters"] = self.layout.d1 * num_classes  # the head W
+        log(INFO, "focal: %d institutions, N=%d samples, layout d=%d K=%d block %d%s",
+            len(self._members), self._n_total, dim, num_classes, self.block,
+            ", head restored from the checkpoint" if resumed else "")
 
     def _sum_counts(self, blobs: list[bytes]) -> bytes:
         """Add the institutions' encrypted class-count vectors (the server never decrypts)."""
@@ -296,6 +302,8 @@ class Focal(FedAvg):
         """Round 1: the embed exchange first. Then one forward message per institution."""
         self.roster.refresh(grid)
         self._grid = grid
+        if keys.FOCAL_HEAD in arrays:
+            self._global = arrays  # the encrypted head as the server holds it (checkpoints)
         if self._server is None:
             self._setup(server_round, arrays, grid)
         return self._step_messages(server_round, grid)
@@ -324,6 +332,9 @@ class Focal(FedAvg):
                 record.failures.append(f"train institution {pid}: rejected ({exc})")
                 record.train_institutions.pop(pid, None)
         while errors:
+            if len(errors) < self.min_train_replies:
+                self._enough_replies(server_round, len(errors))  # records why
+                return []
             try:
                 server_backward_update(server, errors)
                 break
@@ -355,7 +366,7 @@ class Focal(FedAvg):
             more = self.roster.sort_replies(more)
             self._record_replies(server_round, more, phase="train")
             accepted = self._update(server_round, more) or accepted
-        if not accepted or not self._enough_replies(server_round, len(accepted)):
+        if not accepted:  # no step of this round updated the head (failures are recorded)
             return None, None
         server = self._server
         if server is None:
@@ -370,13 +381,22 @@ class Focal(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """The encrypted head to every known institution; they decrypt and evaluate locally."""
+        """The encrypted head to the sampled institutions; they decrypt and evaluate locally.
+
+        Sampling is FedAvg's (``fraction_evaluate`` of the known institutions, at least
+        ``min_evaluate_nodes``; seeded by round, so the same seed evaluates the same ones).
+        """
         if self._server is None or self.layout is None or self.fraction_evaluate <= 0:
             return []
         head = (he_bytes(arrays, keys.FOCAL_HEAD) if keys.FOCAL_HEAD in arrays
                 else server_export_head(self._server))
         content = RecordDict({keys.ARRAYS: ArrayRecord({keys.FOCAL_HEAD: he_array(head)}),
                               keys.CONFIG: self._base_config(server_round)})
+        known = OrderedGrid(grid, self.roster).get_node_ids()
+        size = min(max(int(len(known) * self.fraction_evaluate), self.min_evaluate_nodes), len(known))
+        with seeded_random(self.seed, server_round, "evaluate"):
+            sampled = random.sample(known, size)  # Flower's sample_nodes, without its wait
+        log(INFO, "focal: evaluating on %d of %d institutions", len(sampled), len(known))
         messages = [Message(content, dst_node_id=node, message_type=keys.ACTION_FOCAL_EVALUATE)
-                    for node in self.roster.ordered_node_ids(grid.get_node_ids())]
+                    for node in self.roster.ordered_node_ids(sampled)]
         return self._count_sent(server_round, messages)
