@@ -271,7 +271,7 @@ def test_audit_hook_is_off_by_default_and_named_when_unavailable(tmp_path):
     cfg = OmegaConf.create({"audit": {"enabled": False}})
     assert run_audit_for(cfg, RunConfig(), tmp_path) is None
     try:
-        import flower_focal.audit  # noqa: F401
+        from flower_focal.audit import AuditConfig, run_audit  # noqa: F401
     except ImportError:
         with pytest.raises(RuntimeError, match="flower_focal.audit"):
             run_audit_for(OmegaConf.create({"audit": {"enabled": True}}), RunConfig(), tmp_path)
