@@ -23,8 +23,8 @@ computes it from the actual weights, and that is the value to account with.
 Accounting: one round is the Gaussian mechanism with RDP(alpha) = alpha / (2 z^2); ``T``
 rounds compose additively, RDP(alpha) = T alpha / (2 z^2) (Mironov 2017); the conversion is
 epsilon = min_alpha RDP(alpha) + log(1/delta) / (alpha - 1), taken over a dense grid of orders.
-This conversion is a valid but slightly loose bound (the exact Gaussian profile is 3-30 % lower
-in the range of the benchmark; see tests/test_privacy.py).
+This conversion is a valid but slightly loose bound (3-31 % above the exact Gaussian profile
+for z = 0.1-10; see tests/test_privacy.py).
 
 **No amplification by subsampling** is claimed: when ``fraction-train < 1`` institutions are
 sampled by a seeded, public RNG, so the sampling is not secret and every round is counted as if
