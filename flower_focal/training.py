@@ -104,6 +104,10 @@ def train_local(
     and the caller's RNG state is left untouched). ``momentum`` applies to SGD only;
     ``class_weights`` (length K) weights the cross-entropy.
 
+    BatchNorm step counters (``num_batches_tracked``) are left as received when the layer has
+    a momentum (then they affect nothing): as part of an update they would only count local
+    batches, and that count would dominate the update's norm under DP clipping.
+
     Returns ``{"train-loss": mean per-example loss of the last epoch, "num-examples":
     len(dataset)}``. Raises ``ValueError`` for an empty dataset or bad arguments and
     ``FloatingPointError`` as soon as the loss is NaN or infinite.
@@ -134,6 +138,7 @@ def train_local(
     )
     rng_devices = [_cuda_index(device)] if device.type == "cuda" else []
     epoch_loss = math.nan
+    counters = _step_counters(model)
     model.train()
     with torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(seed)
@@ -153,7 +158,21 @@ def train_local(
                 loss_sum += value * labels.shape[0]
                 seen += labels.shape[0]
             epoch_loss = loss_sum / seen
+    with torch.no_grad():
+        for buffer, received in counters:
+            buffer.copy_(received)
     return {keys.TRAIN_LOSS: epoch_loss, keys.NUM_EXAMPLES: num_examples}
+
+
+def _step_counters(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(buffer, copy)`` of the ``num_batches_tracked`` of every BatchNorm with a momentum."""
+    return [
+        (m.num_batches_tracked, m.num_batches_tracked.detach().clone())
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and m.momentum is not None
+        and m.num_batches_tracked is not None
+    ]
 
 
 def evaluate_model(

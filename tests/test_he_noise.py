@@ -21,20 +21,24 @@ def key_dir(tmp_path_factory):
     return keygen(tmp_path_factory.mktemp("keys"), "compact")
 
 
-def test_noise_is_added_to_the_clipped_update_before_encryption(key_dir):
+def _noised(he_secret, local, ref):
+    enc = encrypt_record(local, he_secret, LAYOUT, weight=1.0, reference=ref, clip_norm=1.0, noise_std=0.05)
+    enc = ArrayRecord({**dict(enc.items()), keys.HE_WEIGHTS: Array(np.array([1.0, 1.0]))})
+    return LAYOUT.flatten(decrypt_record(enc, he_secret, LAYOUT))
+
+
+def test_noise_is_added_to_the_clipped_update_before_encryption_and_is_fresh_each_time(key_dir):
     he_secret = SecretContext.load(key_dir)
     ref = ArrayRecord({"w": Array(np.zeros(2000, np.float32))})
     local = ArrayRecord({"w": Array(np.full(2000, 1.0, np.float32))})
-    enc = encrypt_record(local, he_secret, LAYOUT, weight=1.0, reference=ref, clip_norm=1.0,
-                         noise_std=0.05, seed=3)
-    enc = ArrayRecord({**dict(enc.items()), keys.HE_WEIGHTS: Array(np.array([1.0, 1.0]))})
-    out = LAYOUT.flatten(decrypt_record(enc, he_secret, LAYOUT))
+    out = _noised(he_secret, local, ref)
     clipped = np.full(2000, 1.0 / np.sqrt(2000))
     assert np.std(out - clipped) == pytest.approx(0.05, rel=0.1)
-    again = encrypt_record(local, he_secret, LAYOUT, weight=1.0, reference=ref, clip_norm=1.0,
-                           noise_std=0.05, seed=3)
-    again = ArrayRecord({**dict(again.items()), keys.HE_WEIGHTS: Array(np.array([1.0, 1.0]))})
-    np.testing.assert_allclose(LAYOUT.flatten(decrypt_record(again, he_secret, LAYOUT)), out, atol=1e-6)
+    # The same inputs (same run, institution and round) give independent noise: nothing public
+    # regenerates it, so nobody can subtract it from the decrypted aggregate.
+    again = _noised(he_secret, local, ref)
+    corr = np.corrcoef(out - clipped, again - clipped)[0, 1]
+    assert abs(corr) < 0.15 and np.std(again - out) == pytest.approx(0.05 * np.sqrt(2), rel=0.15)
 
 
 def test_noise_needs_a_clip_norm(key_dir):

@@ -72,6 +72,23 @@ def test_train_local_reduces_loss_and_reports_examples() -> None:
     assert after["accuracy"] > 0.9 and after["auroc"] > 0.95
 
 
+def test_batchnorm_step_counters_are_not_part_of_the_update() -> None:
+    """num_batches_tracked would count local batches and dominate a clipped update's norm."""
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _train(model, DictDataset(90), epochs=2)
+    after = model.state_dict()
+    counters = [k for k in after if k.endswith("num_batches_tracked")]
+    assert counters and all(torch.equal(after[k], before[k]) for k in counters)
+    stats = [k for k in after if k.endswith("running_mean")]
+    assert stats and all(not torch.equal(after[k], before[k]) for k in stats)  # BN still learns statistics
+    momentum_free = torch.nn.BatchNorm1d(4, momentum=None)  # cumulative average: the counter matters
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(C * SIZE * SIZE, 4), momentum_free,
+                              torch.nn.Linear(4, K))
+    _train(net, DictDataset(90), epochs=1)
+    assert int(momentum_free.num_batches_tracked) > 0
+
+
 def test_adam_class_weights_and_tuple_batches() -> None:
     data = DictDataset(40)
     tuples = TensorDataset(data.images, data.labels)

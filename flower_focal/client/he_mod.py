@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import secrets
 import threading
 from pathlib import Path
 
@@ -27,7 +28,6 @@ from flwr.app import Array, ArrayRecord, Context, Message, MessageType, RecordDi
 from flwr.clientapp.typing import ClientAppCallable
 
 from flower_focal import keys
-from flower_focal.client.handlers import local_seed
 from flower_focal.config import RunConfig
 from flower_focal.crypto import SECRET_FILE, SecretContext
 from flower_focal.packing import ArrayLayout
@@ -136,14 +136,15 @@ def encrypt_record(
     reference: ArrayRecord | None = None,
     clip_norm: float = 0.0,
     noise_std: float = 0.0,
-    seed: int = 0,
     workers: int = 1,
 ) -> ArrayRecord:
     """The encrypted, weighted reply: ``Enc(weight * w)`` as one ciphertext Array.
 
     With ``clip_norm > 0`` the update ``w - reference`` is scaled down to that L2 norm first;
-    with ``noise_std > 0`` Gaussian noise of that std (seeded by ``seed``) is added to the
-    clipped update, so only a noised update is ever encrypted (distributed DP).
+    with ``noise_std > 0`` Gaussian noise of that std is added to the clipped update, so only a
+    noised update is ever encrypted (distributed DP). The noise comes from the operating
+    system's entropy (never from the run's seed or other public values: whoever could
+    regenerate it could subtract it), so runs with noise are not bit-reproducible.
 
     Raises
     ------
@@ -161,7 +162,7 @@ def encrypt_record(
         if norm > clip_norm:
             delta = delta * (clip_norm / norm)
         if noise_std > 0:
-            delta = delta + np.random.default_rng(seed).normal(0.0, noise_std, delta.shape)
+            delta = delta + np.random.default_rng(secrets.randbits(128)).normal(0.0, noise_std, delta.shape)
         flat = base + delta
     blob = he_secret.encrypt(flat * weight, workers=workers).to_bytes()
     return ArrayRecord(
@@ -199,8 +200,6 @@ def he_fedavg_mod(message: Message, context: Context, call_next: ClientAppCallab
         reference=global_model,
         clip_norm=float(config.get(keys.HE_CLIP_NORM, 0.0)),
         noise_std=float(config.get(keys.HE_NOISE_STD, 0.0)),
-        seed=local_seed(cfg.seed, int(context.node_config.get(keys.NODE_PARTITION_ID, 0)),
-                        int(config[keys.SERVER_ROUND])) + 7919,
         workers=cfg.he_workers,
     )
     reply.content = RecordDict({keys.ARRAYS: encrypted, keys.METRICS: reply.content[keys.METRICS]})
