@@ -97,7 +97,7 @@ def to_federation(cfg: DictConfig) -> Federation:
     )
 
 
-AUDIT_OVERRIDES = ("num_samples", "iterations", "attack", "model")  # audit.* keys passed on when set
+AUDIT_OVERRIDES = ("num_samples", "iterations", "attack", "model", "batch_size")  # audit.* passed on when set
 
 
 def run_audit_for(cfg: DictConfig, run_cfg: RunConfig, run_dir: Path) -> dict | None:

@@ -278,6 +278,36 @@ def test_audit_hook_is_off_by_default_and_named_when_unavailable(tmp_path):
     assert not (tmp_path / "audit.json").exists()
 
 
+def _audit_available() -> bool:
+    try:
+        from flower_focal.audit import AuditConfig, run_audit  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+TINY_AUDIT = {"enabled": True, "num_samples": 1, "iterations": 2, "batch_size": 1, "attack": None, "model": None}
+
+
+@pytest.mark.skipif(not _audit_available(), reason="flower_focal.audit is not available")
+def test_audit_hook_audits_the_run_and_the_report_shows_its_leakage(runs, tmp_path):
+    from simulations.run import run_audit_for
+
+    run_dir = shutil.copytree(runs / "fedavg", tmp_path / "fedavg")
+    run_cfg = RunConfig.from_mapping(json.loads((run_dir / "config.json").read_text()))
+    result = run_audit_for(OmegaConf.create({"audit": TINY_AUDIT}), run_cfg, run_dir)
+    audit = json.loads((run_dir / "audit.json").read_text())
+    assert audit == json.loads(json.dumps(result))
+    cfg = audit["config"]
+    assert (cfg["strategy"], cfg["dataset"], cfg["seed"], cfg["model"]) == ("fedavg", "synthetic-pathology", 3, "lenet-sigmoid")
+    assert (cfg["num_samples"], cfg["iterations"], cfg["batch_size"]) == (1, 2, 1)
+    out = tmp_path / "report"
+    write_report([run_dir, runs / "he-fedavg"], out)
+    doc = check_report_matches_runs(out, [run_dir, runs / "he-fedavg"])
+    assert doc["runs"][0]["leakage"]["leakage_rate"] == audit["leakage_rate"]
+    assert doc["runs"][0]["leakage"]["attackable"] is True
+
+
 # ------------------------------------------------------------------------------ the one command
 @pytest.mark.slow
 def test_one_multirun_command_writes_the_report_of_the_runs_it_launched(tmp_path):
@@ -293,6 +323,9 @@ def test_one_multirun_command_writes_the_report_of_the_runs_it_launched(tmp_path
         f"++strategy.focal.embedding_cache_dir={tmp_path / 'emb'}", "federation.ray_num_cpus=2",
         f"hydra.sweep.dir={sweep}",
     ]
+    audited = _audit_available()
+    if audited:  # the leakage column from a real (tiny) audit of each run
+        cmd += [f"audit.{k}={'null' if v is None else str(v).lower()}" for k, v in TINY_AUDIT.items()]
     env = {**__import__("os").environ}
     env["PATH"] = str(Path(sys.executable).parent) + ":" + env.get("PATH", "")
     out = subprocess.run(cmd, cwd=repo_root(), env=env, capture_output=True, text=True, timeout=900)
@@ -307,3 +340,7 @@ def test_one_multirun_command_writes_the_report_of_the_runs_it_launched(tmp_path
     for entry in doc["runs"]:
         assert entry["status"] == "completed" and len(entry["rounds"]) == 2
         assert 0.0 <= entry["final_auroc"] <= 1.0
+        assert (entry["leakage"] is not None) == audited
+    if audited:  # the server of he-fedavg and focal holds only ciphertexts
+        assert [e["leakage"]["attackable"] for e in doc["runs"]] == [True, False, False]
+        assert all(e["leakage"]["leakage_rate"] == 0.0 for e in doc["runs"][1:])
