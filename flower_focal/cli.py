@@ -4,6 +4,7 @@
     flower-focal keygen --out keys/ [--preset compact]
     flower-focal decrypt-model --run-dir DIR --key keys/
     flower-focal report --runs RUN_DIR... --out DIR     # compare strategies (report.md + plots)
+    flower-focal audit --strategy fedavg --dataset pathmnist --out DIR   # gradient-inversion audit
 
 Subcommands are registered in ``COMMANDS``; each owns its arguments and returns an exit code.
 """
@@ -159,11 +160,78 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_audit(sub: argparse._SubParsersAction) -> None:
+    from flower_focal.audit import AuditConfig
+
+    d = AuditConfig()
+    p = sub.add_parser(
+        "audit",
+        help="attack what the server observes (gradient inversion) under a strategy; writes "
+        "audit.json and audit.png, prints a JSON summary",
+    )
+    p.add_argument("--strategy", default=d.strategy, choices=("fedavg", "he-fedavg", "focal"))
+    p.add_argument("--dataset", default=d.dataset,
+                   help="pathmnist | retinamnist (found in ../shared/data, else synthetic), medmnist, "
+                   "folder, csv, synthetic-retina, synthetic-pathology; default: %(default)s")
+    p.add_argument("--data", default="", help="data file or folder (default: ../shared/data/<dataset>)")
+    p.add_argument("--model", default=d.model, help="default: %(default)s")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--local-steps", type=int, default=d.local_steps)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--num-samples", type=int, default=d.num_samples, help="images attacked")
+    p.add_argument("--attack", default=d.attack, choices=("inverting-gradients", "idlg"))
+    p.add_argument("--iterations", type=int, default=d.iterations, help="L-BFGS evaluations")
+    p.add_argument("--image-size", type=int, default=d.image_size)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--dp-clip-norm", type=float, default=d.dp_clip_norm)
+    p.add_argument("--dp-noise-multiplier", type=float, default=d.dp_noise_multiplier)
+    p.add_argument("--aggregate-size", type=int, default=d.aggregate_size,
+                   help="he-fedavg: other institutions in the aggregate a curious institution attacks")
+    p.add_argument("--backbone", default=d.backbone, help="focal: frozen backbone")
+    p.add_argument("--backbone-input-size", type=int, default=d.backbone_input_size)
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--out", required=True, type=Path, help="directory for audit.json and audit.png")
+    p.set_defaults(handler=_audit)
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from flower_focal.audit import AuditConfig, run_audit
+
+    cfg = AuditConfig(
+        strategy=args.strategy, dataset=args.dataset, data_path=args.data, model=args.model,
+        batch_size=args.batch_size, local_steps=args.local_steps, lr=args.lr,
+        num_samples=args.num_samples, attack=args.attack, iterations=args.iterations,
+        image_size=args.image_size, seed=args.seed, dp_clip_norm=args.dp_clip_norm,
+        dp_noise_multiplier=args.dp_noise_multiplier, aggregate_size=args.aggregate_size,
+        backbone=args.backbone, backbone_input_size=args.backbone_input_size, device=args.device,
+    )
+    result = run_audit(cfg, out_dir=args.out)
+    inst = result.get("institution_side") or {}
+    after = (result.get("dp") or {}).get("after_noise") or {}
+    print(json.dumps({
+        "strategy": result["strategy"],
+        "threat": result["threat"],
+        "attackable": result["attackable"],
+        "leakage_rate": result["leakage_rate"],
+        "attacked": result["attacked"],
+        "ssim_median": result["ssim_summary"]["median"],
+        "psnr_median": result["psnr_summary"]["median"],
+        "institution_side_leakage_rate": inst.get("leakage_rate") if inst.get("attacked") else None,
+        "dp_after_noise_leakage_rate": after.get("leakage_rate"),
+        "rule": result["rule"],
+        "reason": result["reason"],
+        "json": str((args.out / "audit.json").resolve()),
+        "png": str((args.out / "audit.png").resolve()),
+    }))
+    return 0
+
+
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_evaluate,
     _add_keygen,
     _add_decrypt_model,
     _add_report,
+    _add_audit,
 )
 
 
