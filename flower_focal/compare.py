@@ -142,7 +142,7 @@ class RunSummary:
             "reason": str(a.get("reason", "")),
             "ssim_threshold": a.get("ssim_threshold"),
             "rule": a.get("rule"),
-            "attacked_samples": len(a.get("ssim") or []),
+            "attacked_samples": int(a.get("attacked", len(a.get("ssim") or []))),
             "attack": cfg.get("attack"),
             "num_samples": cfg.get("num_samples"),
             "institution_side_leakage_rate": (
@@ -316,6 +316,12 @@ def _num(value: float | None, digits: int = 4) -> str:
     return f"{value:.{digits}f}"
 
 
+def _short(text: str, limit: int = 160) -> str:
+    """One table cell: no pipes or newlines, at most ``limit`` characters (report.json has it all)."""
+    text = " ".join(text.replace("|", "/").split())
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
 def fmt_bytes(n: float) -> str:
     """Bytes in decimal units (B, kB, MB, GB) with three significant figures."""
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
@@ -425,7 +431,7 @@ def render_markdown(runs: Sequence[RunSummary], out_dir: Path, problems: Sequenc
             "yes" if leak["attackable"] else "no",
             str(leak["attacked_samples"]),
             _num(leak["institution_side_leakage_rate"], 2),
-            (leak["reason"] or "").replace("|", "/").replace("\n", " "),
+            _short(leak["reason"] or ""),
         ])
     lines += _table(("strategy", "leakage rate (server)", "server can attack", "samples attacked",
                      "leakage rate (institution side)", "reason"), audit_rows)
