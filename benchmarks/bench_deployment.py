@@ -1,9 +1,10 @@
 """Deployment vs simulation: wall time per round for each strategy, and recovery times.
 
-    python benchmarks/bench_deployment.py [--strategies fedavg he-fedavg] [--rounds 3]
+    python benchmarks/bench_deployment.py [--strategies fedavg he-fedavg focal] [--rounds 3]
 
 For each strategy, the same run (2 institutions, synthetic pathology tiles in a MedMNIST
-file, small CNN) is executed (a) in Flower's Ray simulation through `flwr run` and (b) on a
+file, small CNN; focal: monai-resnet18 backbone at 32 px, its own `--preset focal` key set and
+deployment) is executed (a) in Flower's Ray simulation through `flwr run` and (b) on a
 real loopback deployment (flower-superlink + 2 flower-supernode processes). Reported: mean
 round wall time (rounds 2..), whole-run wall time. Recovery: (c) a SuperNode SIGKILLed during a
 round: the wall time of that round (it completes once Flower's heartbeat declares the node
@@ -14,6 +15,7 @@ seconds from the resume command to the next finished round. Prints one JSON obje
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -37,9 +39,38 @@ def _round_walls(metrics: dict) -> list[float]:
     return [r["wall_time_s"] for r in metrics["rounds"]]
 
 
+def _server_keys(keys: Path, dest: Path) -> Path:
+    """What the server host gets: public.ctx + manifest, never secret.ctx."""
+    dest.mkdir()
+    for name in (PUBLIC_FILE, MANIFEST_FILE):
+        (dest / name).write_bytes((keys / name).read_bytes())
+    return dest
+
+
+def _compare(dep: LoopbackDeployment, cfg: RunConfig, tmp: Path, keys: Path | None = None,
+             server_keys: Path | None = None) -> dict:
+    """The same run in the Ray simulation and on the loopback deployment.
+
+    Keys: in the simulation this process plays every institution (run config ``he-key-dir`` =
+    the whole key set); in the deployment the server gets only ``server_keys`` and the
+    SuperNodes their ``secret.ctx`` by node config.
+    """
+    sim_cfg = cfg.replace(run_dir=str(tmp / f"sim-{cfg.strategy}"), he_key_dir=str(keys or ""))
+    sim = simulate(sim_cfg, Federation(num_supernodes=2), echo=False)
+    depl = dep.run(cfg.replace(run_dir=str(tmp / f"dep-{cfg.strategy}"), he_key_dir=str(server_keys or "")))
+    s_w, d_w = _round_walls(sim.metrics()), _round_walls(depl.metrics())
+    return {
+        "simulation_round_s": round(statistics.mean(s_w[1:] or s_w), 2),
+        "deployment_round_s": round(statistics.mean(d_w[1:] or d_w), 2),
+        "simulation_run_s": round(sim.wall_time_s, 1),
+        "deployment_run_s": round(depl.wall_time_s, 1),
+        "loadavg": [round(v, 2) for v in os.getloadavg()],
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--strategies", nargs="+", default=["fedavg", "he-fedavg"])
+    p.add_argument("--strategies", nargs="+", default=["fedavg", "he-fedavg", "focal"])
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     out: dict = {"benchmark": "deployment_vs_simulation", "machine": machine(), "strategies": {}}
@@ -47,27 +78,23 @@ def main() -> None:
         tmp = Path(tmp)
         data = write_synthetic_npz(tmp / "site.npz", sizes=(200, 50, 50))
         keys = keygen(tmp / "keys", "compact")
-        server_keys = tmp / "server-keys"
-        server_keys.mkdir()
-        for name in (PUBLIC_FILE, MANIFEST_FILE):
-            (server_keys / name).write_bytes((keys / name).read_bytes())
+        server_keys = _server_keys(keys, tmp / "server-keys")
         base = RunConfig(dataset="medmnist", data_path=str(data), image_size=28,
                          num_server_rounds=args.rounds, min_available_nodes=2, seed=1)
         nodes = [{"partition-id": i, "num-partitions": 2, "data-path": str(data),
                   "he-secret-key": str(keys / "secret.ctx")} for i in range(2)]
+        if "focal" in args.strategies:  # its own key set (preset focal) and SuperNodes holding it
+            fkeys = keygen(tmp / "focal-keys", "focal")
+            fnodes = [{**n, "he-secret-key": str(fkeys / "secret.ctx")} for n in nodes]
+            cfg = base.replace(strategy="focal", lr=0.5, backbone="monai-resnet18", backbone_input_size=32,
+                               embedding_cache_dir=str(tmp / "emb"))
+            with LoopbackDeployment(fnodes, workdir=tmp / "dep-focal") as dep:
+                out["strategies"]["focal"] = _compare(dep, cfg, tmp, fkeys, _server_keys(fkeys, tmp / "fsk"))
         with LoopbackDeployment(nodes, workdir=tmp / "dep") as dep:
-            for strategy in args.strategies:
-                extra = {"he_key_dir": str(server_keys)} if strategy == "he-fedavg" else {}
-                sim = simulate(base.replace(strategy=strategy, run_dir=str(tmp / f"sim-{strategy}"), **extra),
-                               Federation(num_supernodes=2), echo=False)
-                depl = dep.run(base.replace(strategy=strategy, run_dir=str(tmp / f"dep-{strategy}"), **extra))
-                s_w, d_w = _round_walls(sim.metrics()), _round_walls(depl.metrics())
-                out["strategies"][strategy] = {
-                    "simulation_round_s": round(statistics.mean(s_w[1:] or s_w), 2),
-                    "deployment_round_s": round(statistics.mean(d_w[1:] or d_w), 2),
-                    "simulation_run_s": round(sim.wall_time_s, 1),
-                    "deployment_run_s": round(depl.wall_time_s, 1),
-                }
+            for strategy in [s for s in args.strategies if s != "focal"]:
+                he = strategy == "he-fedavg"
+                out["strategies"][strategy] = _compare(dep, base.replace(strategy=strategy), tmp,
+                                                       keys if he else None, server_keys if he else None)
             # (c) a SuperNode killed mid-round
             # one of the 2 nodes dies: the run must be allowed to go on with 1
             cfg = base.replace(num_server_rounds=3, min_train_replies=1, min_available_nodes=1,
