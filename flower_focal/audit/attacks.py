@@ -140,6 +140,7 @@ def invert(
     tv_weight: float = 1e-3,
     scale_free: bool = False,
     init: torch.Tensor | None = None,
+    seed: int = 0,
 ) -> InversionResult:
     """Reconstruct the input batch behind each observed gradient.
 
@@ -163,7 +164,8 @@ def invert(
         ``"idlg"`` only: match the gradient up to its scale (the optimal scale in closed
         form), for updates that were clipped.
     init
-        Start point ``(N, B, C, H, W)``; default: a constant mid-grey image (zeros).
+        Start point ``(N, B, C, H, W)``; default: mid-grey plus uniform noise of amplitude
+        0.3 drawn with ``seed`` (the noise breaks the symmetry between the images of a batch).
     """
     if attack not in ATTACKS:
         raise ValueError(f"Unknown attack {attack!r}; expected one of {', '.join(ATTACKS)}")
@@ -201,7 +203,11 @@ def invert(
         (gx,) = torch.autograd.grad(f.sum(), x)
         return f.detach(), gx
 
-    x0 = torch.zeros(n_inst, batch, *image_shape) if init is None else init.clone()
+    if init is None:
+        gen = torch.Generator().manual_seed(seed)
+        x0 = (torch.rand(n_inst, batch, *image_shape, generator=gen) * 2 - 1) * 0.3
+    else:
+        x0 = init.clone()
     x, f, evals = batched_lbfgs(objective, x0, max_evals=iterations)
     return InversionResult(images=x.detach(), objective=f, evaluations=evals)
 

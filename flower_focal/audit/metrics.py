@@ -24,7 +24,9 @@ RULE = (
     "true image (MONAI SSIMMetric, Gaussian window 11, sigma 1.5, images in [0, 1]; best of the "
     "8 flips/90-degree rotations the training augmentation can apply; in a batch, "
     "reconstructions are matched one-to-one to the true images by the Hungarian assignment on "
-    "SSIM); leakage rate = leaked samples / attacked samples"
+    "SSIM) and higher SSIM than an uninformed guess, a flat image in the true image's mean "
+    "colour (so near-uniform tiles that any flat image matches are not counted); leakage rate "
+    "= leaked samples / attacked samples"
 )
 
 
@@ -67,6 +69,7 @@ class BatchScore:
     psnr: list[float]
     matched: list[int]
     transform: list[int]
+    baseline: list[float]
 
 
 def score_batch(recon: torch.Tensor, truth: torch.Tensor) -> BatchScore:
@@ -89,7 +92,13 @@ def score_batch(recon: torch.Tensor, truth: torch.Tensor) -> BatchScore:
         s_out[c] = float(best[r, c])
         p_out[c] = float(_psnr(aligned, truth[c][None].float())[0])
         m_out[c], t_out[c] = int(r), k
-    return BatchScore(s_out, p_out, m_out, t_out)
+    return BatchScore(s_out, p_out, m_out, t_out, flat_baseline(truth))
+
+
+def flat_baseline(truth: torch.Tensor) -> list[float]:
+    """SSIM of a flat image in each true image's own mean colour: what no information gets."""
+    flat = truth.float().mean(dim=(-2, -1), keepdim=True).expand_as(truth).contiguous()
+    return [float(v) for v in _ssim(flat, truth.float())]
 
 
 def _stats(values: list[float]) -> dict[str, float | None]:
@@ -102,14 +111,25 @@ def _stats(values: list[float]) -> dict[str, float | None]:
             "q75": float(np.quantile(arr, 0.75))}
 
 
-def leakage_summary(ssim: list[float], psnr: list[float],
-                    threshold: float = SSIM_THRESHOLD) -> dict[str, object]:
-    """Leakage rate under the rule, plus the SSIM and PSNR distributions."""
-    leaked = sum(1 for s in ssim if s >= threshold)
+def leakage_summary(ssim: list[float], psnr: list[float], threshold: float = SSIM_THRESHOLD,
+                    baseline: list[float] | None = None) -> dict[str, object]:
+    """Leakage rate under the rule, plus the SSIM and PSNR distributions.
+
+    ``baseline``: per sample, the SSIM of the uninformed flat guess (:func:`flat_baseline`);
+    a sample leaks only if its reconstruction beats it. ``ssim_only_leakage_rate`` counts
+    SSIM >= threshold alone, for comparison.
+    """
+    base = baseline if baseline is not None else [-1.0] * len(ssim)
+    if len(base) != len(ssim):
+        raise ValueError("baseline must have one value per sample")
+    leaked = sum(1 for s, b in zip(ssim, base, strict=True) if s >= threshold and s > b)
+    plain = sum(1 for s in ssim if s >= threshold)
     return {
         "leakage_rate": leaked / len(ssim) if ssim else 0.0,
         "leaked": leaked,
         "attacked": len(ssim),
+        "ssim_only_leakage_rate": plain / len(ssim) if ssim else 0.0,
+        "flat_guess_ssim": [round(b, 4) for b in base] if baseline is not None else [],
         "ssim": [round(s, 4) for s in ssim],
         "psnr": [round(p, 3) if math.isfinite(p) else None for p in psnr],
         "ssim_summary": _stats(ssim),
