@@ -81,11 +81,13 @@ def test_audit_config_validates_and_follows_a_run_config():
     with pytest.raises(ValueError, match="sgd"):
         AuditConfig(optimizer="adam")
     run = RunConfig(strategy="he-fedavg", model="lenet-sigmoid", batch_size=4, local_epochs=2, seed=5,
-                    he_clip_norm=0.5, he_noise_multiplier=0.3, dataset="synthetic-retina")
+                    he_clip_norm=0.5, he_noise_multiplier=0.3, dataset="synthetic-retina",
+                    he_key_dir="/run/keys", he_preset="bfv")
     cfg = AuditConfig.from_run_config(run, num_samples=8)
     assert (cfg.strategy, cfg.model, cfg.batch_size, cfg.local_steps, cfg.seed) == ("he-fedavg", "lenet-sigmoid", 4, 2, 5)
     assert (cfg.dp_clip_norm, cfg.dp_noise_multiplier, cfg.num_samples) == (0.5, 0.3, 8)
     assert cfg.num_institutions == 2
+    assert (cfg.he_key_dir, cfg.he_preset) == ("", "bfv")  # own temporary keys of the run's preset
     with pytest.raises(ValueError, match="unknown"):
         AuditConfig.from_run_config(run, nonsense=1)
 

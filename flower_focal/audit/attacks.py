@@ -141,6 +141,7 @@ def invert(
     scale_free: bool = False,
     init: torch.Tensor | None = None,
     seed: int = 0,
+    init_noise: float = 0.3,
 ) -> InversionResult:
     """Reconstruct the input batch behind each observed gradient.
 
@@ -165,7 +166,8 @@ def invert(
         form), for updates that were clipped.
     init
         Start point ``(N, B, C, H, W)``; default: mid-grey plus uniform noise of amplitude
-        0.3 drawn with ``seed`` (the noise breaks the symmetry between the images of a batch).
+        ``init_noise`` drawn with ``seed`` (the noise breaks the symmetry between the images
+        of a batch).
     """
     if attack not in ATTACKS:
         raise ValueError(f"Unknown attack {attack!r}; expected one of {', '.join(ATTACKS)}")
@@ -205,7 +207,7 @@ def invert(
 
     if init is None:
         gen = torch.Generator().manual_seed(seed)
-        x0 = (torch.rand(n_inst, batch, *image_shape, generator=gen) * 2 - 1) * 0.3
+        x0 = (torch.rand(n_inst, batch, *image_shape, generator=gen) * 2 - 1) * init_noise
     else:
         x0 = init.clone()
     x, f, evals = batched_lbfgs(objective, x0, max_evals=iterations)

@@ -36,7 +36,9 @@ class AuditConfig:
     images). ``dp_clip_norm`` / ``dp_noise_multiplier`` switch on the strategy's DP option
     (fedavg: Flower's client-side fixed clipping + server noise; he-fedavg: clip and noise
     before encryption). ``aggregate_size``: victims whose updates are in the aggregate a
-    curious institution attacks (he-fedavg, institution side).
+    curious institution attacks (he-fedavg, institution side). ``he_key_dir``: a key set with
+    ``secret.ctx`` to use instead of a fresh temporary one. ``iterations``: L-BFGS budget
+    (objective-and-gradient evaluations) per attacked update.
     """
 
     strategy: str = "fedavg"
@@ -109,7 +111,9 @@ class AuditConfig:
         ``local_steps`` is the run's ``local_epochs`` (an attacked institution holds one
         batch, so one epoch is one step); the DP settings are the strategy's (fedavg:
         ``dp-clipping-norm`` / ``dp-noise-multiplier`` when noise is on; he-fedavg:
-        ``he-clip-norm`` / ``he-noise-multiplier``). ``overrides`` (field names) win.
+        ``he-clip-norm`` / ``he-noise-multiplier``). The run's key directory is not used (the
+        audit plays the institutions too, so it makes its own key set of the run's preset).
+        ``overrides`` (field names) win.
         """
         if cfg.strategy == "he-fedavg":
             clip, noise = cfg.he_clip_norm, cfg.he_noise_multiplier
@@ -133,7 +137,6 @@ class AuditConfig:
             "dp_clip_norm": clip,
             "dp_noise_multiplier": noise,
             "he_preset": cfg.he_preset if cfg.strategy == "he-fedavg" else "",
-            "he_key_dir": cfg.he_key_dir,
             "backbone": cfg.backbone,
             "backbone_weights": cfg.backbone_weights,
             "backbone_input_size": cfg.backbone_input_size,

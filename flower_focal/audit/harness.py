@@ -332,10 +332,16 @@ def _server_block(checks: list[dict[str, str]], broken: bool, cfg: AuditConfig,
 
 
 def _keys(cfg: AuditConfig, work: Path, preset: str) -> Path:
-    from flower_focal.crypto import keygen
+    from flower_focal.crypto import SECRET_FILE, keygen
 
     if cfg.he_key_dir:
-        return Path(cfg.he_key_dir)
+        key_dir = Path(cfg.he_key_dir)
+        if not (key_dir / SECRET_FILE).is_file():
+            raise FileNotFoundError(
+                f"he_key_dir {key_dir} has no {SECRET_FILE}: the audit plays the institutions and "
+                "needs their key set (or leave he_key_dir empty for a temporary one)"
+            )
+        return key_dir
     return keygen(work / "keys", preset)
 
 
