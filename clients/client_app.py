@@ -1,52 +1,10 @@
 """Flower ClientApp of flower-focal: one institution.
 
-All logic lives in :mod:`flower_focal.client.handlers`; this file only wires it to Flower.
-The HE mod decrypts/encrypts around the same handlers under he-fedavg and passes every other
-strategy's messages through untouched. FOCAL's actions (``train.embed``, ``train.focal``,
-``evaluate.focal``) go to :mod:`flower_focal.client.focal`.
+All logic lives in the library (:mod:`flower_focal.client.app` wires the handlers of
+:mod:`flower_focal.client.handlers` and :mod:`flower_focal.client.focal` with the HE and DP
+mods); this file only exposes it to Flower.
 """
 
-from flwr.app import Context, Message
-from flwr.clientapp import ClientApp
+from flower_focal.client.app import build_client_app
 
-from flower_focal.client import focal, handlers
-from flower_focal.client.dp import dp_clipping_mod
-from flower_focal.client.he_mod import he_fedavg_mod
-
-app = ClientApp()
-
-
-@app.query()
-def describe(message: Message, context: Context) -> Message:
-    """Tell the server this institution's partition id and data shape."""
-    return handlers.describe(message, context)
-
-
-@app.train(mods=[he_fedavg_mod, dp_clipping_mod])
-def train(message: Message, context: Context) -> Message:
-    """Local training round."""
-    return handlers.train(message, context)
-
-
-@app.evaluate(mods=[he_fedavg_mod])
-def evaluate(message: Message, context: Context) -> Message:
-    """Federated evaluation on the institution's own validation split."""
-    return handlers.evaluate(message, context)
-
-
-@app.train("embed")
-def focal_embed(message: Message, context: Context) -> Message:
-    """FOCAL, round 1: encrypted embeddings (and the initial head when asked)."""
-    return focal.embed(message, context)
-
-
-@app.train("focal")
-def focal_step(message: Message, context: Context) -> Message:
-    """FOCAL, every step: own encrypted logits in, encrypted error out."""
-    return focal.step(message, context)
-
-
-@app.evaluate("focal")
-def focal_evaluate(message: Message, context: Context) -> Message:
-    """FOCAL: decrypt the head and evaluate on the own validation split."""
-    return focal.evaluate(message, context)
+app = build_client_app()

@@ -41,38 +41,10 @@ def _ensure_task_identity() -> None:
 
 
 def build_client_app() -> ClientApp:
-    """A ClientApp with the library's handlers and mods, wired as ``clients/client_app.py``."""
-    from flower_focal.client import focal, handlers
-    from flower_focal.client.dp import dp_clipping_mod
-    from flower_focal.client.he_mod import he_fedavg_mod
+    """The library's ClientApp (:func:`flower_focal.client.app.build_client_app`)."""
+    from flower_focal.client.app import build_client_app as build
 
-    app = ClientApp()
-
-    @app.query()
-    def describe(message: Message, context: Context) -> Message:
-        return handlers.describe(message, context)
-
-    @app.train(mods=[he_fedavg_mod, dp_clipping_mod])
-    def train(message: Message, context: Context) -> Message:
-        return handlers.train(message, context)
-
-    @app.evaluate(mods=[he_fedavg_mod])
-    def evaluate(message: Message, context: Context) -> Message:
-        return handlers.evaluate(message, context)
-
-    @app.train("embed")
-    def focal_embed(message: Message, context: Context) -> Message:
-        return focal.embed(message, context)
-
-    @app.train("focal")
-    def focal_step(message: Message, context: Context) -> Message:
-        return focal.step(message, context)
-
-    @app.evaluate("focal")
-    def focal_evaluate(message: Message, context: Context) -> Message:
-        return focal.evaluate(message, context)
-
-    return app
+    return build()
 
 
 class AuditGrid:

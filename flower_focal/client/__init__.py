@@ -1,1 +1,1 @@
-"""Institution-side message handlers used by ``clients/client_app.py``."""
+"""Institution-side code: message handlers, HE/DP mods and the ClientApp wiring (``app.py``)."""
