@@ -94,6 +94,11 @@ class TreeMemorySampler:
         self._thread.join()
 
 
+def loadavg() -> list[float]:
+    """The 1/5/15-minute load averages, rounded (recorded next to every timing)."""
+    return [round(v, 2) for v in os.getloadavg()]
+
+
 def machine() -> dict[str, Any]:
     """Where the benchmark ran."""
     return {

@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any
 
-from _common import emit, machine
+from _common import emit, loadavg, machine
 
 from flower_focal.audit import AuditConfig, run_audit
 
@@ -78,7 +78,7 @@ def run_case(name: str, fields: dict[str, Any]) -> dict[str, Any]:
         "server": {"attackable": result["attackable"], **_row(result)},
         "wall_time_s": result["wall_time_s"],
         "loadavg_before": [round(x, 2) for x in load_before],
-        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "loadavg_after": loadavg(),
     }
     if result.get("dp"):
         dp = result["dp"]
@@ -122,7 +122,7 @@ def main() -> None:
         "machine": machine(),
         "cases": results,
         "total_wall_time_s": round(time.time() - start, 1),
-        "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+        "loadavg_end": loadavg(),
     })
 
 

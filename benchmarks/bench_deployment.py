@@ -15,7 +15,6 @@ seconds from the resume command to the next finished round. Prints one JSON obje
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -23,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from _common import emit, machine
+from _common import emit, loadavg, machine
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.conftest import write_synthetic_npz  # noqa: E402
@@ -64,7 +63,7 @@ def _compare(dep: LoopbackDeployment, cfg: RunConfig, tmp: Path, keys: Path | No
         "deployment_round_s": round(statistics.mean(d_w[1:] or d_w), 2),
         "simulation_run_s": round(sim.wall_time_s, 1),
         "deployment_run_s": round(depl.wall_time_s, 1),
-        "loadavg": [round(v, 2) for v in os.getloadavg()],
+        "loadavg": loadavg(),
     }
 
 

@@ -25,22 +25,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import emit, machine, shared_npz
+from _common import emit, loadavg, machine, shared_npz
 
 from flower_focal.config import RunConfig
 from flower_focal.privacy import ACCOUNTING, client_level_epsilon, effective_noise_multiplier
 from flower_focal.simulation import Federation, SimulationFailed, simulate
 
-
-def _load() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def _evaluate(run_dir: Path, data: Path) -> dict:
@@ -91,12 +87,12 @@ def run_setting(strategy: str, z: float, args: argparse.Namespace, data: Path, o
         min_available_nodes=args.institutions, seed=args.seed, run_dir=str(out / name), **dp,
     )
     row: dict = {"strategy": strategy, "noise_multiplier": z,
-                 "clip_norm": args.clip if (z > 0 or strategy == "he-fedavg") else None, "load_before": _load()}
+                 "clip_norm": args.clip if (z > 0 or strategy == "he-fedavg") else None, "load_before": loadavg()}
     t0 = time.time()
     try:
         result = simulate(cfg, Federation(num_supernodes=args.institutions), echo=False)
     except SimulationFailed as exc:
-        row.update(error=str(exc)[:300], wall_s=round(time.time() - t0, 1), load_after=_load())
+        row.update(error=str(exc)[:300], wall_s=round(time.time() - t0, 1), load_after=loadavg())
         return row
     metrics = result.metrics()
     final = _evaluate(result.run_dir, data)
@@ -110,7 +106,7 @@ def run_setting(strategy: str, z: float, args: argparse.Namespace, data: Path, o
         "federated_val_loss_per_round": [_clean(r.get("evaluate", {}).get("loss"), 3) for r in metrics["rounds"]],
         "privacy": _privacy(strategy, z, metrics, args.institutions, args.rounds, args.delta),
         "wall_s": round(result.wall_time_s, 1),
-        "load_after": _load(),
+        "load_after": loadavg(),
     })
     return row
 

@@ -17,11 +17,10 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import numpy as np
-from _common import emit, machine
+from _common import emit, loadavg, machine
 from sklearn.metrics import roc_auc_score
 
 from flower_focal.crypto import SecretContext
@@ -49,9 +48,6 @@ def _data(seed: int, sizes: list[int], d: int, k: int, sep: float, n_test: int =
     return insts, (make(n_test) if n_test else None)
 
 
-def _load() -> list[float]:
-    return [round(v, 2) for v in os.getloadavg()]
-
 
 def bench_cost(secret: SecretContext, args: argparse.Namespace) -> list[dict]:
     d, k = 1280, 9
@@ -60,7 +56,7 @@ def bench_cost(secret: SecretContext, args: argparse.Namespace) -> list[dict]:
     rows = []
     for block in args.blocks:
         for workers in args.workers:
-            load_before = _load()
+            load_before = loadavg()
             t = time.perf_counter()
             r = train_encrypted(insts, k, secret=secret, epochs=args.epochs, lr=0.5,
                                 block=block, workers=workers)
@@ -93,7 +89,7 @@ def bench_cost(secret: SecretContext, args: argparse.Namespace) -> list[dict]:
                 "head_bytes": r.nbytes["head"],
                 "wall_s": round(wall, 2),
                 "loadavg_before": load_before,
-                "loadavg_after": _load(),
+                "loadavg_after": loadavg(),
             })
     return rows
 

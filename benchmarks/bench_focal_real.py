@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -51,7 +50,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import emit, machine, shared_npz
+from _common import emit, loadavg, machine, shared_npz
 
 from flower_focal.config import RunConfig
 from flower_focal.data import source_info
@@ -73,22 +72,19 @@ from flower_focal.models.embeddings import cached_embeddings, extract_embeddings
 INIT_STD = 0.01  # flower_focal.focal.protocol.init_head's default
 
 
-def _load() -> list[float]:
-    return [round(v, 2) for v in os.getloadavg()]
-
 
 class Clock:
     """Wall time and this process's CPU time (all threads) of a ``with`` block."""
 
     def __enter__(self) -> Clock:
         self._wall, self._cpu = time.perf_counter(), time.process_time()
-        self.load_before = _load()
+        self.load_before = loadavg()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.wall = time.perf_counter() - self._wall
         self.cpu = time.process_time() - self._cpu
-        self.load_after = _load()
+        self.load_after = loadavg()
 
 
 def _scores(probs: np.ndarray, y: np.ndarray, k: int) -> dict[str, float]:
@@ -125,7 +121,7 @@ def embed_dataset(dataset: str, args: argparse.Namespace, backbone: Any) -> dict
     parts = partition_indices(labels, args.institutions, "iid", args.seed)
     transform = build_transforms(28, False, False, synthetic_items=False, in_channels=src.in_channels)
 
-    institutions, embed_s, embed_cpu, load0 = [], [], [], _load()
+    institutions, embed_s, embed_cpu, load0 = [], [], [], loadavg()
     for i, part in enumerate(parts):
         ds = make_dataset([src.train[j] for j in subset[part]], transform, False)
         with Clock() as clock:
@@ -161,7 +157,7 @@ def embed_dataset(dataset: str, args: argparse.Namespace, backbone: Any) -> dict
             "embed_train_s": round(sum(embed_s), 2),
             "embed_train_cpu_s": round(sum(embed_cpu), 2),
             "embed_train_ms_per_image": round(1000 * sum(embed_s) / n_sub, 2),
-            "embed_loadavg": [load0, _load()],
+            "embed_loadavg": [load0, loadavg()],
         },
     }
 
@@ -367,7 +363,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     backbone = build_backbone(args.backbone, device="cpu", input_size=args.input_size or None)
-    start = _load()
+    start = loadavg()
     rows = [run_dataset(name, args, backbone) for name in args.datasets]
     emit({
         "benchmark": "focal_real_medmnist",
@@ -382,7 +378,7 @@ def main() -> None:
                   "and in this process's CPU time (less sensitive to the shared machine's load)",
         "machine": machine(),
         "loadavg_start": start,
-        "loadavg_end": _load(),
+        "loadavg_end": loadavg(),
         "results": rows,
     })
 

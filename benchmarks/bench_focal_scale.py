@@ -18,19 +18,15 @@ load average before and after. Prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
 
-from _common import TreeMemorySampler, emit, machine
+from _common import TreeMemorySampler, emit, loadavg, machine
 
 from flower_focal.config import RunConfig
 from flower_focal.simulation import Federation, simulate
 
-
-def _load() -> list[float]:
-    return [round(v, 2) for v in os.getloadavg()]
 
 
 def one(n: int, args: argparse.Namespace, out: Path) -> dict:
@@ -56,7 +52,7 @@ def one(n: int, args: argparse.Namespace, out: Path) -> dict:
     fed = Federation(num_supernodes=n, client_cpus=args.client_cpus)
     # this run's own FLWR_HOME marks its processes (other simulations on the machine are not counted)
     home = Path(tempfile.mkdtemp(prefix="flower-focal-home-focal-scale-"))
-    load_before = _load()
+    load_before = loadavg()
     with TreeMemorySampler(marker=str(home)) as mem:
         t0 = time.time()
         result = simulate(cfg, fed, echo=False, timeout_s=args.timeout, flwr_home=home)
@@ -89,7 +85,7 @@ def one(n: int, args: argparse.Namespace, out: Path) -> dict:
         "simulation_wall_s": round(wall, 1),
         "peak_rss_gib": round(mem.peak_kib / 2**20, 2),
         "loadavg_before": load_before,
-        "loadavg_after": _load(),
+        "loadavg_after": loadavg(),
     }
 
 

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from _common import emit, machine, shared_npz
+from _common import emit, loadavg, machine, shared_npz
 from bench_crypto import bench_preset
 
 from flower_focal.config import RunConfig
@@ -43,9 +42,6 @@ def _round_wall(result) -> float:
     walls = [r["wall_time_s"] for r in result.metrics()["rounds"][1:]]
     return statistics.mean(walls)
 
-
-def _load() -> list[float]:
-    return [round(v, 2) for v in os.getloadavg()]
 
 
 def _failures(result) -> dict:
@@ -67,7 +63,7 @@ def simulation_ratio(model: str, presets: list[str], args, out: Path, images: in
     plain = simulate(base.replace(run_dir=str(out / f"{model}-{images}-fedavg")), fed, echo=False)
     plain_wall = _round_wall(plain)
     rows = {"images_per_institution": images, "fedavg_round_wall_s": round(plain_wall, 2),
-            "fedavg_loadavg": _load(), "presets": {}}
+            "fedavg_loadavg": loadavg(), "presets": {}}
     for preset in presets:
         cfg = base.replace(strategy="he-fedavg", he_preset=preset, run_dir=str(out / f"{model}-{images}-{preset}"))
         try:
@@ -81,7 +77,7 @@ def simulation_ratio(model: str, presets: list[str], args, out: Path, images: in
             "round_wall_s": round(wall, 2),
             "ratio_vs_fedavg": round(wall / plain_wall, 2),
             "overhead_s_per_round": round(wall - plain_wall, 2),
-            "loadavg": _load(),
+            "loadavg": loadavg(),
             **_failures(he),
             "bytes_up_per_round": last["bytes_up"],
             "bytes_down_per_round": last["bytes_down"],
