@@ -18,7 +18,6 @@ config ``he-key-dir``; it never leaves this process.
 from __future__ import annotations
 
 import functools
-import hashlib
 import secrets
 import threading
 from pathlib import Path
@@ -76,28 +75,27 @@ class _DecryptCache:
     Within a round every institution receives the same encrypted aggregate twice (evaluate
     of round ``r``, then train of round ``r + 1``), and in a simulation one worker process
     serves many institutions that hold the same key: decrypting once per process and round
-    is enough. The key covers the key fingerprint, the ciphertext bytes and ``[C, W]``, so a
+    is enough. A hit needs the same key fingerprint, the same ``[C, W]`` and byte-for-byte the
+    same ciphertext (compared exactly, at memory speed: no hash whose collisions could serve a
+    stale model, and cheaper than hashing 150 MB per message at 11 M parameters), so a
     different aggregate or key never hits; the cached vector is read-only and every caller
-    gets freshly built arrays. Only the plaintext global model (which this process decrypts
-    anyway) is kept, one entry.
+    gets freshly built arrays. One entry is kept: the plaintext global model (which this
+    process decrypts anyway) and a reference to the ciphertext bytes it came from.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._key: bytes | None = None
+        self._key: tuple[bytes, bytes, bytes] | None = None  # fingerprint, [C, W], ciphertext
         self._flat: np.ndarray | None = None
         self.hits = 0
         self.misses = 0
 
     def get(self, record: ArrayRecord, he_secret: SecretContext) -> np.ndarray:
-        blob = record[keys.HE_CIPHERTEXT].data
+        blob = bytes(record[keys.HE_CIPHERTEXT].data)  # Array.data is bytes: no copy
         weights = record[keys.HE_WEIGHTS].numpy()
-        digest = hashlib.sha256(he_secret.fingerprint)
-        digest.update(np.ascontiguousarray(weights, dtype=np.float64).tobytes())
-        digest.update(blob)
-        key = digest.digest()
+        key = (he_secret.fingerprint, np.ascontiguousarray(weights, dtype=np.float64).tobytes(), blob)
         with self._lock:
-            if key == self._key and self._flat is not None:
+            if key == self._key and self._flat is not None:  # tuple ==: exact byte comparison
                 self.hits += 1
                 return self._flat
         norm, total = (float(x) for x in weights)

@@ -290,14 +290,17 @@ class SealCkksBackend(Backend):
         p = self.preset
         k, scale = p.values_per_chunk, p.scale
         out: list[bytes] = []
+        n_chunks = -(-len(values) // k)
+        padded = np.zeros(n_chunks * k, dtype=np.float64)  # last chunk zero-padded
+        padded[: len(values)] = values
+        # Complex packing: value pairs (x[2j], x[2j+1]) are one slot x[2j] + i x[2j+1], which
+        # is exactly the memory layout of complex128; a view, no arithmetic.
+        slots = padded.view(np.complex128) if p.complex_packing else padded
+        per_chunk = len(slots) // n_chunks
+        pt = seal.Plaintext()
         with scratch() as io:
-            for start, n in _chunk_sizes(len(values), k):
-                buf = np.zeros(k, dtype=np.float64)
-                buf[:n] = values[start : start + n]
-                payload: list[Any] = (
-                    (buf[0::2] + 1j * buf[1::2]).tolist() if p.complex_packing else buf.tolist()
-                )
-                pt = seal.Plaintext()
+            for i in range(n_chunks):
+                payload: list[Any] = slots[i * per_chunk : (i + 1) * per_chunk].tolist()
                 self._encoder.encode(payload, scale, pt)
                 if p.seeded:
                     out.append(io.dump(self._encryptor.encrypt_symmetric(pt)))

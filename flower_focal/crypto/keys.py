@@ -250,7 +250,7 @@ class SecretContext:
             raise ValueError(
                 f"values contain NaN/Inf (first at index {i}: {arr[i]}); refusing to encrypt"
             )
-        peak = float(np.abs(arr).max())
+        peak = max(float(arr.max()), -float(arr.min()))  # = max|x| (finite); no |x| temporary
         if peak > self.preset.max_abs_value:
             raise ValueError(
                 f"max |value| = {peak:.6g} exceeds {self.preset.max_abs_value:g}, the largest "
