@@ -8,9 +8,13 @@ Part 1 (micro, per preset, at each model's exact parameter count, 10 institution
 upload/download bytes per parameter, client encrypt/decrypt time, server aggregation time,
 relative error (benchmarks/bench_crypto.py:bench_preset).
 Part 2 (simulation): the same Flower Ray simulation (10 institutions, synthetic pathology
-tiles, 28 px, 1 local epoch) run with fedavg and with he-fedavg per preset, for each workload
+tiles, --image-size px (28), 1 local epoch) run with fedavg and with he-fedavg per preset, for each workload
 in --images-per-institution; ratio of the mean round wall time of rounds 2.. (steady state:
-encrypted model both ways) he / plain, the HE overhead in seconds per round (which does not
+encrypted model both ways) he / plain (and the ratio of medians, less sensitive to one
+slow round; every round's wall time is listed), the CPU seconds the whole machine spent on
+each run (/proc/stat; whole runs, start-up included, so run it on an otherwise idle
+machine) with the HE CPU overhead per round and the CPU ratio, which do not depend on how
+the scheduler interleaved the run's processes, the HE overhead in seconds per round (which does not
 grow with the data, so the ratio falls as institutions hold more images), the training
 replies summed per round and every failure the run recorded (a preset whose run fails is
 reported with its error; the others still run).
@@ -29,7 +33,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import emit, loadavg, machine, shared_npz
+from _common import emit, loadavg, machine, machine_cpu_s, shared_npz
 from bench_crypto import bench_preset
 
 from flower_focal.config import RunConfig
@@ -38,9 +42,18 @@ from flower_focal.models import build_model, count_parameters
 from flower_focal.simulation import Federation, simulate
 
 
+def _walls(result) -> list[float]:
+    """Wall time of every round (round 1 has a plaintext download, so it is not averaged)."""
+    return [round(r["wall_time_s"], 2) for r in result.metrics()["rounds"]]
+
+
+def _cpu_since(start: float | None) -> float | None:
+    end = machine_cpu_s()
+    return None if start is None or end is None else round(end - start, 1)
+
+
 def _round_wall(result) -> float:
-    walls = [r["wall_time_s"] for r in result.metrics()["rounds"][1:]]
-    return statistics.mean(walls)
+    return statistics.mean(_walls(result)[1:])
 
 
 
@@ -56,27 +69,41 @@ def _failures(result) -> dict:
 def simulation_ratio(model: str, presets: list[str], args, out: Path, images: int) -> dict:
     base = RunConfig(
         dataset="synthetic-pathology", num_samples=images * args.institutions,
-        image_size=28, model=model, num_server_rounds=args.rounds, partitioner="iid",
+        image_size=args.image_size, model=model, num_server_rounds=args.rounds, partitioner="iid",
         min_available_nodes=args.institutions, seed=1, local_epochs=1,
     )
     fed = Federation(num_supernodes=args.institutions)
+    cpu0 = machine_cpu_s()
     plain = simulate(base.replace(run_dir=str(out / f"{model}-{images}-fedavg")), fed, echo=False)
+    plain_cpu = _cpu_since(cpu0)
     plain_wall = _round_wall(plain)
-    rows = {"images_per_institution": images, "fedavg_round_wall_s": round(plain_wall, 2),
-            "fedavg_loadavg": loadavg(), "presets": {}}
+    rows = {"images_per_institution": images, "image_size": args.image_size,
+            "fedavg_round_wall_s": round(plain_wall, 2), "fedavg_round_walls_s": _walls(plain),
+            "fedavg_run_cpu_s": plain_cpu, "fedavg_loadavg": loadavg(), "presets": {}}
     for preset in presets:
         cfg = base.replace(strategy="he-fedavg", he_preset=preset, run_dir=str(out / f"{model}-{images}-{preset}"))
+        cpu0 = machine_cpu_s()
         try:
             he = simulate(cfg, fed, echo=False)
         except Exception as exc:  # report the preset's failure and go on with the others
             rows["presets"][preset] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
             continue
+        he_cpu = _cpu_since(cpu0)
+        cpu = {}
+        if he_cpu is not None and plain_cpu is not None:
+            cpu = {"run_cpu_s": he_cpu,
+                   "cpu_overhead_s_per_round": round((he_cpu - plain_cpu) / args.rounds, 2),
+                   "cpu_ratio_vs_fedavg": round(he_cpu / plain_cpu, 2)}
         wall = _round_wall(he)
         last = he.metrics()["rounds"][-1]
         rows["presets"][preset] = {
             "round_wall_s": round(wall, 2),
+            "round_walls_s": _walls(he),
             "ratio_vs_fedavg": round(wall / plain_wall, 2),
+            "ratio_of_medians": round(statistics.median(_walls(he)[1:])
+                                      / statistics.median(_walls(plain)[1:]), 2),
             "overhead_s_per_round": round(wall - plain_wall, 2),
+            **cpu,
             "loadavg": loadavg(),
             **_failures(he),
             "bytes_up_per_round": last["bytes_up"],
@@ -115,6 +142,8 @@ def main() -> None:
     p.add_argument("--institutions", type=int, default=10)
     p.add_argument("--images-per-institution", type=int, nargs="+", default=[100, 1000],
                    help="workloads: the plain round time grows with them, the HE overhead does not")
+    p.add_argument("--image-size", type=int, default=28,
+                   help="side of the synthetic tiles (training cost grows with it; HE cost does not)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--auroc-rounds", type=int, default=0, help="PathMNIST rounds (0 = skip part 3)")
     p.add_argument("--skip-micro", action="store_true")

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,8 +118,81 @@ def _histograms(src: SourceData, tr: np.ndarray, va: np.ndarray) -> tuple[list[i
             histogram(src.labels("val")[va], src.num_classes))
 
 
-@functools.lru_cache(maxsize=8)
-def _institution(key: RunConfig, partition_id: int, num_partitions: int) -> InstitutionData:
+CACHE_BUDGET_ENV = "FLOWER_FOCAL_DATA_CACHE_MB"
+"""Environment variable: per-process budget (MiB) of cached institution datasets."""
+DEFAULT_CACHE_BUDGET_MB = 2048
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    if hasattr(value, "element_size") and hasattr(value, "nelement"):  # torch / MetaTensor
+        return int(value.element_size() * value.nelement())
+    return int(getattr(value, "nbytes", 0))
+
+
+def dataset_nbytes(ds: Dataset) -> int:
+    """Bytes held by a ``CacheDataset``'s cache (0 for a dataset that caches nothing)."""
+    return _nbytes(getattr(ds, "_cache", None) or [])
+
+
+class _InstitutionCache:
+    """Per-process LRU of built institutions, bounded by the bytes their caches hold.
+
+    A simulation worker serves whichever institutions the engine hands it, round after
+    round; a cache bounded by a count smaller than that rebuilds (re-reads, re-transforms)
+    institutions every round, and one bounded by a count alone can exhaust memory on large
+    images. The budget is ``FLOWER_FOCAL_DATA_CACHE_MB`` (default 2048) per process; the
+    institution just built is always kept.
+    """
+
+    def __init__(self, build: Callable[..., InstitutionData]) -> None:
+        self._build = build
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple, tuple[InstitutionData, int]] = OrderedDict()
+        self.builds = 0
+
+    @staticmethod
+    def budget_bytes() -> int:
+        raw = os.environ.get(CACHE_BUDGET_ENV, "")
+        try:
+            mb = float(raw) if raw else DEFAULT_CACHE_BUDGET_MB
+        except ValueError:
+            raise ValueError(f"{CACHE_BUDGET_ENV}={raw!r} is not a number of MiB") from None
+        return int(max(mb, 0.0) * 2**20)
+
+    def __call__(self, key: RunConfig, partition_id: int, num_partitions: int) -> InstitutionData:
+        k = (key, partition_id, num_partitions)
+        with self._lock:
+            if k in self._entries:
+                self._entries.move_to_end(k)
+                return self._entries[k][0]
+        inst = self._build(key, partition_id, num_partitions)
+        size = dataset_nbytes(inst.train) + dataset_nbytes(inst.val)
+        budget = self.budget_bytes()
+        with self._lock:
+            self.builds += 1
+            self._entries[k] = (inst, size)
+            self._entries.move_to_end(k)
+            total = sum(n for _, n in self._entries.values())
+            while total > budget and len(self._entries) > 1:
+                _, (_, n) = self._entries.popitem(last=False)
+                total -= n
+        return inst
+
+    def cached(self) -> list[tuple]:
+        with self._lock:
+            return list(self._entries)
+
+    def cache_clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.builds = 0
+
+
+def _build_institution(key: RunConfig, partition_id: int, num_partitions: int) -> InstitutionData:
     src = _source(key)
     train_parts, val_parts = _partitions(key, num_partitions)
     tr, va = train_parts[partition_id], val_parts[partition_id]
@@ -141,8 +217,12 @@ def _institution(key: RunConfig, partition_id: int, num_partitions: int) -> Inst
     )
 
 
+_institution = _InstitutionCache(_build_institution)
+
+
 def load_institution(cfg: RunConfig, partition_id: int, num_partitions: int) -> InstitutionData:
-    """Return institution ``partition_id`` of ``num_partitions`` (cached per process).
+    """Return institution ``partition_id`` of ``num_partitions`` (cached per process, within
+    the ``FLOWER_FOCAL_DATA_CACHE_MB`` budget; see :class:`_InstitutionCache`).
 
     Raises ``ValueError`` / ``FileNotFoundError`` for bad data, an impossible partition or
     an out-of-range ``partition_id``.
@@ -232,6 +312,7 @@ __all__ = [
     "DATA_FIELDS",
     "InstitutionData",
     "clear_caches",
+    "dataset_nbytes",
     "describe_partitions",
     "load_institution",
     "load_split",
