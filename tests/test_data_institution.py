@@ -113,6 +113,7 @@ def test_cache_keeps_every_institution_a_worker_serves_within_its_byte_budget(mo
     monkeypatch.setenv(CACHE_BUDGET_ENV, "lots")
     with pytest.raises(ValueError, match=CACHE_BUDGET_ENV):
         load_institution(cfg, 6, 10)
+    assert _institution.builds == 5  # refused before building
 
 
 def test_val_is_deterministic_train_augments() -> None:

@@ -169,9 +169,9 @@ class _InstitutionCache:
             if k in self._entries:
                 self._entries.move_to_end(k)
                 return self._entries[k][0]
+        budget = self.budget_bytes()  # a malformed budget fails before any image is loaded
         inst = self._build(key, partition_id, num_partitions)
         size = dataset_nbytes(inst.train) + dataset_nbytes(inst.val)
-        budget = self.budget_bytes()
         with self._lock:
             self.builds += 1
             self._entries[k] = (inst, size)
