@@ -13,7 +13,6 @@ Prints one JSON object; timings carry the load average because the machine is sh
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from typing import Any
@@ -68,7 +67,7 @@ def _row(block: dict[str, Any]) -> dict[str, Any]:
 
 def run_case(name: str, fields: dict[str, Any]) -> dict[str, Any]:
     cfg = AuditConfig(**fields)
-    load_before = os.getloadavg()
+    load_before = loadavg()
     result = run_audit(cfg)
     out: dict[str, Any] = {
         "case": name,
@@ -77,7 +76,7 @@ def run_case(name: str, fields: dict[str, Any]) -> dict[str, Any]:
         "data": result["data"],
         "server": {"attackable": result["attackable"], **_row(result)},
         "wall_time_s": result["wall_time_s"],
-        "loadavg_before": [round(x, 2) for x in load_before],
+        "loadavg_before": load_before,
         "loadavg_after": loadavg(),
     }
     if result.get("dp"):

@@ -38,7 +38,6 @@ from flower_focal.privacy import ACCOUNTING, client_level_epsilon, effective_noi
 from flower_focal.simulation import Federation, SimulationFailed, simulate
 
 
-
 def _evaluate(run_dir: Path, data: Path) -> dict:
     out = subprocess.run(
         [sys.executable, "-m", "flower_focal.cli", "evaluate", "--run-dir", str(run_dir),

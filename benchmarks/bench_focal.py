@@ -48,7 +48,6 @@ def _data(seed: int, sizes: list[int], d: int, k: int, sep: float, n_test: int =
     return insts, (make(n_test) if n_test else None)
 
 
-
 def bench_cost(secret: SecretContext, args: argparse.Namespace) -> list[dict]:
     d, k = 1280, 9
     insts, _ = _data(0, [150] * 5, d, k, sep=0.05)

@@ -72,7 +72,6 @@ from flower_focal.models.embeddings import cached_embeddings, extract_embeddings
 INIT_STD = 0.01  # flower_focal.focal.protocol.init_head's default
 
 
-
 class Clock:
     """Wall time and this process's CPU time (all threads) of a ``with`` block."""
 

@@ -28,7 +28,6 @@ from flower_focal.config import RunConfig
 from flower_focal.simulation import Federation, simulate
 
 
-
 def one(n: int, args: argparse.Namespace, out: Path) -> dict:
     cfg = RunConfig(
         strategy="focal",

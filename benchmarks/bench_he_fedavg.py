@@ -42,9 +42,9 @@ from flower_focal.models import build_model, count_parameters
 from flower_focal.simulation import Federation, simulate
 
 
-def _walls(result) -> list[float]:
+def _walls(rounds: list[dict]) -> list[float]:
     """Wall time of every round (round 1 has a plaintext download, so it is not averaged)."""
-    return [round(r["wall_time_s"], 2) for r in result.metrics()["rounds"]]
+    return [round(r["wall_time_s"], 2) for r in rounds]
 
 
 def _cpu_since(start: float | None) -> float | None:
@@ -52,14 +52,8 @@ def _cpu_since(start: float | None) -> float | None:
     return None if start is None or end is None else round(end - start, 1)
 
 
-def _round_wall(result) -> float:
-    return statistics.mean(_walls(result)[1:])
-
-
-
-def _failures(result) -> dict:
+def _failures(rounds: list[dict]) -> dict:
     """Per round: training replies summed, and every failure line the run recorded."""
-    rounds = result.metrics()["rounds"]
     return {
         "train_replies_per_round": [len(r["train_institutions"]) for r in rounds],
         "failures": [f"round {r['round']}: {f}" for r in rounds for f in r["failures"]],
@@ -76,9 +70,11 @@ def simulation_ratio(model: str, presets: list[str], args, out: Path, images: in
     cpu0 = machine_cpu_s()
     plain = simulate(base.replace(run_dir=str(out / f"{model}-{images}-fedavg")), fed, echo=False)
     plain_cpu = _cpu_since(cpu0)
-    plain_wall = _round_wall(plain)
+    plain_rounds = plain.metrics()["rounds"]
+    plain_walls = _walls(plain_rounds)
+    plain_wall = statistics.mean(plain_walls[1:])
     rows = {"images_per_institution": images, "image_size": args.image_size,
-            "fedavg_round_wall_s": round(plain_wall, 2), "fedavg_round_walls_s": _walls(plain),
+            "fedavg_round_wall_s": round(plain_wall, 2), "fedavg_round_walls_s": plain_walls,
             "fedavg_run_cpu_s": plain_cpu, "fedavg_loadavg": loadavg(), "presets": {}}
     for preset in presets:
         cfg = base.replace(strategy="he-fedavg", he_preset=preset, run_dir=str(out / f"{model}-{images}-{preset}"))
@@ -94,22 +90,23 @@ def simulation_ratio(model: str, presets: list[str], args, out: Path, images: in
             cpu = {"run_cpu_s": he_cpu,
                    "cpu_overhead_s_per_round": round((he_cpu - plain_cpu) / args.rounds, 2),
                    "cpu_ratio_vs_fedavg": round(he_cpu / plain_cpu, 2)}
-        wall = _round_wall(he)
-        last = he.metrics()["rounds"][-1]
+        he_rounds = he.metrics()["rounds"]
+        walls = _walls(he_rounds)
+        wall = statistics.mean(walls[1:])
+        last = he_rounds[-1]
         rows["presets"][preset] = {
             "round_wall_s": round(wall, 2),
-            "round_walls_s": _walls(he),
+            "round_walls_s": walls,
             "ratio_vs_fedavg": round(wall / plain_wall, 2),
-            "ratio_of_medians": round(statistics.median(_walls(he)[1:])
-                                      / statistics.median(_walls(plain)[1:]), 2),
+            "ratio_of_medians": round(statistics.median(walls[1:]) / statistics.median(plain_walls[1:]), 2),
             "overhead_s_per_round": round(wall - plain_wall, 2),
             **cpu,
             "loadavg": loadavg(),
-            **_failures(he),
+            **_failures(he_rounds),
             "bytes_up_per_round": last["bytes_up"],
             "bytes_down_per_round": last["bytes_down"],
             "val_auroc_he": last["evaluate"].get("auroc"),
-            "val_auroc_plain": plain.metrics()["rounds"][-1]["evaluate"].get("auroc"),
+            "val_auroc_plain": plain_rounds[-1]["evaluate"].get("auroc"),
         }
     return rows
 
