@@ -291,6 +291,29 @@ def test_scratch_files_are_cleaned_up(
     assert calls or not secret.preset.backend.startswith("seal")  # SEAL path did use it
 
 
+def test_one_scratch_file_serves_objects_of_any_size_in_turn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reused scratch file never hands SEAL or the caller bytes of an earlier object."""
+    monkeypatch.setattr(_scratch, "scratch_base", lambda: str(tmp_path))
+    secret = SecretContext.generate("compact")
+    backend = secret._backend
+    small = secret.encrypt(np.full(10, 0.25))  # seeded upload: about half a sum chunk
+    acc = Accumulator(secret.public_context())
+    acc.add(small.to_bytes())
+    acc.add(small.to_bytes())
+    big = acc.result()  # an unseeded sum: the larger object
+    assert len(big.chunks[0]) > len(small.chunks[0])
+    with _scratch.scratch() as io:
+        loaded_big = backend.load(big.chunks[0], 10, io)
+        loaded_small = backend.load(small.chunks[0], 10, io)  # shorter bytes after longer ones
+        np.testing.assert_allclose(backend.decrypt_chunk(loaded_small, 10), 0.25, atol=1e-6)
+        np.testing.assert_allclose(backend.decrypt_chunk(loaded_big, 10), 0.5, atol=1e-6)
+        assert backend.dump(loaded_big, io) == big.chunks[0]  # dump after dump: exact bytes
+        (_block_dir,) = tmp_path.iterdir()  # one private directory while the block runs
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="closed"):
+        io.dump(loaded_small)
+
+
 # ---------------------------------------------------------------------------- parallel
 def test_parallel_encryption_matches_serial(tmp_path: Path) -> None:
     with SecretContext.load(keygen(tmp_path, "compact")) as secret:
