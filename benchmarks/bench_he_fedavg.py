@@ -111,6 +111,36 @@ def simulation_ratio(model: str, presets: list[str], args, out: Path, images: in
     return rows
 
 
+def break_even(rows: list[dict], presets: list[str], target: float = 1.25) -> dict:
+    """Per preset: the workload at which the ratio reaches ``target``, from the measured rows.
+
+    Fits the FedAvg round as ``a + b * images`` through the smallest and largest workload and
+    takes the HE overhead per round as the mean over the workloads (it does not grow with the
+    data), so ``ratio <= target`` once ``a + b * images >= overhead / (target - 1)``. A model
+    of two points: it says where to look, the rows say what was measured.
+    """
+    ok = [r for r in rows if r["images_per_institution"] > 0]
+    if len(ok) < 2:
+        return {}
+    lo, hi = min(ok, key=lambda r: r["images_per_institution"]), max(ok, key=lambda r: r["images_per_institution"])
+    di = hi["images_per_institution"] - lo["images_per_institution"]
+    if di <= 0:
+        return {}
+    b = (hi["fedavg_round_wall_s"] - lo["fedavg_round_wall_s"]) / di
+    a = lo["fedavg_round_wall_s"] - b * lo["images_per_institution"]
+    out = {"fedavg_round_s_fixed": round(a, 2), "fedavg_round_s_per_image": round(b, 5)}
+    for preset in presets:
+        over = [r["presets"][preset]["overhead_s_per_round"] for r in ok
+                if "overhead_s_per_round" in r["presets"].get(preset, {})]
+        if not over or b <= 0:
+            continue
+        h = statistics.mean(over)
+        need = h / (target - 1.0)
+        out[preset] = {"overhead_s_per_round": round(h, 2), "fedavg_round_s_needed": round(need, 1),
+                       "images_per_institution_needed": max(0, round((need - a) / b))}
+    return out
+
+
 def pathmnist_auroc(args, out: Path) -> dict:
     data = shared_npz("pathmnist")
     if data is None:
@@ -156,6 +186,7 @@ def main() -> None:
             if not args.skip_simulation:
                 entry["simulation"] = [simulation_ratio(model, args.presets, args, Path(tmp), images)
                                        for images in args.images_per_institution]
+                entry["break_even"] = break_even(entry["simulation"], args.presets)
             result["models"][model] = entry
         if args.auroc_rounds:
             result["pathmnist"] = pathmnist_auroc(args, Path(tmp))
