@@ -308,6 +308,9 @@ def test_one_scratch_file_serves_objects_of_any_size_in_turn(tmp_path: Path, mon
         np.testing.assert_allclose(backend.decrypt_chunk(loaded_small, 10), 0.25, atol=1e-6)
         np.testing.assert_allclose(backend.decrypt_chunk(loaded_big, 10), 0.5, atol=1e-6)
         assert backend.dump(loaded_big, io) == big.chunks[0]  # dump after dump: exact bytes
+        with _scratch.scratch() as fresh:
+            parms_bytes = fresh.dump(backend._parms)
+        assert io.dump(backend._parms) == parms_bytes  # a small object after a big one
         (_block_dir,) = tmp_path.iterdir()  # one private directory while the block runs
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ValueError, match="closed"):
