@@ -86,17 +86,14 @@ class ScratchIO:
 
 def _read_all(fd: int) -> bytes:
     size = os.fstat(fd).st_size
-    data = os.pread(fd, size, 0)
-    if len(data) != size:  # pread may return less than asked on some filesystems
-        parts, done = [data], len(data)
-        while done < size:
-            more = os.pread(fd, size - done, done)
-            if not more:
-                break
-            parts.append(more)
-            done += len(more)
-        data = b"".join(parts)
-    return data
+    parts, done = [], 0
+    while done < size:  # pread may return less than asked
+        more = os.pread(fd, size - done, done)
+        if not more:
+            break
+        parts.append(more)
+        done += len(more)
+    return b"".join(parts)  # one part (the usual case) is returned as is, not copied
 
 
 @contextmanager
