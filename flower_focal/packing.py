@@ -75,13 +75,18 @@ class ArrayLayout:
         """
         if tuple(record.keys()) != self.names:
             raise ValueError("array names differ from the agreed layout")
-        parts = []
+        # One float64 buffer filled array by array (each cast on assignment): no per-array
+        # float64 temporaries and no concatenation copy; at 11 M parameters that is 88 MB
+        # of fresh memory instead of 3 x 88 MB.
+        flat = np.empty(self.size, dtype=np.float64)
+        offset = 0
         for name, shape in zip(self.names, self.shapes, strict=True):
             arr = record[name].numpy()
             if tuple(arr.shape) != shape:
                 raise ValueError(f"array {name!r} has shape {arr.shape}, layout says {shape}")
-            parts.append(arr.astype(np.float64, copy=False).ravel())
-        return np.concatenate(parts) if parts else np.zeros(0)
+            flat[offset : offset + arr.size] = arr.ravel()
+            offset += arr.size
+        return flat
 
     def unflatten(self, flat: np.ndarray) -> ArrayRecord:
         """Split a flat vector back into arrays with the layout's shapes and dtypes."""

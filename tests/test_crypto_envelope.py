@@ -61,6 +61,22 @@ def test_envelope_round_trip(setup: Setup) -> None:
     assert "chunks" not in repr(vec)  # no megabytes of ciphertext in logs
 
 
+def test_chunks_of_bytes_are_views_and_of_a_mutable_buffer_are_copies(setup: Setup) -> None:
+    fp, preset = setup.secret.fingerprint, setup.secret.preset
+    viewed = EncryptedVector.from_bytes(setup.good, fp, preset)
+    assert all(isinstance(c, memoryview) and c.obj is setup.good for c in viewed.chunks)
+    buf = bytearray(setup.good)
+    copied = EncryptedVector.from_bytes(buf, fp, preset)
+    buf[-1] ^= 0xFF  # a later write to the caller's buffer must not reach checked chunks
+    assert all(isinstance(c, bytes) for c in copied.chunks)
+    assert copied.to_bytes() == viewed.to_bytes() == setup.good
+    np.testing.assert_allclose(setup.secret.decrypt(viewed), setup.x, atol=1e-6)
+    acc = Accumulator(setup.public)
+    acc.add(setup.good)  # the server's add loads memoryview chunks
+    acc.add(setup.good)
+    np.testing.assert_allclose(setup.secret.decrypt(acc.to_bytes()), 2 * setup.x, atol=1e-6)
+
+
 def test_malformed_blobs_refused_and_sum_unchanged(setup: Setup) -> None:
     acc, good = setup.accumulator(), setup.good
     _assert_refused(acc, b"", "empty")

@@ -112,6 +112,23 @@ def _plain(rng):
                         "b": Array(rng.normal(size=4).astype(np.float32))})
 
 
+def test_layout_flattens_mixed_dtypes_like_concatenate_and_restores_them():
+    rng = np.random.default_rng(3)
+    record = ArrayRecord({"conv": Array(rng.normal(size=(2, 3, 3)).astype(np.float32)),
+                          "bn.num_batches_tracked": Array(np.array(7, dtype=np.int64)),
+                          "bias": Array(rng.normal(size=5))})
+    layout = ArrayLayout.of(record)
+    flat = layout.flatten(record)
+    want = np.concatenate([a.numpy().astype(np.float64).ravel() for a in record.values()])
+    assert flat.dtype == np.float64 and np.array_equal(flat, want)
+    back = layout.unflatten(flat)
+    for name, arr in record.items():
+        assert back[name].numpy().dtype == arr.numpy().dtype
+        assert np.array_equal(back[name].numpy(), arr.numpy())
+    with pytest.raises(ValueError, match="shape"):
+        layout.flatten(ArrayRecord({**{k: v for k, v in record.items()}, "bias": Array(np.zeros(4))}))
+
+
 def _enc_reply(node, record, n, he_secret, norm):
     arrays = encrypt_record(record, he_secret, LAYOUT, weight=n / norm)
     return make_reply(node, RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": n})}))

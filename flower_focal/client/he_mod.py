@@ -101,7 +101,8 @@ class _DecryptCache:
         norm, total = (float(x) for x in weights)
         if not (np.isfinite(total) and total > 0 and np.isfinite(norm) and norm > 0):
             raise ValueError(f"encrypted aggregate carries invalid weights [C, W] = [{norm}, {total}]")
-        flat = he_secret.decrypt(blob) * (norm / total)
+        flat = he_secret.decrypt(blob)
+        flat *= norm / total  # in place: decrypt returned a fresh array
         flat.setflags(write=False)
         with self._lock:
             self._key, self._flat = key, flat
@@ -162,7 +163,8 @@ def encrypt_record(
         if noise_std > 0:
             delta = delta + np.random.default_rng(secrets.randbits(128)).normal(0.0, noise_std, delta.shape)
         flat = base + delta
-    blob = he_secret.encrypt(flat * weight, workers=workers).to_bytes()
+    flat *= weight  # flat is this call's own buffer (flatten or the clip above made it)
+    blob = he_secret.encrypt(flat, workers=workers).to_bytes()
     return ArrayRecord(
         {keys.HE_CIPHERTEXT: Array(dtype="float64", shape=(layout.size,), stype=keys.HE_STYPE, data=blob)}
     )

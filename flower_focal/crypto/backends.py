@@ -290,17 +290,19 @@ class SealCkksBackend(Backend):
         p = self.preset
         k, scale = p.values_per_chunk, p.scale
         out: list[bytes] = []
-        n_chunks = -(-len(values) // k)
-        padded = np.zeros(n_chunks * k, dtype=np.float64)  # last chunk zero-padded
-        padded[: len(values)] = values
-        # Complex packing: value pairs (x[2j], x[2j+1]) are one slot x[2j] + i x[2j+1], which
-        # is exactly the memory layout of complex128; a view, no arithmetic.
-        slots = padded.view(np.complex128) if p.complex_packing else padded
-        per_chunk = len(slots) // n_chunks
+        values = np.ascontiguousarray(values, dtype=np.float64)
+        tail = np.zeros(k, dtype=np.float64)  # only the last chunk is zero-padded (a copy)
         pt = seal.Plaintext()
         with scratch() as io:
-            for i in range(n_chunks):
-                payload: list[Any] = slots[i * per_chunk : (i + 1) * per_chunk].tolist()
+            for start in range(0, len(values), k):
+                chunk = values[start : start + k]
+                if len(chunk) < k:
+                    tail[: len(chunk)] = chunk
+                    chunk = tail
+                # Complex packing: value pairs (x[2j], x[2j+1]) are one slot x[2j] + i x[2j+1],
+                # which is exactly the memory layout of complex128; a view, no arithmetic.
+                slots = chunk.view(np.complex128) if p.complex_packing else chunk
+                payload: list[Any] = slots.tolist()
                 self._encoder.encode(payload, scale, pt)
                 if p.seeded:
                     out.append(io.dump(self._encryptor.encrypt_symmetric(pt)))
@@ -460,7 +462,7 @@ class _TensealBackend(Backend):
 
     def load(self, data: bytes, n_values: int, io: ScratchIO | None) -> Any:
         try:
-            vec = self._vector_from(data)
+            vec = self._vector_from(bytes(data))  # TenSEAL parses bytes, not memoryviews
             cts = vec.ciphertext()
         except Exception as exc:  # TenSEAL: ValueError("failed to parse ... stream"), SEAL errors
             raise CiphertextError(f"TenSEAL could not load the ciphertext: {exc}") from exc

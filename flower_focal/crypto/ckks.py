@@ -173,7 +173,7 @@ class _SealBase:
         vec = EncryptedVector.from_bytes(blob, self.fingerprint, self.preset)
         if count is not None and len(vec.chunks) != count:
             raise CiphertextError(f"message holds {len(vec.chunks)} ciphertexts, expected {count}")
-        return list(vec.chunks)
+        return [bytes(c) for c in vec.chunks]  # bytes: FOCAL ships them to shard processes
 
     def load_raw(self, data: bytes, level: int, scale: float, io: ScratchIO) -> Ciphertext:
         """Load one serialized ciphertext and check size, level, NTT form and scale."""

@@ -71,7 +71,7 @@ class EncryptedVector:
     fingerprint: bytes
     wire_id: int
     length: int
-    chunks: tuple[bytes, ...] = field(repr=False)
+    chunks: tuple[bytes | memoryview, ...] = field(repr=False)
     summands: int = 1
 
     def __post_init__(self) -> None:
@@ -181,12 +181,17 @@ class EncryptedVector:
             raise CiphertextError(
                 f"{size - expected_size} unexpected trailing bytes after the chunks"
             )
-        chunks: list[bytes] = []
+        # An immutable ``bytes`` blob is sliced without copying (memoryviews that keep it
+        # alive: at 11 M parameters that saves 75 MB per upload and 150 MB per aggregate of
+        # fresh memory); a mutable buffer is copied, so later writes to it cannot change
+        # chunks that were already checked.
+        zero_copy = isinstance(blob, bytes)
+        chunks: list[bytes | memoryview] = []
         for i, (n, crc) in enumerate(entries):
             chunk = view[payload : payload + n]
             if zlib.crc32(chunk) != crc:
                 raise CiphertextError(f"chunk {i} checksum mismatch (corrupted ciphertext)")
-            chunks.append(chunk.tobytes())
+            chunks.append(chunk if zero_copy else chunk.tobytes())
             payload += n
         return cls(bytes(fp), wire_id, length, tuple(chunks), summands)
 
