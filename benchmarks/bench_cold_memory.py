@@ -8,8 +8,8 @@ waits --idle seconds, then times allocating and writing the same amount again. O
 machine the time does not depend on the wait. In a VM whose balloon driver reports free
 pages to the host (Firecracker / cloud VMs with free page reporting), memory that stayed
 free for a second or two is handed back to the host, and touching it again faults each page
-in from the host: HE-FedAvg's per-upload buffers then cost far more in long rounds (minutes
-of training between two encryptions) than in short ones. Also prints the kernel's
+in from the host: HE-FedAvg's per-upload buffers then cost far more in long rounds (tens of
+seconds of training between two encryptions on a worker) than in short ones. Also prints the kernel's
 ``page_reporting_order`` when the module exposes it. Prints one JSON object.
 """
 

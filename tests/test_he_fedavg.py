@@ -126,7 +126,7 @@ def test_layout_flattens_mixed_dtypes_like_concatenate_and_restores_them():
         assert back[name].numpy().dtype == arr.numpy().dtype
         assert np.array_equal(back[name].numpy(), arr.numpy())
     with pytest.raises(ValueError, match="shape"):
-        layout.flatten(ArrayRecord({**{k: v for k, v in record.items()}, "bias": Array(np.zeros(4))}))
+        layout.flatten(ArrayRecord({**dict(record.items()), "bias": Array(np.zeros(4))}))
 
 
 def _enc_reply(node, record, n, he_secret, norm):

@@ -294,10 +294,10 @@ class SealCkksBackend(Backend):
         tail = np.zeros(k, dtype=np.float64)  # only the last chunk is zero-padded (a copy)
         pt = seal.Plaintext()
         with scratch() as io:
-            for start in range(0, len(values), k):
-                chunk = values[start : start + k]
-                if len(chunk) < k:
-                    tail[: len(chunk)] = chunk
+            for start, n in _chunk_sizes(len(values), k):
+                chunk = values[start : start + n]
+                if n < k:
+                    tail[:n] = chunk
                     chunk = tail
                 # Complex packing: value pairs (x[2j], x[2j+1]) are one slot x[2j] + i x[2j+1],
                 # which is exactly the memory layout of complex128; a view, no arithmetic.
