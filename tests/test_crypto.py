@@ -96,9 +96,9 @@ def test_bytes_per_parameter(ctxs: tuple[SecretContext, PublicContext], record_p
     record_property("download_bytes_per_param", round(down_bpp, 3))
     print(f"{secret.preset.name}: upload {up_bpp:.2f} B/param, download {down_bpp:.2f} B/param")
     limits = {  # (upload, download) upper bounds in bytes per parameter
-        "compact": (8.0, 15.0),
+        "compact": (8.0, 15.5),
         "ckks": (28.0, 28.0),
-        "bfv": (14.5, 14.5),
+        "bfv": (15.0, 15.0),
         "nvflare": (60.0, 60.0),
     }
     up_max, down_max = limits[secret.preset.name]
@@ -266,6 +266,28 @@ def test_values_at_the_documented_bound_survive(ctxs: tuple[SecretContext, Publi
     acc.add(secret.encrypt(0.5 * x).to_bytes())
     acc.add(secret.encrypt(0.5 * x).to_bytes())
     assert _rel_err(secret.decrypt(acc.to_bytes()), x) <= 1e-6
+
+
+def test_bfv_sums_of_1000_uploads_at_its_range_are_exact() -> None:
+    """BFV's noise margin (MIN_BFV_NOISE_BITS over the plain modulus) holds for 1000 summands.
+
+    Past the margin, BFV decrypts to wrong integers without any error (measured: 9 bits of
+    margin already fail at 1000 uploads).
+    """
+    secret = SecretContext.generate("bfv")
+    public = secret.public_context()
+    bound, f, k = secret.preset.max_abs_value, secret.preset.scale, secret.preset.values_per_chunk
+    rng = np.random.default_rng(5)
+    pattern = rng.uniform(-1.0, 1.0, k)
+    acc, expected = Accumulator(public), np.zeros(k)
+    for i in range(1000):
+        u = (bound / 1000) * np.roll(pattern, i % 3)  # different uploads ...
+        u[:2] = (bound / 1000, -bound / 1000)  # ... whose sum reaches +-bound
+        expected += np.rint(u * f)
+        acc.add(secret.encrypt(u).to_bytes())
+    dec = secret.decrypt(acc.to_bytes())
+    assert np.abs(dec).max() >= 0.99 * bound
+    assert np.array_equal(dec * f, expected)
 
 
 def test_scratch_files_are_cleaned_up(

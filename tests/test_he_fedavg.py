@@ -15,7 +15,7 @@ from flower_focal import keys
 from flower_focal.artifacts import decrypt_model
 from flower_focal.client.he_mod import DECRYPTED, decrypt_record, encrypt_record
 from flower_focal.config import RunConfig
-from flower_focal.crypto import PublicContext, SecretContext, keygen
+from flower_focal.crypto import Accumulator, PublicContext, SecretContext, keygen
 from flower_focal.packing import ArrayLayout
 from flower_focal.server import run_server
 from flower_focal.strategy import build_strategy
@@ -247,6 +247,44 @@ def test_nan_update_is_refused_before_encryption(key_dir):
     bad = ArrayRecord({"w": Array(np.full((3, 4), np.nan, np.float32)), "b": Array(np.zeros(4, np.float32))})
     with pytest.raises(ValueError, match="NaN/Inf"):
         encrypt_record(bad, he_secret, LAYOUT, weight=0.5)
+
+
+def test_a_model_beyond_the_range_is_refused_even_when_its_weighted_values_fit(key_dir):
+    """The aggregate of same-valued models is that value, so the unweighted model must fit."""
+    he_secret = SecretContext.load(key_dir)
+    bound = he_secret.preset.max_abs_value
+    var = np.ones(4, np.float32)
+    var[2] = 1.5 * bound  # like a BatchNorm running_var after some epochs
+    rec = ArrayRecord({"w": Array(np.zeros((3, 4), np.float32)), "b": Array(var)})
+    with pytest.raises(ValueError) as err:  # weighted: 0.15 x bound, which one upload holds
+        encrypt_record(rec, he_secret, LAYOUT, weight=0.1)
+    msg = str(err.value)
+    assert f"+-{bound:g}" in msg and "'compact'" in msg
+    assert f"1 array(s): b (max |value| {1.5 * bound:.4g})" in msg
+    assert "nvflare" in msg and "compact (" not in msg  # only presets that hold 1.5 x bound
+    # ten institutions with this model would have summed to 1.5 x bound: garbage, not a refusal
+    var[2] = bound
+    rec = ArrayRecord({"w": Array(np.zeros((3, 4), np.float32)), "b": Array(var)})
+    acc = Accumulator(PublicContext.load(key_dir))
+    for _ in range(10):
+        acc.add(encrypt_record(rec, he_secret, LAYOUT, weight=0.1)[keys.HE_CIPHERTEXT].data)
+    total = he_secret.decrypt(acc.to_bytes())
+    np.testing.assert_allclose(total[12:], var, rtol=1e-6)
+
+
+def test_a_pretrained_model_fits_the_default_range_and_round_trips(key_dir):
+    """ImageNet BatchNorm running variances (EfficientNet-Lite0: up to ~566) fit ``compact``."""
+    from flower_focal.models.backbones import packaged_efficientnet_lite0_weights
+
+    state = torch.load(packaged_efficientnet_lite0_weights(), map_location="cpu", weights_only=True)
+    rec = ArrayRecord({k: Array(v.numpy()) for k, v in state.items() if v.is_floating_point()})
+    layout = ArrayLayout.of(rec)
+    flat = layout.flatten(rec)
+    assert 128 < np.abs(flat).max() <= 8192  # beyond the former 46-bit compact's +-128
+    he_secret = SecretContext.load(key_dir)
+    enc = encrypt_record(rec, he_secret, layout, weight=1.0)
+    out = he_secret.decrypt(enc[keys.HE_CIPHERTEXT].data)
+    assert np.abs(out - flat).max() <= 1e-6 * np.abs(flat).max()
 
 
 def test_clip_before_encrypt_bounds_the_update(key_dir):

@@ -8,7 +8,8 @@ it makes them run unchanged under HE-FedAvg:
   with the aggregate); a plaintext model (round 1) passes through;
 * outgoing (train only): the trained model is checked for NaN/Inf, optionally clipped
   (``he-clip-norm`` bounds ``||w_local - w_global||``), weighted by ``n_i / C`` *here*, so the
-  server only adds, and encrypted; the reply carries one ciphertext Array and the metrics.
+  server only adds, and encrypted; before weighting it is checked against the preset's value
+  range, which bounds the aggregate (a refusal names the arrays that do not fit); the reply carries one ciphertext Array and the metrics.
 
 Messages without the HE config key pass through untouched, so the same ClientApp serves
 every strategy. The secret key is read from the node config ``he-secret-key`` or the run
@@ -28,7 +29,7 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from flower_focal import keys
 from flower_focal.config import RunConfig
-from flower_focal.crypto import SECRET_FILE, SecretContext
+from flower_focal.crypto import PRESETS, SECRET_FILE, SecretContext
 from flower_focal.packing import ArrayLayout
 
 
@@ -163,10 +164,40 @@ def encrypt_record(
         if noise_std > 0:
             delta = delta + np.random.default_rng(secrets.randbits(128)).normal(0.0, noise_std, delta.shape)
         flat = base + delta
+    _check_range(flat, he_secret, layout)
     flat *= weight  # flat is this call's own buffer (flatten or the clip above made it)
     blob = he_secret.encrypt(flat, workers=workers).to_bytes()
     return ArrayRecord(
         {keys.HE_CIPHERTEXT: Array(dtype="float64", shape=(layout.size,), stype=keys.HE_STYPE, data=blob)}
+    )
+
+
+def _check_range(flat: np.ndarray, he_secret: SecretContext, layout: ArrayLayout) -> None:
+    """Refuse a model with values beyond the preset's range, naming the arrays that exceed it.
+
+    The bound applies to the *unweighted* model: the decrypted sum is ``sum_i w_i x_i`` with
+    ``sum_i w_i <= 1``, which can be as large as ``max_i |x_i|`` (every institution holding the
+    same value), so ``|x_i| <= max_abs_value`` is what keeps the sum from wrapping around. The
+    crypto layer only checks each weighted upload on its own, which cannot see the sum.
+    """
+    bound = he_secret.preset.max_abs_value
+    if max(float(flat.max()), -float(flat.min())) <= bound:
+        return
+    over, offset = [], 0
+    for name, shape in zip(layout.names, layout.shapes, strict=True):
+        part = flat[offset : offset + int(np.prod(shape))]
+        offset += part.size
+        peak = float(np.abs(part).max()) if part.size else 0.0
+        if peak > bound:
+            over.append((peak, name))
+    over.sort(reverse=True)
+    named = ", ".join(f"{n} (max |value| {v:.4g})" for v, n in over[:3])
+    roomier = [f"{p.name} (+-{p.max_abs_value:g})" for p in PRESETS.values() if p.max_abs_value >= over[0][0]]
+    raise ValueError(
+        f"model values exceed +-{bound:g}, the range of HE preset {he_secret.preset.name!r} (the "
+        f"aggregate can be as large as any one institution's value), in {len(over)} array(s): "
+        f"{named}; encrypting them would wrap around. Presets that hold them: "
+        f"{', '.join(roomier) or 'none'} (new keys: flower-focal keygen --preset NAME)"
     )
 
 
