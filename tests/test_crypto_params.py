@@ -47,7 +47,7 @@ def test_preset_shapes() -> None:
     # variances reach 566 (test_he_fedavg encrypts the packaged weights under the default).
     assert compact.max_abs_value == 8192.0
     assert PRESETS["bfv"].max_abs_value == 4095.0
-    assert PRESETS["ckks"].max_abs_value == 128.0
+    assert PRESETS["ckks"].max_abs_value == 8192.0
 
 
 @pytest.mark.parametrize(

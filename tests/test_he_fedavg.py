@@ -166,6 +166,29 @@ def test_malformed_foreign_and_plaintext_replies_are_excluded_and_the_rest_aggre
     assert sorted(strategy.history.rounds[0].train_institutions) == [0, 1, 2]
 
 
+def test_replies_whose_examples_exceed_the_weight_normaliser_are_left_out(key_dir):
+    """Weights n_i / C must sum to <= 1 for the preset's range to bound the encrypted sum."""
+    he_secret = SecretContext.load(key_dir)
+    rng = np.random.default_rng(4)
+    roster = InstitutionRoster()
+    for pid in range(4):
+        roster.register(Institution(node_id=100 + pid, partition_id=pid, num_classes=2, in_channels=1, num_train=50))
+    strategy = HEFedAvg(he_public=PublicContext.load(key_dir), roster=roster)
+    strategy._layout = LAYOUT
+    strategy._weight_norm = norm = 150.0
+    good = [(_plain(rng), n) for n in (20, 50, 80)]  # exactly C
+    replies = [_enc_reply(100 + i, rec, n, he_secret, norm) for i, (rec, n) in enumerate(good)]
+    extra = _enc_reply(103, _plain(rng), 40, he_secret, norm)  # reports more than C allows
+    arrays, metrics = strategy.aggregate_train(1, replies + [extra])
+    decrypted = decrypt_record(arrays, he_secret, LAYOUT)
+    for name in LAYOUT.names:
+        expected = sum(n * rec[name].numpy().astype(np.float64) for rec, n in good) / 150.0
+        np.testing.assert_allclose(decrypted[name].numpy(), expected, atol=1e-6)
+    assert metrics["num-examples"] == 150
+    (failure,) = strategy.history.rounds[0].failures
+    assert "institution 3" in failure and "more than C = 150" in failure
+
+
 def test_an_aggregate_is_decrypted_once_per_process_and_callers_get_independent_arrays(key_dir, tmp_path, monkeypatch):
     he_secret, other = SecretContext.load(key_dir), SecretContext.load(keygen(tmp_path / "other", "compact"))
     rng = np.random.default_rng(3)
@@ -262,7 +285,8 @@ def test_a_model_beyond_the_range_is_refused_even_when_its_weighted_values_fit(k
     assert f"+-{bound:g}" in msg and "'compact'" in msg
     assert f"1 array(s): b (max |value| {1.5 * bound:.4g})" in msg
     assert "nvflare" in msg and "compact (" not in msg  # only presets that hold 1.5 x bound
-    # ten institutions with this model would have summed to 1.5 x bound: garbage, not a refusal
+    # (ten such institutions would have summed to 1.5 x bound: garbage). At the bound itself,
+    # ten institutions whose weights sum to 1 aggregate to the value, decrypted correctly.
     var[2] = bound
     rec = ArrayRecord({"w": Array(np.zeros((3, 4), np.float32)), "b": Array(var)})
     acc = Accumulator(PublicContext.load(key_dir))

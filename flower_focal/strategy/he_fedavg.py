@@ -47,6 +47,7 @@ class _RoundSum:
     acc: Accumulator
     # id(reply) -> (reply, weight or None, rejection reason or None, ciphertext bytes)
     seen: dict[int, tuple[Message, float | None, str | None, int]] = field(default_factory=dict)
+    weight: float = 0.0  # examples of the replies summed so far
 
 
 class HEFedAvg(FedAvg):
@@ -150,8 +151,7 @@ class HEFedAvg(FedAvg):
             return reply
         size = reply_bytes(reply)
         try:
-            blob, weight = self._checked_reply(reply)
-            stream.acc.add(blob)
+            weight = self._add(stream, reply)
         except _REJECTED as exc:
             stream.seen[id(reply)] = (reply, None, str(exc), size)
             return reply
@@ -192,8 +192,7 @@ class HEFedAvg(FedAvg):
             else:
                 weight, error = None, None
                 try:
-                    blob, weight = self._checked_reply(reply)
-                    stream.acc.add(blob)
+                    weight = self._add(stream, reply)
                 except _REJECTED as exc:
                     error = str(exc)
             if error is not None:
@@ -219,6 +218,24 @@ class HEFedAvg(FedAvg):
         self.history.round(server_round).train = metric_dict(metrics)
         self._global = arrays
         return arrays, metrics
+
+    def _add(self, stream: _RoundSum, reply: Message) -> float:
+        """Check a reply and add its ciphertext to the round's sum; return its weight.
+
+        The summed examples may not exceed ``C``: institutions weighted by ``n_i / C``, and the
+        preset's range bounds the sum only while those weights add up to at most 1.
+        """
+        blob, weight = self._checked_reply(reply)
+        if stream.weight + weight > self._weight_norm * (1 + 1e-9):
+            raise ValueError(
+                f"{self.weighted_by_key} {weight:g} would bring this round's summed examples to "
+                f"{stream.weight + weight:g}, more than C = {self._weight_norm:g} (the institutions' "
+                "described total that every upload was weighted by); the encrypted sum could "
+                "exceed the preset's range, so the reply is left out"
+            )
+        stream.acc.add(blob)
+        stream.weight += weight
+        return weight
 
     def _checked_reply(self, reply: Message) -> tuple[bytes, float]:
         content = reply.content
