@@ -9,7 +9,8 @@ it makes them run unchanged under HE-FedAvg:
 * outgoing (train only): the trained model is checked for NaN/Inf, optionally clipped
   (``he-clip-norm`` bounds ``||w_local - w_global||``), weighted by ``n_i / C`` *here*, so the
   server only adds, and encrypted; before weighting it is checked against the preset's value
-  range, which bounds the aggregate (a refusal names the arrays that do not fit); the reply carries one ciphertext Array and the metrics.
+  range, which bounds the aggregate (a refusal names the arrays that do not fit); the reply
+  carries one ciphertext Array and the metrics.
 
 Messages without the HE config key pass through untouched, so the same ClientApp serves
 every strategy. The secret key is read from the node config ``he-secret-key`` or the run

@@ -45,9 +45,9 @@ class _RoundSum:
     """One round's running encrypted sum and what happened to each reply added so far."""
 
     acc: Accumulator
-    # id(reply) -> (reply, weight or None, rejection reason or None, ciphertext bytes)
-    seen: dict[int, tuple[Message, float | None, str | None, int]] = field(default_factory=dict)
-    weight: float = 0.0  # examples of the replies summed so far
+    # id(reply) -> (reply, rejection reason or None, ciphertext bytes)
+    seen: dict[int, tuple[Message, str | None, int]] = field(default_factory=dict)
+    weight: float = 0.0  # examples of the replies in ``acc`` (the W that travels with the sum)
 
 
 class HEFedAvg(FedAvg):
@@ -151,13 +151,13 @@ class HEFedAvg(FedAvg):
             return reply
         size = reply_bytes(reply)
         try:
-            weight = self._add(stream, reply)
+            self._add(stream, reply)
         except _REJECTED as exc:
-            stream.seen[id(reply)] = (reply, None, str(exc), size)
+            stream.seen[id(reply)] = (reply, str(exc), size)
             return reply
         metrics = next(iter(reply.content.metric_records.values()))
         reply.content = RecordDict({keys.METRICS: metrics})  # the sum holds the ciphertext now
-        stream.seen[id(reply)] = (reply, weight, None, size)
+        stream.seen[id(reply)] = (reply, None, size)
         return reply
 
     def configure_evaluate(
@@ -180,19 +180,19 @@ class HEFedAvg(FedAvg):
         stream, self._sum = self._sum or _RoundSum(Accumulator(self.he_public)), None
         self._record_replies(server_round, replies, phase="train")
         record = self.history.round(server_round)
-        accepted, total_weight = [], 0.0
+        accepted = []
         for reply in replies:
             if reply.has_error():
                 continue
             pid = self.roster.partition_of(reply.metadata.src_node_id)
             seen = stream.seen.get(id(reply))
             if seen is not None and seen[0] is reply:  # added on arrival
-                _, weight, error, size = seen
+                _, error, size = seen
                 record.bytes_up += size - reply_bytes(reply)  # its ciphertext was dropped
             else:
-                weight, error = None, None
+                error = None
                 try:
-                    weight = self._add(stream, reply)
+                    self._add(stream, reply)
                 except _REJECTED as exc:
                     error = str(exc)
             if error is not None:
@@ -202,8 +202,7 @@ class HEFedAvg(FedAvg):
                 record.train_institutions.pop(pid, None)
                 continue
             accepted.append(reply.content)
-            total_weight += weight
-        acc = stream.acc
+        acc, total_weight = stream.acc, stream.weight
         log(INFO, "he-fedavg round %d: summed %d ciphertexts (total weight %.0f)",
             server_round, len(accepted), total_weight)
         if not accepted or not self._enough_replies(server_round, len(accepted)):
@@ -219,8 +218,8 @@ class HEFedAvg(FedAvg):
         self._global = arrays
         return arrays, metrics
 
-    def _add(self, stream: _RoundSum, reply: Message) -> float:
-        """Check a reply and add its ciphertext to the round's sum; return its weight.
+    def _add(self, stream: _RoundSum, reply: Message) -> None:
+        """Check a reply and add its ciphertext and its weight to the round's sum.
 
         The summed examples may not exceed ``C``: institutions weighted by ``n_i / C``, and the
         preset's range bounds the sum only while those weights add up to at most 1.
@@ -235,7 +234,6 @@ class HEFedAvg(FedAvg):
             )
         stream.acc.add(blob)
         stream.weight += weight
-        return weight
 
     def _checked_reply(self, reply: Message) -> tuple[bytes, float]:
         content = reply.content
