@@ -41,6 +41,7 @@ class ScratchIO:
     def __init__(self, directory: Path) -> None:
         self._path = str(directory / "obj")
         self._fd: int | None = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        self._size = 0  # the file's length (this object and SEAL are its only writers)
         self._lock = threading.Lock()
 
     def _require_open(self) -> int:
@@ -53,17 +54,24 @@ class ScratchIO:
         with self._lock:
             fd = self._require_open()
             obj.save(self._path)  # SEAL truncates and rewrites the same file (same inode)
-            return _read_all(fd)
+            data = _read_all(fd)
+            self._size = len(data)
+            return data
 
     def load(self, obj: Any, data: bytes, context: Any | None = None) -> Any:
         """``obj.load([context,] path)`` from ``data``; returns ``obj``. SEAL errors propagate."""
         with self._lock:
             fd = self._require_open()
-            os.ftruncate(fd, 0)
+            # Overwrite in place and cut only the tail: truncating to 0 first would free
+            # every page of the file and fault fresh zeroed ones in for each object.
             view = memoryview(data)
+            self._size = max(self._size, len(view))  # stays an upper bound if a write fails
             done = 0
             while done < len(view):
                 done += os.pwrite(fd, view[done:], done)
+            if self._size > len(view):
+                os.ftruncate(fd, len(view))
+            self._size = len(view)
             if context is None:
                 obj.load(self._path)
             else:
