@@ -17,7 +17,10 @@ steady state) he / plain (and the ratio of medians, less sensitive to one
 slow round; every round's wall time is listed), the CPU seconds the whole machine spent on
 each run (/proc/stat; whole runs, start-up included, so run it on an otherwise idle
 machine) with the HE CPU overhead per round and the CPU ratio, which do not depend on how
-the scheduler interleaved the run's processes, the HE overhead in seconds per round (which does not
+the scheduler interleaved the run's processes, and that overhead split into the CPU seconds
+of HE's own work (institutions' encryptions and decryptions, the server's summing and
+serialising, as each reported them) and the rest (moving the larger messages through Flower
+and Ray), the HE overhead in seconds per round (which does not
 grow with the data, so the ratio falls as institutions hold more images), the training
 replies summed per round and every failure the run recorded (a preset whose run fails is
 reported with its error; the others still run).
@@ -41,6 +44,7 @@ from pathlib import Path
 from _common import emit, loadavg, machine, machine_cpu_s, shared_npz
 from bench_crypto import bench_preset
 
+from flower_focal import keys
 from flower_focal.config import RunConfig
 from flower_focal.crypto import PRESETS
 from flower_focal.models import build_model, count_parameters
@@ -63,6 +67,32 @@ def _failures(rounds: list[dict]) -> dict:
         "train_replies_per_round": [len(r["train_institutions"]) for r in rounds],
         "failures": [f"round {r['round']}: {f}" for r in rounds for f in r["failures"]],
     }
+
+
+def he_cpu_breakdown(rounds: list[dict]) -> dict:
+    """HE's own CPU seconds per round (mean over all rounds, as the run's CPU overhead is).
+
+    Institutions report the CPU seconds of their decryptions and encryptions in their reply
+    metrics and the server its summing and serialising in the round's ``timings``; what the
+    run's CPU overhead holds beyond these is everything else HE costs (moving the larger
+    messages through Flower and Ray, pickling them, fresh memory).
+    """
+    def inst(r: dict, phase: str, key: str) -> float:
+        return sum(m.get(key, 0.0) for m in r[f"{phase}_institutions"].values())
+
+    parts = {
+        "institutions_encrypt": [inst(r, "train", keys.HE_ENCRYPT_CPU_S) for r in rounds],
+        "institutions_decrypt": [inst(r, "train", keys.HE_DECRYPT_CPU_S) + inst(r, "evaluate", keys.HE_DECRYPT_CPU_S)
+                                 for r in rounds],
+        "server_sum": [r["timings"].get(keys.HE_SUM_CPU_S, 0.0) for r in rounds],
+        "server_serialize": [r["timings"].get(keys.HE_SERIALIZE_CPU_S, 0.0) for r in rounds],
+    }
+    out = {k: round(statistics.mean(v), 2) for k, v in parts.items()}
+    out["total"] = round(sum(out.values()), 2)
+    encrypt_walls = [m[keys.HE_ENCRYPT_S] for r in rounds for m in r["train_institutions"].values()
+                     if keys.HE_ENCRYPT_S in m]
+    out["encrypt_wall_s_per_upload"] = round(statistics.mean(encrypt_walls), 2) if encrypt_walls else None
+    return out
 
 
 def simulation_ratio(model: str, presets: list[str], args, out: Path, images: int) -> dict:
@@ -91,12 +121,15 @@ def simulation_ratio(model: str, presets: list[str], args, out: Path, images: in
             rows["presets"][preset] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
             continue
         he_cpu = _cpu_since(cpu0)
-        cpu = {}
-        if he_cpu is not None and plain_cpu is not None:
-            cpu = {"run_cpu_s": he_cpu,
-                   "cpu_overhead_s_per_round": round((he_cpu - plain_cpu) / args.rounds, 2),
-                   "cpu_ratio_vs_fedavg": round(he_cpu / plain_cpu, 2)}
         he_rounds = he.metrics()["rounds"]
+        breakdown = he_cpu_breakdown(he_rounds)
+        cpu = {"he_cpu_s_per_round": breakdown}
+        if he_cpu is not None and plain_cpu is not None:
+            overhead = (he_cpu - plain_cpu) / args.rounds
+            cpu |= {"run_cpu_s": he_cpu,
+                    "cpu_overhead_s_per_round": round(overhead, 2),
+                    "cpu_overhead_beyond_crypto_s_per_round": round(overhead - breakdown["total"], 2),
+                    "cpu_ratio_vs_fedavg": round(he_cpu / plain_cpu, 2)}
         walls = _walls(he_rounds)
         wall = statistics.mean(walls[skip:])
         last = he_rounds[-1]

@@ -39,6 +39,18 @@ HE_WEIGHT_NORM = "he-weight-norm"  # config: public constant C; institutions enc
 HE_CLIP_NORM = "he-clip-norm"  # config: L2 bound on the update before encryption (0 = off)
 HE_NOISE_STD = "he-noise-std"  # config: std of the Gaussian noise each institution adds (0 = off)
 NODE_HE_SECRET_KEY = "he-secret-key"  # node config: path of this institution's secret.ctx
+# Reply metrics an institution adds under HE-FedAvg: seconds (wall) and CPU seconds (this
+# thread: a he-workers pool's processes are not counted) it spent decrypting the global model
+# (0 when this process had already decrypted that aggregate) and encrypting its update.
+HE_DECRYPT_S = "he-decrypt-s"
+HE_DECRYPT_CPU_S = "he-decrypt-cpu-s"
+HE_ENCRYPT_S = "he-encrypt-s"
+HE_ENCRYPT_CPU_S = "he-encrypt-cpu-s"
+# RoundRecord.timings of the HE-FedAvg server (same units; the ServerApp's thread).
+HE_SUM_S = "he-sum-s"  # checking and adding the round's ciphertexts
+HE_SUM_CPU_S = "he-sum-cpu-s"
+HE_SERIALIZE_S = "he-serialize-s"  # serialising the encrypted sum for the institutions
+HE_SERIALIZE_CPU_S = "he-serialize-cpu-s"
 
 # FOCAL split training (see flower_focal/strategy/focal.py and flower_focal/client/focal.py).
 # Every Array below is a ciphertext envelope with stype HE_STYPE; the server holds no plaintext.

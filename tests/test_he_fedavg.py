@@ -63,6 +63,30 @@ def test_he_fedavg_equals_fedavg_over_three_rounds(tmp_path, key_dir):
         assert rb["bytes_up"] < 2 * ra["bytes_up"]  # compact preset: < 8 B/param vs 4 for float32
 
 
+def test_institutions_and_server_report_the_seconds_they_spend_on_he(tmp_path, key_dir):
+    DECRYPTED.clear()
+    _, enc = _run(tmp_path, "he-fedavg", key_dir)
+    rounds = json.loads((enc / "metrics.json").read_text())["rounds"]
+    assert len(rounds) == 3
+    for r in rounds:
+        t = r["timings"]
+        assert t[keys.HE_SUM_S] >= t[keys.HE_SUM_CPU_S] * 0.5 > 0  # three uploads checked and added
+        assert t[keys.HE_SERIALIZE_S] > 0 and t[keys.HE_SERIALIZE_CPU_S] > 0
+        assert r["train"][keys.HE_ENCRYPT_S] > 0  # the weighted mean over institutions
+        for m in r["train_institutions"].values():
+            assert m[keys.HE_ENCRYPT_S] > 0 and m[keys.HE_ENCRYPT_CPU_S] > 0
+    # Round 1 starts from the plaintext initial model: nothing to decrypt.
+    assert all(m[keys.HE_DECRYPT_S] == 0.0 for m in rounds[0]["train_institutions"].values())
+    # One process plays every institution here: the first evaluation of an aggregate decrypts
+    # it, and every later use of it (the other evaluations, next round's training) reuses that
+    # and costs less (what is left is rebuilding the arrays).
+    for prev, r in zip(rounds, rounds[1:] + [None]):
+        evaluated = sorted(m[keys.HE_DECRYPT_CPU_S] for m in prev["evaluate_institutions"].values())
+        assert len(evaluated) == 3 and evaluated[-1] > evaluated[-2]
+        if r is not None:
+            assert all(m[keys.HE_DECRYPT_CPU_S] < evaluated[-1] for m in r["train_institutions"].values())
+
+
 def test_server_sees_only_ciphertext_and_never_the_secret_key(tmp_path, key_dir):
     grid, run_dir = _run(tmp_path, "he-fedavg", key_dir)
     secret = (key_dir / "secret.ctx").read_bytes()

@@ -10,7 +10,9 @@ it makes them run unchanged under HE-FedAvg:
   (``he-clip-norm`` bounds ``||w_local - w_global||``), weighted by ``n_i / C`` *here*, so the
   server only adds, and encrypted; before weighting it is checked against the preset's value
   range, which bounds the aggregate (a refusal names the arrays that do not fit); the reply
-  carries one ciphertext Array and the metrics.
+  carries one ciphertext Array and the metrics;
+* every reply's metrics gain the seconds this institution spent decrypting and encrypting
+  (:data:`~flower_focal.keys.HE_DECRYPT_S` and the others next to it).
 
 Messages without the HE config key pass through untouched, so the same ClientApp serves
 every strategy. The secret key is read from the node config ``he-secret-key`` or the run
@@ -31,6 +33,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flower_focal import keys
 from flower_focal.config import RunConfig
 from flower_focal.crypto import PRESETS, SECRET_FILE, SecretContext
+from flower_focal.history import Stopwatch
 from flower_focal.packing import ArrayLayout
 
 
@@ -216,23 +219,39 @@ def he_fedavg_mod(message: Message, context: Context, call_next: ClientAppCallab
         )
     layout = ArrayLayout.from_config(config)
     incoming = message.content[keys.ARRAYS]
-    global_model = decrypt_record(incoming, he_secret, layout) if is_encrypted(incoming) else incoming
+    decrypting = Stopwatch()
+    if is_encrypted(incoming):
+        with decrypting:
+            global_model = decrypt_record(incoming, he_secret, layout)
+    else:
+        global_model = incoming
     message.content = RecordDict({keys.ARRAYS: global_model, keys.CONFIG: config})
 
     reply = call_next(message, context)
-    if message.metadata.message_type != MessageType.TRAIN or reply.has_error():
+    if reply.has_error():
         return reply
+    metrics = reply.content.metric_records.get(keys.METRICS)
+    if metrics is not None:
+        metrics[keys.HE_DECRYPT_S] = decrypting.wall_s
+        metrics[keys.HE_DECRYPT_CPU_S] = decrypting.cpu_s
+    if message.metadata.message_type != MessageType.TRAIN:
+        return reply
+    if metrics is None:  # never send the trained model back unencrypted
+        raise ValueError(f"the train handler's reply has no {keys.METRICS!r} MetricRecord; nothing is sent")
     cfg = RunConfig.from_mapping(context.run_config)
-    num_examples = float(reply.content[keys.METRICS][keys.NUM_EXAMPLES])
-    encrypted = encrypt_record(
-        reply.content[keys.ARRAYS],
-        he_secret,
-        layout,
-        weight=num_examples / float(config[keys.HE_WEIGHT_NORM]),
-        reference=global_model,
-        clip_norm=float(config.get(keys.HE_CLIP_NORM, 0.0)),
-        noise_std=float(config.get(keys.HE_NOISE_STD, 0.0)),
-        workers=cfg.he_workers,
-    )
-    reply.content = RecordDict({keys.ARRAYS: encrypted, keys.METRICS: reply.content[keys.METRICS]})
+    encrypting = Stopwatch()
+    with encrypting:
+        encrypted = encrypt_record(
+            reply.content[keys.ARRAYS],
+            he_secret,
+            layout,
+            weight=float(metrics[keys.NUM_EXAMPLES]) / float(config[keys.HE_WEIGHT_NORM]),
+            reference=global_model,
+            clip_norm=float(config.get(keys.HE_CLIP_NORM, 0.0)),
+            noise_std=float(config.get(keys.HE_NOISE_STD, 0.0)),
+            workers=cfg.he_workers,
+        )
+    metrics[keys.HE_ENCRYPT_S] = encrypting.wall_s
+    metrics[keys.HE_ENCRYPT_CPU_S] = encrypting.cpu_s
+    reply.content = RecordDict({keys.ARRAYS: encrypted, keys.METRICS: metrics})
     return reply

@@ -11,7 +11,10 @@ Replies are added the moment they arrive when the grid is a
 :class:`~flower_focal.grid.PromptGrid` (``run_server`` always wraps it so): each ciphertext is
 checked, added into the running sum and dropped, so the sum is ready when the last reply
 lands and the server holds about one model, not one per institution. Ciphertext addition is
-exact modular arithmetic, so the sum is bit-identical in any arrival order.
+exact modular arithmetic, so the sum is bit-identical in any arrival order. The seconds spent
+summing and serialising the sum go into the round's ``timings`` in ``metrics.json``
+(:data:`~flower_focal.keys.HE_SUM_S` and the others next to it); institutions report their own
+in their reply metrics.
 
 Everything else (sampling, rounds, per-institution history, metrics) is :class:`FedAvg`'s.
 Server-side evaluation of the model does not exist in this mode: evaluation is federated.
@@ -32,7 +35,7 @@ from flwr.supercore import log
 from flower_focal import keys
 from flower_focal.crypto import Accumulator, CiphertextError, PublicContext
 from flower_focal.grid import PromptGrid
-from flower_focal.history import metric_dict, reply_bytes
+from flower_focal.history import Stopwatch, metric_dict, reply_bytes
 from flower_focal.packing import ArrayLayout
 from flower_focal.strategy.fedavg import FedAvg
 
@@ -48,6 +51,7 @@ class _RoundSum:
     # id(reply) -> (reply, rejection reason or None, ciphertext bytes)
     seen: dict[int, tuple[Message, str | None, int]] = field(default_factory=dict)
     weight: float = 0.0  # examples of the replies in ``acc`` (the W that travels with the sum)
+    summing: Stopwatch = field(default_factory=Stopwatch)  # time spent checking and adding
 
 
 class HEFedAvg(FedAvg):
@@ -208,9 +212,15 @@ class HEFedAvg(FedAvg):
         if not accepted or not self._enough_replies(server_round, len(accepted)):
             return None, None
         norm = self._weight_norm
+        serializing = Stopwatch()
+        with serializing:
+            blob = acc.to_bytes()
+        record.timings.update({
+            keys.HE_SUM_S: stream.summing.wall_s, keys.HE_SUM_CPU_S: stream.summing.cpu_s,
+            keys.HE_SERIALIZE_S: serializing.wall_s, keys.HE_SERIALIZE_CPU_S: serializing.cpu_s,
+        })
         arrays = ArrayRecord({
-            keys.HE_CIPHERTEXT: Array(dtype="float64", shape=(acc.length,), stype=keys.HE_STYPE,
-                                      data=acc.to_bytes()),
+            keys.HE_CIPHERTEXT: Array(dtype="float64", shape=(acc.length,), stype=keys.HE_STYPE, data=blob),
             keys.HE_WEIGHTS: Array(np.array([norm, total_weight], dtype=np.float64)),
         })
         metrics = self.train_metrics_aggr_fn(accepted, self.weighted_by_key)
@@ -224,16 +234,17 @@ class HEFedAvg(FedAvg):
         The summed examples may not exceed ``C``: institutions weighted by ``n_i / C``, and the
         preset's range bounds the sum only while those weights add up to at most 1.
         """
-        blob, weight = self._checked_reply(reply)
-        if stream.weight + weight > self._weight_norm * (1 + 1e-9):
-            raise ValueError(
-                f"{self.weighted_by_key} {weight:g} would bring this round's summed examples to "
-                f"{stream.weight + weight:g}, more than C = {self._weight_norm:g} (the institutions' "
-                "described total that every upload was weighted by); the encrypted sum could "
-                "exceed the preset's range, so the reply is left out"
-            )
-        stream.acc.add(blob)
-        stream.weight += weight
+        with stream.summing:
+            blob, weight = self._checked_reply(reply)
+            if stream.weight + weight > self._weight_norm * (1 + 1e-9):
+                raise ValueError(
+                    f"{self.weighted_by_key} {weight:g} would bring this round's summed examples to "
+                    f"{stream.weight + weight:g}, more than C = {self._weight_norm:g} (the institutions' "
+                    "described total that every upload was weighted by); the encrypted sum could "
+                    "exceed the preset's range, so the reply is left out"
+                )
+            stream.acc.add(blob)
+            stream.weight += weight
 
     def _checked_reply(self, reply: Message) -> tuple[bytes, float]:
         content = reply.content
