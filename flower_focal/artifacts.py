@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 from flower_focal import keys
+from flower_focal.encrypted_model import EncryptedModel
 from flower_focal.history import write_json_atomic
 from flower_focal.models import arrays_into_model, build_model
 from flower_focal.packing import ArrayLayout
@@ -99,13 +100,7 @@ def save_encrypted_model(run_dir: Path, arrays: ArrayRecord, layout: Any, spec: 
                           {"kind": "focal-head", "focal_layout": dataclasses.asdict(layout)})
         save_spec(run_dir, spec)
         return path
-    tmp = path.with_suffix(".he.tmp")
-    tmp.write_bytes(arrays[keys.HE_CIPHERTEXT].data)
-    tmp.replace(path)
-    norm, total = (float(x) for x in arrays[keys.HE_WEIGHTS].numpy())
-    meta = {"weights": [norm, total], "layout": {"names": list(layout.names),
-            "shapes": [list(s) for s in layout.shapes], "dtypes": list(layout.dtypes)}}
-    write_json_atomic(run_dir / ENCRYPTED_META_FILE, meta)
+    EncryptedModel.from_record(arrays, layout).save(path)
     save_spec(run_dir, spec)
     return path
 
@@ -118,8 +113,6 @@ def decrypt_model(run_dir: str | Path, key_path: str | Path) -> Path:
     FileNotFoundError
         If the run has no encrypted model or the key is missing.
     """
-    from flower_focal.crypto import SecretContext
-
     run_dir = Path(run_dir)
     for name in (ENCRYPTED_FILE, ENCRYPTED_META_FILE, SPEC_FILE):
         if not (run_dir / name).is_file():
@@ -127,16 +120,24 @@ def decrypt_model(run_dir: str | Path, key_path: str | Path) -> Path:
     meta = json.loads((run_dir / ENCRYPTED_META_FILE).read_text())
     if meta.get("kind") == "focal-head":
         return _decrypt_focal_head(run_dir, key_path, meta)
-    layout = ArrayLayout(
-        names=tuple(meta["layout"]["names"]),
-        shapes=tuple(tuple(s) for s in meta["layout"]["shapes"]),
-        dtypes=tuple(meta["layout"]["dtypes"]),
-    )
-    norm, total = meta["weights"]
-    he_secret = SecretContext.load(key_path)
-    flat = he_secret.decrypt((run_dir / ENCRYPTED_FILE).read_bytes()) * (norm / total)
+    arrays = EncryptedModel.load(run_dir / ENCRYPTED_FILE).decrypt(key_path)
     spec = ModelSpec(**json.loads((run_dir / SPEC_FILE).read_text()))
-    return save_model(run_dir, layout.unflatten(flat), spec)
+    return save_model(run_dir, arrays, spec)
+
+
+def decrypt_model_file(model_path: str | Path, key_path: str | Path, out: str | Path) -> Path:
+    """Decrypt any HE-FedAvg model file (``EncryptedModel.save``) into a plain state dict.
+
+    Needs no model registry: ``out`` holds ``torch.save(state_dict)`` with the layout's
+    names, for the app's own ``model.load_state_dict(torch.load(out))``.
+    """
+    state = EncryptedModel.load(model_path).state_dict(key_path)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(out)
+    return out
 
 
 def _decrypt_focal_head(run_dir: Path, key_path: str | Path, meta: dict[str, Any]) -> Path:

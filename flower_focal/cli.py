@@ -3,6 +3,7 @@
     flower-focal evaluate --run-dir DIR --data FILE.npz --split test
     flower-focal keygen --out keys/ [--preset compact]
     flower-focal decrypt-model --run-dir DIR --key keys/
+    flower-focal decrypt-model --model final_model.he --key keys/ --out final_model.pt
     flower-focal report --runs RUN_DIR... --out DIR     # compare strategies (report.md + plots)
     flower-focal audit --strategy fedavg --dataset pathmnist --out DIR   # gradient-inversion audit
 
@@ -121,16 +122,28 @@ def _keygen(args: argparse.Namespace) -> int:
 def _add_decrypt_model(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "decrypt-model",
-        help="decrypt an HE run's encrypted final model (model.he) into model.pt; needs the secret key",
+        help="decrypt an encrypted final model (a run's model.he, or any file saved by "
+        "HEFedAvg.save_final_model) into a PyTorch state dict; needs the secret key",
+        description="Decrypt an encrypted final model where the institutions' secret key lives. "
+        "--run-dir: a flower-focal run directory (writes model.pt next to model.he). --model: any "
+        "HE-FedAvg model file with its .json (any network; writes a plain state dict to --out).",
     )
-    p.add_argument("--run-dir", required=True, type=Path)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--run-dir", type=Path, help="flower-focal run directory holding model.he")
+    where.add_argument("--model", type=Path, help="an encrypted model file (e.g. final_model.he)")
     p.add_argument("--key", required=True, type=Path, help="secret.ctx or the keygen directory")
+    p.add_argument("--out", type=Path, help="with --model: where the state dict goes "
+                   "(default: the model file with suffix .pt)")
     p.set_defaults(handler=_decrypt_model)
 
 
 def _decrypt_model(args: argparse.Namespace) -> int:
-    from flower_focal.artifacts import decrypt_model
+    from flower_focal.artifacts import decrypt_model, decrypt_model_file
 
+    if args.model is not None:
+        out = args.out or args.model.with_suffix(".pt")
+        print(json.dumps({"model": str(decrypt_model_file(args.model, args.key, out))}))
+        return 0
     print(json.dumps({"model": str(decrypt_model(args.run_dir, args.key))}))
     return 0
 

@@ -18,7 +18,9 @@ LOSS = "loss"
 ACCURACY = "accuracy"
 AUROC = "auroc"
 
-# QUERY "describe": what an institution tells the server when it joins (no label statistics).
+# QUERY "query.describe": what an institution tells the server when it joins (no label
+# statistics). Optional: strategies fall back to Flower's defaults for nodes that don't answer.
+ACTION_DESCRIBE = "describe"
 PARTITION_ID = "partition-id"
 NUM_CLASSES = "num-classes"
 IN_CHANNELS = "in-channels"
@@ -39,6 +41,11 @@ HE_WEIGHT_NORM = "he-weight-norm"  # config: public constant C; institutions enc
 HE_CLIP_NORM = "he-clip-norm"  # config: L2 bound on the update before encryption (0 = off)
 HE_NOISE_STD = "he-noise-std"  # config: std of the Gaussian noise each institution adds (0 = off)
 NODE_HE_SECRET_KEY = "he-secret-key"  # node config: path of this institution's secret.ctx
+RUN_HE_KEY_DIR = "he-key-dir"  # run config: keygen directory (institutions read secret.ctx there)
+RUN_HE_WORKERS = "he-workers"  # run config: encryption processes per institution
+HE_WEIGHTED_BY = "he-weighted-by"  # config: the reply metric the strategy weights by (num-examples)
+HE_SEAL = "he-seal"  # config bool: encrypt the update held since this round's train message
+HE_PENDING = "he-pending"  # reply metric: the update is held, waiting for the server's C
 # Reply metrics an institution adds under HE-FedAvg: seconds (wall) and CPU seconds (this
 # thread: a he-workers pool's processes are not counted) it spent decrypting the global model
 # (0 when this process had already decrypted that aggregate) and encrypting its update.

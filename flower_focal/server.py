@@ -94,6 +94,7 @@ def run_server(grid: Grid, cfg: RunConfig, run_id: int | str = "local") -> Resul
             close = getattr(strategy, "close", None)
             if callable(close):
                 close()
+        strategy.require_progress(max(cfg.num_server_rounds - done, 0))  # raises if nothing trained
         if checkpoint is not None and not result.arrays:  # nothing was left to run
             result.arrays = checkpoint.arrays
         history.status = "completed"

@@ -38,7 +38,7 @@ class SlowGrid(LoopbackGrid):
 
 def _queries(grid):
     return [Message(RecordDict({"config": ConfigRecord({"action": "describe"})}), dst_node_id=nid,
-                    message_type=MessageType.QUERY) for nid in grid.get_node_ids()]
+                    message_type="query.describe") for nid in grid.get_node_ids()]
 
 
 def test_all_replies_are_returned_soon_after_the_last_one_arrives():

@@ -12,6 +12,7 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from flower_focal import keys
 from flower_focal.client import focal, handlers
 from flower_focal.client.dp import dp_clipping_mod
 from flower_focal.client.he_mod import he_fedavg_mod
@@ -21,7 +22,7 @@ def build_client_app() -> ClientApp:
     """A new ``ClientApp`` with flower-focal's handlers and mods."""
     app = ClientApp()
 
-    @app.query()
+    @app.query(keys.ACTION_DESCRIBE)
     def describe(message: Message, context: Context) -> Message:
         """Tell the server this institution's partition id and data shape."""
         return handlers.describe(message, context)

@@ -8,6 +8,7 @@ reads the run config through :class:`~flower_focal.config.RunConfig` and its dat
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from logging import INFO
 
@@ -67,6 +68,25 @@ def describe(message: Message, context: Context) -> Message:
         }
     )
     return Message(RecordDict({keys.CONFIG: info}), reply_to=message)
+
+
+def describe_handler(num_train: Callable[[Context], int]) -> Callable[[Message, Context], Message]:
+    """A ``query.describe`` handler for *any* ClientApp (optional).
+
+    Register it as ``app.query("describe")(describe_handler(lambda ctx: len(my_trainset)))``.
+    The server then knows each institution's partition (node config ``partition-id``, else the
+    node id) and training-set size before the first round: sampling and aggregation follow
+    partition order (bit-reproducible runs) and HE-FedAvg needs no extra exchange per round.
+    It reads nothing of the app's run config.
+    """
+
+    def describe(message: Message, context: Context) -> Message:
+        partition = context.node_config.get(keys.NODE_PARTITION_ID, context.node_id)
+        info = ConfigRecord({keys.PARTITION_ID: int(partition), keys.NUM_CLASSES: 0,
+                             keys.IN_CHANNELS: 0, keys.NUM_TRAIN: int(num_train(context))})
+        return Message(RecordDict({keys.CONFIG: info}), reply_to=message)
+
+    return describe
 
 
 def _global_model(site: Site, message: Message):

@@ -15,8 +15,16 @@ it makes them run unchanged under HE-FedAvg:
   (:data:`~flower_focal.keys.HE_DECRYPT_S` and the others next to it).
 
 Messages without the HE config key pass through untouched, so the same ClientApp serves
-every strategy. The secret key is read from the node config ``he-secret-key`` or the run
-config ``he-key-dir``; it never leaves this process.
+every strategy. The mod reads only its own keys: the secret key comes from the node config
+``he-secret-key`` or the run config ``he-key-dir`` (and ``he-workers``); every other key of the
+app's run config is the app's business. It never leaves this process.
+
+When the server does not know the institutions' training-set sizes (their ClientApp does not
+answer flower-focal's describe query), a round takes two exchanges: the train message carries
+``he-weight-norm = 0``, the mod trains, prepares the update (checks, clip, noise) and keeps it
+in the node's ``context.state`` (it never leaves the institution), replying with its metrics
+only; the server then announces ``C`` = the sum of the reported sizes in a *seal* message,
+and the mod encrypts the held update weighted by ``n_i / C``. Range guarantees are the same.
 """
 
 from __future__ import annotations
@@ -27,11 +35,10 @@ import threading
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
 from flower_focal import keys
-from flower_focal.config import RunConfig
 from flower_focal.crypto import PRESETS, SECRET_FILE, SecretContext
 from flower_focal.history import Stopwatch
 from flower_focal.packing import ArrayLayout
@@ -52,20 +59,29 @@ def secret_context(context: Context) -> SecretContext:
     """
     node_path = context.node_config.get(keys.NODE_HE_SECRET_KEY)
     if node_path:
-        path = Path(str(node_path))
+        path, source = Path(str(node_path)), f"node config {keys.NODE_HE_SECRET_KEY}"
     else:
-        key_dir = RunConfig.from_mapping(context.run_config).he_key_dir
+        key_dir = context.run_config.get(keys.RUN_HE_KEY_DIR, "")
         if not key_dir:
             raise FileNotFoundError(
-                "he-fedavg needs the institutions' secret key: run `flower-focal keygen --out DIR` "
-                "and set run config he-key-dir=DIR or node config he-secret-key=DIR/secret.ctx"
+                "this institution has no HE secret key: run `flower-focal keygen --out DIR` once, "
+                f"copy DIR/secret.ctx to every institution and set node config "
+                f"{keys.NODE_HE_SECRET_KEY}=/path/secret.ctx (or run config {keys.RUN_HE_KEY_DIR}=DIR)"
             )
-        path = Path(key_dir)
+        path, source = Path(str(key_dir)), f"run config {keys.RUN_HE_KEY_DIR}"
     if path.is_dir():
         path = path / SECRET_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"HE secret key {path} not found")
+        raise FileNotFoundError(f"HE secret key {path} ({source}) not found on this institution")
     return _load_secret(str(path.resolve()), path.stat().st_mtime)
+
+
+def he_workers(context: Context) -> int:
+    """Encryption processes of this institution (run config ``he-workers``, default 1)."""
+    value = context.run_config.get(keys.RUN_HE_WORKERS, 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"run config {keys.RUN_HE_WORKERS} must be an integer >= 1, got {value!r}")
+    return value
 
 
 def is_encrypted(record: ArrayRecord) -> bool:
@@ -155,6 +171,24 @@ def encrypt_record(
     ValueError
         If the model holds NaN/Inf (refused before anything is encrypted).
     """
+    flat = prepare_update(record, he_secret, layout, reference=reference, clip_norm=clip_norm,
+                          noise_std=noise_std)
+    return encrypt_flat(flat, he_secret, layout, weight, workers=workers)
+
+
+def prepare_update(
+    record: ArrayRecord,
+    he_secret: SecretContext,
+    layout: ArrayLayout,
+    *,
+    reference: ArrayRecord | None = None,
+    clip_norm: float = 0.0,
+    noise_std: float = 0.0,
+) -> np.ndarray:
+    """The flat, unweighted vector an institution will encrypt: checked, clipped, noised.
+
+    Raises ``ValueError`` for NaN/Inf or values beyond the preset's range.
+    """
     flat = layout.flatten(record)
     if not np.all(np.isfinite(flat)):
         bad = [n for n in layout.names if not np.all(np.isfinite(record[n].numpy()))]
@@ -169,7 +203,16 @@ def encrypt_record(
             delta = delta + np.random.default_rng(secrets.randbits(128)).normal(0.0, noise_std, delta.shape)
         flat = base + delta
     _check_range(flat, he_secret, layout)
-    flat *= weight  # flat is this call's own buffer (flatten or the clip above made it)
+    return flat
+
+
+def encrypt_flat(flat: np.ndarray, he_secret: SecretContext, layout: ArrayLayout, weight: float,
+                 *, workers: int = 1) -> ArrayRecord:
+    """``Enc(weight * flat)`` as one ciphertext Array (``flat`` is scaled in place)."""
+    if not 0 < weight <= 1 + 1e-9:
+        raise ValueError(f"HE weight n_i / C = {weight:g} is outside (0, 1]: the reported "
+                         "example count exceeds the total the server announced")
+    flat *= weight
     blob = he_secret.encrypt(flat, workers=workers).to_bytes()
     return ArrayRecord(
         {keys.HE_CIPHERTEXT: Array(dtype="float64", shape=(layout.size,), stype=keys.HE_STYPE, data=blob)}
@@ -205,10 +248,18 @@ def _check_range(flat: np.ndarray, he_secret: SecretContext, layout: ArrayLayout
     )
 
 
+def _single(records: dict, what: str, message_kind: str) -> tuple[str, object]:
+    """The one record of a kind in a message, with its name (Flower's FedAvg sends one)."""
+    if len(records) != 1:
+        raise ValueError(f"he_fedavg_mod expects exactly one {what} in the {message_kind}, "
+                         f"got {sorted(records)}")
+    return next(iter(records.items()))
+
+
 def he_fedavg_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Decrypt the incoming global model; encrypt the weighted outgoing one (see module doc)."""
-    config = message.content.config_records.get(keys.CONFIG)
-    if config is None or keys.HE_FINGERPRINT not in config:
+    config = next((c for c in message.content.config_records.values() if keys.HE_FINGERPRINT in c), None)
+    if config is None:
         return call_next(message, context)
 
     he_secret = secret_context(context)
@@ -217,41 +268,84 @@ def he_fedavg_mod(message: Message, context: Context, call_next: ClientAppCallab
             "this institution's HE key set differs from the server's (fingerprint "
             f"{he_secret.fingerprint.hex()} != {config[keys.HE_FINGERPRINT]}); use the same keygen output"
         )
+    if bool(config.get(keys.HE_SEAL, False)):
+        return _seal(message, context, config, he_secret)
     layout = ArrayLayout.from_config(config)
-    incoming = message.content[keys.ARRAYS]
+    arrays_name, incoming = _single(message.content.array_records, "ArrayRecord", "server's message")
     decrypting = Stopwatch()
     if is_encrypted(incoming):
         with decrypting:
             global_model = decrypt_record(incoming, he_secret, layout)
     else:
         global_model = incoming
-    message.content = RecordDict({keys.ARRAYS: global_model, keys.CONFIG: config})
+    content = RecordDict(dict(message.content.items()))
+    content[arrays_name] = global_model
+    message.content = content
 
     reply = call_next(message, context)
     if reply.has_error():
         return reply
-    metrics = reply.content.metric_records.get(keys.METRICS)
+    metrics_name, metrics = next(iter(reply.content.metric_records.items()), (None, None))
     if metrics is not None:
         metrics[keys.HE_DECRYPT_S] = decrypting.wall_s
         metrics[keys.HE_DECRYPT_CPU_S] = decrypting.cpu_s
     if message.metadata.message_type != MessageType.TRAIN:
         return reply
     if metrics is None:  # never send the trained model back unencrypted
-        raise ValueError(f"the train handler's reply has no {keys.METRICS!r} MetricRecord; nothing is sent")
-    cfg = RunConfig.from_mapping(context.run_config)
+        raise ValueError("the train handler's reply has no MetricRecord (with the example count "
+                         "FedAvg weights by); nothing is sent")
+    weighted_by = str(config.get(keys.HE_WEIGHTED_BY, keys.NUM_EXAMPLES))
+    if weighted_by not in metrics:
+        raise ValueError(f"the train handler's reply metrics have no {weighted_by!r} (the example "
+                         "count FedAvg weights by); nothing is sent")
+    n_examples = float(metrics[weighted_by])
+    _, trained = _single(reply.content.array_records, "ArrayRecord", "train handler's reply")
+    flat = prepare_update(
+        trained, he_secret, layout, reference=global_model,
+        clip_norm=float(config.get(keys.HE_CLIP_NORM, 0.0)),
+        noise_std=float(config.get(keys.HE_NOISE_STD, 0.0)),
+    )
+    norm = float(config[keys.HE_WEIGHT_NORM])
+    if norm <= 0:  # the server does not know C yet: hold the update here until it says
+        context.state[_HELD] = ArrayRecord({_HELD: Array(flat)})
+        context.state[_HELD_META] = ConfigRecord({
+            keys.SERVER_ROUND: int(config.get(keys.SERVER_ROUND, 0)), "n": n_examples,
+            keys.HE_FINGERPRINT: str(config[keys.HE_FINGERPRINT])})
+        metrics[keys.HE_PENDING] = 1
+        reply.content = RecordDict({metrics_name: metrics})
+        return reply
     encrypting = Stopwatch()
     with encrypting:
-        encrypted = encrypt_record(
-            reply.content[keys.ARRAYS],
-            he_secret,
-            layout,
-            weight=float(metrics[keys.NUM_EXAMPLES]) / float(config[keys.HE_WEIGHT_NORM]),
-            reference=global_model,
-            clip_norm=float(config.get(keys.HE_CLIP_NORM, 0.0)),
-            noise_std=float(config.get(keys.HE_NOISE_STD, 0.0)),
-            workers=cfg.he_workers,
-        )
+        encrypted = encrypt_flat(flat, he_secret, layout, n_examples / norm, workers=he_workers(context))
     metrics[keys.HE_ENCRYPT_S] = encrypting.wall_s
     metrics[keys.HE_ENCRYPT_CPU_S] = encrypting.cpu_s
-    reply.content = RecordDict({keys.ARRAYS: encrypted, keys.METRICS: metrics})
+    reply.content = RecordDict({keys.ARRAYS: encrypted, metrics_name: metrics})
     return reply
+
+
+_HELD = "flower-focal.he-held-update"
+_HELD_META = "flower-focal.he-held-meta"
+
+
+def _seal(message: Message, context: Context, config, he_secret: SecretContext) -> Message:
+    """Second exchange of a round whose sizes were unknown: encrypt the held update by n_i / C."""
+    held = context.state.array_records.get(_HELD)
+    meta = context.state.config_records.get(_HELD_META)
+    server_round = int(config.get(keys.SERVER_ROUND, 0))
+    if held is None or meta is None or int(meta[keys.SERVER_ROUND]) != server_round \
+            or meta[keys.HE_FINGERPRINT] != config[keys.HE_FINGERPRINT]:
+        raise ValueError(f"asked to seal the round-{server_round} update, but this institution holds "
+                         "none for that round (its train reply failed or its state was lost)")
+    flat = np.array(held[_HELD].numpy(), dtype=np.float64)
+    n_examples = float(meta["n"])
+    del context.state[_HELD]
+    del context.state[_HELD_META]
+    layout = ArrayLayout.from_config(config)
+    encrypting = Stopwatch()
+    with encrypting:
+        encrypted = encrypt_flat(flat, he_secret, layout, n_examples / float(config[keys.HE_WEIGHT_NORM]),
+                                 workers=he_workers(context))
+    weighted_by = str(config.get(keys.HE_WEIGHTED_BY, keys.NUM_EXAMPLES))
+    metrics = MetricRecord({weighted_by: n_examples, keys.HE_ENCRYPT_S: encrypting.wall_s,
+                            keys.HE_ENCRYPT_CPU_S: encrypting.cpu_s})
+    return Message(RecordDict({keys.ARRAYS: encrypted, keys.METRICS: metrics}), reply_to=message)

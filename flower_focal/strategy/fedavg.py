@@ -33,6 +33,10 @@ from flower_focal.packing import ArrayLayout
 from flower_focal.strategy.roster import InstitutionRoster, OrderedGrid, seeded_random
 
 
+class NothingAggregated(RuntimeError):
+    """A run whose rounds all ended without a single aggregated training reply."""
+
+
 class FedAvg(FlowerFedAvg):
     """Flower FedAvg with reproducible sampling and per-institution history.
 
@@ -77,6 +81,44 @@ class FedAvg(FlowerFedAvg):
         self.min_train_replies = max(1, min_train_replies)
         self.checkpoint_dir = checkpoint_dir
         self._global: ArrayRecord | None = None  # what the server holds after the last round
+        self.rounds_aggregated = 0  # rounds whose training produced a new global model
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
+              timeout: float = 3600, train_config: ConfigRecord | None = None,
+              evaluate_config: ConfigRecord | None = None, evaluate_fn=None) -> Result:
+        """Flower's round loop, refusing to report success for a run that trained nothing.
+
+        Raises
+        ------
+        NothingAggregated
+            When ``num_rounds > 0`` and no round aggregated a single training reply (every
+            institution failed, or every reply was rejected); the message carries the first
+            institution errors, so the cause is in the run's error rather than deep in a log.
+        """
+        self.check_evaluate_fn(evaluate_fn)
+        result = super().start(grid, initial_arrays, num_rounds=num_rounds, timeout=timeout,
+                               train_config=train_config, evaluate_config=evaluate_config,
+                               evaluate_fn=evaluate_fn)
+        self.require_progress(num_rounds)
+        return result
+
+    def check_evaluate_fn(self, evaluate_fn) -> None:
+        """Strategies whose server holds no plaintext model refuse server-side evaluation."""
+
+    def require_progress(self, num_rounds: int) -> None:
+        """Raise :class:`NothingAggregated` if ``num_rounds`` rounds ran and none aggregated."""
+        if num_rounds <= 0 or self.rounds_aggregated > 0:
+            return
+        reasons: list[str] = []
+        for record in self.history.rounds:
+            for failure in record.failures:
+                if failure not in reasons:
+                    reasons.append(failure)
+        shown = "; ".join(reasons[:3]) or "no institution replied to any training message"
+        raise NothingAggregated(
+            f"{self.name}: none of the {num_rounds} round(s) aggregated a training reply, so "
+            f"nothing was trained. First errors: {shown}"
+        )
 
     def summary(self) -> None:
         """Log Flower's FedAvg summary plus the sampling seed."""
@@ -122,9 +164,17 @@ class FedAvg(FlowerFedAvg):
             return None, None
         arrays, metrics = super().aggregate_train(server_round, replies)
         self.history.round(server_round).train = metric_dict(metrics)
-        if arrays is not None:
-            self._global = arrays
-        return arrays, metrics
+        return self._aggregated(server_round, arrays), metrics
+
+    def _aggregated(self, server_round: int, arrays: ArrayRecord | None) -> ArrayRecord | None:
+        """Bookkeeping of a round's aggregate (``None``: the round failed, the model stays)."""
+        if arrays is None:
+            record = self.history.round(server_round)
+            record.failures.append(f"round {server_round}: nothing aggregated; the global model is unchanged")
+            return None
+        self._global = arrays
+        self.rounds_aggregated += 1
+        return arrays
 
     # ------------------------------------------------------------------ evaluate
     def configure_evaluate(
@@ -154,10 +204,10 @@ class FedAvg(FlowerFedAvg):
 
     # ------------------------------------------------------------------ helpers
     def _enough_replies(self, server_round: int, received: int) -> bool:
-        if received >= self.min_train_replies:
+        if received >= self.min_train_replies and received > 0:
             return True
-        msg = (f"round {server_round}: {received} training replies < min-train-replies "
-               f"{self.min_train_replies}; the global model is left unchanged")
+        msg = (f"round {server_round}: {received} valid training replies (min-train-replies "
+               f"{self.min_train_replies}); the global model is left unchanged")
         log(WARNING, msg)
         self.history.round(server_round).failures.append(msg)
         return False
@@ -172,7 +222,7 @@ class FedAvg(FlowerFedAvg):
         record = self.history.round(server_round)
         per_institution = record.train_institutions if phase == "train" else record.evaluate_institutions
         for reply in replies:
-            pid = self.roster.partition_of(reply.metadata.src_node_id)
+            pid = self.roster.label_of(reply.metadata.src_node_id)
             record.bytes_up += reply_bytes(reply)
             if reply.has_error():
                 record.failures.append(f"{phase} institution {pid}: {reply.error.reason}")

@@ -219,7 +219,7 @@ class Focal(FedAvg):
             grid.send_and_receive(self._count_sent(server_round, messages), timeout=self.exchange_timeout))
         ok: list[tuple[int, int, RecordDict]] = []
         for reply in replies:
-            pid = self.roster.partition_of(reply.metadata.src_node_id)
+            pid = self.roster.label_of(reply.metadata.src_node_id)
             record.bytes_up += reply_bytes(reply)
             if reply.has_error():
                 record.failures.append(f"embed institution {pid}: {reply.error.reason}")
@@ -231,7 +231,7 @@ class Focal(FedAvg):
             first = [c for n, _, c in ok if n == nodes[0]]
             if not first:
                 raise RuntimeError(
-                    f"focal: institution {self.roster.partition_of(nodes[0])} (lowest partition id) "
+                    f"focal: institution {self.roster.label_of(nodes[0])} (lowest partition id) "
                     "did not upload the initial head; see its ClientApp log")
             head = he_bytes(first[0][keys.ARRAYS], keys.FOCAL_HEAD)
             dim = int(first[0][keys.METRICS][keys.EMBED_DIM])
@@ -321,7 +321,7 @@ class Focal(FedAvg):
             if reply.has_error():
                 continue
             node = reply.metadata.src_node_id
-            pid = self.roster.partition_of(node)
+            pid = self.roster.label_of(node)
             name = self._members.get(node)
             try:
                 if name is None:
@@ -374,8 +374,7 @@ class Focal(FedAvg):
         arrays = ArrayRecord({keys.FOCAL_HEAD: he_array(server_export_head(server))})
         metrics = self.train_metrics_aggr_fn(accepted, self.weighted_by_key)
         self.history.round(server_round).train = metric_dict(metrics)
-        self._global = arrays
-        return arrays, metrics
+        return self._aggregated(server_round, arrays), metrics
 
     # ------------------------------------------------------------------ evaluate
     def configure_evaluate(

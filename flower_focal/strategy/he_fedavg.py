@@ -16,8 +16,19 @@ summing and serialising the sum go into the round's ``timings`` in ``metrics.jso
 (:data:`~flower_focal.keys.HE_SUM_S` and the others next to it); institutions report their own
 in their reply metrics.
 
+When some sampled institution never described its training-set size (its ClientApp does not
+answer flower-focal's describe query: any Flower app whose ClientApp only adds the mod), ``C``
+is not known when the round starts. The train message then carries ``C = 0``: institutions
+train and hold their prepared update, replying with their example counts only; the server
+sums those into ``C`` and sends a small *seal* message, and institutions encrypt the held
+update weighted by ``n_i / C`` (see :mod:`flower_focal.client.he_mod`). One extra exchange,
+the same ciphertexts and range guarantees.
+
 Everything else (sampling, rounds, per-institution history, metrics) is :class:`FedAvg`'s.
-Server-side evaluation of the model does not exist in this mode: evaluation is federated.
+Server-side evaluation of the model does not exist in this mode: evaluation is federated, and
+:meth:`HEFedAvg.start` refuses an ``evaluate_fn``. The final model is ciphertext:
+:meth:`HEFedAvg.encrypted_model` (or :meth:`HEFedAvg.save_final_model`) gives it with its
+layout, for an institution to decrypt (:class:`flower_focal.encrypted_model.EncryptedModel`).
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -33,7 +45,8 @@ from flwr.serverapp.strategy import Result
 from flwr.supercore import log
 
 from flower_focal import keys
-from flower_focal.crypto import Accumulator, CiphertextError, PublicContext
+from flower_focal.crypto import PUBLIC_FILE, Accumulator, CiphertextError, PublicContext
+from flower_focal.encrypted_model import EncryptedModel
 from flower_focal.grid import PromptGrid
 from flower_focal.history import Stopwatch, metric_dict, reply_bytes
 from flower_focal.packing import ArrayLayout
@@ -80,7 +93,8 @@ class HEFedAvg(FedAvg):
     name = "he-fedavg"
 
     def __init__(
-        self, *, he_public: PublicContext, clip_norm: float = 0.0, noise_multiplier: float = 0.0, **kwargs
+        self, *, he_public: PublicContext, clip_norm: float = 0.0, noise_multiplier: float = 0.0,
+        exchange_timeout: float = 3600.0, **kwargs
     ) -> None:
         if not isinstance(he_public, PublicContext) or he_public.holds_secret_key:
             raise ValueError(
@@ -93,9 +107,53 @@ class HEFedAvg(FedAvg):
         self.he_public = he_public
         self.clip_norm = clip_norm
         self.noise_multiplier = noise_multiplier
+        self.exchange_timeout = exchange_timeout
         self._layout: ArrayLayout | None = None
         self._weight_norm = 1.0
         self._sum: _RoundSum | None = None
+        self._grid: Grid | None = None
+
+    @classmethod
+    def from_key_dir(cls, key_dir: str | Path, **kwargs) -> HEFedAvg:
+        """An HE-FedAvg strategy with the server's ``public.ctx`` from ``key_dir`` (keygen output).
+
+        Raises ``FileNotFoundError`` naming the file (and how to make it) when it is missing.
+        """
+        path = Path(key_dir).expanduser()
+        if path.is_dir():
+            path = path / PUBLIC_FILE
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"HE public context {path} not found: run `flower-focal keygen --out DIR` and give "
+                "the server DIR (it reads only DIR/public.ctx; secret.ctx goes to the institutions)")
+        return cls(he_public=PublicContext.load(path), **kwargs)
+
+    def check_evaluate_fn(self, evaluate_fn) -> None:
+        """Refuse server-side evaluation: the server never holds the plaintext model."""
+        if evaluate_fn is not None:
+            raise ValueError(
+                f"{type(self).__name__} cannot run an evaluate_fn: the server only ever holds the "
+                "encrypted model. Use federated evaluation (your ClientApp's @app.evaluate with "
+                "he_fedavg_mod reports metrics on each institution's data), or decrypt the final "
+                "model at an institution (flower-focal decrypt-model) and evaluate it there."
+            )
+
+    def encrypted_model(self, result: Result) -> EncryptedModel:
+        """The run's final model as ciphertext plus its public layout and ``[C, W]`` weights.
+
+        Raises
+        ------
+        RuntimeError
+            If no round produced an encrypted aggregate.
+        """
+        final = self.final_ciphertext(result)
+        if final is None:
+            raise RuntimeError("he-fedavg: the run has no encrypted aggregate (no round aggregated)")
+        return EncryptedModel.from_record(*final)
+
+    def save_final_model(self, result: Result, path: str | Path) -> Path:
+        """Write the encrypted final model (``path``, e.g. ``final_model.he``, plus ``path.json``)."""
+        return self.encrypted_model(result).save(path)
 
     def summary(self) -> None:
         """FedAvg summary plus HE parameters (never keys)."""
@@ -132,21 +190,75 @@ class HEFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """FedAvg's sampling; adds the layout, key fingerprint and weight normaliser C."""
+        """FedAvg's sampling; adds the layout, key fingerprint and weight normaliser C.
+
+        ``C = 0`` when a sampled institution's size is unknown: the round is sealed in a
+        second exchange (see module doc).
+        """
         self.roster.refresh(grid)
+        self._grid = grid
         self._he_config(arrays, config)
-        self._weight_norm = float(max(self.roster.total_train_examples(), 1))
-        config[keys.HE_WEIGHT_NORM] = self._weight_norm
+        config[keys.HE_WEIGHTED_BY] = self.weighted_by_key
         config[keys.HE_NOISE_STD] = 0.0
+        config[keys.HE_WEIGHT_NORM] = 0.0
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        if self.noise_multiplier > 0 and messages:
-            std = self.noise_multiplier * self.clip_norm / len(messages) ** 0.5  # m = sampled
-            for message in messages:
-                message.content[keys.CONFIG][keys.HE_NOISE_STD] = std
-        self._sum = _RoundSum(Accumulator(self.he_public))
+        if messages and self.roster.sizes_known(m.metadata.dst_node_id for m in messages):
+            self._weight_norm = float(max(self.roster.total_train_examples(), 1))
+        else:
+            self._weight_norm = 0.0  # learnt from the replies, then sealed
+        for message in messages:  # Flower's FedAvg shares one config among the messages
+            message_config = message.content[self.configrecord_key]
+            message_config[keys.HE_WEIGHT_NORM] = self._weight_norm
+            if self.noise_multiplier > 0:
+                # m = sampled institutions
+                message_config[keys.HE_NOISE_STD] = self.noise_multiplier * self.clip_norm / len(messages) ** 0.5
+        self._sum = _RoundSum(Accumulator(self.he_public)) if self._weight_norm > 0 else None
         if isinstance(grid, PromptGrid):
             grid.reply_hook = self._absorb  # add each ciphertext as it arrives
         return messages
+
+    def _seal(self, server_round: int, replies: list[Message]) -> tuple[list[Message], dict[int, RecordDict]]:
+        """Second exchange of a round with unknown sizes: announce C, collect the ciphertexts.
+
+        Returns the seal replies and, per node, the train reply's content (the app's metrics).
+        """
+        record = self.history.round(server_round)
+        held: dict[int, RecordDict] = {}
+        for reply in replies:
+            if reply.has_error():
+                continue
+            label = self.roster.label_of(reply.metadata.src_node_id)
+            try:
+                metrics = next(iter(reply.content.metric_records.values()))
+                if not metrics.get(keys.HE_PENDING):
+                    raise ValueError("the reply holds no pending update (is he_fedavg_mod on the "
+                                     "ClientApp's @app.train?)")
+                weight = float(metrics[self.weighted_by_key])
+                if not np.isfinite(weight) or weight <= 0:
+                    raise ValueError(f"invalid {self.weighted_by_key} {weight}")
+            except (StopIteration, KeyError, TypeError, ValueError) as exc:
+                record.failures.append(f"train institution {label}: rejected ({exc})")
+                record.train_institutions.pop(label, None)
+                continue
+            held[reply.metadata.src_node_id] = reply.content
+        if not held or self._grid is None:
+            return [], held
+        total = sum(float(next(iter(c.metric_records.values()))[self.weighted_by_key]) for c in held.values())
+        self._weight_norm = total
+        config = ConfigRecord({keys.SERVER_ROUND: server_round, keys.HE_SEAL: True,
+                               keys.HE_WEIGHT_NORM: total, keys.HE_WEIGHTED_BY: self.weighted_by_key})
+        self._he_config(ArrayRecord(), config)
+        messages = [Message(RecordDict({self.configrecord_key: config}), dst_node_id=node,
+                            message_type=MessageType.TRAIN) for node in held]
+        self._sum = _RoundSum(Accumulator(self.he_public))
+        record.bytes_down += 0  # seal messages carry no arrays
+        sealed = list(self._grid.send_and_receive(messages, timeout=self.exchange_timeout))
+        for reply in sealed:
+            if reply.has_error():
+                label = self.roster.label_of(reply.metadata.src_node_id)
+                record.failures.append(f"train institution {label}: seal failed ({reply.error.reason})")
+                record.train_institutions.pop(label, None)
+        return sealed, held
 
     def _absorb(self, reply: Message) -> Message:
         """Check and add a training reply into the round's sum, then drop its ciphertext."""
@@ -181,14 +293,21 @@ class HEFedAvg(FedAvg):
         any other reply (a grid without :class:`PromptGrid`) is checked and added now.
         """
         replies = self.roster.sort_replies(replies)
-        stream, self._sum = self._sum or _RoundSum(Accumulator(self.he_public)), None
         self._record_replies(server_round, replies, phase="train")
+        held: dict[int, RecordDict] | None = None
+        if self._weight_norm <= 0:  # sizes were unknown: announce C and collect the ciphertexts
+            sealed, held = self._seal(server_round, replies)
+            replies = self.roster.sort_replies(sealed)
+            record = self.history.round(server_round)
+            for reply in replies:
+                record.bytes_up += reply_bytes(reply)
+        stream, self._sum = self._sum or _RoundSum(Accumulator(self.he_public)), None
         record = self.history.round(server_round)
         accepted = []
         for reply in replies:
             if reply.has_error():
                 continue
-            pid = self.roster.partition_of(reply.metadata.src_node_id)
+            pid = self.roster.label_of(reply.metadata.src_node_id)
             seen = stream.seen.get(id(reply))
             if seen is not None and seen[0] is reply:  # added on arrival
                 _, error, size = seen
@@ -205,11 +324,11 @@ class HEFedAvg(FedAvg):
                 record.failures.append(f"train institution {pid}: rejected ({error})")
                 record.train_institutions.pop(pid, None)
                 continue
-            accepted.append(reply.content)
+            accepted.append(reply.content if held is None else held[reply.metadata.src_node_id])
         acc, total_weight = stream.acc, stream.weight
         log(INFO, "he-fedavg round %d: summed %d ciphertexts (total weight %.0f)",
             server_round, len(accepted), total_weight)
-        if not accepted or not self._enough_replies(server_round, len(accepted)):
+        if not self._enough_replies(server_round, len(accepted)):
             return None, None
         norm = self._weight_norm
         serializing = Stopwatch()
@@ -225,8 +344,7 @@ class HEFedAvg(FedAvg):
         })
         metrics = self.train_metrics_aggr_fn(accepted, self.weighted_by_key)
         self.history.round(server_round).train = metric_dict(metrics)
-        self._global = arrays
-        return arrays, metrics
+        return self._aggregated(server_round, arrays), metrics
 
     def _add(self, stream: _RoundSum, reply: Message) -> None:
         """Check a reply and add its ciphertext and its weight to the round's sum.

@@ -1,0 +1,130 @@
+"""An HE-FedAvg model as the server holds it: ciphertext, its public layout and its weights.
+
+The server of an encrypted strategy never holds a plaintext model, so the final model of a run
+is an :class:`EncryptedModel`: the encrypted weighted sum, the ``[C, W]`` pair that rescales
+it, and the :class:`~flower_focal.packing.ArrayLayout` (names, shapes, dtypes: the
+architecture, public). It is saved as two files, ``<name>.he`` (ciphertext) and
+``<name>.he.json`` (layout and weights), and turned back into arrays only where the secret key
+lives::
+
+    # ServerApp (any app): result = strategy.start(...)
+    strategy.save_final_model(result, "final_model.he")
+    # at an institution (or: flower-focal decrypt-model --model final_model.he --key keys/)
+    state_dict = EncryptedModel.load("final_model.he").state_dict("keys/secret.ctx")
+
+Nothing here needs a model registry: any network's arrays round-trip.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
+from flower_focal import keys
+from flower_focal.packing import ArrayLayout
+
+KIND = "he-fedavg"
+
+
+def meta_path(path: str | Path) -> Path:
+    """The JSON file that goes with an encrypted model file (``model.he`` -> ``model.he.json``)."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+@dataclass(frozen=True)
+class EncryptedModel:
+    """Ciphertext of ``sum_i (n_i / C) w_i`` plus what an institution needs to decrypt it."""
+
+    ciphertext: bytes
+    weights: tuple[float, float]  # [C, W]: multiply the decrypted sum by C / W
+    layout: ArrayLayout
+
+    @classmethod
+    def from_record(cls, arrays: ArrayRecord, layout: ArrayLayout) -> EncryptedModel:
+        """From the strategy's encrypted aggregate (``Result.arrays`` of an HE-FedAvg run)."""
+        if keys.HE_CIPHERTEXT not in arrays or keys.HE_WEIGHTS not in arrays:
+            raise ValueError(f"not an encrypted aggregate: arrays {list(arrays.keys())}")
+        norm, total = (float(x) for x in arrays[keys.HE_WEIGHTS].numpy())
+        return cls(bytes(arrays[keys.HE_CIPHERTEXT].data), (norm, total), layout)
+
+    def to_record(self) -> ArrayRecord:
+        """The encrypted aggregate as Flower sends it (ciphertext Array + ``[C, W]``)."""
+        return ArrayRecord({
+            keys.HE_CIPHERTEXT: Array(dtype="float64", shape=(self.layout.size,), stype=keys.HE_STYPE,
+                                      data=self.ciphertext),
+            keys.HE_WEIGHTS: Array(np.array(self.weights, dtype=np.float64)),
+        })
+
+    def meta(self) -> dict[str, Any]:
+        """The public facts written next to the ciphertext."""
+        return {"kind": KIND, "weights": list(self.weights),
+                "layout": {"names": list(self.layout.names),
+                           "shapes": [list(s) for s in self.layout.shapes],
+                           "dtypes": list(self.layout.dtypes)}}
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``path`` (ciphertext) and ``path.json`` atomically; returns ``path``."""
+        from flower_focal.history import write_json_atomic
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(self.ciphertext)
+        tmp.replace(path)
+        write_json_atomic(meta_path(path), self.meta())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> EncryptedModel:
+        """Read a model written by :meth:`save` (or a run directory's ``model.he``).
+
+        Raises
+        ------
+        FileNotFoundError
+            If the ciphertext or its ``.json`` is missing.
+        ValueError
+            If the ``.json`` describes something else (e.g. a FOCAL head).
+        """
+        path = Path(path)
+        for needed in (path, meta_path(path)):
+            if not needed.is_file():
+                raise FileNotFoundError(f"{needed} not found (an encrypted model is {path.name} plus "
+                                        f"{meta_path(path).name})")
+        meta = json.loads(meta_path(path).read_text())
+        if meta.get("kind", KIND) != KIND:
+            raise ValueError(f"{path} holds a {meta['kind']!r} model, not an HE-FedAvg model")
+        layout = ArrayLayout(
+            names=tuple(meta["layout"]["names"]),
+            shapes=tuple(tuple(int(d) for d in s) for s in meta["layout"]["shapes"]),
+            dtypes=tuple(meta["layout"]["dtypes"]),
+        )
+        norm, total = (float(x) for x in meta["weights"])
+        return cls(path.read_bytes(), (norm, total), layout)
+
+    def decrypt(self, secret: Any) -> ArrayRecord:
+        """The plaintext model's arrays (names, shapes and dtypes of the layout).
+
+        ``secret`` is a :class:`~flower_focal.crypto.SecretContext`, a ``secret.ctx`` path or
+        the keygen directory holding it.
+        """
+        from flower_focal.crypto import SECRET_FILE, SecretContext
+
+        if not isinstance(secret, SecretContext):
+            key = Path(secret)
+            secret = SecretContext.load(key / SECRET_FILE if key.is_dir() else key)
+        norm, total = self.weights
+        if not (np.isfinite(norm) and np.isfinite(total) and norm > 0 and total > 0):
+            raise ValueError(f"encrypted model carries invalid weights [C, W] = [{norm}, {total}]")
+        flat = secret.decrypt(self.ciphertext)
+        flat *= norm / total
+        return self.layout.unflatten(flat)
+
+    def state_dict(self, secret: Any) -> dict[str, Any]:
+        """The plaintext model as a PyTorch ``state_dict`` (for ``model.load_state_dict``)."""
+        return self.decrypt(secret).to_torch_state_dict()
