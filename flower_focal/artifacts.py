@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 from flower_focal import keys
-from flower_focal.encrypted_model import EncryptedModel
+from flower_focal.encrypted_model import EncryptedModel, decrypt_file
 from flower_focal.history import write_json_atomic
 from flower_focal.models import arrays_into_model, build_model
 from flower_focal.packing import ArrayLayout
@@ -126,12 +126,12 @@ def decrypt_model(run_dir: str | Path, key_path: str | Path) -> Path:
 
 
 def decrypt_model_file(model_path: str | Path, key_path: str | Path, out: str | Path) -> Path:
-    """Decrypt any HE-FedAvg model file (``EncryptedModel.save``) into a plain state dict.
+    """Decrypt any encrypted model file (``HEFedAvg``/``Focal.save_final_model``) into a state dict.
 
     Needs no model registry: ``out`` holds ``torch.save(state_dict)`` with the layout's
     names, for the app's own ``model.load_state_dict(torch.load(out))``.
     """
-    state = EncryptedModel.load(model_path).state_dict(key_path)
+    state = decrypt_file(model_path, key_path)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

@@ -128,3 +128,51 @@ class EncryptedModel:
     def state_dict(self, secret: Any) -> dict[str, Any]:
         """The plaintext model as a PyTorch ``state_dict`` (for ``model.load_state_dict``)."""
         return self.decrypt(secret).to_torch_state_dict()
+
+
+FOCAL_KIND = "focal-head"
+
+
+def save_focal_head(ciphertext: bytes, layout: Any, path: str | Path) -> Path:
+    """Write FOCAL's encrypted head (``path`` + ``path.json`` with its FocalLayout)."""
+    import dataclasses
+
+    from flower_focal.history import write_json_atomic
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(bytes(ciphertext))
+    tmp.replace(path)
+    write_json_atomic(meta_path(path), {"kind": FOCAL_KIND, "focal_layout": dataclasses.asdict(layout)})
+    return path
+
+
+def decrypt_focal_head(path: str | Path, secret: Any) -> dict[str, Any]:
+    """FOCAL's final head as the state dict of ``nn.Linear(d, K)`` (``weight`` K x d, ``bias`` K)."""
+    import torch
+
+    from flower_focal.crypto import SECRET_FILE, CkksKeyHolder, SecretContext
+    from flower_focal.focal import FocalLayout, decrypt_head
+
+    path = Path(path)
+    meta = json.loads(meta_path(path).read_text())
+    if meta.get("kind") != FOCAL_KIND:
+        raise ValueError(f"{path} is not a FOCAL head")
+    if not isinstance(secret, SecretContext):
+        key = Path(secret)
+        secret = SecretContext.load(key / SECRET_FILE if key.is_dir() else key)
+    layout = FocalLayout(**meta["focal_layout"])
+    head = decrypt_head(CkksKeyHolder(secret), layout, path.read_bytes())  # (d + 1, K), bias last
+    return {"weight": torch.tensor(head[:-1].T.copy(), dtype=torch.float32),
+            "bias": torch.tensor(head[-1].copy(), dtype=torch.float32)}
+
+
+def decrypt_file(path: str | Path, secret: Any) -> dict[str, Any]:
+    """Any encrypted model file (HE-FedAvg model or FOCAL head) as a PyTorch state dict."""
+    if not meta_path(path).is_file():
+        raise FileNotFoundError(f"{meta_path(path)} not found (it goes with {path})")
+    kind = json.loads(meta_path(path).read_text()).get("kind", KIND)
+    if kind == FOCAL_KIND:
+        return decrypt_focal_head(path, secret)
+    return EncryptedModel.load(path).state_dict(secret)

@@ -257,15 +257,55 @@ def simulate(
         key_dir = keygen(Path(tempfile.mkdtemp(prefix="flower-focal-keys-")), key_preset(cfg))
         cfg = cfg.replace(he_key_dir=str(key_dir))
     toml_path = write_run_config(cfg, run_dir / "run_config.toml")
-    log_path = run_dir / "flwr.log"
+    try:
+        run_id, status, wall = run_app(app_dir, toml_path, federation, run_dir / "flwr.log",
+                                       timeout_s=timeout_s, echo=echo, flwr_home=flwr_home,
+                                       superlink_log=run_dir / "superlink.log")
+        if (run_dir / ENCRYPTED_FILE).exists() and cfg.he_key_dir:
+            decrypt_model(run_dir, cfg.he_key_dir)
+            if echo:
+                print(f"flower-focal: decrypted the final global model with the institutions' key "
+                      f"into {run_dir / MODEL_FILE} (the server only ever held {ENCRYPTED_FILE})")
+        return SimulationResult(run_id, status, run_dir, wall, run_dir / "flwr.log")
+    finally:
+        if key_dir is not None:
+            shutil.rmtree(key_dir, ignore_errors=True)
+
+
+def run_app(
+    app_dir: Path,
+    run_config: Path | dict[str, Any] | None,
+    federation: Federation,
+    log_path: Path,
+    *,
+    timeout_s: float | None = None,
+    echo: bool = True,
+    flwr_home: Path | None = None,
+    superlink_log: Path | None = None,
+) -> tuple[int, str, float]:
+    """``flwr run APP_DIR --stream`` for *any* Flower app in the simulation engine, safely.
+
+    ``run_config`` is a TOML file or a mapping of the app's own keys (written next to
+    ``log_path``). Returns ``(run_id, status, wall seconds)``; the managed SuperLink and
+    everything it started are stopped afterwards.
+
+    Raises
+    ------
+    SimulationFailed
+        If the run ends in any state but ``finished:completed`` (the message carries Flower's
+        status details, i.e. the ServerApp's exception) or times out.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(run_config, dict):
+        toml_path = log_path.with_name("run_config.toml")
+        toml_path.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in run_config.items()))
+        run_config = toml_path
     flwr_home = Path(flwr_home or tempfile.mkdtemp(prefix="flower-focal-home-"))
     flwr_home.mkdir(parents=True, exist_ok=True)
     env = flower_env(flwr_home)
-    cmd = [
-        flwr_executable(), "run", str(app_dir), "--stream",
-        "--run-config", str(toml_path),
-        "--federation-config", federation.to_flower(),
-    ]
+    cmd = [flwr_executable(), "run", str(app_dir), "--stream",
+           *(["--run-config", str(run_config)] if run_config else []),
+           "--federation-config", federation.to_flower()]
     start = time.time()
     run_id: int | None = None
     try:
@@ -287,18 +327,10 @@ def simulate(
         wall = time.time() - start
         if run_id is None:
             raise SimulationFailed(f"`flwr run` did not start a run (exit {proc.returncode}); log: {log_path}")
-        status = require_completed(run_id, env, log_path)
-        if (run_dir / ENCRYPTED_FILE).exists() and cfg.he_key_dir:
-            decrypt_model(run_dir, cfg.he_key_dir)
-            if echo:
-                print(f"flower-focal: decrypted the final global model with the institutions' key "
-                      f"into {run_dir / MODEL_FILE} (the server only ever held {ENCRYPTED_FILE})")
-        return SimulationResult(run_id, status, run_dir, wall, log_path)
+        return run_id, require_completed(run_id, env, log_path), wall
     finally:
-        if key_dir is not None:
-            shutil.rmtree(key_dir, ignore_errors=True)
         stop_processes_under(flwr_home)
-        superlink_log = flwr_home / "local-superlink" / "superlink.log"
-        if superlink_log.exists():
-            shutil.copy(superlink_log, run_dir / "superlink.log")
+        link_log = flwr_home / "local-superlink" / "superlink.log"
+        if superlink_log is not None and link_log.exists():
+            shutil.copy(link_log, superlink_log)
         shutil.rmtree(flwr_home, ignore_errors=True)

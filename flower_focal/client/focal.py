@@ -20,8 +20,10 @@ config ``he-key-dir``).
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from logging import INFO
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -145,15 +147,24 @@ def _class_weights(holder: CkksKeyHolder, arrays: ArrayRecord, num_classes: int)
     return balanced_class_weights(counts)
 
 
-def embed(message: Message, context: Context) -> Message:
+EmbeddingSource = Callable[[Context, str], tuple[np.ndarray, np.ndarray]]
+"""``(context, "train" | "val") -> (X (n, d), y (n,))``: an institution's embeddings and labels,
+in the same order every time it is called within a run."""
+
+
+def _site_source(context: Context, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """flower-focal's own data and backbone, from the run config (``clients/client_app.py``)."""
+    return site_embeddings(site_from_context(context), split)
+
+
+def embed(message: Message, context: Context, source: EmbeddingSource = _site_source) -> Message:
     """``train.embed``: upload encrypted embeddings (and the initial head, class counts)."""
-    site = site_from_context(context)
     config = message.content[keys.CONFIG]
     holder = _holder(context, config)
     num_classes = int(config[keys.NUM_CLASSES])
-    x, y = site_embeddings(site, "train")
+    x, y = source(context, "train")
     if x.shape[0] < 1:
-        raise ValueError(f"institution {site.partition_id} has no training images to embed")
+        raise ValueError("this institution has no training images to embed")
     _checked_labels(y, num_classes, "training")
     layout = FocalLayout(int(x.shape[1]), num_classes, int(config[keys.FOCAL_SLOTS]),
                          int(config[keys.FOCAL_BLOCK]))
@@ -170,13 +181,12 @@ def embed(message: Message, context: Context) -> Message:
     return Message(RecordDict({keys.ARRAYS: arrays, keys.METRICS: metrics}), reply_to=message)
 
 
-def step(message: Message, context: Context) -> Message:
+def step(message: Message, context: Context, source: EmbeddingSource = _site_source) -> Message:
     """``train.focal``: decrypt own logits, encrypt ``-lr * c_y * (softmax - onehot) / N``."""
-    site = site_from_context(context)
     config = message.content[keys.CONFIG]
     arrays = message.content[keys.ARRAYS]
     holder = _holder(context, config)
-    x, y = site_embeddings(site, "train")
+    x, y = source(context, "train")
     layout = _layout(config, x)
     _checked_labels(y, layout.n_classes, "training")
     up = institution_error(
@@ -192,12 +202,11 @@ def step(message: Message, context: Context) -> Message:
     return Message(content, reply_to=message)
 
 
-def evaluate(message: Message, context: Context) -> Message:
+def evaluate(message: Message, context: Context, source: EmbeddingSource = _site_source) -> Message:
     """``evaluate.focal``: decrypt the head, evaluate on own validation embeddings."""
-    site = site_from_context(context)
     config = message.content[keys.CONFIG]
     holder = _holder(context, config)
-    x, y = site_embeddings(site, "val")
+    x, y = source(context, "val")
     layout = _layout(config, x)
     _checked_labels(y, layout.n_classes, "validation")
     if y.size == 0:
@@ -211,3 +220,110 @@ def evaluate(message: Message, context: Context) -> Message:
                    keys.AUROC: macro_auroc(probs, y, layout.n_classes),
                    keys.NUM_EXAMPLES: int(y.size)}
     return Message(RecordDict({keys.METRICS: MetricRecord(metrics)}), reply_to=message)
+
+
+# ---------------------------------------------------------------------- any app's FOCAL
+def _batches(loader: Any) -> Any:
+    """The loader's batches in a fixed order (a shuffling train loader would misalign labels).
+
+    Accepts a ``DataLoader`` (re-made without shuffling, same dataset, batch size and
+    collate function) or any ``Dataset``.
+    """
+    from torch.utils.data import DataLoader
+
+    if isinstance(loader, DataLoader):
+        return DataLoader(loader.dataset, batch_size=loader.batch_size or 1, shuffle=False,
+                          collate_fn=loader.collate_fn, num_workers=loader.num_workers)
+    return DataLoader(loader, batch_size=64, shuffle=False)
+
+
+def _images_labels(batch: Any) -> tuple[Any, Any]:
+    if isinstance(batch, dict):
+        return batch["image"], batch["label"]
+    if isinstance(batch, list | tuple) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise ValueError("FOCAL data batches must be (images, labels) or {'image': ..., 'label': ...}, "
+                     f"got {type(batch).__name__}")
+
+
+def embed_loader(backbone: Callable[[Any], Any], loader: Any, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """``(X (n, d) float64, y (n,) int64)``: ``backbone`` applied to every image of ``loader``.
+
+    ``backbone`` is any ``torch.nn.Module`` or callable images -> embeddings (any channel
+    count and image size the callable accepts); outputs are flattened per image. Modules are
+    put in eval mode and run without gradients.
+    """
+    import torch
+
+    if isinstance(backbone, torch.nn.Module):
+        backbone.eval().to(device)
+    xs, ys = [], []
+    with torch.no_grad():
+        for batch in _batches(loader):
+            images, labels = _images_labels(batch)
+            out = backbone(torch.as_tensor(images).to(device))
+            xs.append(torch.as_tensor(out).detach().float().flatten(1).cpu().numpy())
+            ys.append(np.asarray(torch.as_tensor(labels).reshape(-1).cpu().numpy(), dtype=np.int64))
+    if not xs:
+        return np.zeros((0, 0)), np.zeros((0,), np.int64)
+    x = np.concatenate(xs).astype(np.float64)
+    if not np.all(np.isfinite(x)):
+        raise ValueError("the backbone produced NaN/Inf embeddings")
+    return x, np.concatenate(ys)
+
+
+class LoaderSource:
+    """An :data:`EmbeddingSource` over an app's own backbone and data loaders.
+
+    ``data(context) -> (train_loader, val_loader)`` is the app's own loading (its node config,
+    its run-config keys). Embeddings are computed once per (run, node, split) in this process
+    and, with ``cache_dir``, kept on the institution's disk for later messages (a deployed
+    SuperNode starts a fresh process per message).
+    """
+
+    def __init__(self, backbone: Callable[[Any], Any], data: Callable[[Context], tuple[Any, Any]],
+                 *, device: str = "cpu", cache_dir: str | Path | None = None) -> None:
+        self.backbone = backbone
+        self.data = data
+        self.device = device
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self._memo: dict[tuple[int, int, str], tuple[np.ndarray, np.ndarray]] = {}
+
+    def __call__(self, context: Context, split: str) -> tuple[np.ndarray, np.ndarray]:
+        key = (int(context.run_id), int(context.node_id), split)
+        if key in self._memo:
+            return self._memo[key]
+        path = (self.cache_dir / f"run{key[0]}-node{key[1]}-{split}.npz") if self.cache_dir else None
+        if path is not None and path.is_file():
+            with np.load(path) as f:
+                x, y = f["x"], f["y"]
+        else:
+            train, val = self.data(context)
+            x, y = embed_loader(self.backbone, train if split == "train" else val, self.device)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(path.name + ".tmp.npz")
+                np.savez(tmp, x=x, y=y)
+                tmp.replace(path)
+        log(INFO, "FOCAL: %s embeddings %s of node %d", split, x.shape, key[1])
+        self._memo[key] = (x, y)
+        return x, y
+
+
+def register_focal(app: Any, backbone: Callable[[Any], Any], data: Callable[[Context], tuple[Any, Any]],
+                   *, device: str = "cpu", cache_dir: str | Path | None = None) -> LoaderSource:
+    """Register FOCAL's institution side on an existing ``ClientApp`` (any app, any network).
+
+    ``backbone``: the frozen feature extractor, any ``torch.nn.Module`` or callable
+    images -> embeddings (every institution must build the same one). ``data(context)``
+    returns the app's own ``(train_loader, val_loader)`` (``DataLoader`` or ``Dataset``
+    yielding ``(image, label)`` or MONAI-style dicts; labels ``0..K-1``). Registers
+    ``train.embed``, ``train.focal`` and ``evaluate.focal``; the app's other handlers are
+    untouched. The secret key comes from node config ``he-secret-key`` or run config
+    ``he-key-dir`` (a ``--preset focal`` key set).
+    """
+    source = LoaderSource(backbone, data, device=device, cache_dir=cache_dir)
+    app.train("embed")(lambda message, context: embed(message, context, source))
+    app.train("focal")(lambda message, context: step(message, context, source))
+    app.evaluate("focal")(lambda message, context: evaluate(message, context, source))
+    return source

@@ -30,7 +30,7 @@ from flower_focal.checkpoint import Checkpoint, save_checkpoint
 from flower_focal.history import RunHistory, array_bytes, metric_dict, reply_bytes
 from flower_focal.metrics import nan_weighted_average
 from flower_focal.packing import ArrayLayout
-from flower_focal.strategy.roster import InstitutionRoster, OrderedGrid, seeded_random
+from flower_focal.strategy.roster import InstitutionRoster, OrderedGrid, seeded_random, short_reason
 
 
 class NothingAggregated(RuntimeError):
@@ -225,7 +225,7 @@ class FedAvg(FlowerFedAvg):
             pid = self.roster.label_of(reply.metadata.src_node_id)
             record.bytes_up += reply_bytes(reply)
             if reply.has_error():
-                record.failures.append(f"{phase} institution {pid}: {reply.error.reason}")
+                record.failures.append(f"{phase} institution {pid}: {short_reason(reply.error.reason)}")
                 continue
             for metrics in reply.content.metric_records.values():
                 per_institution[pid] = metric_dict(metrics)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable
+from pathlib import Path
 from logging import INFO, WARNING
 from typing import Any
 
@@ -36,7 +37,7 @@ from flwr.supercore import log
 
 from flower_focal import keys
 from flower_focal.artifacts import ModelSpec
-from flower_focal.crypto import FOCAL_PRESETS, CiphertextError, CkksEvaluator, PublicContext
+from flower_focal.crypto import FOCAL_PRESETS, PUBLIC_FILE, CiphertextError, CkksEvaluator, PublicContext
 from flower_focal.focal import (
     FocalLayout,
     FocalServer,
@@ -90,6 +91,9 @@ class Focal(FedAvg):
         Seconds to wait for the extra exchanges (embeddings, extra steps).
     backbone, backbone_weights, backbone_input_size
         Recorded in the model spec of the final model (institutions embed with the same).
+    num_classes : int
+        Classes of the head. 0: asked from the institutions (flower-focal's describe query);
+        an app whose ClientApp does not answer it must give it here.
     **kwargs
         Forwarded to :class:`FedAvg` (``seed``, ``min_train_replies``, ...). Every
         institution takes part in every step: ``fraction_train`` is ignored.
@@ -113,6 +117,7 @@ class Focal(FedAvg):
         backbone: str = "",
         backbone_weights: str = "",
         backbone_input_size: int = 0,
+        num_classes: int = 0,
         **kwargs: Any,
     ) -> None:
         if not isinstance(he_public, PublicContext) or he_public.holds_secret_key:
@@ -140,6 +145,7 @@ class Focal(FedAvg):
         self.steps_per_round = steps_per_round
         self.exchange_timeout = exchange_timeout
         self.backbone = (backbone, backbone_weights, backbone_input_size)
+        self.num_classes = int(num_classes)
         self.layout: FocalLayout | None = None
         self._server: FocalServer | None = None
         self._members: dict[int, str] = {}  # node id -> institution name, partition order
@@ -163,6 +169,40 @@ class Focal(FedAvg):
             return super().start(*args, **kwargs)
         finally:
             self.close()
+
+    @classmethod
+    def from_key_dir(cls, key_dir: str | Path, **kwargs: Any) -> Focal:
+        """A FOCAL strategy with the server's ``public.ctx`` from ``key_dir``
+        (``flower-focal keygen --preset focal`` output; the server reads nothing else)."""
+        path = Path(key_dir).expanduser()
+        if path.is_dir():
+            path = path / PUBLIC_FILE
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"FOCAL public context {path} not found: run `flower-focal keygen --out DIR --preset "
+                "focal` and give the server DIR (secret.ctx goes to the institutions)")
+        return cls(he_public=PublicContext.load(path), **kwargs)
+
+    def check_evaluate_fn(self, evaluate_fn: Any) -> None:
+        """Refuse server-side evaluation: the server never holds the plaintext head."""
+        if evaluate_fn is not None:
+            raise ValueError(
+                "Focal cannot run an evaluate_fn: the server only ever holds the encrypted head. "
+                "Evaluation is federated (evaluate.focal on each institution's validation data); "
+                "or decrypt the final head at an institution (flower-focal decrypt-model).")
+
+    def save_final_model(self, result: Result, path: str | Path) -> Path:
+        """Write the encrypted final head (``path``, e.g. ``final_head.he``, plus ``path.json``).
+
+        ``flower-focal decrypt-model --model PATH --key KEYS`` turns it into the state dict of an
+        ``nn.Linear(d, K)`` to put on top of the backbone.
+        """
+        final = self.final_ciphertext(result)
+        if final is None:
+            raise RuntimeError("focal: the run has no encrypted head (no round aggregated)")
+        from flower_focal.encrypted_model import save_focal_head
+
+        return save_focal_head(final[0][keys.FOCAL_HEAD].data, final[1], path)
 
     def close(self) -> None:
         """Release the server state (idempotent)."""
@@ -201,7 +241,15 @@ class Focal(FedAvg):
 
     def _setup(self, server_round: int, arrays: ArrayRecord, grid: Grid) -> None:
         """The embed exchange: encrypted embeddings of all, initial head of the first."""
-        num_classes = self.roster.data_shape(grid).num_classes
+        if self.num_classes > 0:
+            self.roster.refresh(grid)
+            num_classes = self.num_classes
+        else:
+            try:
+                num_classes = self.roster.data_shape(grid).num_classes
+            except RuntimeError as exc:
+                raise RuntimeError(f"focal: the number of classes is unknown: give Focal(num_classes=K) "
+                                   f"or answer flower-focal's describe query ({exc})") from None
         nodes = self.roster.ordered_node_ids(grid.get_node_ids())
         if not nodes:
             raise RuntimeError("focal: no institution is known; nothing to train on")

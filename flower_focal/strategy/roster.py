@@ -24,6 +24,14 @@ from flwr.supercore import log
 from flower_focal import keys
 
 
+def short_reason(reason: str, limit: int = 300) -> str:
+    """The gist of a Flower error reason (the simulation engine wraps it in a Ray traceback)."""
+    if "Message: " in reason:
+        reason = reason.rsplit("Message: ", 1)[1]
+    reason = " ".join(reason.split()).rstrip("'>")
+    return reason if len(reason) <= limit else reason[: limit - 3] + "..."
+
+
 @dataclass(frozen=True)
 class Institution:
     """What the server knows about one institution: no labels, no data statistics."""
@@ -77,7 +85,7 @@ class InstitutionRoster:
             node_id = reply.metadata.src_node_id
             answered.add(node_id)
             if reply.has_error():
-                self._undescribed[node_id] = reply.error.reason
+                self._undescribed[node_id] = short_reason(reply.error.reason)
                 continue
             try:
                 info = reply.content[keys.CONFIG]
@@ -110,7 +118,7 @@ class InstitutionRoster:
             "order (reproducible only as far as node ids are, not bit-identical across runs), "
             "labelled by node id in the history, and weighted by the num-examples of their replies "
             "(HE-FedAvg asks them for it with one extra exchange per round). Register "
-            "flower_focal.client.describe_handler(...) as @app.query(\"describe\") to keep "
+            "flower_focal.client.handlers.describe_handler(...) as @app.query(\"describe\") to keep "
             "partition order.", len(self._undescribed), node, reason)
 
     def register(self, institution: Institution) -> None:
