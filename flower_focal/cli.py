@@ -19,6 +19,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from flower_focal.strategy.specs import STRATEGY_SPECS
+
 _DATASET_BY_SUFFIX = {".npz": "medmnist", ".csv": "csv"}
 
 
@@ -182,7 +184,7 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
         help="attack what the server observes (gradient inversion) under a strategy; writes "
         "audit.json and audit.png, prints a JSON summary",
     )
-    p.add_argument("--strategy", default=d.strategy, choices=("fedavg", "he-fedavg", "focal"))
+    p.add_argument("--strategy", default=d.strategy, choices=tuple(STRATEGY_SPECS))
     p.add_argument("--dataset", default=d.dataset,
                    help="pathmnist | retinamnist (found in ../shared/data, else synthetic), medmnist, "
                    "folder, csv, synthetic-retina, synthetic-pathology; default: %(default)s")

@@ -37,7 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-STRATEGY_ORDER = ("fedavg", "he-fedavg", "focal")
+from flower_focal.strategy.specs import STRATEGY_SPECS, TRAINING_KEYS
+
+STRATEGY_ORDER = tuple(STRATEGY_SPECS)
 REPORT_FILE = "report.md"
 REPORT_JSON = "report.json"
 PLOTS = {
@@ -47,20 +49,18 @@ PLOTS = {
     "bytes": "bytes.png",
     "leakage": "leakage.png",
 }
-_COLORS = {"fedavg": "#1f77b4", "he-fedavg": "#ff7f0e", "focal": "#2ca02c"}
+_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 # fedavg and he-fedavg often give the same curve: distinct markers and dashes keep both visible
-_STYLES = {"fedavg": ("o", "-", 7), "he-fedavg": ("s", "--", 5), "focal": ("^", ":", 6)}
+_MARKS = (("o", "-", 7), ("s", "--", 5), ("^", ":", 6), ("D", "-.", 5), ("v", "-", 6), ("P", "--", 6))
+_COLORS = {name: _PALETTE[i % len(_PALETTE)] for i, name in enumerate(STRATEGY_SPECS)}
+_STYLES = {name: _MARKS[i % len(_MARKS)] for i, name in enumerate(STRATEGY_SPECS)}
 
 # Settings that must agree for runs to be compared (key -> when it matters).
 _ALWAYS = ("dataset", "data-path", "image-size", "train-split", "val-split", "partitioner",
            "min-partition-size", "seed", "num-server-rounds")
 # Settings listed per run (they may differ between strategies), by strategy.
-_TRAINING = ("model", "lr", "local-epochs", "batch-size", "optimizer")
-_PER_RUN = {
-    "fedavg": (*_TRAINING, "dp-noise-multiplier", "dp-clipping-norm"),
-    "he-fedavg": (*_TRAINING, "he-preset", "he-clip-norm", "he-noise-multiplier"),
-    "focal": ("backbone", "backbone-input-size", "lr", "focal-steps-per-round", "focal-class-weights"),
-}
+_TRAINING = TRAINING_KEYS
+_PER_RUN = {name: spec.settings for name, spec in STRATEGY_SPECS.items()}
 _OFF_BY_ZERO = {"dp-noise-multiplier": "dp-clipping-norm", "he-clip-norm": "he-noise-multiplier"}
 
 

@@ -34,15 +34,16 @@ from typing import Any
 
 from flower_focal.artifacts import ENCRYPTED_FILE, MODEL_FILE, decrypt_model
 from flower_focal.config import RunConfig
+from flower_focal.strategy.specs import STRATEGY_SPECS, strategy_spec
 
-KEYED_STRATEGIES = frozenset({"he-fedavg", "focal"})  # strategies whose institutions share an HE key
+KEYED_STRATEGIES = frozenset(n for n, s in STRATEGY_SPECS.items() if s.keyed)  # institutions share an HE key
 
 
 def key_preset(cfg: RunConfig) -> str:
     """The preset of the launcher's temporary key set (FOCAL needs a FOCAL preset)."""
     from flower_focal.crypto import FOCAL_PRESETS
 
-    if cfg.strategy == "focal" and cfg.he_preset not in FOCAL_PRESETS:
+    if strategy_spec(cfg.strategy).focal_keys and cfg.he_preset not in FOCAL_PRESETS:
         return "focal"
     return cfg.he_preset
 

@@ -7,10 +7,12 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flower_focal.strategy.specs import STRATEGY_SPECS, strategy_spec
+
 if TYPE_CHECKING:
     from flower_focal.config import RunConfig
 
-STRATEGIES = ("fedavg", "he-fedavg", "focal")
+STRATEGIES = tuple(STRATEGY_SPECS)
 ATTACKS = ("inverting-gradients", "idlg")
 """Attack names (see :mod:`flower_focal.audit.attacks`)."""
 SSIM_THRESHOLD = 0.6
@@ -115,12 +117,13 @@ class AuditConfig:
         audit plays the institutions too, so it makes its own key set of the run's preset).
         ``overrides`` (field names) win.
         """
-        if cfg.strategy == "he-fedavg":
-            clip, noise = cfg.he_clip_norm, cfg.he_noise_multiplier
-        elif cfg.strategy == "fedavg" and cfg.dp_noise_multiplier > 0:
-            clip, noise = cfg.dp_clipping_norm, cfg.dp_noise_multiplier
-        else:
-            clip, noise = 0.0, 0.0
+        spec = strategy_spec(cfg.strategy)
+        run = cfg.to_flower()
+        clip, noise = 0.0, 0.0
+        if spec.dp is not None and run[spec.dp[1]] > 0:  # DP on: the strategy's own clip and noise
+            clip, noise = float(run[spec.dp[0]]), float(run[spec.dp[1]])
+        elif spec.dp is not None and spec.audit == "he-fedavg":  # HE clips without noise too
+            clip = float(run[spec.dp[0]])
         values: dict[str, Any] = {
             "strategy": cfg.strategy,
             "dataset": cfg.dataset,
@@ -136,7 +139,7 @@ class AuditConfig:
             "seed": cfg.seed,
             "dp_clip_norm": clip,
             "dp_noise_multiplier": noise,
-            "he_preset": cfg.he_preset if cfg.strategy == "he-fedavg" else "",
+            "he_preset": cfg.he_preset if spec.audit == "he-fedavg" else "",
             "backbone": cfg.backbone,
             "backbone_weights": cfg.backbone_weights,
             "backbone_input_size": cfg.backbone_input_size,

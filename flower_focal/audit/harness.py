@@ -38,6 +38,7 @@ from flwr.app import ArrayRecord
 
 from flower_focal import keys
 from flower_focal.audit import attacks, federation, metrics
+from flower_focal.strategy.specs import strategy_spec
 from flower_focal.audit.config import REAL_SETS, AuditConfig, default_real_data
 from flower_focal.config import RunConfig
 
@@ -553,12 +554,11 @@ def run_audit(cfg: AuditConfig, out_dir: Path | str | None = None) -> dict[str, 
     src, data_info = _source_config(cfg)
     with tempfile.TemporaryDirectory(prefix="flower-focal-audit-") as tmp:
         work = Path(tmp)
-        if cfg.strategy == "fedavg":
-            body = _audit_fedavg(cfg, src, work)
-        elif cfg.strategy == "he-fedavg":
-            body = _audit_he_fedavg(cfg, src, work)
-        else:
-            body = _audit_focal(cfg, src, work)
+        kind = strategy_spec(cfg.strategy).audit
+        audits = {"plaintext": _audit_fedavg, "he-fedavg": _audit_he_fedavg, "focal": _audit_focal}
+        if kind not in audits:
+            raise ValueError(f"strategy {cfg.strategy!r}: no audit for kind {kind!r} ({', '.join(audits)})")
+        body = audits[kind](cfg, src, work)
     head = {
         "strategy": cfg.strategy,
         "threat": "server",

@@ -1,22 +1,28 @@
-"""Server-side strategies (Flower Message API) and their registry.
+"""Server-side strategies (Flower Message API), their descriptions and their registry.
 
-``FedAvg`` is a drop-in for ``flwr.serverapp.strategy.FedAvg``; ``HEFedAvg`` and ``Focal`` are
-imported on first use (they pull in TenSEAL).
+``FedAvg`` is a drop-in for ``flwr.serverapp.strategy.FedAvg``; ``HEFedAvg`` and ``Focal`` add
+encryption. Everything is imported on first use (``HEFedAvg`` and ``Focal`` pull in TenSEAL),
+so reading :mod:`flower_focal.strategy.specs` costs nothing.
 """
 
-from flower_focal.strategy.fedavg import FedAvg, NothingAggregated
-from flower_focal.strategy.registry import STRATEGIES, build_strategy
+from __future__ import annotations
 
-__all__ = ["STRATEGIES", "FedAvg", "Focal", "HEFedAvg", "NothingAggregated", "build_strategy"]
+import importlib
+
+_EXPORTS = {
+    "FedAvg": "flower_focal.strategy.fedavg",
+    "NothingAggregated": "flower_focal.strategy.fedavg",
+    "HEFedAvg": "flower_focal.strategy.he_fedavg",
+    "Focal": "flower_focal.strategy.focal",
+    "STRATEGIES": "flower_focal.strategy.registry",
+    "build_strategy": "flower_focal.strategy.registry",
+    "STRATEGY_SPECS": "flower_focal.strategy.specs",
+    "StrategySpec": "flower_focal.strategy.specs",
+}
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
-    if name == "HEFedAvg":
-        from flower_focal.strategy.he_fedavg import HEFedAvg
-
-        return HEFedAvg
-    if name == "Focal":
-        from flower_focal.strategy.focal import Focal
-
-        return Focal
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

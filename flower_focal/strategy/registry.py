@@ -1,7 +1,8 @@
-"""The closed set of strategies a run can pick with ``strategy=<name>``.
+"""Builders of the strategies described in :mod:`flower_focal.strategy.specs`.
 
-Each entry builds a ready :class:`~flwr.serverapp.strategy.Strategy` from a
-:class:`~flower_focal.config.RunConfig`. Adding a strategy means adding one entry here.
+Each builder makes a ready :class:`~flwr.serverapp.strategy.Strategy` from a
+:class:`~flower_focal.config.RunConfig`; :func:`build_strategy` picks the one named by
+``cfg.strategy`` through its spec.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from flwr.serverapp.strategy import Strategy
 
 from flower_focal.config import RunConfig
 from flower_focal.strategy.fedavg import FedAvg
+from flower_focal.strategy.specs import STRATEGY_SPECS, strategy_spec
 
 
 def fedavg_kwargs(cfg: RunConfig) -> dict[str, object]:
@@ -29,7 +31,8 @@ def fedavg_kwargs(cfg: RunConfig) -> dict[str, object]:
     }
 
 
-def _build_fedavg(cfg: RunConfig) -> Strategy:
+def build_fedavg(cfg: RunConfig) -> Strategy:
+    """FedAvg, wrapped in Flower's client-side DP when ``dp-noise-multiplier`` > 0."""
     strategy = FedAvg(**fedavg_kwargs(cfg))
     if cfg.dp_noise_multiplier <= 0:
         return strategy
@@ -58,7 +61,8 @@ def server_public_context(cfg: RunConfig, keygen_hint: str = ""):
     return PublicContext.load(Path(cfg.he_key_dir) / PUBLIC_FILE)
 
 
-def _build_he_fedavg(cfg: RunConfig) -> Strategy:
+def build_he_fedavg(cfg: RunConfig) -> Strategy:
+    """HE-FedAvg with the server's ``public.ctx`` from ``he-key-dir``."""
     from flower_focal.strategy.he_fedavg import HEFedAvg
 
     he_public = server_public_context(cfg)
@@ -66,7 +70,8 @@ def _build_he_fedavg(cfg: RunConfig) -> Strategy:
                     noise_multiplier=cfg.he_noise_multiplier, **fedavg_kwargs(cfg))
 
 
-def _build_focal(cfg: RunConfig) -> Strategy:
+def build_focal(cfg: RunConfig) -> Strategy:
+    """FOCAL with the server's FOCAL ``public.ctx`` from ``he-key-dir``."""
     from flower_focal.strategy.focal import Focal
 
     he_public = server_public_context(cfg, keygen_hint=" --preset focal")
@@ -82,9 +87,7 @@ def _build_focal(cfg: RunConfig) -> Strategy:
 
 
 STRATEGIES: dict[str, Callable[[RunConfig], Strategy]] = {
-    "fedavg": _build_fedavg,
-    "he-fedavg": _build_he_fedavg,
-    "focal": _build_focal,
+    name: spec.build for name, spec in STRATEGY_SPECS.items()
 }
 
 
@@ -106,10 +109,4 @@ def build_strategy(cfg: RunConfig) -> Strategy:
     ValueError
         For a name that is not registered (the message lists the valid ones).
     """
-    try:
-        builder = STRATEGIES[cfg.strategy]
-    except KeyError:
-        raise ValueError(
-            f"Unknown strategy {cfg.strategy!r}; choose one of: {', '.join(sorted(STRATEGIES))}"
-        ) from None
-    return builder(cfg)
+    return strategy_spec(cfg.strategy).build(cfg)
