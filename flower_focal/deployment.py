@@ -26,6 +26,7 @@ from typing import Any
 from flower_focal.config import RunConfig
 from flower_focal.simulation import (
     SimulationFailed,
+    _toml_value,
     SimulationResult,
     flwr_executable,
     free_port,
@@ -169,12 +170,32 @@ class LoopbackDeployment:
         run_dir = Path(cfg.run_dir).resolve()
         toml_path = write_run_config(cfg.replace(run_dir=str(run_dir)), run_dir / "run_config.toml")
         log_path = run_dir / "flwr.log"
+        run_id, status, wall = self.run_app(app_dir or repo_root(), toml_path, log_path, timeout_s=timeout_s)
+        return SimulationResult(run_id, status, run_dir, wall, log_path)
+
+    def run_app(self, app_dir: Path, run_config: Path | Mapping[str, Any] | None, log_path: Path,
+                *, timeout_s: float = 900.0) -> tuple[int, str, float]:
+        """Submit *any* Flower app with ``flwr run APP_DIR <connection>``; wait for its final status.
+
+        ``run_config`` is a TOML file or a mapping of the app's own keys. Returns
+        ``(run_id, status, wall seconds)``.
+
+        Raises
+        ------
+        SimulationFailed
+            If the run does not end as ``finished:completed`` (with Flower's status details).
+        """
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        if run_config is not None and not isinstance(run_config, Path):
+            toml_path = log_path.with_name("run_config.toml")
+            toml_path.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in run_config.items()))
+            run_config = toml_path
         start = time.time()
         with open(log_path, "w") as log:
             proc = subprocess.run(
-                [flwr_executable(), "run", str(app_dir or repo_root()), CONNECTION, "--stream",
-                 "--run-config", str(toml_path)],
-                cwd=app_dir or repo_root(), env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                [flwr_executable(), "run", str(app_dir), CONNECTION, "--stream",
+                 *(["--run-config", str(run_config)] if run_config else [])],
+                cwd=app_dir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                 timeout=timeout_s, check=False,
             )
         wall = time.time() - start
@@ -182,5 +203,4 @@ class LoopbackDeployment:
         if match is None:
             raise SimulationFailed(f"`flwr run` did not start a run (exit {proc.returncode}); log: {log_path}")
         run_id = int(match.group(1))
-        status = require_completed(run_id, self.env, log_path, CONNECTION)
-        return SimulationResult(run_id, status, run_dir, wall, log_path)
+        return run_id, require_completed(run_id, self.env, log_path, CONNECTION), wall

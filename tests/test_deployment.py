@@ -124,6 +124,28 @@ def test_he_fedavg_runs_and_the_superlink_host_never_holds_the_secret_key(deploy
     assert all(torch.isfinite(v.double()).all() for v in state.values())
 
 
+def test_foreign_app_under_he_fedavg_runs_on_real_supernodes(deployment, site_keys, tmp_path):
+    """The quickstart-style app with the README's he-fedavg diff, on real SuperLink/SuperNodes.
+
+    Its ClientApp answers no describe query, so every round is sealed in a second exchange and
+    the held update must survive in the SuperNode's context between two ClientApp processes.
+    """
+    from tests.test_foreign_app import app_with, decrypt
+
+    keys, server_keys = site_keys
+    out = tmp_path / "out"
+    out.mkdir()
+    app = app_with(tmp_path, "he-fedavg")
+    deployment.run_app(app, {"out-dir": str(out), "he-key-dir": str(server_keys), "num-server-rounds": 2},
+                       out / "flwr.log")
+    log = (out / "flwr.log").read_text()
+    assert log.count("summed 2 ciphertexts") == 2  # both rounds, both institutions sealed
+    state = decrypt(out / "final_model.he", keys)
+    assert sorted(state) == sorted(("conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias",
+                                    "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"))
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
 def test_focal_runs_on_real_superlink_and_supernodes_and_the_server_never_holds_the_secret_key(
         tmp_path_factory, tmp_path, site_data):
     """FOCAL through a real SuperLink: each SuperNode gets its data and the FOCAL secret key by
