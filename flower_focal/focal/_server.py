@@ -18,6 +18,7 @@ import multiprocessing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from flower_focal.focal.errors import InstitutionUploadError
 from flower_focal.focal.packing import FocalLayout
 
 Raw = Any  # a serialized ciphertext (bytes) or, for the twin, a numpy slot vector
@@ -74,7 +75,7 @@ class Shard:
             try:
                 cts = self.ev.load_many(raw, plan.e_level, plan.e_scale)
             except ValueError as exc:
-                raise type(exc)(f"institution {inst!r}: {exc}") from exc
+                raise InstitutionUploadError(inst, str(exc)) from exc
             staged[inst] = [cts[i * lp : (i + 1) * lp] for i in range(len(cts) // lp)]
         self._staged = staged
 

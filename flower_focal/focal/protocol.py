@@ -48,6 +48,7 @@ import numpy as np
 
 from flower_focal.crypto.errors import CiphertextError
 from flower_focal.focal._server import LocalShard, ProcessShard, Shard
+from flower_focal.focal.errors import InstitutionUploadError
 from flower_focal.focal.packing import (
     FocalLayout,
     pack_errors,
@@ -416,20 +417,19 @@ def server_backward_update(server: FocalServer, errors: Mapping[str, Message]) -
 
     Raises
     ------
-    CiphertextError
-        A malformed, foreign or wrongly sized error upload.
-    ValueError
-        An institution whose embeddings the server does not hold.
+    InstitutionUploadError
+        A malformed, foreign or wrongly sized error upload, or an institution whose embeddings
+        the server does not hold (``exc.institution`` names it).
     """
     per_shard: list[dict[str, list[Any]]] = [{} for _ in server._shards]
     for inst, message in errors.items():
         if inst not in server.chunks:
-            raise ValueError(f"unknown institution {inst!r}; add its embeddings first")
+            raise InstitutionUploadError(inst, "unknown institution; add its embeddings first")
         rows = server.chunks[inst]
         try:
             raw = server.ev.open_envelope(message, rows * server.layout.n_pairs)
         except CiphertextError as exc:
-            raise CiphertextError(f"institution {inst!r}: {exc}") from exc
+            raise InstitutionUploadError(inst, str(exc)) from exc
         for i, part in enumerate(server._split(raw, rows)):
             per_shard[i][inst] = part
     try:

@@ -48,6 +48,7 @@ from flower_focal.focal import (
     server_setup,
 )
 from flower_focal.history import metric_dict, reply_bytes
+from flower_focal.focal.errors import InstitutionUploadError
 from flower_focal.strategy.fedavg import FedAvg
 from flower_focal.strategy.roster import OrderedGrid, seeded_random
 
@@ -386,8 +387,8 @@ class Focal(FedAvg):
             try:
                 server_backward_update(server, errors)
                 break
-            except (CiphertextError, ValueError) as exc:
-                bad = [n for n in errors if repr(n) in str(exc)]
+            except InstitutionUploadError as exc:
+                bad = [exc.institution] if exc.institution in errors else []
                 if not bad:
                     raise
                 for name in bad:

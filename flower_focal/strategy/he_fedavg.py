@@ -53,7 +53,11 @@ from flower_focal.packing import ArrayLayout
 from flower_focal.strategy.fedavg import FedAvg
 
 
-_REJECTED = (CiphertextError, ValueError, KeyError, TypeError)
+class RejectedReply(ValueError):
+    """A training reply the server leaves out of the sum (wrong shape, weight or ciphertext)."""
+
+
+_REJECTED = (CiphertextError, RejectedReply)
 
 
 @dataclass
@@ -355,7 +359,7 @@ class HEFedAvg(FedAvg):
         with stream.summing:
             blob, weight = self._checked_reply(reply)
             if stream.weight + weight > self._weight_norm * (1 + 1e-9):
-                raise ValueError(
+                raise RejectedReply(
                     f"{self.weighted_by_key} {weight:g} would bring this round's summed examples to "
                     f"{stream.weight + weight:g}, more than C = {self._weight_norm:g} (the institutions' "
                     "described total that every upload was weighted by); the encrypted sum could "
@@ -367,14 +371,20 @@ class HEFedAvg(FedAvg):
     def _checked_reply(self, reply: Message) -> tuple[bytes, float]:
         content = reply.content
         if len(content.array_records) != 1 or len(content.metric_records) != 1:
-            raise ValueError("expected exactly one ArrayRecord and one MetricRecord")
+            raise RejectedReply("expected exactly one ArrayRecord and one MetricRecord")
         arrays = next(iter(content.array_records.values()))
         arr = arrays.get(keys.HE_CIPHERTEXT)
         if arr is None or len(arrays) != 1:
-            raise ValueError(f"expected one {keys.HE_CIPHERTEXT!r} array, got {list(arrays.keys())}")
+            raise RejectedReply(f"expected one {keys.HE_CIPHERTEXT!r} array, got {list(arrays.keys())}")
         if arr.stype != keys.HE_STYPE:
-            raise ValueError(f"wrong array stype {arr.stype!r} (expected {keys.HE_STYPE!r}): a plaintext reply?")
-        weight = float(next(iter(content.metric_records.values()))[self.weighted_by_key])
+            raise RejectedReply(f"wrong array stype {arr.stype!r} (expected {keys.HE_STYPE!r}): a plaintext reply?")
+        metrics = next(iter(content.metric_records.values()))
+        if self.weighted_by_key not in metrics:
+            raise RejectedReply(f"reply metrics have no {self.weighted_by_key!r}")
+        try:
+            weight = float(metrics[self.weighted_by_key])
+        except (TypeError, ValueError):
+            weight = float("nan")
         if not np.isfinite(weight) or weight <= 0:
-            raise ValueError(f"invalid {self.weighted_by_key} {weight}")
+            raise RejectedReply(f"invalid {self.weighted_by_key} {metrics[self.weighted_by_key]!r}")
         return arr.data, weight
