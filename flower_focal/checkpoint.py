@@ -24,9 +24,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from flower_focal.config import RunConfig
+
 CHECKPOINT_FILE = "checkpoint.npz"
 # Run-config keys that may change between the killed run and its resumption.
-RESUMABLE_CHANGES = frozenset({"resume", "num-server-rounds", "round-timeout", "run-dir", "he-workers"})
+RESUMABLE_CHANGES = frozenset(n.replace("_", "-") for n in RunConfig.settings("resumable"))
 
 
 @dataclass(frozen=True)

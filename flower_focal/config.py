@@ -9,71 +9,145 @@ Keys are kebab-case in Flower (``local-epochs``) and snake_case here (``local_ep
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
+
+
+def setting(default: Any, help: str, *, hydra: str | None = None, path: bool = False,
+            data: bool = False, resumable: bool = False) -> Any:
+    """A :class:`RunConfig` field with everything every entry point needs to know about it.
+
+    ``help`` is the comment of its line in ``pyproject.toml``; ``hydra`` the dotted path the
+    Hydra launcher reads it from (``None``: set it with ``+run.<key>=...``); ``path``: a
+    filesystem path (the launcher makes it absolute); ``data``: it determines the data (part
+    of the per-process data cache key); ``resumable``: it may change when a run resumes.
+    """
+    return field(default=default, metadata={"help": help, "hydra": hydra, "path": path, "data": data,
+                                            "resumable": resumable})
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """All settings of one federated run, with the defaults of ``flwr run .``.
 
+    Each field is declared once, here, with its help text and where each entry point finds it
+    (:func:`setting`); ``pyproject.toml``'s ``[tool.flwr.app.config]`` is
+    :meth:`pyproject_table` (a test checks they agree), the Hydra launcher reads the paths in
+    the metadata, the data cache and checkpoint compatibility read ``data`` / ``resumable``.
     Callers build it with :meth:`from_mapping` (a Flower ``run_config`` or any dict with
     kebab-case keys); unknown keys and wrongly typed values raise ``ValueError``.
     """
 
     # --- federation / strategy --------------------------------------------------------
-    strategy: str = "fedavg"
-    num_server_rounds: int = 3
-    fraction_train: float = 1.0
-    fraction_evaluate: float = 1.0
-    min_available_nodes: int = 2
-    round_timeout: float = 3600.0
-    min_train_replies: int = 1
-    resume: bool = False
+    strategy: str = setting("fedavg", "fedavg | he-fedavg | focal", hydra="strategy.name")
+    num_server_rounds: int = setting(3, "", hydra="num_rounds", resumable=True)
+    fraction_train: float = setting(1.0, "", hydra="strategy.fraction_train")
+    fraction_evaluate: float = setting(1.0, "", hydra="strategy.fraction_evaluate")
+    min_available_nodes: int = setting(2, "", hydra="federation.min_available_nodes")
+    round_timeout: float = setting(3600.0, "seconds to wait for replies in one round",
+                                   hydra="federation.round_timeout", resumable=True)
+    min_train_replies: int = setting(
+        1, "fewer training replies than this: the round keeps the previous model",
+        hydra="federation.min_train_replies")
+    resume: bool = setting(False, "continue from run-dir/checkpoint.npz if it exists", hydra="resume",
+                           resumable=True)
     # --- local training ---------------------------------------------------------------
-    local_epochs: int = 1
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    batch_size: int = 32
-    optimizer: str = "sgd"
+    local_epochs: int = setting(1, "", hydra="train.local_epochs")
+    lr: float = setting(0.05, "", hydra="train.lr")
+    momentum: float = setting(0.9, "", hydra="train.momentum")
+    weight_decay: float = setting(0.0, "", hydra="train.weight_decay")
+    batch_size: int = setting(32, "", hydra="train.batch_size")
+    optimizer: str = setting("sgd", "sgd | adam", hydra="train.optimizer")
     # --- data -------------------------------------------------------------------------
-    dataset: str = "synthetic-retina"
-    data_path: str = ""
-    num_samples: int = 1200
-    image_size: int = 32
-    train_split: str = "train"
-    val_split: str = "val"
-    label_column: str = "label"
-    image_column: str = "image"
-    partitioner: str = "dirichlet"
-    dirichlet_alpha: float = 0.5
-    site_column: str = "site"
-    min_partition_size: int = 2
+    dataset: str = setting("synthetic-retina",
+                           "synthetic-retina | synthetic-pathology | medmnist | folder | csv",
+                           hydra="dataset.name", data=True)
+    data_path: str = setting("", ".npz, image folder or CSV manifest (not for synthetic-*)",
+                             hydra="dataset.path", path=True, data=True)
+    num_samples: int = setting(1200, "synthetic-* only: training images generated",
+                               hydra="dataset.num_samples", data=True)
+    image_size: int = setting(32, "", hydra="dataset.image_size", data=True)
+    train_split: str = setting("train", "", hydra="dataset.train_split", data=True)
+    val_split: str = setting("val", "", hydra="dataset.val_split", data=True)
+    label_column: str = setting("label", "csv only", hydra="dataset.label_column", data=True)
+    image_column: str = setting("image", "csv only (APTOS: id_code)", hydra="dataset.image_column", data=True)
+    partitioner: str = setting("dirichlet", "iid | dirichlet | by-site", hydra="partition.name", data=True)
+    dirichlet_alpha: float = setting(0.5, "", hydra="partition.alpha", data=True)
+    site_column: str = setting("site", "by-site only (CSV column)", hydra="partition.site_column", data=True)
+    min_partition_size: int = setting(2, "", hydra="partition.min_size", data=True)
     # --- model ------------------------------------------------------------------------
-    model: str = "small-cnn"
+    model: str = setting("small-cnn", "small-cnn | medium-cnn | resnet18 | densenet121 | lenet-sigmoid",
+                         hydra="model.name")
     # --- homomorphic encryption (he-fedavg, focal) --------------------------------
-    he_preset: str = "compact"
-    he_key_dir: str = ""
-    he_workers: int = 1
-    he_clip_norm: float = 0.0
-    he_noise_multiplier: float = 0.0
+    he_preset: str = setting(
+        "compact", "he-fedavg: compact | ckks | bfv | nvflare; focal always uses a FOCAL preset (focal) "
+        "(used by the launcher's keygen)", hydra="strategy.he.preset")
+    he_key_dir: str = setting(
+        "", "he-fedavg / focal: keygen directory (server reads public.ctx, institutions secret.ctx)",
+        hydra="strategy.he.key_dir", path=True)
+    he_workers: int = setting(1, "he-fedavg: encryption processes per institution", hydra="strategy.he.workers",
+                              resumable=True)
+    he_clip_norm: float = setting(
+        0.0, "he-fedavg: clip each update to this L2 norm before encrypting (0 = off)",
+        hydra="strategy.he.clip_norm")
+    he_noise_multiplier: float = setting(
+        0.0, "he-fedavg: Gaussian noise (z * clip / sqrt(sampled) per institution) before encrypting",
+        hydra="strategy.he.noise_multiplier")
     # --- FOCAL split training (strategy focal) ----------------------------------------
-    backbone: str = "efficientnet-lite0"
-    backbone_weights: str = ""
-    backbone_input_size: int = 0
-    embedding_cache_dir: str = ""
-    focal_block: int = 64
-    focal_class_weights: str = "none"
-    focal_steps_per_round: int = 1
+    backbone: str = setting(
+        "efficientnet-lite0",
+        "focal: frozen feature extractor (efficientnet-lite0 | monai-resnet18 | monai-densenet121 | vit-local)",
+        hydra="strategy.focal.backbone")
+    backbone_weights: str = setting(
+        "", "focal: local weights file of the backbone (\"\" = packaged / seeded init; required for vit-local)",
+        hydra="strategy.focal.backbone_weights", path=True)
+    backbone_input_size: int = setting(
+        0, "focal: side images are resized to for the backbone (0 = the backbone's default)",
+        hydra="strategy.focal.backbone_input_size")
+    embedding_cache_dir: str = setting(
+        "", "focal: where institutions cache their embeddings (\"\" = <tmp>/flower-focal-embeddings)",
+        hydra="strategy.focal.embedding_cache_dir", path=True)
+    focal_block: int = setting(64, "focal: sample positions per ciphertext (power of two, 2..256)",
+                               hydra="strategy.focal.block")
+    focal_class_weights: str = setting(
+        "none", "focal: none | balanced (global class counts are summed under HE)",
+        hydra="strategy.focal.class_weights")
+    focal_steps_per_round: int = setting(
+        1, "focal: full-batch gradient steps per Flower round (num-server-rounds x this = steps)",
+        hydra="strategy.focal.steps_per_round")
     # --- differential privacy (fedavg: Flower's DP wrapper + clipping mod) -------------
-    dp_noise_multiplier: float = 0.0
-    dp_clipping_norm: float = 1.0
+    dp_noise_multiplier: float = setting(
+        0.0, "fedavg: > 0 wraps it in Flower's DifferentialPrivacyClientSideFixedClipping",
+        hydra="strategy.dp.noise_multiplier")
+    dp_clipping_norm: float = setting(
+        1.0, "fedavg with DP: L2 clipping norm of each update (fixedclipping_mod)",
+        hydra="strategy.dp.clipping_norm")
     # --- reproducibility and outputs -------------------------------------------------
-    seed: int = 42
-    run_dir: str = ""
-    device: str = "auto"
+    seed: int = setting(42, "", hydra="seed", data=True)
+    run_dir: str = setting(
+        "", "where metrics.json, curves.png, summary.md, model.pt go (\"\" = ./runs/<run-id>)",
+        hydra="run_dir", path=True, resumable=True)
+    device: str = setting("auto", "auto | cpu | cuda", hydra="device")
+
+    @classmethod
+    def settings(cls, flag: str | None = None) -> tuple[str, ...]:
+        """Field names (snake_case), or those whose metadata ``flag`` is true."""
+        return tuple(f.name for f in fields(cls) if flag is None or f.metadata.get(flag))
+
+    @classmethod
+    def pyproject_table(cls) -> str:
+        """The ``[tool.flwr.app.config]`` lines of ``pyproject.toml`` (keys, defaults, comments)."""
+        lines = []
+        for f in fields(cls):
+            value = f.default
+            text = ("true" if value else "false") if isinstance(value, bool) else (
+                json.dumps(value) if isinstance(value, str) else repr(value))
+            line = f"{f.name.replace('_', '-')} = {text}"
+            help_text = f.metadata.get("help", "")
+            lines.append(f"{line:<35} # {help_text}" if help_text else line)
+        return "\n".join(lines) + "\n"
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> RunConfig:

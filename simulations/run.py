@@ -16,6 +16,7 @@ The mapping from this Hydra config to Flower's run config is :func:`to_run_confi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -31,57 +32,28 @@ log = logging.getLogger("flower_focal.launcher")
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
-    """Map the composed Hydra config onto the Flower run config (one place, explicit)."""
-    ds, part, train, fed = cfg.dataset, cfg.partition, cfg.train, cfg.federation
-    data_path = str(ds.path or "")  # raises MissingMandatoryValue for file datasets without a path
-    he = cfg.strategy.get("he") or {}
-    he_key_dir = str(he.get("key_dir") or "")
-    focal = cfg.strategy.get("focal") or {}
-    bb_weights = str(focal.get("backbone_weights") or "")
-    cache_dir = str(focal.get("embedding_cache_dir") or "")
-    values = {
-        "strategy": cfg.strategy.name,
-        "num-server-rounds": cfg.num_rounds,
-        "fraction-train": cfg.strategy.fraction_train,
-        "fraction-evaluate": cfg.strategy.fraction_evaluate,
-        "min-available-nodes": fed.min_available_nodes or cfg.num_institutions,
-        "round-timeout": float(fed.round_timeout),
-        "local-epochs": train.local_epochs,
-        "lr": float(train.lr),
-        "momentum": float(train.momentum),
-        "weight-decay": float(train.weight_decay),
-        "batch-size": train.batch_size,
-        "optimizer": train.optimizer,
-        "dataset": ds.name,
-        # ClientApps run in other working directories: hand them absolute paths.
-        "data-path": to_absolute_path(data_path) if data_path else "",
-        "num-samples": ds.get("num_samples", 0) or RunConfig.num_samples,
-        "image-size": ds.image_size,
-        "train-split": ds.get("train_split", "train"),
-        "val-split": ds.get("val_split", "val"),
-        "image-column": ds.get("image_column", "image"),
-        "label-column": ds.get("label_column", "label"),
-        "partitioner": part.name,
-        "dirichlet-alpha": float(part.alpha),
-        "site-column": part.get("site_column", "site"),
-        "min-partition-size": part.min_size,
-        "model": cfg.model.name,
-        "seed": cfg.seed,
-        "run-dir": to_absolute_path(str(cfg.run_dir)),
-        "device": cfg.device,
-        "he-preset": he.get("preset", RunConfig.he_preset),
-        "he-key-dir": to_absolute_path(he_key_dir) if he_key_dir else "",
-        "he-workers": he.get("workers", RunConfig.he_workers),
-        "he-clip-norm": float(he.get("clip_norm", RunConfig.he_clip_norm)),
-        "he-noise-multiplier": float(he.get("noise_multiplier", RunConfig.he_noise_multiplier)),
-        "backbone": focal.get("backbone", RunConfig.backbone),
-        "backbone-weights": to_absolute_path(bb_weights) if bb_weights else "",
-        "backbone-input-size": int(focal.get("backbone_input_size", RunConfig.backbone_input_size)),
-        "embedding-cache-dir": to_absolute_path(cache_dir) if cache_dir else "",
-        "focal-block": int(focal.get("block", RunConfig.focal_block)),
-        "focal-class-weights": focal.get("class_weights", RunConfig.focal_class_weights),
-        "focal-steps-per-round": int(focal.get("steps_per_round", RunConfig.focal_steps_per_round)),
-    }
+    """Map the composed Hydra config onto the Flower run config.
+
+    Every field of :class:`~flower_focal.config.RunConfig` names its Hydra path in its metadata
+    (``setting(hydra=...)``): values missing from the composed config (e.g. ``strategy.he.*``
+    under fedavg) keep the run config's default, paths become absolute (ClientApps run in other
+    working directories), and ``+run.<key>=value`` (kebab-case run-config keys) overrides any
+    setting last.
+    """
+    values: dict[str, object] = {}
+    for f in dataclasses.fields(RunConfig):
+        path = f.metadata.get("hydra")
+        value = OmegaConf.select(cfg, path, default=None, throw_on_missing=True) if path else None
+        if value is None:
+            continue
+        if f.metadata.get("path") and value:
+            value = to_absolute_path(str(value))
+        values[f.name] = value
+    if not values.get("min_available_nodes"):
+        values["min_available_nodes"] = cfg.num_institutions  # default: every institution
+    if not values.get("num_samples"):
+        values.pop("num_samples", None)  # file datasets: not used
+    values.update({str(k).replace("-", "_"): v for k, v in (cfg.get("run") or {}).items()})
     return RunConfig.from_mapping(values)
 
 

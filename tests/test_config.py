@@ -19,6 +19,15 @@ def test_pyproject_declares_exactly_the_runconfig_keys():
     assert set(declared) == set(RunConfig().to_flower())
 
 
+def test_pyproject_table_is_generated_from_runconfig():
+    """Keys, defaults and comments are declared once (RunConfig); pyproject holds the derived table.
+
+    Regenerate it with ``python -c "from flower_focal.config import RunConfig; print(RunConfig.pyproject_table(), end='')"``.
+    """
+    table = (ROOT / "pyproject.toml").read_text().split("[tool.flwr.app.config]\n", 1)[1]
+    assert table == RunConfig.pyproject_table()
+
+
 def test_pyproject_defaults_equal_runconfig_defaults():
     assert RunConfig.from_mapping(_pyproject_run_config()) == RunConfig()
 

@@ -48,3 +48,32 @@ def test_file_datasets_require_a_path():
 
     with pytest.raises(MissingMandatoryValue):
         to_run_config(_compose(["dataset=medmnist"]))
+
+
+def _other_value(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int | float):
+        return value + 3
+    return f"other-{value}" if value else "/abs/other"
+
+
+def test_every_setting_reaches_the_run_config_from_hydra():
+    """Each RunConfig field's Hydra path (declared once, in its metadata) sets it; so does +run.<key>."""
+    import dataclasses
+
+    defaults = RunConfig()
+    for f in dataclasses.fields(RunConfig):
+        path = f.metadata["hydra"]
+        assert path, f"{f.name} has no Hydra path"
+        want = _other_value(getattr(defaults, f.name))
+        group = "strategy=focal" if path.startswith("strategy.focal") else (
+            "strategy=he_fedavg" if path.startswith("strategy.he") else "strategy=fedavg")
+        value = str(want).lower() if isinstance(want, bool) else want
+        got = to_run_config(_compose([group, f"++{path}={value}"]))
+        if f.name == "run_dir":  # the test's own run_dir override comes last
+            continue
+        assert getattr(got, f.name) == want, (f.name, path, getattr(got, f.name))
+        key = f.name.replace("_", "-")
+        via_run = to_run_config(_compose([group, f"+run.{key}={value}"]))
+        assert getattr(via_run, f.name) == want, (f.name, "run." + key)

@@ -36,12 +36,8 @@ from flower_focal.data.transforms import (
 
 logger = logging.getLogger("flower_focal.data")
 
-DATA_FIELDS: tuple[str, ...] = (
-    "dataset", "data_path", "num_samples", "image_size", "train_split", "val_split",
-    "label_column", "image_column", "partitioner", "dirichlet_alpha", "site_column",
-    "min_partition_size", "seed",
-)
-"""The RunConfig fields that determine the data (the per-process cache key)."""
+DATA_FIELDS: tuple[str, ...] = RunConfig.settings("data")
+"""The RunConfig fields that determine the data (the per-process cache key; ``setting(data=True)``)."""
 
 
 @dataclass(frozen=True)
