@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -51,23 +51,74 @@ def _read(fd: int, off: int, n: int) -> bytes:
     return b"".join(parts)
 
 
+def _add_range(
+    backend: Any,
+    io: Any,
+    total: list[Any],
+    first: bool,
+    start: int,
+    tasks: Sequence[Task],
+    read: Callable[[int, int], bytes | memoryview],
+) -> tuple[list[Any], tuple[int, str] | None]:
+    """Add chunks ``start, start+1, ...`` into ``total``; on failure undo them all.
+
+    Returns the new ``total`` and ``None``, or the unchanged ``total`` and ``(index, message)``
+    of the first chunk that failed (messages as the serial Accumulator words them).
+    """
+
+    def load(j: int, task: Task) -> Any:
+        off, n, crc, values = task
+        data = read(off, n)
+        check_chunk_crc(start + j, data, crc)
+        return backend.load(data, values, io)
+
+    done = 0
+    try:
+        if first:
+            return [load(j, t) for j, t in enumerate(tasks)], None
+        for j, t in enumerate(tasks):
+            backend.add_inplace(total[j], load(j, t))
+            done += 1
+        return total, None
+    except Exception as exc:
+        if not first:  # modular add/sub are exact inverses: the sum is restored bit for bit
+            for j in range(done):
+                backend.sub_inplace(total[j], load(j, tasks[j]))
+        i = start + done
+        if isinstance(exc, CiphertextError):
+            msg = str(exc) if "checksum mismatch" in str(exc) else f"chunk {i}: {exc}"
+        else:
+            msg = f"chunk {i} could not be added: {exc}"
+        return ([] if first else total), (i, msg)
+
+
+def _undo_range(
+    backend: Any,
+    io: Any,
+    total: list[Any],
+    first: bool,
+    tasks: Sequence[Task],
+    read: Callable[[int, int], bytes | memoryview],
+) -> list[Any]:
+    """Take back a successful :func:`_add_range` (the same bytes load again)."""
+    if first:
+        return []
+    for j, (off, n, _, values) in enumerate(tasks):
+        backend.sub_inplace(total[j], backend.load(read(off, n), values, io))
+    return total
+
+
 def _worker_main(conn: Connection, public_bytes: bytes, upload_path: str) -> None:
-    """One worker: a loop over commands from :class:`SumPool` (see its methods)."""
+    """One worker process: a loop over commands from :class:`SumPool`."""
     from flower_focal.crypto.keys import PublicContext
 
     backend = PublicContext.from_bytes(public_bytes, source="sum pool")._backend
     fd = os.open(upload_path, os.O_RDONLY)
+    read = lambda off, n: _read(fd, off, n)  # noqa: E731
     total: list[Any] = []
-    last: tuple[bool, int, Sequence[Task]] | None = None  # what a rollback undoes
+    last: tuple[bool, Sequence[Task]] | None = None  # what a rollback undoes
     try:
         with backend.io() as io:
-
-            def load(first_index: int, j: int, task: Task) -> Any:
-                off, n, crc, values = task
-                data = _read(fd, off, n)
-                check_chunk_crc(first_index + j, data, crc)
-                return backend.load(data, values, io)
-
             while True:
                 try:
                     cmd, *args = conn.recv()
@@ -75,38 +126,12 @@ def _worker_main(conn: Connection, public_bytes: bytes, upload_path: str) -> Non
                     return
                 if cmd == "add":
                     first, start, tasks = args
-                    done = 0
-                    try:
-                        if first:
-                            total = [load(start, j, t) for j, t in enumerate(tasks)]
-                        else:
-                            for j, t in enumerate(tasks):
-                                backend.add_inplace(total[j], load(start, j, t))
-                                done += 1
-                    except Exception as exc:
-                        if first:
-                            total = []
-                        else:  # modular add/sub are exact inverses: the sum is restored
-                            for j in range(done):
-                                backend.sub_inplace(total[j], load(start, j, tasks[j]))
-                        last = None
-                        i = start + done
-                        if isinstance(exc, CiphertextError):
-                            msg = str(exc) if "checksum mismatch" in str(exc) else f"chunk {i}: {exc}"
-                        else:
-                            msg = f"chunk {i} could not be added: {exc}"
-                        conn.send(("err", i, msg))
-                        continue
-                    last = (first, start, tasks)
-                    conn.send(("ok",))
+                    total, err = _add_range(backend, io, total, first, start, tasks, read)
+                    last = None if err else (first, tasks)
+                    conn.send(("err", *err) if err else ("ok",))
                 elif cmd == "rollback":
                     if last is not None:
-                        first, start, tasks = last
-                        if first:
-                            total = []
-                        else:
-                            for j, t in enumerate(tasks):
-                                backend.sub_inplace(total[j], load(start, j, t))
+                        total = _undo_range(backend, io, total, last[0], last[1], read)
                     last = None
                     conn.send(("ok",))
                 elif cmd == "dump":
@@ -153,38 +178,46 @@ def _shutdown(procs: list[Any], conns: list[Connection], directory: str, fd: int
 
 
 class SumPool:
-    """``workers`` processes that each own a contiguous range of chunks of the running sum.
+    """``workers`` summing processes: this one and ``workers - 1`` spawned ones.
 
-    One :class:`~flower_focal.crypto.aggregate.Accumulator` uses it at a time (the last one
+    Each owns a contiguous range of chunks of the running sum; this process takes the first
+    range straight from the caller's buffer, so only the other ranges are copied into the
+    scratch file the spawned workers read. One
+    :class:`~flower_focal.crypto.aggregate.Accumulator` uses the pool at a time (the last one
     to :meth:`claim` it); get one with ``PublicContext.sum_pool(workers)``, which keeps it for
     the context's lifetime so rounds do not respawn processes.
     """
 
-    def __init__(self, public_bytes: bytes, workers: int) -> None:
-        if workers < 2:
-            raise ValueError(f"a sum pool needs at least 2 workers, got {workers}")
+    def __init__(self, public_bytes: bytes, workers: int, backend: Any) -> None:
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 2:
+            raise ValueError(f"a sum pool needs an int >= 2 workers, got {workers!r}")
         self.workers = workers
-        self._dir = tempfile.mkdtemp(prefix="ffhe-sum-", dir=scratch_base())  # 0700
+        self._backend = backend
+        self._dir = tempfile.mkdtemp(prefix="ffhe-sum-", dir=scratch_base())  # mode 0700
         self._path = os.path.join(self._dir, "upload")
         self._fd: int | None = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         ctx = multiprocessing.get_context("spawn")
         self._conns: list[Connection] = []
         self._procs: list[Any] = []
-        for _ in range(workers):
-            parent, child = ctx.Pipe()
-            p = ctx.Process(
-                target=_worker_main, args=(child, public_bytes, self._path), daemon=True
+        try:
+            for _ in range(workers - 1):
+                parent, child = ctx.Pipe()
+                p = ctx.Process(
+                    target=_worker_main, args=(child, public_bytes, self._path), daemon=True
+                )
+                p.start()
+                child.close()
+                self._conns.append(parent)
+                self._procs.append(p)
+        finally:
+            self._finalizer = weakref.finalize(
+                self, _shutdown, self._procs, self._conns, self._dir, self._fd
             )
-            p.start()
-            child.close()
-            self._conns.append(parent)
-            self._procs.append(p)
         self._owner: Any = None
-        self._active = 0  # workers holding chunks in the current sum
+        self._local: list[Any] = []  # this process's range of the sum
+        self._local_last: tuple[bool, Sequence[Task]] | None = None
+        self._active = 0  # participants (this process included) holding chunks
         self._broken = False
-        self._finalizer = weakref.finalize(
-            self, _shutdown, self._procs, self._conns, self._dir, self._fd
-        )
 
     # -- ownership --------------------------------------------------------------------------
     def claim(self, owner: object) -> None:
@@ -198,19 +231,34 @@ class SumPool:
         """Whether ``owner`` is the pool's current user."""
         return self._owner is not None and self._owner() is owner
 
+    @property
+    def alive(self) -> bool:
+        """False once closed or after a worker died."""
+        return self._finalizer.alive and not self._broken
+
     # -- commands ---------------------------------------------------------------------------
     def _check(self) -> None:
-        if self._broken or not self._finalizer.alive:
+        if not self.alive or self._fd is None:
             raise PoolBroken("the server sum pool is closed or a worker died; start a new one")
 
-    def _ask(self, ws: Sequence[int], messages: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    def _send(self, ws: Sequence[int], messages: Sequence[tuple[Any, ...]]) -> None:
         try:
             for w, m in zip(ws, messages):
                 self._conns[w].send(m)
+        except (OSError, ValueError) as exc:
+            self._broken = True
+            raise PoolBroken(f"a server sum worker died: {exc!r}") from exc
+
+    def _recv(self, ws: Sequence[int]) -> list[tuple[Any, ...]]:
+        try:
             return [self._conns[w].recv() for w in ws]
         except (EOFError, OSError) as exc:
             self._broken = True
             raise PoolBroken(f"a server sum worker died: {exc!r}") from exc
+
+    def _ask(self, ws: Sequence[int], messages: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        self._send(ws, messages)
+        return self._recv(ws)
 
     def add(
         self,
@@ -224,56 +272,66 @@ class SumPool:
         Raises
         ------
         CiphertextError
-            For the lowest-numbered chunk that failed; every worker's sum is as before.
+            For the lowest-numbered chunk that failed; every range of the sum is as before.
         """
         self._check()
-        if self._fd is None:
-            raise PoolBroken("the server sum pool is closed")
+        assert self._fd is not None
         view = memoryview(blob).cast("B")
-        os.ftruncate(self._fd, len(view))
-        done = 0
-        while done < len(view):
-            done += os.pwrite(self._fd, view[done:], done)
         n = len(entries)
         if first:
             self._active = min(self.workers, n)
-        elif n and self._active == 0:  # pragma: no cover - guarded by the Accumulator
-            raise RuntimeError("add(first=False) on an empty pool")
-        ws = list(range(self._active))
         bounds = [n * w // self._active for w in range(self._active + 1)]
-        messages = []
-        for w in ws:
-            lo, hi = bounds[w], bounds[w + 1]
-            tasks = [(*entries[i], lengths[i]) for i in range(lo, hi)]
-            messages.append(("add", first, lo, tasks))
-        replies = self._ask(ws, messages)
-        errors = [(r[1], r[2]) for r in replies if r[0] == "err"]
-        if errors:
-            ok = [w for w, r in zip(ws, replies) if r[0] == "ok"]
-            self._ask(ok, [("rollback",)] * len(ok))
-            raise CiphertextError(min(errors)[1])
+        tasks = [[(*entries[i], lengths[i]) for i in range(lo, hi)] for lo, hi in zip(bounds, bounds[1:])]
+        # Spawned workers (participants 1..) read their ranges from the scratch file, written
+        # range by range so the first ones start while later ones are still being copied.
+        children = list(range(self._active - 1))
+        if children:
+            os.ftruncate(self._fd, len(view))
+        for w in children:
+            lo, hi = tasks[w + 1][0][0], tasks[w + 1][-1][0] + tasks[w + 1][-1][1]
+            done = lo
+            while done < hi:
+                done += os.pwrite(self._fd, view[done:hi], done)
+            self._send([w], [("add", first, bounds[w + 1], tasks[w + 1])])
+        # This process: the first range, straight from the caller's buffer.
+        with self._backend.io() as io:
+            read = lambda off, n: view[off : off + n]  # noqa: E731
+            self._local, err = _add_range(
+                self._backend, io, self._local, first, 0, tasks[0], read
+            )
+            replies = self._recv(children)
+            errors = [(r[1], r[2]) for r in replies if r[0] == "err"]
+            if err is not None:
+                errors.append(err)
+            if errors:
+                ok = [w for w, r in zip(children, replies) if r[0] == "ok"]
+                self._send(ok, [("rollback",)] * len(ok))
+                if err is None:
+                    self._local = _undo_range(self._backend, io, self._local, first, tasks[0], read)
+                self._recv(ok)
+                if first:
+                    self._active = 0
+                raise CiphertextError(min(errors)[1])
 
     def dump(self) -> list[bytes]:
         """Every chunk of the sum, serialized, in order."""
         self._check()
-        ws = list(range(self._active))
-        out: list[bytes] = []
-        for r in self._ask(ws, [("dump",)] * len(ws)):
+        children = list(range(self._active - 1))
+        self._send(children, [("dump",)] * len(children))
+        with self._backend.io() as io:
+            out = [self._backend.dump(ct, io) for ct in self._local]
+        for r in self._recv(children):
             out.extend(r[1])
         return out
 
     def reset(self) -> None:
-        """Drop the sum in every worker."""
+        """Drop the sum in every participant."""
         self._check()
-        self._ask(range(self.workers), [("reset",)] * self.workers)
-        self._active = 0
+        self._ask(range(self.workers - 1), [("reset",)] * (self.workers - 1))
+        self._local, self._active = [], 0
 
     def close(self) -> None:
         """Stop the workers, zero and remove the scratch file (idempotent)."""
         self._fd = None
+        self._local = []
         self._finalizer()
-
-    @property
-    def alive(self) -> bool:
-        """False once closed or after a worker died."""
-        return self._finalizer.alive and not self._broken

@@ -371,7 +371,7 @@ def _varint(view: memoryview, pos: int, end: int) -> tuple[int, int]:
         if not b & 0x80:
             return value, pos
         shift += 7
-        if shift > 35:  # no length or size here needs more than 5 bytes (< 2^35)
+        if shift >= 35:  # no length or size here needs more than 5 bytes (< 2^35)
             raise CiphertextError("TenSEAL vector: varint longer than 5 bytes")
 
 

@@ -382,7 +382,7 @@ class PublicContext:
         if pool is None or pool.workers != workers or not pool.alive:
             if pool is not None:
                 pool.close()
-            self._sum_pool = pool = SumPool(self.to_bytes(), workers)
+            self._sum_pool = pool = SumPool(self.to_bytes(), workers, self._backend)
         return pool
 
     def close(self) -> None:
