@@ -62,11 +62,13 @@ def _he_round(public: Any, blobs: list[bytes], n: int, workers: int) -> dict[str
     t0 = time.perf_counter()
     acc.add(blobs[0])
     first = time.perf_counter() - t0
-    times = []
+    times, split = [], []
     for i in range(1, n):
         t = time.perf_counter()
         acc.add(blobs[i % len(blobs)])
         times.append(time.perf_counter() - t)
+        if workers > 1:
+            split.append(public._sum_pool.last_timings)
     round_s = time.perf_counter() - t0
     t = time.perf_counter()
     out = acc.to_bytes()
@@ -80,6 +82,11 @@ def _he_round(public: Any, blobs: list[bytes], n: int, workers: int) -> dict[str
         "result_s": result_s,
         "peak_rss_mib": round(sampler.peak_kib / 1024, 1),
         "_sha256": hashlib.sha256(out).hexdigest(),
+        # where one add's time goes with workers: copying the other ranges into the shared
+        # buffer, summing the own range, waiting for the slowest worker (medians)
+        "split_s": {k: round(statistics.median(d[k] for d in split), 4) for k in split[0]}
+        if split
+        else None,
     }
 
 
@@ -144,6 +151,7 @@ def main() -> None:
             row[f"workers_{k}"] = {
                 key: (round(v, 4) if isinstance(v, float) else v) for key, v in r.items()
             }
+            print(f"N={n} workers={k}: {r['per_upload_s']:.4f} s per upload", file=sys.stderr)
         row["numpy"] = {key: round(v, 4) for key, v in row["numpy"].items()}
         result["rounds"].append(row)
         public.close()  # next N starts with fresh pools, as a server run would once

@@ -3,15 +3,18 @@
 SEAL/TenSEAL calls hold the GIL (measured: two threads loading and adding chunks took 1.08x
 the serial time on 2 cores), so the server's sum is split over processes. Worker ``w`` owns
 a contiguous range of chunk indices and keeps the running sum of exactly those chunks; for
-every upload it reads its chunks from one shared scratch file, checks their CRC-32, runs
-them through :mod:`~flower_focal.crypto.intake` and SEAL, and adds them. Modular addition is
+every upload it takes its chunks from one shared mapping of a scratch file (the calling
+process copies each upload's other ranges in; it sums the first range itself, straight from
+the caller's buffer), checks their CRC-32, runs them through
+:mod:`~flower_focal.crypto.intake` and SEAL, and adds them. Modular addition is
 exact, so the sum of chunk ``j`` is the same ciphertext whichever process adds it, and
 :meth:`SumPool.dump` returns the serial :class:`~flower_focal.crypto.aggregate.Accumulator`'s
 bytes exactly.
 
-Memory: the sum is held once (split over the workers); the upload is held by the caller and
+Memory: the sum is held once (split over the processes); the upload is held by the caller and
 once more in the RAM-backed scratch file (``/dev/shm`` when present, mode 0600 in a 0700
-directory, zeroed and removed on :meth:`SumPool.close`); each worker reads one chunk at a time.
+directory, as large as the largest upload, zeroed and removed on :meth:`SumPool.close`); each
+worker copies out one chunk at a time.
 
 Spawn-safe: workers get the public key file bytes (no secret key exists on the server) and
 build their own context.
@@ -19,8 +22,10 @@ build their own context.
 
 from __future__ import annotations
 
+import mmap
 import multiprocessing
 import os
+import time
 import shutil
 import tempfile
 import weakref
@@ -40,15 +45,49 @@ class PoolBroken(RuntimeError):
     """A worker process died or stopped answering; the pool's sums are lost."""
 
 
-def _read(fd: int, off: int, n: int) -> bytes:
-    parts, done = [], 0
-    while done < n:
-        more = os.pread(fd, n - done, off + done)
-        if not more:
-            raise CiphertextError("upload file is shorter than its chunk table")
-        parts.append(more)
-        done += len(more)
-    return b"".join(parts)
+class _Mapping:
+    """A shared mapping of the upload file, re-made only when the file grows.
+
+    The caller copies each upload into it with one memcpy and workers slice their chunks out
+    of it: no read/write system call per chunk or per upload (they are slow under sandboxed
+    kernels such as gVisor), and the pages stay mapped from one upload to the next.
+    """
+
+    def __init__(self, fd: int, writable: bool) -> None:
+        self._fd, self._writable = fd, writable
+        self._mm: mmap.mmap | None = None
+        self.size = 0
+
+    def ensure(self, size: int) -> None:
+        if size <= self.size:
+            return
+        if self._writable and os.fstat(self._fd).st_size < size:
+            os.ftruncate(self._fd, size)
+        self.close()
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if self._writable else 0)
+        self._mm = mmap.mmap(self._fd, size, flags=mmap.MAP_SHARED, prot=prot)
+        self.size = size
+
+    def read(self, off: int, n: int) -> bytes:
+        if self._mm is None or off + n > self.size:
+            raise CiphertextError("chunk lies outside the shared upload buffer")
+        return self._mm[off : off + n]  # a copy of one chunk
+
+    def write(self, off: int, data: memoryview) -> None:
+        assert self._mm is not None
+        self._mm[off : off + len(data)] = data
+
+    def zero(self) -> None:
+        if self._mm is not None and self._writable:
+            step = 1 << 24
+            for off in range(0, self.size, step):
+                n = min(step, self.size - off)
+                self._mm[off : off + n] = bytes(n)
+
+    def close(self) -> None:
+        if self._mm is not None:
+            self._mm.close()
+            self._mm, self.size = None, 0
 
 
 def _add_range(
@@ -114,7 +153,8 @@ def _worker_main(conn: Connection, public_bytes: bytes, upload_path: str) -> Non
 
     backend = PublicContext.from_bytes(public_bytes, source="sum pool")._backend
     fd = os.open(upload_path, os.O_RDONLY)
-    read = lambda off, n: _read(fd, off, n)  # noqa: E731
+    view = _Mapping(fd, writable=False)
+    read = view.read
     total: list[Any] = []
     last: tuple[bool, Sequence[Task]] | None = None  # what a rollback undoes
     try:
@@ -125,7 +165,8 @@ def _worker_main(conn: Connection, public_bytes: bytes, upload_path: str) -> Non
                 except EOFError:
                     return
                 if cmd == "add":
-                    first, start, tasks = args
+                    first, start, tasks, capacity = args
+                    view.ensure(capacity)
                     total, err = _add_range(backend, io, total, first, start, tasks, read)
                     last = None if err else (first, tasks)
                     conn.send(("err", *err) if err else ("ok",))
@@ -142,14 +183,18 @@ def _worker_main(conn: Connection, public_bytes: bytes, upload_path: str) -> Non
                 elif cmd == "close":
                     return
     finally:
+        view.close()
         os.close(fd)
         conn.close()
 
 
-def _shutdown(procs: list[Any], conns: list[Connection], directory: str, fd: int) -> None:
+def _shutdown(
+    procs: list[Any], conns: list[Connection], directory: str, fd: int, mapping: _Mapping
+) -> None:
     try:
-        os.close(fd)
-    except OSError:
+        mapping.zero()  # do not leave the last upload in RAM
+        mapping.close()
+    except (OSError, ValueError, BufferError):
         pass
     for c in conns:
         try:
@@ -163,15 +208,8 @@ def _shutdown(procs: list[Any], conns: list[Connection], directory: str, fd: int
             p.join()
     for c in conns:
         c.close()
-    path = os.path.join(directory, "upload")
-    try:  # do not leave the last upload in RAM
-        fd = os.open(path, os.O_WRONLY)
-        try:
-            size, done = os.fstat(fd).st_size, 0
-            while done < size:
-                done += os.pwrite(fd, bytes(min(size - done, 1 << 24)), done)
-        finally:
-            os.close(fd)
+    try:
+        os.close(fd)
     except OSError:
         pass
     shutil.rmtree(directory, ignore_errors=True)
@@ -196,6 +234,9 @@ class SumPool:
         self._dir = tempfile.mkdtemp(prefix="ffhe-sum-", dir=scratch_base())  # mode 0700
         self._path = os.path.join(self._dir, "upload")
         self._fd: int | None = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        self._map = _Mapping(self._fd, writable=True)
+        #: seconds of the last :meth:`add`: copying ranges out, own range, waiting for workers
+        self.last_timings: dict[str, float] = {}
         ctx = multiprocessing.get_context("spawn")
         self._conns: list[Connection] = []
         self._procs: list[Any] = []
@@ -211,7 +252,7 @@ class SumPool:
                 self._procs.append(p)
         finally:
             self._finalizer = weakref.finalize(
-                self, _shutdown, self._procs, self._conns, self._dir, self._fd
+                self, _shutdown, self._procs, self._conns, self._dir, self._fd, self._map
             )
         self._owner: Any = None
         self._local: list[Any] = []  # this process's range of the sum
@@ -284,22 +325,25 @@ class SumPool:
         tasks = [[(*entries[i], lengths[i]) for i in range(lo, hi)] for lo, hi in zip(bounds, bounds[1:])]
         # Spawned workers (participants 1..) read their ranges from the scratch file, written
         # range by range so the first ones start while later ones are still being copied.
+        t0 = time.perf_counter()
         children = list(range(self._active - 1))
         if children:
-            os.ftruncate(self._fd, len(view))
+            self._map.ensure(len(view))
         for w in children:
             lo, hi = tasks[w + 1][0][0], tasks[w + 1][-1][0] + tasks[w + 1][-1][1]
-            done = lo
-            while done < hi:
-                done += os.pwrite(self._fd, view[done:hi], done)
-            self._send([w], [("add", first, bounds[w + 1], tasks[w + 1])])
+            self._map.write(lo, view[lo:hi])
+            self._send([w], [("add", first, bounds[w + 1], tasks[w + 1], self._map.size)])
+        t1 = time.perf_counter()
         # This process: the first range, straight from the caller's buffer.
         with self._backend.io() as io:
             read = lambda off, n: view[off : off + n]  # noqa: E731
             self._local, err = _add_range(
                 self._backend, io, self._local, first, 0, tasks[0], read
             )
+            t2 = time.perf_counter()
             replies = self._recv(children)
+            t3 = time.perf_counter()
+            self.last_timings = {"copy_s": t1 - t0, "own_range_s": t2 - t1, "wait_s": t3 - t2}
             errors = [(r[1], r[2]) for r in replies if r[0] == "err"]
             if err is not None:
                 errors.append(err)
@@ -332,6 +376,6 @@ class SumPool:
 
     def close(self) -> None:
         """Stop the workers, zero and remove the scratch file (idempotent)."""
-        self._fd = None
+        self._fd = None  # _shutdown zeroes the mapping and closes the file
         self._local = []
         self._finalizer()

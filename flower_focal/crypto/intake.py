@@ -36,6 +36,7 @@ field 3 (CKKS) the scale as a double equal to the preset's; no other fields, no 
 from __future__ import annotations
 
 import struct
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +73,17 @@ def _u64_parms_id(parms_id: Any) -> bytes:
 
 
 _LOCAL_VERSION: tuple[int, int] | None = None
+_DCTX = threading.local()  # one zstd decompression context per thread (building one: ~27 us)
+
+
+def _decompressor(max_window: int) -> zstandard.ZstdDecompressor:
+    cache = getattr(_DCTX, "by_window", None)
+    if cache is None:
+        cache = _DCTX.by_window = {}
+    d = cache.get(max_window)
+    if d is None:
+        d = cache[max_window] = zstandard.ZstdDecompressor(max_window_size=max_window)
+    return d
 
 
 def local_seal_version() -> tuple[int, int]:
@@ -218,7 +230,7 @@ class IntakeSpec:
                 f"zstd body: frame window {params.window_size} bytes exceeds the {bound} allowed"
             )
         try:
-            out = zstandard.ZstdDecompressor(max_window_size=max(bound, 1 << 10)).decompress(
+            out = _decompressor(max(bound, 1 << 10)).decompress(
                 raw, max_output_size=bound, allow_extra_data=False
             )
         except zstandard.ZstdError as exc:
