@@ -41,8 +41,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._common import TreeMemorySampler  # noqa: E402
-from flower_focal.crypto import Accumulator, SecretContext  # noqa: E402
+from benchmarks._common import TreeMemorySampler
+from flower_focal.crypto import Accumulator, SecretContext
 
 
 def _numpy_reference(xs: list[np.ndarray], weights: list[float], n: int) -> dict[str, float]:

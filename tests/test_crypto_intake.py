@@ -16,7 +16,12 @@ import numpy as np
 import pytest
 import zstandard
 
-from flower_focal.crypto import Accumulator, CiphertextError, PublicContext, SecretContext
+from flower_focal.crypto import (
+    Accumulator,
+    CiphertextError,
+    PublicContext,
+    SecretContext,
+)
 from flower_focal.crypto.envelope import EncryptedVector
 from flower_focal.crypto.intake import CT_MEMBERS, SEAL_HEADER, local_seal_version
 
@@ -121,7 +126,7 @@ def test_sanitize_accepts_real_chunks_and_hands_seal_uncompressed_bytes(setup: S
     for i, chunk in enumerate(setup.vecs[0].chunks):
         out = setup.spec.sanitize(chunk, setup.n_values(i))
         _, inner, _ = split_seal(out, setup.spec)
-        magic, hsize, major, minor, compr, reserved, size = SEAL_HEADER.unpack_from(inner)
+        magic, _, major, minor, compr, _, size = SEAL_HEADER.unpack_from(inner)
         assert (magic, compr, size) == (0xA15E, 0, len(inner))
         assert (major, minor) == local_seal_version()
         # the uncompressed form is itself accepted and re-emitted unchanged
@@ -311,7 +316,7 @@ def test_tenseal_wrapper_is_parsed_strictly() -> None:
         s = Setup(name)
         chunk = bytes(s.vecs[0].chunks[0])
         k = s.n_values(0)
-        prefix, inner, suffix = split_seal(chunk, s.spec)
+        prefix, inner, _ = split_seal(chunk, s.spec)
         cases = [
             (b"\x08" + chunk[1:], "protobuf key"),
             (chunk + b"\x18\x01", "after the ciphertext" if name == "ckks" else "unexpected bytes"),

@@ -22,12 +22,13 @@ build their own context.
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import multiprocessing
 import os
-import time
 import shutil
 import tempfile
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
@@ -119,7 +120,7 @@ def _add_range(
             backend.add_inplace(total[j], load(j, t))
             done += 1
         return total, None
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - SEAL raises several types; the message is kept
         if not first:  # modular add/sub are exact inverses: the sum is restored bit for bit
             for j in range(done):
                 backend.sub_inplace(total[j], load(j, tasks[j]))
@@ -322,7 +323,7 @@ class SumPool:
         if first:
             self._active = min(self.workers, n)
         bounds = [n * w // self._active for w in range(self._active + 1)]
-        tasks = [[(*entries[i], lengths[i]) for i in range(lo, hi)] for lo, hi in zip(bounds, bounds[1:])]
+        tasks = [[(*entries[i], lengths[i]) for i in range(lo, hi)] for lo, hi in itertools.pairwise(bounds)]
         # Spawned workers (participants 1..) read their ranges from the scratch file, written
         # range by range so the first ones start while later ones are still being copied.
         t0 = time.perf_counter()
@@ -336,7 +337,7 @@ class SumPool:
         t1 = time.perf_counter()
         # This process: the first range, straight from the caller's buffer.
         with self._backend.io() as io:
-            read = lambda off, n: view[off : off + n]  # noqa: E731
+            read = lambda off, n: view[off : off + n]
             self._local, err = _add_range(
                 self._backend, io, self._local, first, 0, tasks[0], read
             )

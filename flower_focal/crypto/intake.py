@@ -150,7 +150,7 @@ class IntakeSpec:
 
     def body_sizes(self) -> dict[int, bool]:
         """Exact uncompressed member sizes allowed -> whether that size is the seeded layout."""
-        dyn = lambda polys: SEAL_HEADER.size + 8 + 8 * self._coeffs(polys)  # noqa: E731
+        dyn = lambda polys: SEAL_HEADER.size + 8 + 8 * self._coeffs(polys)
         sizes = {CT_MEMBERS.size + dyn(2): False}
         if self.allow_seeded:
             sizes[CT_MEMBERS.size + dyn(1) + _RNG_INFO_SIZE] = True
