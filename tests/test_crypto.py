@@ -328,7 +328,10 @@ def test_one_scratch_file_serves_objects_of_any_size_in_turn(tmp_path: Path, mon
         loaded_big = backend.load(big.chunks[0], 10, io)
         loaded_small = backend.load(small.chunks[0], 10, io)  # shorter bytes after longer ones
         (block,) = tmp_path.iterdir()
-        assert (block / "obj").stat().st_size == len(small.chunks[0])  # the longer one's tail is cut
+        # SEAL is handed the checked, inflated bytes (crypto.intake), not the wire bytes
+        fed_small = backend.intake.sanitize(small.chunks[0], 10)
+        assert len(fed_small) < len(backend.intake.sanitize(big.chunks[0], 10))
+        assert (block / "obj").stat().st_size == len(fed_small)  # the longer one's tail is cut
         np.testing.assert_allclose(backend.decrypt_chunk(loaded_small, 10), 0.25, atol=1e-6)
         np.testing.assert_allclose(backend.decrypt_chunk(loaded_big, 10), 0.5, atol=1e-6)
         assert backend.dump(loaded_big, io) == big.chunks[0]  # dump after dump: exact bytes

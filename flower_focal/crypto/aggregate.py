@@ -8,13 +8,24 @@ or ``n_i / C`` with a public constant ``C``), so the sum *is* the weighted avera
 
 Memory: uploads are added chunk by chunk into the running sum, so the server holds the sum
 (one model), the upload's bytes and one decoded chunk at a time.
+
+Parallel: ``Accumulator(public, workers=k)`` with ``k > 1`` spreads the chunks over ``k``
+processes (:mod:`~flower_focal.crypto._sumpool`; SEAL holds the GIL, so threads would not
+help), each owning a contiguous chunk range of the sum; the result is byte-for-byte the
+serial one. Memory then adds one copy of the upload in a RAM-backed scratch file.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from flower_focal.crypto.envelope import EncryptedVector, chunk_lengths, make_vector
+from flower_focal.crypto._sumpool import SumPool
+from flower_focal.crypto.envelope import (
+    EncryptedVector,
+    EnvelopeLayout,
+    chunk_lengths,
+    make_vector,
+)
 from flower_focal.crypto.errors import CiphertextError
 from flower_focal.crypto.keys import PublicContext
 
@@ -32,9 +43,17 @@ class Accumulator:
     ----------
     public
         The server's public context.
+    workers
+        1 (default): add in this process. ``k > 1``: add through ``public.sum_pool(k)``,
+        ``k`` processes that each own a contiguous range of chunks (kept by ``public`` across
+        accumulators, so a new round's accumulator does not respawn them; the newest
+        accumulator that adds claims the pool, and an older one still using it then raises
+        ``RuntimeError``). Uploads of a single chunk are added in this process.
     """
 
-    def __init__(self, public: PublicContext) -> None:
+    def __init__(self, public: PublicContext, workers: int = 1) -> None:
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be an int >= 1, got {workers!r}")
         if not isinstance(public, PublicContext):
             raise ValueError(
                 f"Accumulator needs a PublicContext (the server never holds the secret key), "
@@ -46,6 +65,8 @@ class Accumulator:
         self._length: int | None = None
         self._count = 0
         self._summands = 0
+        self._workers = workers
+        self._pool: SumPool | None = None  # set while the sum lives in the pool
 
     @property
     def count(self) -> int:
@@ -72,6 +93,11 @@ class Accumulator:
             differs from earlier blobs, or a chunk SEAL refuses. The sum is unchanged.
         """
         preset = self._public.preset
+        if self._workers > 1:
+            layout = EnvelopeLayout.parse(blob, self._public.fingerprint, preset)
+            if len(layout.entries) > 1:
+                self._add_pooled(blob, layout)
+                return
         vec = EncryptedVector.from_bytes(blob, self._public.fingerprint, preset)
         if self._length is not None and vec.length != self._length:
             raise CiphertextError(
@@ -105,6 +131,36 @@ class Accumulator:
         self._count += 1
         self._summands += vec.summands
 
+    def _add_pooled(self, blob: bytes | bytearray | memoryview, layout: EnvelopeLayout) -> None:
+        if self._length is not None and layout.length != self._length:
+            raise CiphertextError(
+                f"upload has {layout.length} values but the running sum has {self._length}; all "
+                "institutions must encrypt the same flattened model"
+            )
+        if self._summands + layout.summands >= 2**32:
+            raise CiphertextError("too many summands for one accumulator")
+        first = self._count == 0
+        if first:
+            pool = self._public.sum_pool(self._workers)
+            pool.claim(self)
+        else:
+            pool = self._owned_pool()
+        lengths = chunk_lengths(layout.length, self._public.preset)
+        pool.add(blob, layout.entries, lengths, first)
+        self._pool = pool
+        self._length = layout.length
+        self._count += 1
+        self._summands += layout.summands
+
+    def _owned_pool(self) -> SumPool:
+        pool = self._pool
+        if pool is None or not pool.alive or not pool.owned_by(self):
+            raise RuntimeError(
+                "this accumulator's sum lived in the context's sum pool, which a newer "
+                "Accumulator has claimed (or which was closed); its sum is lost"
+            )
+        return pool
+
     def result(self) -> EncryptedVector:
         """The encrypted sum (not seeded: about twice an upload for seeded presets).
 
@@ -113,10 +169,13 @@ class Accumulator:
         ValueError
             Nothing has been added yet.
         """
-        if not self._sum or self._length is None:
+        if self._length is None:
             raise ValueError("the accumulator is empty; add at least one upload first")
-        with self._backend.io() as io:
-            chunks = [self._backend.dump(ct, io) for ct in self._sum]
+        if self._pool is not None:
+            chunks = self._owned_pool().dump()
+        else:
+            with self._backend.io() as io:
+                chunks = [self._backend.dump(ct, io) for ct in self._sum]
         return make_vector(
             self._public.fingerprint, self._public.preset, self._length, chunks, self._summands
         )
@@ -127,4 +186,7 @@ class Accumulator:
 
     def reset(self) -> None:
         """Drop the sum (e.g. at the start of the next round)."""
+        if self._pool is not None and self._pool.alive and self._pool.owned_by(self):
+            self._pool.reset()
+        self._pool = None
         self._sum, self._length, self._count, self._summands = [], None, 0, 0

@@ -33,6 +33,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from flower_focal.crypto._scratch import ScratchIO, scratch
 from flower_focal.crypto.errors import CiphertextError
+from flower_focal.crypto.intake import IntakeSpec
 from flower_focal.crypto.params import HEPreset
 
 #: Section names inside a key file (see :mod:`flower_focal.crypto.keys`).
@@ -88,9 +89,12 @@ class Backend(ABC):
     def encrypt(self, values: np.ndarray) -> list[bytes]:
         """Encrypt validated 1-D float64 ``values``; one ``bytes`` per chunk."""
 
+    #: Byte-level rules a chunk must meet before SEAL parses it (set by each backend).
+    intake: IntakeSpec
+
     @abstractmethod
     def load(self, data: bytes, n_values: int, io: ScratchIO | None) -> Any:
-        """Deserialize and check one chunk; raises :class:`CiphertextError`."""
+        """Check one chunk with :attr:`intake`, then deserialize it; raises :class:`CiphertextError`."""
 
     @abstractmethod
     def dump(self, ct: Any, io: ScratchIO | None) -> bytes:
@@ -159,6 +163,9 @@ class SealCkksBackend(Backend):
         self._encoder = seal.CKKSEncoder(self.context)
         self._evaluator = seal.Evaluator(self.context)
         self._first_parms_id = self.context.first_parms_id()
+        self.intake = IntakeSpec.for_seal(
+            self.context, "ckks", preset.scale, preset.seeded, preset.values_per_chunk
+        )
         self._secret_key = secret_key
         self._eval_key_bytes = dict(eval_key_bytes)
         if secret_key is not None:
@@ -315,6 +322,7 @@ class SealCkksBackend(Backend):
     def load(self, data: bytes, n_values: int, io: ScratchIO | None) -> Any:
         if io is None:
             raise ValueError("SealCkksBackend.load needs the ScratchIO from backend.io()")
+        data = self.intake.sanitize(data, n_values)  # SEAL sees only checked, inflated bytes
         try:
             ct = io.load(seal.Ciphertext(), data, self.context)
         except Exception as exc:  # SEAL: std::logic_error / runtime_error / invalid_argument
@@ -364,6 +372,9 @@ class _TensealBackend(Backend):
         self._check_context(preset, ctx)
         ctx.auto_mod_switch = False  # a lower-level upload must fail, not drag the sum down
         self.ctx = ctx
+        self.intake = IntakeSpec.for_tenseal(
+            ctx, preset.scheme, preset.scale, preset.values_per_chunk
+        )
 
     @classmethod
     def _check_context(cls, preset: HEPreset, ctx: Any) -> None:
@@ -461,8 +472,9 @@ class _TensealBackend(Backend):
         ]
 
     def load(self, data: bytes, n_values: int, io: ScratchIO | None) -> Any:
+        data = self.intake.sanitize(data, n_values)  # TenSEAL/SEAL see only checked bytes
         try:
-            vec = self._vector_from(bytes(data))  # TenSEAL parses bytes, not memoryviews
+            vec = self._vector_from(data)
             cts = vec.ciphertext()
         except Exception as exc:  # TenSEAL: ValueError("failed to parse ... stream"), SEAL errors
             raise CiphertextError(f"TenSEAL could not load the ciphertext: {exc}") from exc

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from flower_focal.crypto import _parallel
+from flower_focal.crypto._sumpool import SumPool
 from flower_focal.crypto.backends import SECRET_SECTION_NAMES, Backend, backend_for
 from flower_focal.crypto.envelope import EncryptedVector, make_vector
 from flower_focal.crypto.params import DEFAULT_PRESET, HEPreset, get_preset
@@ -367,6 +368,28 @@ class PublicContext:
         self.key_id = key_id
         self.fingerprint = fingerprint(preset, key_id)
         self._backend = backend
+        self._sum_pool: SumPool | None = None
+
+    def sum_pool(self, workers: int) -> SumPool:
+        """The server's pool of ``workers`` summing processes (started on first use, kept).
+
+        :class:`~flower_focal.crypto.aggregate.Accumulator` asks for it when built with
+        ``workers > 1``; keeping it here lets every round's accumulator reuse the processes.
+        One accumulator uses it at a time: the newest one to add claims it. Stop it with
+        :meth:`close` (it is also stopped when this context is garbage-collected or at exit).
+        """
+        pool = self._sum_pool
+        if pool is None or pool.workers != workers or not pool.alive:
+            if pool is not None:
+                pool.close()
+            self._sum_pool = pool = SumPool(self.to_bytes(), workers, self._backend)
+        return pool
+
+    def close(self) -> None:
+        """Stop the summing processes, if any (the context stays usable)."""
+        if self._sum_pool is not None:
+            self._sum_pool.close()
+            self._sum_pool = None
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> PublicContext:
