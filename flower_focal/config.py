@@ -89,6 +89,9 @@ class RunConfig:
         hydra="strategy.he.key_dir", path=True)
     he_workers: int = setting(1, "he-fedavg: encryption processes per institution", hydra="strategy.he.workers",
                               resumable=True)
+    he_server_workers: int = setting(
+        1, "he-fedavg: server processes that check and add the uploads (byte-identical sum)",
+        hydra="strategy.he.server_workers", resumable=True)
     he_clip_norm: float = setting(
         0.0, "he-fedavg: clip each update to this L2 norm before encrypting (0 = off)",
         hydra="strategy.he.clip_norm")

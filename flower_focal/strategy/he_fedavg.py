@@ -82,6 +82,9 @@ class HEFedAvg(FedAvg):
     clip_norm : float
         Sent to institutions: clip ``||w_local - w_global||_2`` to this before encrypting
         (0 disables).
+    server_workers : int
+        Processes that check and add the uploads, each owning a range of ciphertext chunks
+        (byte-identical to the serial sum; 1 = in the ServerApp's process).
     noise_multiplier : float
         Distributed Gaussian noise: each of the ``m`` sampled institutions adds noise of std
         ``noise_multiplier * clip_norm / sqrt(m)`` to its clipped update before encrypting, so
@@ -98,7 +101,7 @@ class HEFedAvg(FedAvg):
 
     def __init__(
         self, *, he_public: PublicContext, clip_norm: float = 0.0, noise_multiplier: float = 0.0,
-        exchange_timeout: float = 3600.0, **kwargs
+        exchange_timeout: float = 3600.0, server_workers: int = 1, **kwargs
     ) -> None:
         if not isinstance(he_public, PublicContext) or he_public.holds_secret_key:
             raise ValueError(
@@ -112,6 +115,9 @@ class HEFedAvg(FedAvg):
         self.clip_norm = clip_norm
         self.noise_multiplier = noise_multiplier
         self.exchange_timeout = exchange_timeout
+        if isinstance(server_workers, bool) or not isinstance(server_workers, int) or server_workers < 1:
+            raise ValueError(f"server_workers must be an int >= 1, got {server_workers!r}")
+        self.server_workers = server_workers
         self._layout: ArrayLayout | None = None
         self._weight_norm = 1.0
         self._sum: _RoundSum | None = None
@@ -131,6 +137,19 @@ class HEFedAvg(FedAvg):
                 f"HE public context {path} not found: run `flower-focal keygen --out DIR` and give "
                 "the server DIR (it reads only DIR/public.ctx; secret.ctx goes to the institutions)")
         return cls(he_public=PublicContext.load(path), **kwargs)
+
+    def start(self, *args, **kwargs) -> Result:
+        """Flower's round loop; stops the server's summing processes afterwards."""
+        try:
+            return super().start(*args, **kwargs)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the summing pool of ``server_workers`` (idempotent; a later round restarts it)."""
+        close = getattr(self.he_public, "close", None)
+        if callable(close):
+            close()
 
     def check_evaluate_fn(self, evaluate_fn) -> None:
         """Refuse server-side evaluation: the server never holds the plaintext model."""
@@ -216,7 +235,7 @@ class HEFedAvg(FedAvg):
             if self.noise_multiplier > 0:
                 # m = sampled institutions
                 message_config[keys.HE_NOISE_STD] = self.noise_multiplier * self.clip_norm / len(messages) ** 0.5
-        self._sum = _RoundSum(Accumulator(self.he_public)) if self._weight_norm > 0 else None
+        self._sum = _RoundSum(Accumulator(self.he_public, workers=self.server_workers)) if self._weight_norm > 0 else None
         if isinstance(grid, PromptGrid):
             grid.reply_hook = self._absorb  # add each ciphertext as it arrives
         return messages
@@ -254,7 +273,7 @@ class HEFedAvg(FedAvg):
         self._he_config(ArrayRecord(), config)
         messages = [Message(RecordDict({self.configrecord_key: config}), dst_node_id=node,
                             message_type=MessageType.TRAIN) for node in held]
-        self._sum = _RoundSum(Accumulator(self.he_public))
+        self._sum = _RoundSum(Accumulator(self.he_public, workers=self.server_workers))
         record.bytes_down += 0  # seal messages carry no arrays
         sealed = list(self._grid.send_and_receive(messages, timeout=self.exchange_timeout))
         for reply in sealed:
@@ -305,7 +324,7 @@ class HEFedAvg(FedAvg):
             record = self.history.round(server_round)
             for reply in replies:
                 record.bytes_up += reply_bytes(reply)
-        stream, self._sum = self._sum or _RoundSum(Accumulator(self.he_public)), None
+        stream, self._sum = self._sum or _RoundSum(Accumulator(self.he_public, workers=self.server_workers)), None
         record = self.history.round(server_round)
         accepted = []
         for reply in replies:

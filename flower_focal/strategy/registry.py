@@ -66,7 +66,7 @@ def build_he_fedavg(cfg: RunConfig) -> Strategy:
     from flower_focal.strategy.he_fedavg import HEFedAvg
 
     he_public = server_public_context(cfg)
-    return HEFedAvg(he_public=he_public, clip_norm=cfg.he_clip_norm,
+    return HEFedAvg(he_public=he_public, clip_norm=cfg.he_clip_norm, server_workers=cfg.he_server_workers,
                     noise_multiplier=cfg.he_noise_multiplier, **fedavg_kwargs(cfg))
 
 
