@@ -16,12 +16,10 @@ equals the binary AUROC of ``probs[:, 1]``.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
-import torch
 
 if TYPE_CHECKING:
     from flwr.app import MetricRecord, RecordDict
@@ -51,10 +49,11 @@ def per_class_auroc(probs: npt.ArrayLike, labels: npt.ArrayLike, num_classes: in
     """One-vs-rest AUROC of each class, shape ``(num_classes,)``; NaN where undefined.
 
     A class's AUROC is undefined (NaN) when ``labels`` has no positive or no negative
-    example of it.
+    example of it. Computed as the Mann-Whitney statistic over average ranks (ties count one
+    half), which is exactly the area under the trapezoidal ROC curve that MONAI's
+    ``compute_roc_auc`` integrates (a test checks they agree); numpy only, so an institution
+    answering an evaluate message imports neither torch nor MONAI for it.
     """
-    from monai.metrics import compute_roc_auc
-
     p, y = _check(probs, labels)
     if p.shape[1] != num_classes:
         raise ValueError(f"probs has {p.shape[1]} columns but num_classes={num_classes}")
@@ -65,13 +64,23 @@ def per_class_auroc(probs: npt.ArrayLike, labels: npt.ArrayLike, num_classes: in
     defined = (counts > 0) & (counts < y.size)
     if not defined.any():
         return result
-    one_hot = np.eye(num_classes, dtype=np.int64)[y]
-    with warnings.catch_warnings():  # MONAI warns for each undefined class; we return NaN.
-        warnings.simplefilter("ignore", UserWarning)
-        values = compute_roc_auc(torch.from_numpy(p), torch.from_numpy(one_hot), average="none")
-    result[:] = np.asarray(values, dtype=np.float64)
-    result[~defined] = np.nan
+    for k in np.flatnonzero(defined):
+        result[k] = _binary_auroc(p[:, k], y == k)
     return result
+
+
+def _binary_auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """P(score of a positive > score of a negative) + 0.5 P(tie), via average ranks."""
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores = scores[order]
+    ranks = np.empty(scores.size, dtype=np.float64)
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_scores)) + 1]
+    ends = np.r_[starts[1:], scores.size]
+    average = (starts + ends + 1) / 2.0  # 1-based average rank of each tie group
+    ranks[order] = np.repeat(average, ends - starts)
+    n_pos = int(positive.sum())
+    n_neg = scores.size - n_pos
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 def macro_auroc(probs: npt.ArrayLike, labels: npt.ArrayLike, num_classes: int) -> float:

@@ -36,6 +36,7 @@ from flwr.serverapp.strategy import Result
 from flwr.supercore import log
 
 from flower_focal import keys
+from flower_focal.keys import he_array, he_bytes
 from flower_focal.artifacts import ModelSpec
 from flower_focal.crypto import FOCAL_PRESETS, PUBLIC_FILE, CiphertextError, CkksEvaluator, PublicContext
 from flower_focal.focal import (
@@ -53,21 +54,6 @@ from flower_focal.strategy.fedavg import FedAvg
 from flower_focal.strategy.roster import OrderedGrid, seeded_random
 
 CLASS_WEIGHTS = ("none", "balanced")
-
-
-def he_array(blob: bytes) -> Array:
-    """A ciphertext envelope as a Flower Array (stype :data:`~flower_focal.keys.HE_STYPE`)."""
-    return Array(dtype="uint8", shape=(len(blob),), stype=keys.HE_STYPE, data=blob)
-
-
-def he_bytes(record: ArrayRecord, name: str) -> bytes:
-    """The ciphertext bytes of ``record[name]``; refuses a plaintext (non-HE) Array."""
-    arr = record.get(name)
-    if arr is None:
-        raise ValueError(f"expected an encrypted array {name!r}, got {list(record.keys())}")
-    if arr.stype != keys.HE_STYPE:
-        raise ValueError(f"array {name!r} has stype {arr.stype!r}, not {keys.HE_STYPE!r}: plaintext?")
-    return bytes(arr.data)
 
 
 class Focal(FedAvg):
