@@ -1,7 +1,7 @@
 """Run a flower-focal app in Flower's simulation engine (Ray) through ``flwr run``, safely.
 
 ``flwr run . --stream`` exits 0 even when the run fails and leaves a local SuperLink daemon
-running on shared ports (``shared/notes/flower-1.41.md``, §7). :func:`simulate` wraps it:
+running on shared ports. :func:`simulate` wraps it:
 
 * a private ``FLWR_HOME`` and free ports, so runs never collide with each other or a user's
   own Flower setup;
