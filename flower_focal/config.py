@@ -153,12 +153,19 @@ class RunConfig:
         return "\n".join(lines) + "\n"
 
     @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any]) -> RunConfig:
-        """Build a config from kebab-case (Flower) or snake_case keys; validate types."""
+    def from_mapping(cls, mapping: Mapping[str, Any], *, others: str = "raise") -> RunConfig:
+        """Build a config from kebab-case (Flower) or snake_case keys; validate types.
+
+        ``others="ignore"`` skips keys that are not flower-focal's: inside a ClientApp the run
+        config is the whole app's (Flower has already checked it against the app's pyproject),
+        and an app that also uses flower-focal's handlers keeps its own keys.
+        """
         known = {f.name: f for f in fields(cls)}
         values: dict[str, Any] = {}
         for raw_key, value in mapping.items():
             key = raw_key.replace("-", "_")
+            if key not in known and others == "ignore":
+                continue
             if key not in known:
                 raise ValueError(
                     f"Unknown run-config key {raw_key!r}. Known keys: "

@@ -42,7 +42,7 @@ def site_from_context(context: Context) -> Site:
     """
     from flower_focal.data import load_institution
 
-    cfg = RunConfig.from_mapping(context.run_config)
+    cfg = RunConfig.from_mapping(context.run_config, others="ignore")  # the app's keys are its own
     node = context.node_config
     if keys.NODE_DATA_PATH in node:
         cfg = cfg.replace(data_path=str(node[keys.NODE_DATA_PATH]))
