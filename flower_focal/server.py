@@ -70,7 +70,7 @@ def run_server(grid: Grid, cfg: RunConfig, run_id: int | str = "local") -> Resul
             {keys.NUM_CLASSES: shape.num_classes, keys.IN_CHANNELS: shape.in_channels}
         )
         initial = ArrayRecord()  # FOCAL: an institution makes the (encrypted) initial head
-        if getattr(strategy, "uses_initial_model", True):
+        if strategy.uses_initial_model:
             torch.manual_seed(cfg.seed)
             model = build_model(cfg.model, shape.in_channels, shape.num_classes, cfg.image_size)
             history.info["model_parameters"] = count_parameters(model)
@@ -91,9 +91,7 @@ def run_server(grid: Grid, cfg: RunConfig, run_id: int | str = "local") -> Resul
                 evaluate_config=ConfigRecord(dict(shared)),
             )
         finally:  # also when RoundOffset's loop ran instead of the strategy's own start()
-            close = getattr(strategy, "close", None)
-            if callable(close):
-                close()
+            strategy.close()
         strategy.require_progress(max(cfg.num_server_rounds - done, 0))  # raises if nothing trained
         if checkpoint is not None and not result.arrays:  # nothing was left to run
             result.arrays = checkpoint.arrays

@@ -40,7 +40,7 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from flower_focal import keys
 from flower_focal.crypto import PRESETS, SECRET_FILE, SecretContext
-from flower_focal.history import Stopwatch
+from flower_focal.timing import Stopwatch
 from flower_focal.packing import ArrayLayout
 
 
@@ -215,7 +215,7 @@ def encrypt_flat(flat: np.ndarray, he_secret: SecretContext, layout: ArrayLayout
     flat *= weight
     blob = he_secret.encrypt(flat, workers=workers).to_bytes()
     return ArrayRecord(
-        {keys.HE_CIPHERTEXT: Array(dtype="float64", shape=(layout.size,), stype=keys.HE_STYPE, data=blob)}
+        {keys.HE_CIPHERTEXT: keys.he_array(blob)}
     )
 
 

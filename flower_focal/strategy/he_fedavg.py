@@ -48,7 +48,8 @@ from flower_focal import keys
 from flower_focal.crypto import PUBLIC_FILE, Accumulator, CiphertextError, PublicContext
 from flower_focal.encrypted_model import EncryptedModel
 from flower_focal.grid import PromptGrid
-from flower_focal.history import Stopwatch, metric_dict, reply_bytes
+from flower_focal.history import metric_dict, reply_bytes
+from flower_focal.timing import Stopwatch
 from flower_focal.packing import ArrayLayout
 from flower_focal.strategy.fedavg import FedAvg
 
@@ -362,7 +363,7 @@ class HEFedAvg(FedAvg):
             keys.HE_SERIALIZE_S: serializing.wall_s, keys.HE_SERIALIZE_CPU_S: serializing.cpu_s,
         })
         arrays = ArrayRecord({
-            keys.HE_CIPHERTEXT: Array(dtype="float64", shape=(acc.length,), stype=keys.HE_STYPE, data=blob),
+            keys.HE_CIPHERTEXT: keys.he_array(blob),
             keys.HE_WEIGHTS: Array(np.array([norm, total_weight], dtype=np.float64)),
         })
         metrics = self.train_metrics_aggr_fn(accepted, self.weighted_by_key)
