@@ -241,11 +241,19 @@ def simulate(
 
     Raises
     ------
+    flower_focal.preflight.PreflightError
+        Before anything is started, if the settings, data or keys cannot work
+        (:func:`flower_focal.preflight.preflight`).
     SimulationFailed
         If the run ends in any state but ``finished:completed`` (or times out).
     """
     if not cfg.run_dir:
         raise ValueError("simulate() needs cfg.run_dir (where the run directory goes)")
+    from flower_focal.preflight import preflight
+
+    report = preflight(cfg, federation.num_supernodes)  # PreflightError before Flower/Ray start
+    if echo:
+        print(f"flower-focal: {report.summary()}")
     run_dir = Path(cfg.run_dir).expanduser().resolve()
     cfg = cfg.replace(run_dir=str(run_dir))
     app_dir = app_dir or repo_root()
