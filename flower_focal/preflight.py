@@ -63,7 +63,7 @@ class PreflightReport:
             f"preflight ok in {self.seconds:.1f} s: {self.strategy}, {data}: {self.n_train} train / "
             f"{self.n_val} val, {self.num_classes} classes, {self.in_channels} channel(s); "
             f"{self.num_institutions} institutions with {min(tr)}..{max(tr)} training items "
-            f"(sizes {tr}); model {self.model} on {self.device}"
+            + (f"(sizes {tr})" if len(tr) <= 20 else "") + f"; model {self.model} on {self.device}"
             + (f"; {self.images_decoded} image files decoded" if self.images_decoded else "")
             + keys
         )
@@ -248,7 +248,7 @@ def _check_data(cfg: RunConfig, num_institutions: int, decode_images: bool, key_
     try:
         source = source_info(cfg)
     except (ValueError, FileNotFoundError) as exc:
-        raise _fail(f"data ({cfg.dataset}): {exc}") from None
+        raise _fail(f"data: {exc}") from None
     try:
         parts = describe_partitions(cfg, num_institutions)
     except ValueError as exc:
