@@ -234,7 +234,8 @@ def _report(args: argparse.Namespace) -> int:
     report = write_report(args.runs, args.out, allow_mismatch=args.allow_mismatch)
     doc = json.loads((report.parent / REPORT_JSON).read_text())
     print(json.dumps({"report": str(report), "runs": [r["run_dir"] for r in doc["runs"]],
-                      "differences": doc["differences"]}))
+                      "labels": [r["label"] for r in doc["runs"]],
+                      "differences": doc["differences"], "groups": len(doc["groups"])}))
     return 0
 
 

@@ -10,9 +10,12 @@ config) and, when the run was audited, ``audit.json`` (the leakage rate of a gra
 attack; see :mod:`flower_focal.audit`). A run without ``audit.json`` is reported as "not audited".
 
 Runs are comparable when they share the data, the partition, the number of institutions, the
-seed and the number of rounds; :func:`differences` lists what differs and :func:`write_report`
-refuses non-comparable runs unless ``allow_mismatch=True`` (then the report says what differs,
-at the top). The model and local-training settings may differ (FOCAL trains a linear head on a
+seed and the number of rounds; :func:`differences` lists what differs (every run is compared,
+however many runs share a strategy) and :func:`write_report` refuses non-comparable runs unless
+``allow_mismatch=True`` (then the report says what differs, at the top, and shows one summary
+table per group of comparable runs, :func:`comparable_groups`). Every row is labelled
+``strategy (dataset)`` (the data file's stem), with the run directory added where two rows would
+otherwise read the same. The model and local-training settings may differ (FOCAL trains a linear head on a
 frozen backbone, the others a whole network) and are listed per run.
 
 Bytes per round per institution are the round's totals (``bytes_up`` / ``bytes_down`` in
@@ -240,7 +243,7 @@ def read_run(run_dir: str | os.PathLike[str]) -> RunSummary:
         if not isinstance(rate, int | float) or isinstance(rate, bool) or not 0.0 <= float(rate) <= 1.0:
             raise ValueError(f"{audit_path}: 'leakage_rate' must be a number in [0, 1], got {rate!r}")
     strategy = str(metrics["strategy"])
-    return RunSummary(run_dir=run_dir, label=strategy, strategy=strategy,
+    return RunSummary(run_dir=run_dir, label=f"{strategy} ({dataset_name(config)})", strategy=strategy,
                       status=str(metrics.get("status", "unknown")), config=config, info=info,
                       rounds=list(metrics["rounds"]), institutions=institutions, audit=audit)
 
@@ -249,23 +252,56 @@ def _order(run: RunSummary) -> int:
     return STRATEGY_ORDER.index(run.strategy) if run.strategy in STRATEGY_ORDER else len(STRATEGY_ORDER)
 
 
+def dataset_name(config: dict[str, Any]) -> str:
+    """The data a run used, as a report names it: the data file's stem (``pathmnist`` for
+    ``.../pathmnist.npz``, the folder's name for an image folder), else the dataset name."""
+    path = str(config.get("data-path") or "")
+    if path:
+        p = Path(path)
+        return p.stem if p.suffix else p.name
+    return str(config.get("dataset") or "unknown data")
+
+
+def unique_labels(runs: Sequence[RunSummary]) -> list[RunSummary]:
+    """``runs`` labelled ``strategy (dataset)``; where two would share a label, the run
+    directory (then its parent, then a number) is added, so no two rows read the same."""
+    def label(run: RunSummary, level: int) -> str:
+        ds = dataset_name(run.config)
+        if level == 0:
+            return f"{run.strategy} ({ds})"
+        where = run.run_dir.name if level == 1 else f"{run.run_dir.parent.name}/{run.run_dir.name}"
+        return f"{run.strategy} ({ds}, {where})"
+
+    levels = [0] * len(runs)
+    for _ in range(3):
+        labels = [label(r, lv) for r, lv in zip(runs, levels, strict=True)]
+        clash = {lab for lab in labels if labels.count(lab) > 1}
+        if not clash:
+            break
+        levels = [min(lv + 1, 2) if lab in clash else lv
+                  for lab, lv in zip(labels, levels, strict=True)]
+    labels = [label(r, lv) for r, lv in zip(runs, levels, strict=True)]
+    seen: dict[str, int] = {}
+    out = []
+    for run, lab in zip(runs, labels, strict=True):
+        seen[lab] = seen.get(lab, 0) + 1
+        if labels.count(lab) > 1:
+            lab = f"{lab} #{seen[lab]}"
+        out.append(dataclasses.replace(run, label=lab))
+    return out
+
+
 def collect(run_dirs: Iterable[str | os.PathLike[str]]) -> list[RunSummary]:
     """Read the runs (a sweep directory stands for its runs), ordered fedavg, he-fedavg, focal.
 
-    Two runs of one strategy are labelled with their directory names.
+    Runs are labelled ``strategy (dataset)``; two runs that would share a label get their
+    directory names too (:func:`unique_labels`).
     """
     runs = [read_run(d) for d in expand_run_dirs(run_dirs)]
     if not runs:
         raise ValueError("no run directories given")
     runs.sort(key=_order)  # stable: same strategy keeps the given order
-    counts: dict[str, int] = {}
-    for run in runs:
-        counts[run.strategy] = counts.get(run.strategy, 0) + 1
-    return [
-        run if counts[run.strategy] == 1
-        else dataclasses.replace(run, label=f"{run.strategy} ({run.run_dir.name})")
-        for run in runs
-    ]
+    return unique_labels(runs)
 
 
 # --------------------------------------------------------------------------- comparability
@@ -282,27 +318,46 @@ def _relevant_keys(config: dict[str, Any]) -> list[str]:
     return keys
 
 
-def common_settings(runs: Sequence[RunSummary]) -> dict[str, Any]:
-    """The settings every run shares (data, partition, institutions, seed, rounds)."""
-    first = runs[0]
-    out = {k: first.config.get(k) for k in _relevant_keys(first.config)}
-    out["institutions"] = first.institutions
+def _comparable_view(run: RunSummary) -> dict[str, Any]:
+    out = {k: run.config.get(k) for k in _relevant_keys(run.config)}
+    out["institutions"] = run.institutions
     return out
 
 
+def common_settings(runs: Sequence[RunSummary]) -> dict[str, Any]:
+    """The settings every run shares (data, partition, institutions, seed, rounds); a setting
+    the runs do not share is left out (see :func:`differences`)."""
+    views = [_comparable_view(run) for run in runs]
+    return {k: v for k, v in views[0].items()
+            if all(k in view and json.dumps(view[k], sort_keys=True) == json.dumps(v, sort_keys=True)
+                   for view in views[1:])}
+
+
+def comparable_groups(runs: Sequence[RunSummary]) -> list[list[RunSummary]]:
+    """``runs`` split into groups that share data, partition, institutions, seed and rounds
+    (first-seen order); one group when the runs are comparable."""
+    groups: dict[str, list[RunSummary]] = {}
+    for run in runs:
+        groups.setdefault(json.dumps(_comparable_view(run), sort_keys=True, default=str), []).append(run)
+    return list(groups.values())
+
+
 def differences(runs: Sequence[RunSummary]) -> list[str]:
-    """Why the runs are not comparable (empty when they are): one line per problem."""
+    """Why the runs are not comparable (empty when they are): one line per problem.
+
+    Every run is compared, whatever its label: two runs of one strategy, or two runs with the
+    same directory name, are checked like any others."""
     problems = []
     keys: list[str] = []
     for run in runs:
         keys += [k for k in _relevant_keys(run.config) if k not in keys]
     for key in keys:
-        values = {run.label: run.config.get(key) for run in runs}
-        if len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:
-            problems.append(f"{key} differs: " + ", ".join(f"{k}={v!r}" for k, v in values.items()))
-    inst = {run.label: run.institutions for run in runs}
-    if len(set(inst.values())) > 1:
-        problems.append("institutions differ: " + ", ".join(f"{k}={v}" for k, v in inst.items()))
+        values = [(run.label, run.config.get(key)) for run in runs]
+        if len({json.dumps(v, sort_keys=True) for _, v in values}) > 1:
+            problems.append(f"{key} differs: " + ", ".join(f"{k}={v!r}" for k, v in values))
+    inst = [(run.label, run.institutions) for run in runs]
+    if len({v for _, v in inst}) > 1:
+        problems.append("institutions differ: " + ", ".join(f"{k}={v}" for k, v in inst))
     for run in runs:
         if run.status != "completed":
             problems.append(f"{run.label} did not complete (status {run.status!r}): {run.run_dir}")
@@ -388,12 +443,21 @@ def render_markdown(runs: Sequence[RunSummary], out_dir: Path, problems: Sequenc
         "audit.json); nothing here is typed by hand.")
     if command:
         lines += ["", "Command:", "", "```bash", command, "```"]
+    groups = comparable_groups(runs)
     if problems:
         lines += ["", "## ⚠ The runs are not comparable", ""] + [f"- {p}" for p in problems]
+        if len(groups) > 1:
+            lines += ["", f"The runs are shown in {len(groups)} separate groups, each sharing data, "
+                      "partition, institutions, seed and rounds: compare rows only within a group."]
     lines += ["", "## Same for every run", ""]
     lines += _table(("setting", "value"), ([k, "–" if v in ("", None) else str(v)] for k, v in common.items()))
-    lines += ["", "## Summary", ""]
-    lines += _table(SUMMARY_HEADER, summary_rows(runs))
+    if len(groups) == 1:
+        lines += ["", "## Summary", ""]
+        lines += _table(SUMMARY_HEADER, summary_rows(runs))
+    for i, group in enumerate(groups if len(groups) > 1 else [], 1):
+        own = ", ".join(f"{k}={v}" for k, v in common_settings(group).items() if k not in common)
+        lines += ["", f"## Summary, group {i} of {len(groups)}: {own}", ""]
+        lines += _table(SUMMARY_HEADER, summary_rows(group))
     lines += [
         "",
         "Final accuracy / macro AUROC: the last round's federated validation metrics "
@@ -584,7 +648,8 @@ def write_report(
     differences at the top). ``command`` is shown in the report (how it was produced).
     """
     runs = list(runs)
-    summaries = runs if runs and all(isinstance(r, RunSummary) for r in runs) else collect(runs)
+    summaries = (unique_labels(runs) if runs and all(isinstance(r, RunSummary) for r in runs)
+                 else collect(runs))
     problems = differences(summaries)
     if problems and not allow_mismatch:
         raise NotComparable(
@@ -598,6 +663,8 @@ def write_report(
     doc = {
         "common": common_settings(summaries),
         "differences": problems,
+        "groups": [{"common": common_settings(g), "runs": [r.label for r in g]}
+                   for g in comparable_groups(summaries)],
         "command": command,
         "runs": [r.to_json() for r in summaries],
         "plots": plots,

@@ -159,7 +159,7 @@ def test_audit_json_gives_the_leakage_rate_and_a_bad_one_is_refused(runs, tmp_pa
     leak = doc["runs"][0]["leakage"]
     assert leak["leakage_rate"] == 0.75 and leak["attacked_samples"] == 4 and leak["attackable"]
     assert doc["runs"][1]["leakage"] is None
-    assert "| fedavg | 0.75 | yes | 4 |" in (out / "report.md").read_text()
+    assert "| fedavg (synthetic-pathology) | 0.75 | yes | 4 |" in (out / "report.md").read_text()
 
     (audited / "audit.json").write_text(json.dumps({"leakage_rate": 1.5}))
     with pytest.raises(ValueError, match=r"audit.json.*leakage_rate"):
@@ -170,7 +170,7 @@ def test_runs_that_differ_in_seed_or_data_are_refused_unless_allowed(runs, tmp_p
     other = _copy_run(runs / "he-fedavg", tmp_path / "he-seed9", seed=9, **{"num-samples": 80})
     with pytest.raises(NotComparable) as exc:
         write_report([runs / "fedavg", other], tmp_path / "refused")
-    assert "seed differs: fedavg=3, he-fedavg=9" in str(exc.value)
+    assert "seed differs: fedavg (synthetic-pathology)=3, he-fedavg (synthetic-pathology)=9" in str(exc.value)
     assert "num-samples differs" in str(exc.value)
     assert not (tmp_path / "refused").exists()
     report = write_report([runs / "fedavg", other], tmp_path / "forced", allow_mismatch=True)
@@ -189,10 +189,52 @@ def test_a_failed_run_or_other_institution_count_is_a_difference(runs, tmp_path)
     assert any(p.startswith("institutions differ") for p in problems)
 
 
-def test_two_runs_of_one_strategy_are_labelled_by_directory(runs, tmp_path):
+def test_two_runs_of_one_strategy_are_labelled_by_dataset_and_directory(runs, tmp_path):
     again = _copy_run(runs / "fedavg", tmp_path / "fedavg-again")
     labels = [r.label for r in collect([runs / "fedavg", again])]
-    assert labels == ["fedavg (fedavg)", "fedavg (fedavg-again)"]
+    assert labels == ["fedavg (synthetic-pathology, fedavg)", "fedavg (synthetic-pathology, fedavg-again)"]
+    assert [r.label for r in collect([runs])] == ["fedavg (synthetic-pathology)",
+                                                  "he-fedavg (synthetic-pathology)"]
+
+
+def _medmnist_run(src: Path, dst: Path, name: str) -> Path:
+    """A copy of ``src`` that says it ran on ``/data/<name>/<name>.npz``."""
+    return _copy_run(src, dst, dataset="medmnist", **{"data-path": f"/data/{name}/{name}.npz"})
+
+
+def test_the_same_strategy_on_two_datasets_is_refused_and_rows_name_the_dataset(runs, tmp_path):
+    # two Hydra sweeps give the same job directory name: 0-fedavg-medmnist
+    path = _medmnist_run(runs / "fedavg", tmp_path / "a" / "0-fedavg-medmnist", "pathmnist")
+    retina = _medmnist_run(runs / "fedavg", tmp_path / "b" / "0-fedavg-medmnist", "retinamnist")
+    with pytest.raises(NotComparable, match=r"data-path differs: fedavg \(pathmnist\)='/data/pathmnist/"
+                       r"pathmnist.npz', fedavg \(retinamnist\)='/data/retinamnist/retinamnist.npz'"):
+        write_report([path, retina], tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    # the same dataset twice under one directory name: still distinguishable, still checked
+    again = _medmnist_run(runs / "fedavg", tmp_path / "c" / "0-fedavg-medmnist", "pathmnist")
+    assert [r.label for r in collect([path, again])] == [
+        "fedavg (pathmnist, a/0-fedavg-medmnist)", "fedavg (pathmnist, c/0-fedavg-medmnist)"]
+    seed9 = _copy_run(again, tmp_path / "d" / "0-fedavg-medmnist", seed=9)
+    with pytest.raises(NotComparable, match="seed differs"):
+        write_report([path, seed9], tmp_path / "refused")
+
+
+def test_allow_mismatch_separates_the_incomparable_runs(runs, tmp_path):
+    path = _medmnist_run(runs / "fedavg", tmp_path / "a" / "0-fedavg-medmnist", "pathmnist")
+    path_he = _medmnist_run(runs / "he-fedavg", tmp_path / "a" / "1-he-fedavg-medmnist", "pathmnist")
+    retina = _medmnist_run(runs / "fedavg", tmp_path / "b" / "0-fedavg-medmnist", "retinamnist")
+    report = write_report([path, retina, path_he], tmp_path / "forced", allow_mismatch=True)
+    md = report.read_text()
+    doc = json.loads((tmp_path / "forced" / REPORT_JSON).read_text())
+    assert [g["runs"] for g in doc["groups"]] == [["fedavg (pathmnist)", "he-fedavg (pathmnist)"],
+                                                  ["fedavg (retinamnist)"]]
+    assert "data-path" not in doc["common"]  # not "the same for every run"
+    assert doc["groups"][1]["common"]["data-path"] == "/data/retinamnist/retinamnist.npz"
+    assert "## Summary, group 1 of 2: data-path=/data/pathmnist/pathmnist.npz" in md
+    assert "## Summary, group 2 of 2: data-path=/data/retinamnist/retinamnist.npz" in md
+    group1 = md.split("group 1 of 2", 1)[1].split("## Summary, group 2", 1)[0]
+    assert "| fedavg (pathmnist) |" in group1 and "retinamnist) |" not in group1
+    assert "compare rows only within a group" in md
 
 
 def test_report_cli(runs, tmp_path, capsys):
