@@ -55,8 +55,11 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     from flower_focal.artifacts import load_model
     from flower_focal.config import RunConfig
-    from flower_focal.data import load_split
-    from flower_focal.training import evaluate_model, resolve_device
+    from flower_focal.data.institution import make_dataset
+    from flower_focal.data.sources import load_eval_split
+    from flower_focal.data.transforms import build_transforms
+    from flower_focal.metrics import classification_report
+    from flower_focal.training import evaluate_model, predict_proba, resolve_device
 
     data = args.data.expanduser().resolve()
     if not data.exists():
@@ -69,11 +72,30 @@ def _evaluate(args: argparse.Namespace) -> int:
         image_column=args.image_column,
         label_column=args.label_column,
     )
-    dataset = load_split(cfg, args.split)
-    metrics = evaluate_model(
-        model, dataset, batch_size=args.batch_size,
-        device=resolve_device(args.device), num_classes=spec.num_classes,
-    )
+    src = load_eval_split(cfg, args.split)  # a file holding only this split is enough
+    labels = src.labels("val")
+    top = int(labels.max()) if len(labels) else -1
+    if top >= spec.num_classes or src.num_classes > spec.num_classes:
+        raise ValueError(
+            f"--data {data} ({args.split}) has {src.num_classes} classes (labels up to {top}) but the "
+            f"model of {args.run_dir} was trained on {spec.num_classes} classes ({spec.dataset}); "
+            "evaluate it on data with the same label space")
+    if src.in_channels != spec.in_channels:
+        raise ValueError(
+            f"--data {data} has {src.in_channels}-channel images but the model of {args.run_dir} "
+            f"takes {spec.in_channels} channel(s)")
+    if not len(labels):
+        raise ValueError(f"--data {data} has no items in split {args.split!r}")
+    dataset = make_dataset(
+        src.val, build_transforms(spec.image_size, False, src.from_files,
+                                  synthetic_items=src.synthetic, in_channels=src.in_channels),
+        src.from_files)
+    device = resolve_device(args.device)
+    metrics = evaluate_model(model, dataset, batch_size=args.batch_size, device=device,
+                             num_classes=spec.num_classes)
+    probs, y = predict_proba(model, dataset, args.batch_size, device)
+    names = src.class_names if src.num_classes == spec.num_classes else ()
+    detail = classification_report(probs, y, spec.num_classes, names)
 
     def clean(v: float) -> float | None:
         return None if isinstance(v, float) and not math.isfinite(v) else v
@@ -81,6 +103,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(json.dumps({
         "accuracy": clean(metrics["accuracy"]),
         "auroc_macro": clean(metrics["auroc"]),
+        "recall_macro": detail["recall_macro"],
         "loss": clean(metrics["loss"]),
         "n": int(metrics["num-examples"]),
         "split": args.split,
@@ -88,6 +111,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         "run_dir": str(args.run_dir.resolve()),
         "model": spec.model,
         "strategy": spec.strategy,
+        "per_class": detail["per_class"],
+        "confusion_matrix": detail["confusion_matrix"],
+        "confusion_matrix_axes": detail["confusion_matrix_axes"],
     }))
     return 0
 

@@ -231,13 +231,15 @@ def simulate(
     timeout_s: float | None = None,
     echo: bool = True,
     flwr_home: Path | None = None,
+    check: bool = True,
 ) -> SimulationResult:
     """Run ``cfg`` in Flower's Ray simulation engine with ``federation`` institutions.
 
     ``cfg.run_dir`` must be set (the ServerApp writes there); it also receives
     ``run_config.toml``, ``flwr.log`` (the streamed run log) and ``superlink.log``.
     ``flwr_home`` (default: a new temporary directory, removed afterwards) is where Flower
-    keeps its state; every process of the run carries it on its command line.
+    keeps its state; every process of the run carries it on its command line. ``check``
+    (default) runs :func:`flower_focal.preflight.preflight` first.
 
     Raises
     ------
@@ -251,9 +253,10 @@ def simulate(
         raise ValueError("simulate() needs cfg.run_dir (where the run directory goes)")
     from flower_focal.preflight import preflight
 
-    report = preflight(cfg, federation.num_supernodes)  # PreflightError before Flower/Ray start
-    if echo:
-        print(f"flower-focal: {report.summary()}")
+    if check:
+        report = preflight(cfg, federation.num_supernodes)  # PreflightError before Flower starts
+        if echo:
+            print(f"flower-focal: {report.summary()}")
     run_dir = Path(cfg.run_dir).expanduser().resolve()
     cfg = cfg.replace(run_dir=str(run_dir))
     app_dir = app_dir or repo_root()
