@@ -1,5 +1,6 @@
-"""The ``flower-focal`` command line.
+"""The flower-focal command line: check a setup, make HE keys, evaluate, decrypt, compare, audit.
 
+    flower-focal check --run-config run.toml --num-institutions 5   # preflight, starts nothing
     flower-focal evaluate --run-dir DIR --data FILE.npz --split test
     flower-focal keygen --out keys/ [--preset compact]
     flower-focal decrypt-model --run-dir DIR --key keys/
@@ -40,15 +41,22 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
         help="evaluate a run's final global model on a data split; prints one JSON object",
+        description="Evaluate a run's final global model (model.pt + model.json) on one split of "
+        "a data source, e.g. an external test set (a file holding only that split is enough). "
+        "Prints one JSON object: accuracy, macro AUROC and recall, loss, per-class AUROC / "
+        "recall / precision and the confusion matrix.",
     )
     p.add_argument("--run-dir", required=True, type=Path, help="run directory with model.pt/model.json")
     p.add_argument("--data", required=True, type=Path, help=".npz (MedMNIST format), .csv manifest or image folder")
     p.add_argument("--split", default="test", help="split to evaluate (train/val/test); default: test")
     p.add_argument("--dataset", default=None, help="medmnist | csv | folder (default: from --data)")
-    p.add_argument("--image-column", default="image")
-    p.add_argument("--label-column", default="label")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--image-column", default="image",
+                   help="CSV: column holding the image path or id; default: %(default)s")
+    p.add_argument("--label-column", default="label",
+                   help="CSV: column holding the integer label; default: %(default)s")
+    p.add_argument("--batch-size", type=int, default=128,
+                   help="images per forward pass; default: %(default)s")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]; default: %(default)s")
     p.set_defaults(handler=_evaluate)
 
 
@@ -188,17 +196,51 @@ def _add_keygen(sub: argparse._SubParsersAction) -> None:
         "keygen",
         help="make the institutions' shared HE key set: secret.ctx (institutions only), "
         "public.ctx (the server) and manifest.json",
+        description="Make the institutions' shared HE key set in --out: secret.ctx (give it to "
+        "the institutions only, never commit it), public.ctx (the server's copy) and "
+        "manifest.json. A .gitignore listing secret.ctx is written next to it, and a warning is "
+        "printed when --out is inside a git work tree.",
     )
     p.add_argument("--out", required=True, type=Path, help="directory to write the key set into")
-    p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(ALL_PRESETS))
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(ALL_PRESETS),
+                   help="CKKS parameter preset (strategy focal needs a FOCAL preset, e.g. focal); "
+                   "default: %(default)s")
     p.add_argument("--overwrite", action="store_true", help="replace an existing key set")
     p.set_defaults(handler=_keygen)
+
+
+def git_work_tree(path: Path) -> Path | None:
+    """The git work tree ``path`` lies in (the folder holding ``.git``), or None."""
+    for folder in (path.resolve(), *path.resolve().parents):
+        if (folder / ".git").exists():
+            return folder
+    return None
+
+
+def protect_secret(key_dir: Path) -> Path:
+    """Keep ``secret.ctx`` out of version control: a ``.gitignore`` listing it in ``key_dir``
+    (added to an existing one), and a warning on stderr when ``key_dir`` is in a git work tree."""
+    from flower_focal.crypto import SECRET_FILE
+
+    ignore = key_dir / ".gitignore"
+    lines = ignore.read_text().splitlines() if ignore.is_file() else []
+    if SECRET_FILE not in lines:
+        header = [] if lines else ["# written by flower-focal keygen: the shared HE secret key "
+                                   "must never be committed"]
+        ignore.write_text("\n".join([*lines, *header, SECRET_FILE]) + "\n")
+    tree = git_work_tree(key_dir)
+    if tree is not None:
+        print(f"flower-focal keygen: warning: {key_dir.resolve()} is inside the git work tree "
+              f"{tree}; the .gitignore written there keeps {SECRET_FILE} out of commits, but consider keeping the "
+              "keys outside any repository (and never force-add it)", file=sys.stderr)
+    return ignore
 
 
 def _keygen(args: argparse.Namespace) -> int:
     from flower_focal.crypto import keygen, read_manifest
 
     out = keygen(args.out, args.preset, overwrite=args.overwrite)
+    ignore = protect_secret(out)
     manifest = read_manifest(out)
     print(json.dumps({
         "out": str(out.resolve()),
@@ -206,6 +248,7 @@ def _keygen(args: argparse.Namespace) -> int:
         "fingerprint": manifest["fingerprint"],
         "institutions_get": str((out / manifest["files"]["secret"]).resolve()),
         "server_gets": str((out / manifest["files"]["public"]).resolve()),
+        "gitignore": str(ignore.resolve()),
     }))
     return 0
 
@@ -244,6 +287,10 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
         "report",
         help="compare runs (e.g. fedavg, he-fedavg, focal on the same data): report.md, "
         "report.json and plots, read from the runs' metrics.json / config.json / audit.json",
+        description="Compare runs of different strategies on the same data, partition, "
+        "institutions, seed and rounds: writes report.md, report.json and plots into --out. "
+        "Runs that are not comparable are refused (exit 2, the differences listed) unless "
+        "--allow-mismatch, which shows them in separate groups.",
     )
     p.add_argument("--runs", required=True, nargs="+", type=Path,
                    help="run directories, or a sweep directory standing for its runs")
@@ -273,28 +320,40 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
         "audit",
         help="attack what the server observes (gradient inversion) under a strategy; writes "
         "audit.json and audit.png, prints a JSON summary",
+        description="Privacy audit: train institutions' updates with the real client code, let "
+        "the server (or, for he-fedavg, a curious institution) run a gradient-inversion attack "
+        "on what it observes, and count the images reconstructed (SSIM rule). Writes audit.json "
+        "and audit.png into --out and prints a JSON summary.",
     )
-    p.add_argument("--strategy", default=d.strategy, choices=tuple(STRATEGY_SPECS))
+    p.add_argument("--strategy", default=d.strategy, choices=tuple(STRATEGY_SPECS),
+                   help="strategy whose server-side view is attacked; default: %(default)s")
     p.add_argument("--dataset", default=d.dataset,
                    help="pathmnist | retinamnist (found in ../shared/data, else synthetic), medmnist, "
                    "folder, csv, synthetic-retina, synthetic-pathology; default: %(default)s")
     p.add_argument("--data", default="", help="data file or folder (default: ../shared/data/<dataset>)")
     p.add_argument("--model", default=d.model, help="default: %(default)s")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--local-steps", type=int, default=d.local_steps)
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="images behind each attacked update; default: %(default)s")
+    p.add_argument("--local-steps", type=int, default=d.local_steps,
+                   help="local SGD steps on that batch before the update is sent; default: %(default)s")
+    p.add_argument("--lr", type=float, default=d.lr, help="local learning rate; default: %(default)s")
     p.add_argument("--num-samples", type=int, default=d.num_samples, help="images attacked")
-    p.add_argument("--attack", default=d.attack, choices=("inverting-gradients", "idlg"))
+    p.add_argument("--attack", default=d.attack, choices=("inverting-gradients", "idlg"),
+                   help="gradient-inversion attack; default: %(default)s")
     p.add_argument("--iterations", type=int, default=d.iterations, help="L-BFGS evaluations")
-    p.add_argument("--image-size", type=int, default=d.image_size)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--dp-clip-norm", type=float, default=d.dp_clip_norm)
-    p.add_argument("--dp-noise-multiplier", type=float, default=d.dp_noise_multiplier)
+    p.add_argument("--image-size", type=int, default=d.image_size,
+                   help="side of the images the model sees; default: %(default)s")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of data, model and attack; default: %(default)s")
+    p.add_argument("--dp-clip-norm", type=float, default=d.dp_clip_norm,
+                   help="the strategy's DP L2 clip of each update (0: off); default: %(default)s")
+    p.add_argument("--dp-noise-multiplier", type=float, default=d.dp_noise_multiplier,
+                   help="the strategy's DP noise multiplier (0: off); default: %(default)s")
     p.add_argument("--aggregate-size", type=int, default=d.aggregate_size,
                    help="he-fedavg: other institutions in the aggregate a curious institution attacks")
     p.add_argument("--backbone", default=d.backbone, help="focal: frozen backbone")
-    p.add_argument("--backbone-input-size", type=int, default=d.backbone_input_size)
-    p.add_argument("--device", default=d.device)
+    p.add_argument("--backbone-input-size", type=int, default=d.backbone_input_size,
+                   help="focal: backbone input size (0: the backbone's own); default: %(default)s")
+    p.add_argument("--device", default=d.device, help="auto | cpu | cuda[:i]; default: %(default)s")
     p.add_argument("--out", required=True, type=Path, help="directory for audit.json and audit.png")
     p.set_defaults(handler=_audit)
 
@@ -341,10 +400,22 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
 )
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("flower-focal")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand registered."""
-    parser = argparse.ArgumentParser(prog="flower-focal", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="flower-focal", description=__doc__.splitlines()[0],
+                                     epilog="Run flower-focal COMMAND -h for a command's description and options.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
+                        help="print the installed flower-focal version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
     return parser

@@ -145,3 +145,58 @@ def test_classification_report_by_hand():
     assert [r["precision"] for r in rep["per_class"]] == [0.5, 1.0, 1.0]
     assert rep["recall_macro"] == pytest.approx(2.5 / 3)
     assert rep["per_class"][2]["auroc"] == 1.0 and rep["per_class"][0]["name"] == "x"
+
+
+# ----------------------------------------------------------------------------- polish
+def test_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"flower-focal {version('flower-focal')}"
+
+
+def _subparsers(parser):
+    import argparse
+
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+def test_every_command_has_a_description_and_every_option_a_help():
+    parser = build_parser()
+    assert "`" not in parser.description and "`" not in (parser.epilog or "")
+    commands = _subparsers(parser)
+    assert {"check", "evaluate", "keygen", "decrypt-model", "report", "audit"} <= set(commands)
+    for name, sub in commands.items():
+        assert sub.description and "`" not in sub.description, name
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"{name} {action.option_strings[0]} has no help text"
+
+
+def test_keygen_keeps_the_secret_out_of_git(tmp_path, capsys):
+    import shutil
+    import subprocess
+
+    outside = tmp_path / "outside" / "keys"
+    assert main(["keygen", "--out", str(outside)]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert (outside / ".gitignore").read_text().splitlines()[-1] == "secret.ctx"
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    if shutil.which("git") is None:
+        (repo / ".git").mkdir()
+    else:
+        subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    assert main(["keygen", "--out", str(repo / "keys")]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["gitignore"] == str((repo / "keys" / ".gitignore").resolve())
+    assert "is inside the git work tree" in captured.err and str(repo) in captured.err
+    if shutil.which("git"):
+        ignored = subprocess.run(["git", "-C", str(repo), "check-ignore", "-q", "keys/secret.ctx"])
+        assert ignored.returncode == 0  # git will not add it
+        public = subprocess.run(["git", "-C", str(repo), "check-ignore", "-q", "keys/public.ctx"])
+        assert public.returncode == 1
