@@ -255,11 +255,9 @@ def _order(run: RunSummary) -> int:
 def dataset_name(config: dict[str, Any]) -> str:
     """The data a run used, as a report names it: the data file's stem (``pathmnist`` for
     ``.../pathmnist.npz``, the folder's name for an image folder), else the dataset name."""
-    path = str(config.get("data-path") or "")
-    if path:
-        p = Path(path)
-        return p.stem if p.suffix else p.name
-    return str(config.get("dataset") or "unknown data")
+    from flower_focal.reporting import dataset_label
+
+    return dataset_label(config)
 
 
 def unique_labels(runs: Sequence[RunSummary]) -> list[RunSummary]:
@@ -536,7 +534,29 @@ def _round_axis(ax) -> None:
     ax.set_xlabel("round")
 
 
-def _metric_plot(runs: Sequence[RunSummary], key: str, title: str, path: Path) -> Path:
+def datasets_text(runs: Sequence[RunSummary]) -> str:
+    """The datasets of ``runs`` for a plot title (``pathmnist``; ``pathmnist, retinamnist``)."""
+    names: list[str] = []
+    for run in runs:
+        if (name := dataset_name(run.config)) not in names:
+            names.append(name)
+    return ", ".join(names)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
+def _bars(ax, runs: Sequence[RunSummary], values: Sequence[float]):
+    bars = ax.bar(range(len(runs)), values, color=[_color(r) for r in runs])
+    ax.set_xticks(range(len(runs)), [r.label for r in runs], rotation=20, ha="right", fontsize=8)
+    return bars
+
+
+def metric_figure(runs: Sequence[RunSummary], key: str, title: str):
+    """``auroc.png`` / ``accuracy.png``: the federated validation ``key`` per round."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for run in runs:
@@ -546,17 +566,16 @@ def _metric_plot(runs: Sequence[RunSummary], key: str, title: str, path: Path) -
     ax.set_ylabel(title)
     ax.set_ylim(0.0, 1.0)
     ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title(title + " (federated validation)")
+    ax.legend(fontsize=8)
+    ax.set_title(f"{title} (federated validation), {datasets_text(runs)}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def _wall_plot(runs: Sequence[RunSummary], path: Path) -> Path:
+def wall_figure(runs: Sequence[RunSummary]):
+    """``wall_time.png``: wall time per round and over all rounds."""
     plt = _plt()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.2))
     for run in runs:
         rows = run.per_round()
         _line(ax1, run, [r["round"] for r in rows], [r["wall_time_s"] or 0.0 for r in rows])
@@ -564,72 +583,100 @@ def _wall_plot(runs: Sequence[RunSummary], path: Path) -> Path:
     ax1.set_ylabel("seconds")
     ax1.set_title("wall time per round")
     ax1.grid(alpha=0.3)
-    ax1.legend()
-    ax2.bar([r.label for r in runs], [r.wall_time_s() for r in runs], color=[_color(r) for r in runs])
+    ax1.legend(fontsize=8)
+    _bars(ax2, runs, [r.wall_time_s() for r in runs])
     ax2.set_ylabel("seconds")
     ax2.set_title("wall time, all rounds")
+    fig.suptitle(f"wall time, {datasets_text(runs)}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def _bytes_plot(runs: Sequence[RunSummary], path: Path) -> Path:
+def _byte_ticks(values: Sequence[float]) -> tuple[list[float], bool]:
+    """Y ticks for byte counts that start at or below the smallest value and end at or above
+    the largest (no line above the top tick); log scale (decades) only when the values span
+    more than 30x."""
+    import numpy as np
+    from matplotlib.ticker import MaxNLocator
+
+    positive = [v for v in values if v > 0] or [1.0]
+    lo, hi = min(positive), max(positive)
+    if hi < 30 * lo:
+        ticks = [float(t) for t in MaxNLocator(nbins=5, min_n_ticks=3).tick_values(0.0, hi) if t >= 0]
+        return ticks, False
+    first, last = int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi)))
+    return [10.0 ** e for e in range(first, last + 1)], True
+
+
+def bytes_figure(runs: Sequence[RunSummary]):
+    """``bytes.png``: bytes sent up and down per round per institution."""
     plt = _plt()
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.0))
     for ax, key, title in ((axes[0], "bytes_up_per_institution", "sent up (institution → server)"),
                            (axes[1], "bytes_down_per_institution", "sent down (server → institution)")):
         values = []
         for run in runs:
             rows = run.per_round()
-            values += [r[key] for r in rows if r[key] > 0]
+            values += [r[key] for r in rows]
             _line(ax, run, [r["round"] for r in rows], [r[key] for r in rows])
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: fmt_bytes(v)))
-        few_decades = bool(values) and max(values) < 30 * min(values)  # label minor ticks too
-        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _pos: fmt_bytes(v) if few_decades else ""))
+        ticks, log = _byte_ticks(values)
+        if log:
+            ax.set_yscale("log")
+        ax.yaxis.set_major_locator(FixedLocator(ticks))
+        ax.yaxis.set_minor_locator(NullLocator())
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_yticks(ticks, [fmt_bytes(t) for t in ticks])
+        ax.set_ylim(ticks[0], ticks[-1])
         _round_axis(ax)
         ax.set_ylabel("bytes per institution")
         ax.set_title(title)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend()
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"bytes per round per institution, {datasets_text(runs)}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def _leakage_plot(runs: Sequence[RunSummary], path: Path) -> Path:
+def leakage_figure(runs: Sequence[RunSummary]):
+    """``leakage.png``: leakage rate of the audited runs (None when no run was audited)."""
+    audited = [r for r in runs if r.leakage() is not None]
+    if not audited:
+        return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    labels = [r.label for r in runs]
-    values = [(leak["leakage_rate"] if (leak := r.leakage()) else 0.0) for r in runs]
-    bars = ax.bar(labels, values, color=[_color(r) for r in runs])
-    for bar, run in zip(bars, runs, strict=True):
-        leak = run.leakage()
-        text = "not audited" if leak is None else f"{leak['leakage_rate']:.2f}"
+    fig, ax = plt.subplots(figsize=(5.5, 4.0))
+    values = [r.leakage()["leakage_rate"] for r in audited]  # type: ignore[index]
+    bars = _bars(ax, audited, values)
+    for bar, run in zip(bars, audited, strict=True):
+        leak = run.leakage() or {}
+        text = f"{leak['leakage_rate']:.2f}" + ("" if leak["attackable"] else " (ciphertexts)")
         ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                    ha="center", va="bottom", fontsize=9)
+                    ha="center", va="bottom", fontsize=8)
     ax.set_ylim(0.0, 1.05)
     ax.set_ylabel("fraction of samples reconstructed")
-    ax.set_title("leakage rate (server-side gradient inversion)")
+    ax.set_title(f"leakage rate (server-side gradient inversion), {datasets_text(audited)}",
+                 fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def write_plots(runs: Sequence[RunSummary], out_dir: Path) -> dict[str, str]:
-    """Write the PNGs into ``out_dir``; returns {plot key: file name}."""
+    """Write the PNGs into ``out_dir``; returns {plot key: file name}. ``leakage.png`` only
+    when at least one run was audited (an old one is removed otherwise)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    _metric_plot(runs, "auroc", "macro AUROC", out_dir / PLOTS["auroc"])
-    _metric_plot(runs, "accuracy", "accuracy", out_dir / PLOTS["accuracy"])
-    _wall_plot(runs, out_dir / PLOTS["wall_time"])
-    _bytes_plot(runs, out_dir / PLOTS["bytes"])
-    _leakage_plot(runs, out_dir / PLOTS["leakage"])
-    return dict(PLOTS)
+    _save(metric_figure(runs, "auroc", "macro AUROC"), out_dir / PLOTS["auroc"])
+    _save(metric_figure(runs, "accuracy", "accuracy"), out_dir / PLOTS["accuracy"])
+    _save(wall_figure(runs), out_dir / PLOTS["wall_time"])
+    _save(bytes_figure(runs), out_dir / PLOTS["bytes"])
+    written = {k: PLOTS[k] for k in ("auroc", "accuracy", "wall_time", "bytes")}
+    leak = leakage_figure(runs)
+    if leak is None:
+        (out_dir / PLOTS["leakage"]).unlink(missing_ok=True)
+    else:
+        written["leakage"] = PLOTS["leakage"]
+        _save(leak, out_dir / PLOTS["leakage"])
+    return written
 
 
 # --------------------------------------------------------------------------- entry point

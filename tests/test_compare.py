@@ -115,7 +115,11 @@ def check_report_matches_runs(out_dir: Path, run_dirs: list[Path]) -> dict:
         assert row[5] == fmt_bytes(up_per_round)
         assert row[8].startswith("not audited" if not audit.is_file()
                                  else f"{json.loads(audit.read_text())['leakage_rate']:.2f}")
-    for name in PLOTS.values():
+    audited = any((d / "audit.json").is_file() for d in run_dirs)
+    for key, name in PLOTS.items():
+        if key == "leakage" and not audited:  # no empty chart when nothing was audited
+            assert not (out_dir / name).exists() and name not in md and key not in doc["plots"]
+            continue
         data = (out_dir / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000, name
         assert f"]({name})" in md
@@ -386,3 +390,47 @@ def test_one_multirun_command_writes_the_report_of_the_runs_it_launched(tmp_path
     if audited:  # the server of he-fedavg and focal holds only ciphertexts
         assert [e["leakage"]["attackable"] for e in doc["runs"]] == [True, False, False]
         assert all(e["leakage"]["leakage_rate"] == 0.0 for e in doc["runs"][1:])
+
+
+def test_plot_titles_name_the_dataset_and_bytes_ticks_cover_the_lines(runs, tmp_path):
+    from flower_focal.compare import bytes_figure, leakage_figure, metric_figure, wall_figure
+
+    summaries = collect([runs])
+    fig = metric_figure(summaries, "auroc", "macro AUROC")
+    assert "synthetic-pathology" in fig.axes[0].get_title()
+    assert "synthetic-pathology" in wall_figure(summaries)._suptitle.get_text()
+    fig = bytes_figure(summaries)
+    assert "synthetic-pathology" in fig._suptitle.get_text()
+    fig.canvas.draw()
+    for ax in fig.axes:
+        top = max(max(line.get_ydata()) for line in ax.get_lines())
+        ticks = ax.get_yticks()
+        assert ticks.max() >= top and ax.get_ylim()[1] >= top  # no line above the top tick
+        assert not [t.get_text() for t in ax.get_yticklabels(minor=True) if t.get_text()]
+        labels = [t for t in ax.get_yticklabels() if t.get_text()]
+        boxes = sorted((t.get_window_extent().y0, t.get_window_extent().y1) for t in labels)
+        assert all(a[1] <= b[0] for a, b in zip(boxes, boxes[1:])), "tick labels overlap"
+    assert leakage_figure(summaries) is None  # nothing audited: no chart
+
+
+def test_curves_png_has_institution_curves_a_chance_line_and_the_dataset(runs):
+    from flower_focal.history import RunHistory
+    from flower_focal.reporting import curves_figure
+
+    doc = _metrics(runs / "fedavg")
+    history = RunHistory(strategy=doc["strategy"], config=doc["config"])
+    history.restore(doc)
+    history.info.update(doc["info"])
+    fig = curves_figure(history)
+    assert fig._suptitle.get_text() == "fedavg on synthetic-pathology, 2 institutions"
+    titles = [ax.get_title() for ax in fig.axes]
+    acc = fig.axes[titles.index("validation accuracy")]
+    auroc = fig.axes[titles.index("validation macro AUROC")]
+    for ax, chance in ((acc, 1 / 9), (auroc, 0.5)):
+        labels = [line.get_label() for line in ax.get_lines()]
+        assert labels.count("federation") == 1 and "institutions" in labels
+        grey = [line for line in ax.get_lines() if line.get_color() == "0.6"]
+        assert len(grey) == 2  # one thin curve per institution
+        chance_line = next(line for line in ax.get_lines() if line.get_label().startswith("chance"))
+        assert list(chance_line.get_ydata()) == pytest.approx([chance, chance])
+    assert not [line for line in fig.axes[0].get_lines() if line.get_label().startswith("chance")]
