@@ -16,6 +16,7 @@ institutions' reader, and checks the HE key directory. Used by
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,7 +182,7 @@ def _pil_reason(path: str) -> str:
         with Image.open(path) as img:
             img.load()
     except Exception as exc:  # noqa: BLE001 (any decoder error is the answer)
-        return f" (PIL: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     return ""
 
 
@@ -192,13 +193,20 @@ def _decode_all(source: Any) -> int:
 
     if not source.from_files:
         return 0
+    return _decode_items(source, load_image, ImageDataError)
+
+
+def _decode_items(source: Any, load_image: Any, ImageDataError: type) -> int:  # noqa: N803
+    from flower_focal.data import IMAGE
+
     n = 0
     for items in (source.train, source.val):
         for item in items:
             try:
                 channels = int(load_image(item[IMAGE]).shape[0])
             except ImageDataError as exc:
-                raise _fail(f"data: {exc}{_pil_reason(item[IMAGE])}") from None
+                reason = _pil_reason(item[IMAGE]) or str(exc)
+                raise _fail(f"data: cannot read image file {item[IMAGE]}: {reason}") from None
             if channels != source.in_channels:
                 raise _fail(f"data: image file {item[IMAGE]} has {channels} channel(s), the "
                             f"dataset's first image has {source.in_channels}; convert it")
@@ -233,9 +241,13 @@ def preflight(
     key_dir, preset = check_keys(cfg, required=require_keys, role=key_role)
     from flower_focal.data import clear_caches
 
+    quiet = logging.getLogger("LoadImage")  # MONAI logs every reader that fails, at INFO
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
     try:
         return _check_data(cfg, num_institutions, decode_images, key_dir, preset, start)
     finally:
+        quiet.setLevel(level)
         clear_caches()  # this process is not an institution: hold no data, never a stale listing
 
 

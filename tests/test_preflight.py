@@ -69,7 +69,7 @@ def test_corrupt_png_in_a_folder_dataset_names_the_file(tmp_path):
     bad = root / "malignant" / "zz_truncated.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
     cfg = RunConfig(dataset="folder", data_path=str(root), partitioner="iid")
-    with pytest.raises(PreflightError, match=r"Cannot read image file .*zz_truncated\.png"):
+    with pytest.raises(PreflightError, match=r"cannot read image file .*zz_truncated\.png: UnidentifiedImageError"):
         preflight(cfg, 2)
     bad.unlink()
     assert preflight(cfg, 2).images_decoded == 12  # every file decoded once the bad one is gone
