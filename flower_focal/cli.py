@@ -130,6 +130,7 @@ def parse_run_config(items: Sequence[str]) -> dict[str, object]:
     """``--run-config`` items: TOML files and ``key=value`` pairs (TOML values; a bare word is
     a string), later items overriding earlier ones, as ``flwr run --run-config`` takes them."""
     import shlex
+
     import tomllib
 
     values: dict[str, object] = {}
@@ -225,8 +226,8 @@ def protect_secret(key_dir: Path) -> Path:
     ignore = key_dir / ".gitignore"
     lines = ignore.read_text().splitlines() if ignore.is_file() else []
     if SECRET_FILE not in lines:
-        header = [] if lines else ["# written by flower-focal keygen: the shared HE secret key "
-                                   "must never be committed"]
+        header = [] if lines else [("# written by flower-focal keygen: the shared HE secret key "
+                                    "must never be committed")]
         ignore.write_text("\n".join([*lines, *header, SECRET_FILE]) + "\n")
     tree = git_work_tree(key_dir)
     if tree is not None:

@@ -445,8 +445,8 @@ def render_markdown(runs: Sequence[RunSummary], out_dir: Path, problems: Sequenc
     if problems:
         lines += ["", "## ⚠ The runs are not comparable", ""] + [f"- {p}" for p in problems]
         if len(groups) > 1:
-            lines += ["", f"The runs are shown in {len(groups)} separate groups, each sharing data, "
-                      "partition, institutions, seed and rounds: compare rows only within a group."]
+            lines += ["", (f"The runs are shown in {len(groups)} separate groups, each sharing data, "
+                           "partition, institutions, seed and rounds: compare rows only within a group.")]
     lines += ["", "## Same for every run", ""]
     lines += _table(("setting", "value"), ([k, "–" if v in ("", None) else str(v)] for k, v in common.items()))
     if len(groups) == 1:

@@ -145,7 +145,13 @@ def check_keys(cfg: RunConfig, *, required: bool = False, role: str = "all") -> 
                         f"set; make one with `flower-focal keygen --out KEYS{hint}` and set "
                         "he-key-dir=KEYS")
         return "", ""
-    from flower_focal.crypto import FOCAL_PRESETS, PUBLIC_FILE, SECRET_FILE, PublicContext, SecretContext
+    from flower_focal.crypto import (
+        FOCAL_PRESETS,
+        PUBLIC_FILE,
+        SECRET_FILE,
+        PublicContext,
+        SecretContext,
+    )
 
     key_dir = Path(cfg.he_key_dir).expanduser().resolve()
     if not key_dir.is_dir():
@@ -187,18 +193,13 @@ def _pil_reason(path: str) -> str:
 
 
 def _decode_all(source: Any) -> int:
-    """Decode every image file of a file source with the institutions' reader; check channels."""
+    """Decode every image file of a file source with the institutions' reader (MONAI, as in
+    :func:`flower_focal.data.transforms.load_image`); check each one's channel count."""
     from flower_focal.data import IMAGE
     from flower_focal.data.transforms import ImageDataError, load_image
 
     if not source.from_files:
         return 0
-    return _decode_items(source, load_image, ImageDataError)
-
-
-def _decode_items(source: Any, load_image: Any, ImageDataError: type) -> int:  # noqa: N803
-    from flower_focal.data import IMAGE
-
     n = 0
     for items in (source.train, source.val):
         for item in items:
@@ -264,9 +265,7 @@ def _check_data(cfg: RunConfig, num_institutions: int, decode_images: bool, key_
     try:
         parts = describe_partitions(cfg, num_institutions)
     except ValueError as exc:
-        raise _fail(
-            f"{num_institutions} institutions on {data}: {exc}"
-        ) from None
+        raise _fail(f"{num_institutions} institutions on {data}: {exc}") from None
     empty = [p["partition_id"] for p in parts if p["n_train"] == 0]
     if empty:  # the partitioners refuse this already; kept as the contract of preflight
         raise _fail(f"{num_institutions} institutions on {data}: institution(s) {empty} get no "

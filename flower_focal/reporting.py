@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from flower_focal.history import RunHistory
@@ -30,7 +31,7 @@ def _institution_series(history: RunHistory, phase: str, key: str) -> dict[str, 
         per = rnd.train_institutions if phase == "train" else rnd.evaluate_institutions
         for inst, metrics in per.items():
             value = (metrics or {}).get(key)
-            if isinstance(value, int | float) and value == value:  # not NaN
+            if isinstance(value, int | float) and math.isfinite(value):
                 xs, ys = out.setdefault(str(inst), ([], []))
                 xs.append(rnd.round)
                 ys.append(float(value))

@@ -8,6 +8,7 @@ numbers its runs wrote.
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import subprocess
@@ -393,7 +394,12 @@ def test_one_multirun_command_writes_the_report_of_the_runs_it_launched(tmp_path
 
 
 def test_plot_titles_name_the_dataset_and_bytes_ticks_cover_the_lines(runs, tmp_path):
-    from flower_focal.compare import bytes_figure, leakage_figure, metric_figure, wall_figure
+    from flower_focal.compare import (
+        bytes_figure,
+        leakage_figure,
+        metric_figure,
+        wall_figure,
+    )
 
     summaries = collect([runs])
     fig = metric_figure(summaries, "auroc", "macro AUROC")
@@ -409,7 +415,7 @@ def test_plot_titles_name_the_dataset_and_bytes_ticks_cover_the_lines(runs, tmp_
         assert not [t.get_text() for t in ax.get_yticklabels(minor=True) if t.get_text()]
         labels = [t for t in ax.get_yticklabels() if t.get_text()]
         boxes = sorted((t.get_window_extent().y0, t.get_window_extent().y1) for t in labels)
-        assert all(a[1] <= b[0] for a, b in zip(boxes, boxes[1:])), "tick labels overlap"
+        assert all(a[1] <= b[0] for a, b in itertools.pairwise(boxes)), "tick labels overlap"
     assert leakage_figure(summaries) is None  # nothing audited: no chart
 
 
