@@ -60,6 +60,16 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_evaluate)
 
 
+def _trained_on(run_dir: Path, spec: object) -> str:
+    """The data a run trained on (the data file's stem from its config.json), for messages."""
+    from flower_focal.reporting import dataset_label
+
+    try:
+        return dataset_label(json.loads((Path(run_dir) / "config.json").read_text()))
+    except (OSError, ValueError):
+        return str(getattr(spec, "dataset", "unknown data"))
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from flower_focal.artifacts import load_model
     from flower_focal.config import RunConfig
@@ -86,7 +96,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if top >= spec.num_classes or src.num_classes > spec.num_classes:
         raise ValueError(
             f"--data {data} ({args.split}) has {src.num_classes} classes (labels up to {top}) but the "
-            f"model of {args.run_dir} was trained on {spec.num_classes} classes ({spec.dataset}); "
+            f"model of {args.run_dir} was trained on {spec.num_classes} classes ({_trained_on(args.run_dir, spec)}); "
             "evaluate it on data with the same label space")
     if src.in_channels != spec.in_channels:
         raise ValueError(

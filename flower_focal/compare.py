@@ -518,19 +518,32 @@ def _plt():
     return plt
 
 
-def _color(run: RunSummary) -> str | None:
-    return _COLORS.get(run.strategy)
+def _style(run: RunSummary, runs: Sequence[RunSummary]) -> tuple[str | None, str, str, int]:
+    """(color, marker, dash, marker size) of ``run``: by strategy, or by position among
+    ``runs`` when a strategy appears more than once (its runs must not look alike)."""
+    strategies = [r.strategy for r in runs]
+    if strategies.count(run.strategy) > 1:
+        i = next(k for k, r in enumerate(runs) if r is run or r.label == run.label)
+        return (_PALETTE[i % len(_PALETTE)], *_MARKS[i % len(_MARKS)])
+    return (_COLORS.get(run.strategy), *_STYLES.get(run.strategy, ("o", "-", 6)))
 
 
-def _line(ax, run: RunSummary, xs: Sequence[float], ys: Sequence[float]) -> None:
-    marker, dash, size = _STYLES.get(run.strategy, ("o", "-", 6))
-    ax.plot(xs, ys, marker=marker, linestyle=dash, markersize=size, label=run.label, color=_color(run))
+def _line(ax, run: RunSummary, runs: Sequence[RunSummary], xs: Sequence[float],
+          ys: Sequence[float]) -> None:
+    color, marker, dash, size = _style(run, runs)
+    ax.plot(xs, ys, marker=marker, linestyle=dash, markersize=size, label=run.label, color=color)
 
 
 def _round_axis(ax) -> None:
     from matplotlib.ticker import MaxNLocator
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    rounds = sorted({int(x) for line in ax.get_lines() for x in line.get_xdata()})
+    if 0 < len(rounds) <= 12:  # one tick per round (one round must not get ticks 0.95..1.05)
+        ax.set_xticks(rounds)
+        if len(rounds) == 1:
+            ax.set_xlim(rounds[0] - 1, rounds[0] + 1)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
 
 
@@ -550,7 +563,7 @@ def _save(fig, path: Path) -> Path:
 
 
 def _bars(ax, runs: Sequence[RunSummary], values: Sequence[float]):
-    bars = ax.bar(range(len(runs)), values, color=[_color(r) for r in runs])
+    bars = ax.bar(range(len(runs)), values, color=[_style(r, runs)[0] for r in runs])
     ax.set_xticks(range(len(runs)), [r.label for r in runs], rotation=20, ha="right", fontsize=8)
     return bars
 
@@ -561,7 +574,7 @@ def metric_figure(runs: Sequence[RunSummary], key: str, title: str):
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for run in runs:
         xs, ys = run.series("evaluate", key)
-        _line(ax, run, xs, ys)
+        _line(ax, run, runs, xs, ys)
     _round_axis(ax)
     ax.set_ylabel(title)
     ax.set_ylim(0.0, 1.0)
@@ -578,7 +591,7 @@ def wall_figure(runs: Sequence[RunSummary]):
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.2))
     for run in runs:
         rows = run.per_round()
-        _line(ax1, run, [r["round"] for r in rows], [r["wall_time_s"] or 0.0 for r in rows])
+        _line(ax1, run, runs, [r["round"] for r in rows], [r["wall_time_s"] or 0.0 for r in rows])
     _round_axis(ax1)
     ax1.set_ylabel("seconds")
     ax1.set_title("wall time per round")
@@ -620,7 +633,7 @@ def bytes_figure(runs: Sequence[RunSummary]):
         for run in runs:
             rows = run.per_round()
             values += [r[key] for r in rows]
-            _line(ax, run, [r["round"] for r in rows], [r[key] for r in rows])
+            _line(ax, run, runs, [r["round"] for r in rows], [r[key] for r in rows])
         ticks, log = _byte_ticks(values)
         if log:
             ax.set_yscale("log")

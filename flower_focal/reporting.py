@@ -72,7 +72,13 @@ def curves_figure(history: RunHistory):
                        label=f"chance ({what})")
         ax.set_title(title)
         ax.set_xlabel("round")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        rounds = sorted({r.round for r in history.rounds})
+        if 0 < len(rounds) <= 12:  # one tick per round
+            ax.set_xticks(rounds)
+            if len(rounds) == 1:
+                ax.set_xlim(rounds[0] - 1, rounds[0] + 1)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if key in ("accuracy", "auroc"):
             ax.set_ylim(0.0, 1.0)

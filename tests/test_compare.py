@@ -419,6 +419,19 @@ def test_plot_titles_name_the_dataset_and_bytes_ticks_cover_the_lines(runs, tmp_
     assert leakage_figure(summaries) is None  # nothing audited: no chart
 
 
+def test_two_runs_of_one_strategy_do_not_look_alike_in_a_plot(runs, tmp_path):
+    from flower_focal.compare import metric_figure
+
+    retina = _medmnist_run(runs / "fedavg", tmp_path / "b" / "0-fedavg-medmnist", "retinamnist")
+    ax = metric_figure(collect([runs / "fedavg", retina]), "auroc", "macro AUROC").axes[0]
+    lines = ax.get_lines()
+    assert [line.get_label() for line in lines] == ["fedavg (synthetic-pathology)", "fedavg (retinamnist)"]
+    assert lines[0].get_color() != lines[1].get_color()
+    assert lines[0].get_marker() != lines[1].get_marker()
+    assert "synthetic-pathology, retinamnist" in ax.get_title()
+    assert list(ax.get_xticks()) == [1, 2]  # one tick per round
+
+
 def test_curves_png_has_institution_curves_a_chance_line_and_the_dataset(runs):
     from flower_focal.history import RunHistory
     from flower_focal.reporting import curves_figure
