@@ -580,7 +580,7 @@ def metric_figure(runs: Sequence[RunSummary], key: str, title: str):
     ax.set_ylim(0.0, 1.0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(f"{title} (federated validation), {datasets_text(runs)}")
+    ax.set_title(f"{title} (federated validation)\n{datasets_text(runs)}", fontsize=10)
     fig.tight_layout()
     return fig
 
