@@ -98,7 +98,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             f"--data {data} ({args.split}) has {src.num_classes} classes (labels up to {top}) but the "
             f"model of {args.run_dir} was trained on {spec.num_classes} classes ({_trained_on(args.run_dir, spec)}); "
             "evaluate it on data with the same label space")
-    if src.in_channels != spec.in_channels:
+    if src.in_channels != spec.in_channels and not spec.backbone:  # a backbone adapts channels
         raise ValueError(
             f"--data {data} has {src.in_channels}-channel images but the model of {args.run_dir} "
             f"takes {spec.in_channels} channel(s)")
