@@ -308,7 +308,8 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="directory to write the report into")
     p.add_argument("--allow-mismatch", action="store_true",
                    help="compare runs that differ in data, partition, institutions, seed or rounds "
-                   "(the report lists the differences)")
+                   "(the report lists the differences at the top and shows one summary table per group of "
+                   "comparable runs)")
     p.set_defaults(handler=_report)
 
 
