@@ -24,7 +24,8 @@ import numpy.typing as npt
 if TYPE_CHECKING:
     from flwr.app import MetricRecord, RecordDict
 
-__all__ = ["accuracy", "macro_auroc", "nan_weighted_average", "per_class_auroc"]
+__all__ = ["accuracy", "classification_report", "confusion_matrix", "macro_auroc",
+           "nan_weighted_average", "per_class_auroc"]
 
 
 def _check(probs: npt.ArrayLike, labels: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
@@ -88,6 +89,52 @@ def macro_auroc(probs: npt.ArrayLike, labels: npt.ArrayLike, num_classes: int) -
     values = per_class_auroc(probs, labels, num_classes)
     finite = values[np.isfinite(values)]
     return float(finite.mean()) if finite.size else math.nan
+
+
+def confusion_matrix(probs: npt.ArrayLike, labels: npt.ArrayLike, num_classes: int) -> np.ndarray:
+    """Counts ``(num_classes, num_classes)``: row = true class, column = predicted (arg-max)."""
+    p, y = _check(probs, labels)
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}), got {y.min()}..{y.max()}")
+    out = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(out, (y, p.argmax(axis=1)), 1)
+    return out
+
+
+def classification_report(probs: npt.ArrayLike, labels: npt.ArrayLike, num_classes: int,
+                          class_names: tuple[str, ...] | list[str] = ()) -> dict:
+    """Per-class and overall metrics of one evaluation, JSON-ready (NaN -> None).
+
+    ``per_class``: for each class its name, ``n`` (true examples), ``auroc`` (one-vs-rest,
+    None when undefined), ``recall`` (sensitivity; None without examples) and ``precision``
+    (None when never predicted). ``confusion_matrix``: rows true class, columns predicted.
+    ``auroc_macro`` is :func:`macro_auroc`; ``recall_macro`` (balanced accuracy) the mean
+    recall over classes with examples.
+    """
+    cm = confusion_matrix(probs, labels, num_classes)
+    auroc = per_class_auroc(probs, labels, num_classes)
+    names = list(class_names) if len(class_names) == num_classes else [str(i) for i in range(num_classes)]
+
+    def clean(v: float) -> float | None:
+        return float(v) if math.isfinite(v) else None
+
+    rows, recalls = [], []
+    for k in range(num_classes):
+        n, predicted = int(cm[k].sum()), int(cm[:, k].sum())
+        recall = cm[k, k] / n if n else math.nan
+        if n:
+            recalls.append(recall)
+        rows.append({"class": k, "name": names[k], "n": n, "auroc": clean(auroc[k]),
+                     "recall": clean(recall),
+                     "precision": clean(cm[k, k] / predicted if predicted else math.nan)})
+    finite = auroc[np.isfinite(auroc)]
+    return {
+        "auroc_macro": clean(float(finite.mean())) if finite.size else None,
+        "recall_macro": clean(float(np.mean(recalls))) if recalls else None,
+        "per_class": rows,
+        "confusion_matrix": cm.tolist(),
+        "confusion_matrix_axes": "rows: true class, columns: predicted class",
+    }
 
 
 def nan_weighted_average(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:

@@ -231,21 +231,32 @@ def simulate(
     timeout_s: float | None = None,
     echo: bool = True,
     flwr_home: Path | None = None,
+    check: bool = True,
 ) -> SimulationResult:
     """Run ``cfg`` in Flower's Ray simulation engine with ``federation`` institutions.
 
     ``cfg.run_dir`` must be set (the ServerApp writes there); it also receives
     ``run_config.toml``, ``flwr.log`` (the streamed run log) and ``superlink.log``.
     ``flwr_home`` (default: a new temporary directory, removed afterwards) is where Flower
-    keeps its state; every process of the run carries it on its command line.
+    keeps its state; every process of the run carries it on its command line. ``check``
+    (default) runs :func:`flower_focal.preflight.preflight` first.
 
     Raises
     ------
+    flower_focal.preflight.PreflightError
+        Before anything is started, if the settings, data or keys cannot work
+        (:func:`flower_focal.preflight.preflight`).
     SimulationFailed
         If the run ends in any state but ``finished:completed`` (or times out).
     """
     if not cfg.run_dir:
         raise ValueError("simulate() needs cfg.run_dir (where the run directory goes)")
+    from flower_focal.preflight import preflight
+
+    if check:
+        report = preflight(cfg, federation.num_supernodes)  # PreflightError before Flower starts
+        if echo:
+            print(f"flower-focal: {report.summary()}")
     run_dir = Path(cfg.run_dir).expanduser().resolve()
     cfg = cfg.replace(run_dir=str(run_dir))
     app_dir = app_dir or repo_root()
