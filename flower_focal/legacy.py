@@ -183,13 +183,9 @@ class HEFedAvgLegacy(LegacyFedAvg):
     @classmethod
     def from_key_dir(cls, key_dir: str | Path, **kwargs: Any) -> HEFedAvgLegacy:
         """The strategy with the server's ``public.ctx`` from ``key_dir`` (keygen output)."""
-        from flower_focal.crypto import PUBLIC_FILE, PublicContext
+        from flower_focal.crypto import PublicContext
 
-        path = Path(key_dir).expanduser()
-        path = path / PUBLIC_FILE if path.is_dir() else path
-        if not path.is_file():
-            raise FileNotFoundError(f"HE public context {path} not found: run `flower-focal keygen --out DIR`")
-        return cls(he_public=PublicContext.load(path), **kwargs)
+        return cls(he_public=PublicContext.from_key_dir(key_dir), **kwargs)
 
     def _he_config(self, config: dict[str, Any], encrypted: bool) -> dict[str, Any]:
         return {**config, keys.HE_FINGERPRINT: self.he_public.fingerprint.hex(),

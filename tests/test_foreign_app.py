@@ -10,7 +10,6 @@ engine. Slow: every run starts a local SuperLink and Ray (~25 s on 2 cores).
 from __future__ import annotations
 
 import json
-import math
 import re
 import shutil
 import subprocess

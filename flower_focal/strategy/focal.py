@@ -30,7 +30,7 @@ from pathlib import Path
 from logging import INFO, WARNING
 from typing import Any
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 from flwr.supercore import log
@@ -38,7 +38,7 @@ from flwr.supercore import log
 from flower_focal import keys
 from flower_focal.keys import he_array, he_bytes
 from flower_focal.artifacts import ModelSpec
-from flower_focal.crypto import FOCAL_PRESETS, PUBLIC_FILE, CiphertextError, CkksEvaluator, PublicContext
+from flower_focal.crypto import FOCAL_PRESETS, CiphertextError, CkksEvaluator, PublicContext
 from flower_focal.focal import (
     FocalLayout,
     FocalServer,
@@ -161,14 +161,7 @@ class Focal(FedAvg):
     def from_key_dir(cls, key_dir: str | Path, **kwargs: Any) -> Focal:
         """A FOCAL strategy with the server's ``public.ctx`` from ``key_dir``
         (``flower-focal keygen --preset focal`` output; the server reads nothing else)."""
-        path = Path(key_dir).expanduser()
-        if path.is_dir():
-            path = path / PUBLIC_FILE
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"FOCAL public context {path} not found: run `flower-focal keygen --out DIR --preset "
-                "focal` and give the server DIR (secret.ctx goes to the institutions)")
-        return cls(he_public=PublicContext.load(path), **kwargs)
+        return cls(he_public=PublicContext.from_key_dir(key_dir, " --preset focal"), **kwargs)
 
     def check_evaluate_fn(self, evaluate_fn: Any) -> None:
         """Refuse server-side evaluation: the server never holds the plaintext head."""
