@@ -202,3 +202,12 @@ def test_keygen_keeps_the_secret_out_of_git(tmp_path, capsys):
 
         assert ignored("secret.ctx") == 0  # git will not add it
         assert ignored("public.ctx") == 1
+
+
+def test_simulate_is_a_subcommand_with_help():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "flower_focal.cli", "simulate", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "--num-institutions" in out and "installed wheel" in out
