@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,9 @@ __all__ = [
     "BatchAugment",
     "ImageTensorDataset",
     "available_cpus",
+    "batch_loader",
     "collate_pairs",
+    "device_batches",
     "make_loader",
     "materialise",
     "resolve_num_workers",
@@ -292,3 +294,71 @@ def materialise(
         return torch.empty(0, *item_shape), torch.empty(0, dtype=torch.long)
     images, labels = collate_pairs(done)
     return images.contiguous(), labels
+
+
+# ----------------------------------------------------------------------------------------
+# Batches for the training and embedding loops
+# ----------------------------------------------------------------------------------------
+class _Rows(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Rows of an image tensor, fetched a whole batch at a time (``__getitems__``)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index], self.labels[index]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(indices, device=self.images.device)
+        return self.images[idx], self.labels[idx]
+
+
+def _whole_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch
+
+
+def _fits_on(device: torch.device, nbytes: int) -> bool:
+    """Whether ``nbytes`` take at most a quarter of ``device``'s free memory (CUDA only)."""
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes <= free // 4
+
+
+def batch_loader(
+    dataset: Dataset[Any], batch_size: int, device: torch.device, num_workers: int | None, *,
+    shuffle: bool, drop_last: bool = False, generator: torch.Generator | None = None,
+) -> tuple[DataLoader[Any], BatchAugment | None]:
+    """Batches of ``(images, labels)`` of ``dataset`` and the batch augmentation to apply
+    (``None`` when there is none or the items augment themselves).
+
+    An :class:`ImageTensorDataset` is fetched as tensor rows (moved to ``device`` first when
+    they fit there; then no worker is used), other datasets item by item through
+    :func:`~flower_focal.data.loader.make_loader`. Either way the sampler, hence the order
+    drawn from ``generator``, is DataLoader's own.
+    """
+    common = {"batch_size": batch_size, "shuffle": shuffle, "drop_last": drop_last,
+              "generator": generator}
+    if isinstance(dataset, ImageTensorDataset) and (shuffle or dataset.deterministic):
+        images, labels = dataset.images, dataset.labels
+        if _fits_on(device, dataset.nbytes):
+            rows = _Rows(images.to(device), labels.to(device))
+            return DataLoader(rows, collate_fn=_whole_batch, **common), dataset.batch_augment
+        return make_loader(_Rows(images, labels), device=device, num_workers=num_workers,
+                           collate_fn=_whole_batch, **common), dataset.batch_augment
+    return make_loader(dataset, device=device, num_workers=num_workers, **common), None
+
+
+def device_batches(
+    loader: DataLoader[Any], device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(images float32, labels long (B,))`` on ``device`` from ``(images, labels)``
+    batches (:func:`~flower_focal.data.loader.collate_pairs` or tensor rows)."""
+    for images, labels in loader:
+        yield (
+            images.to(device, torch.float32, non_blocking=True),
+            labels.reshape(-1).to(device, torch.long, non_blocking=True),
+        )
