@@ -150,6 +150,14 @@ def make_loader(
     )
 
 
+def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` (a small CPU tensor) on ``device`` without making the host wait for the GPU: a
+    copy from pageable memory would synchronise, one from (cached) pinned memory does not."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 # ----------------------------------------------------------------------------------------
 # Batch augmentation (random flips and 90-degree rotations, on any device)
 # ----------------------------------------------------------------------------------------
@@ -176,14 +184,13 @@ class BatchAugment:
         u = torch.rand(b, 3, generator=generator)
         k = torch.randint(1, self.max_k + 1, (b,), generator=generator)
         k = torch.where(u[:, 2] < self.rotate_prob, k, torch.zeros_like(k))
-        flip_h = (u[:, 0] < self.flip_prob).to(images.device, non_blocking=True)
-        flip_w = (u[:, 1] < self.flip_prob).to(images.device, non_blocking=True)
-        k = k.to(images.device, non_blocking=True)
-        x = torch.where(flip_h.view(-1, 1, 1, 1), images.flip(2), images)
-        x = torch.where(flip_w.view(-1, 1, 1, 1), x.flip(3), x)
+        codes = torch.stack([u[:, 0] < self.flip_prob, u[:, 1] < self.flip_prob, k])
+        codes = to_device_async(codes.to(torch.int8), images.device).view(3, -1, 1, 1, 1)
+        x = torch.where(codes[0] == 1, images.flip(2), images)
+        x = torch.where(codes[1] == 1, x.flip(3), x)
         out = x
         for turns in range(1, self.max_k + 1):
-            out = torch.where((k == turns).view(-1, 1, 1, 1), x.rot90(turns, (2, 3)), out)
+            out = torch.where(codes[2] == turns, x.rot90(turns, (2, 3)), out)
         return out
 
 
@@ -312,7 +319,7 @@ class _Rows(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return self.images[index], self.labels[index]
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.as_tensor(indices, device=self.images.device)
+        idx = to_device_async(torch.as_tensor(indices), self.images.device)
         return self.images[idx], self.labels[idx]
 
 

@@ -28,6 +28,7 @@ on-disk cache live in :mod:`flower_focal.models.embeddings`.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import inspect
 import pickle
@@ -147,9 +148,14 @@ class Preprocess:
             if self.mode in ("bilinear", "bicubic"):
                 kwargs = {"align_corners": False, "antialias": shrink}
             x = F.interpolate(x, size=size, mode=self.mode, **kwargs)
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        return (x - mean) / std
+        return (x - _channel_values(self.mean, x.device)) / _channel_values(self.std, x.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _channel_values(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """``(1, C, 1, 1)`` float32 tensor of ``values`` on ``device``, made once (building it per
+    batch would copy from the host and make it wait for the GPU every time)."""
+    return torch.tensor(values, dtype=torch.float32, device=device).view(1, -1, 1, 1)
 
 
 # ----------------------------------------------------------------------------------------
