@@ -1,7 +1,7 @@
 """Is the accelerator busy? flower-focal's data path end to end against the raw network, same run.
 
     python benchmarks/bench_gpu_path.py --smoke                      # CPU, small sizes (~1-2 min)
-    python benchmarks/bench_gpu_path.py --device cuda --out r.json   # full size (< 4 min on an H200)
+    python benchmarks/bench_gpu_path.py --device cuda --out r.json   # full size (< 4 min, H200)
 
 Measures what ``tools/gpu-probe`` measures, through the project's own API:
 
@@ -44,8 +44,8 @@ from flower_focal.training import autocast, resolve_precision, train_local
 
 FULL = {"npz_n": 40_000, "jpeg_n": 2_400, "embed_bs": 256, "train_n": 8_192, "train_bs": 128,
         "raw_reps": 10, "rounds": 2}
-SMOKE = {"npz_n": 128, "jpeg_n": 48, "embed_bs": 32, "train_n": 2_048, "train_bs": 64,
-         "raw_reps": 2, "rounds": 3}
+SMOKE = {"npz_n": 64, "jpeg_n": 30, "embed_bs": 32, "train_n": 2_048, "train_bs": 64,
+         "raw_reps": 1, "rounds": 3}
 """``rounds``: project and raw timings alternate this many times; the best of each is kept (on a
 shared machine the other load only ever slows a timing down)."""
 
@@ -111,13 +111,13 @@ def jpeg_folder(n: int, out: Path, unique: int = 120) -> Path:
 
 
 def embed_section(device: torch.device, size: dict[str, int], tmp: Path, npz_src: Path | None,
-                  precision: str) -> dict[str, Any]:
+                  precision: str, out: dict[str, Any], save: Any) -> None:
     bb = build_backbone("efficientnet-lite0", input_size=224, device=device, precision=precision)
     amp = bb.autocast_dtype
     bs, reps = size["embed_bs"], size["raw_reps"]
     x = torch.rand(bs, 3, 224, 224, device=device) * 2 - 1
-    out: dict[str, Any] = {"backbone": "efficientnet-lite0@224", "batch_size": bs,
-                           "autocast": str(amp).removeprefix("torch.") if amp else "fp32"}
+    out.update(backbone="efficientnet-lite0@224", batch_size=bs,
+               autocast=str(amp).removeprefix("torch.") if amp else "fp32")
     with torch.no_grad():
         pre = bb.preprocess(x)
         if amp is not None:  # the network as the project runs it: channels-last, autocast
@@ -135,6 +135,7 @@ def embed_section(device: torch.device, size: dict[str, int], tmp: Path, npz_src
             bb.module.to(memory_format=torch.channels_last)
     x28 = torch.rand(bs, 3, 28, 28, device=device) * 2 - 1
     out["embed_api_28to224_img_s"] = round(raw_rate(bb.embed, x28, device, reps))
+    save()
 
     def end_to_end(name: str, cfg: RunConfig) -> None:
         best: dict[str, float] = {}
@@ -155,6 +156,7 @@ def embed_section(device: torch.device, size: dict[str, int], tmp: Path, npz_src
                      "end_to_end_img_s": round(n / best["e2e"]), "raw_net_img_s": round(raw),
                      "share_of_raw": round(n / best["e2e"] / raw, 3),
                      "embed_share_of_raw": round(n / best["embed"] / raw, 3)}
+        save()
 
     end_to_end("npz28_to224", RunConfig(dataset="medmnist", image_size=28,
                                         data_path=str(tiles_npz(npz_src, size["npz_n"], tmp))))
@@ -164,16 +166,14 @@ def embed_section(device: torch.device, size: dict[str, int], tmp: Path, npz_src
                                             image_size=224))
     out["raw_net_img_s"] = round(max(raws))
     out.setdefault("raw_net_fp32_img_s", out["raw_net_img_s"])
-    return out
 
 
 def train_section(device: torch.device, size: dict[str, int], tmp: Path, npz_src: Path | None,
-                  precision: str) -> dict[str, Any]:
+                  precision: str, out: dict[str, Any], save: Any) -> None:
     n, bs = size["train_n"], size["train_bs"]
     path = tiles_npz(npz_src, n, tmp)
     amp = resolve_precision(precision, device)
     models = [("small-cnn", 28)] + ([("resnet18", 128)] if device.type == "cuda" else [])
-    out: dict[str, Any] = {}
     for model_name, image_size in models:
         clear_caches()
         cfg = RunConfig(dataset="medmnist", data_path=str(path), image_size=image_size,
@@ -186,7 +186,7 @@ def train_section(device: torch.device, size: dict[str, int], tmp: Path, npz_src
         train_local(model, ds, seed=0, **kw)  # warm-up (allocator, cuDNN)
         steps = len(ds) // bs
 
-        def raw_loop(autocast_dtype: torch.dtype | None) -> float:
+        def raw_loop(autocast_dtype: torch.dtype | None, steps: int = steps) -> float:
             torch.manual_seed(0)
             net = build_model(model_name, 3, 9, image_size).to(device)  # noqa: B023
             x = torch.randn(bs, 3, image_size, image_size, device=device)  # noqa: B023
@@ -222,7 +222,7 @@ def train_section(device: torch.device, size: dict[str, int], tmp: Path, npz_src
             fp32 = raw_loop(None)
             row.update(raw_loop_fp32_img_s=round(fp32), ratio_to_fp32_raw=round(project / fp32, 3))
         out[model_name] = row
-    return out
+        save()
 
 
 def main() -> None:
@@ -257,18 +257,21 @@ def main() -> None:
         "tiles_from": str(npz_src) if npz_src else "random", "machine": machine(),
         "loadavg_before": loadavg(),
     }
+    start = time.perf_counter()
 
     def save() -> None:
+        result["wall_s"] = round(time.perf_counter() - start, 1)
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=2))
 
-    start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for section in args.sections:
             sub = Path(tmp) / section
             sub.mkdir()
             fn = embed_section if section == "embed" else train_section
-            result[section] = fn(device, size, sub, npz_src, args.precision)
+            result[section] = {}
+            save()
+            fn(device, size, sub, npz_src, args.precision, result[section], save)
             result["wall_s"] = round(time.perf_counter() - start, 1)
             save()
     result["loadavg_after"] = loadavg()

@@ -15,14 +15,14 @@ import contextlib
 import math
 import os
 import random
-from collections.abc import Iterator, Sized
+from collections.abc import Sized
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from flower_focal import keys
 from flower_focal.data.loader import batch_loader, device_batches
@@ -96,9 +96,11 @@ def resolve_precision(precision: str, device: torch.device | str) -> torch.dtype
     """
     device = torch.device(device)
     if precision not in PRECISIONS:
-        raise ValueError(f"Unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+        raise ValueError(
+            f"Unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     if precision == "bf16" and device.type != "cuda":
-        raise ValueError(f"precision 'bf16' needs a CUDA device, got {device}; use 'auto' or 'fp32'")
+        raise ValueError(
+            f"precision 'bf16' needs a CUDA device, got {device}; use 'auto' or 'fp32'")
     if precision == "fp32" or device.type != "cuda":
         return None
     return torch.bfloat16
@@ -174,7 +176,7 @@ def train_local(
     # A trailing batch of a few samples gives BatchNorm a near-zero variance and a noisy,
     # ill-conditioned step; drop it whenever there is at least one full batch.
     loader, augment = batch_loader(dataset, batch_size, device, num_workers, shuffle=True,
-                              drop_last=num_examples > batch_size, generator=generator)
+                                   drop_last=num_examples > batch_size, generator=generator)
     rng_devices = [_cuda_index(device)] if device.type == "cuda" else []
     check_each_step = device.type == "cpu"  # a host sync per step is free on CPU only
     epoch_loss = math.nan

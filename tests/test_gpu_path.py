@@ -29,7 +29,8 @@ from flower_focal.models.backbones import build_backbone
 from flower_focal.models.embeddings import extract_embeddings
 from flower_focal.training import resolve_precision, train_local
 
-SHARED_NPZ = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pathmnist" / "pathmnist.npz"
+SHARED_NPZ = (Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pathmnist"
+              / "pathmnist.npz")
 CUDA = torch.cuda.is_available()
 
 

@@ -288,7 +288,7 @@ def materialise(
     workers = build_workers(num_workers, n)
     if workers:
         try:
-            loader = DataLoader(MonaiDataset(list(items), prefix), batch_size=64,
+            loader = DataLoader(MonaiDataset(list(items), prefix), batch_size=16,
                                 num_workers=workers, collate_fn=_stack_items)
             parts = list(loader)
         except Exception:  # noqa: BLE001 - redo in process: the error then names its item

@@ -32,8 +32,8 @@ from monai.transforms import (
 )
 
 from flower_focal.data import synthetic
-from flower_focal.data.loader import BatchAugment
 from flower_focal.data.keys import IMAGE, LABEL
+from flower_focal.data.loader import BatchAugment
 
 # PIL modes normalised before MONAI sees the pixels: alpha and palettes are dropped so every
 # image is 1 (grayscale) or 3 (RGB) channels.

@@ -565,6 +565,7 @@ def build_backbone(
         _require_file(weights_path, name)
     backbone = builder(weights_path=weights_path, input_size=input_size, **options)
     if precision not in PRECISIONS:
-        raise ValueError(f"Unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+        raise ValueError(
+            f"Unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     backbone.precision = precision
     return backbone.to(device)
