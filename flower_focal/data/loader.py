@@ -243,10 +243,6 @@ class ImageTensorDataset(Dataset[dict[str, torch.Tensor]]):
         return self.augment_from is None
 
 
-def _stack_items(items: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
-    return collate_pairs(items)
-
-
 def materialise(
     items: Sequence[dict[str, Any]],
     prefix: Callable[[dict[str, Any]], dict[str, Any]],
@@ -261,11 +257,10 @@ def materialise(
     (``(0, *item_shape)`` images when there are no items).
 
     With ``array_chain`` (items whose images are ``H x W x C`` arrays of one shape, with
-    ``channels`` channels when given) the
-    images are transformed ``chunk`` at a time as one ``(chunk * C, H, W)`` MONAI image:
-    every transform of that chain must act per channel. Otherwise each item goes through
-    ``prefix``, in ``num_workers`` processes (:func:`build_workers`); the first failing item
-    raises its error in this process.
+    ``channels`` channels when given) the images are transformed ``chunk`` at a time as one
+    ``(chunk * C, H, W)`` MONAI image: every transform of that chain must act per channel.
+    Otherwise each item goes through ``prefix``, in ``num_workers`` processes
+    (:func:`build_workers`); the first failing item raises its error in this process.
     """
     n = len(items)
     if array_chain is not None and n:
@@ -289,7 +284,7 @@ def materialise(
     if workers:
         try:
             loader = DataLoader(MonaiDataset(list(items), prefix), batch_size=16,
-                                num_workers=workers, collate_fn=_stack_items)
+                                num_workers=workers, collate_fn=collate_pairs)
             parts = list(loader)
         except Exception:  # noqa: BLE001 - redo in process: the error then names its item
             parts = None
@@ -343,13 +338,15 @@ def batch_loader(
     (``None`` when there is none or the items augment themselves).
 
     An :class:`ImageTensorDataset` is fetched as tensor rows (moved to ``device`` first when
-    they fit there; then no worker is used), other datasets item by item through
-    :func:`~flower_focal.data.loader.make_loader`. Either way the sampler, hence the order
-    drawn from ``generator``, is DataLoader's own.
+    they fit there; then no worker is used) when it has no augmentation, or for training
+    (``shuffle``) when its augmentation exists per batch; other datasets (and evaluation of
+    an augmented one) item by item through :func:`make_loader`. Either way the sampler, hence
+    the order drawn from ``generator``, is DataLoader's own.
     """
     common = {"batch_size": batch_size, "shuffle": shuffle, "drop_last": drop_last,
               "generator": generator}
-    if isinstance(dataset, ImageTensorDataset) and (shuffle or dataset.deterministic):
+    if isinstance(dataset, ImageTensorDataset) and (
+            dataset.deterministic or (shuffle and dataset.batch_augment is not None)):
         images, labels = dataset.images, dataset.labels
         if _fits_on(device, dataset.nbytes):
             rows = _Rows(images.to(device), labels.to(device))
