@@ -1,7 +1,8 @@
 """One institution's data: the entry point the Flower client and the server use.
 
 This module owns the glue: source (:mod:`.sources`) -> partition (:mod:`.partition`) ->
-MONAI ``CacheDataset`` with the transforms of :mod:`.transforms`. Results are cached per
+:class:`~flower_focal.data.loader.ImageTensorDataset` built with the transforms of
+:mod:`.transforms` (what a MONAI ``CacheDataset`` caches, as one tensor). Results are cached per
 process (Flower calls a client many times per process), keyed by the data fields of the
 :class:`~flower_focal.config.RunConfig` only, so changing e.g. ``lr`` reuses the cache.
 
@@ -130,10 +131,11 @@ def make_dataset(items: Sequence[dict[str, Any]], transform: Any, from_files: bo
                               batch_augment=BATCH_AUGMENT if first is not None else None)
 
 
-def _dataset_options(key: RunConfig, src: SourceData, num_workers: int) -> dict[str, Any]:
+def _dataset_options(key: RunConfig, src: SourceData, num_workers: int | None,
+                     ) -> dict[str, Any]:
     """:func:`make_dataset` options of a source: output shape and build workers (< 0: auto)."""
     return {"image_size": key.image_size, "in_channels": src.in_channels,
-            "num_workers": None if num_workers < 0 else num_workers}
+            "num_workers": None if num_workers is None or num_workers < 0 else num_workers}
 
 
 def _histograms(src: SourceData, tr: np.ndarray, va: np.ndarray) -> tuple[list[int], list[int]]:
