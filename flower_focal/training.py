@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from flower_focal import keys
-from flower_focal.data.loader import batch_loader, device_batches
+from flower_focal.data.loader import batch_loader, device_batches, to_device_async
 from flower_focal.metrics import accuracy, macro_auroc
 
 __all__ = [
@@ -175,8 +175,10 @@ def train_local(
     augment_rng = torch.Generator().manual_seed(seed)
     # A trailing batch of a few samples gives BatchNorm a near-zero variance and a noisy,
     # ill-conditioned step; drop it whenever there is at least one full batch.
+    drop_last = num_examples > batch_size
     loader, augment = batch_loader(dataset, batch_size, device, num_workers, shuffle=True,
-                                   drop_last=num_examples > batch_size, generator=generator)
+                                   drop_last=drop_last, generator=generator)
+    per_epoch = num_examples // batch_size * batch_size if drop_last else num_examples
     rng_devices = [_cuda_index(device)] if device.type == "cuda" else []
     check_each_step = device.type == "cpu"  # a host sync per step is free on CPU only
     epoch_loss = math.nan
@@ -187,9 +189,11 @@ def train_local(
         for epoch in range(epochs):
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             seen = 0
+            if augment is not None:  # the epoch's flips and turns, drawn and copied at once
+                codes = to_device_async(augment.draw(per_epoch, augment_rng), device)
             for step, (images, labels) in enumerate(device_batches(loader, device)):
                 if augment is not None:
-                    images = augment(images, augment_rng)
+                    images = augment.apply(images, codes[seen:seen + labels.shape[0]])
                 if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 opt.zero_grad(set_to_none=True)

@@ -170,6 +170,9 @@ def test_batch_augment_draws_dihedral_transforms_from_the_seed() -> None:
         assert hits, f"sample {i} is not a flip/rotation of its input"
         used.add(hits[0])
     assert len(used) >= 6  # most of the 8 symmetries occur in 64 draws
+    codes = torch.tensor([8, 4, 1, 8 + 4 + 2])  # flip rows, flip columns, turn, all three
+    expected = [x[0].flip(1), x[1].flip(2), x[2].rot90(1, (1, 2)), x[3].flip(1, 2).rot90(2, (1, 2))]
+    assert all(torch.equal(a, b) for a, b in zip(aug.apply(x[:4], codes), expected, strict=True))
     with pytest.raises(ValueError, match="square"):
         aug(torch.zeros(2, 1, 4, 5), torch.Generator())
 

@@ -18,9 +18,10 @@ Callers pick ``num_workers`` (``None`` or a negative number: :func:`resolve_num_
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,9 @@ __all__ = [
     "materialise",
     "resolve_num_workers",
 ]
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+"""``(images, labels)`` of one batch."""
 
 MAX_AUTO_WORKERS = 8
 """Upper bound of the automatic worker count (more rarely pays for one accelerator)."""
@@ -167,31 +171,50 @@ class BatchAugment:
 
     The same distribution as the per-item MONAI chain of
     :func:`flower_focal.data.transforms.build_transforms` (``RandFlipd`` on each axis with
-    ``flip_prob``, ``RandRotate90d`` with ``rotate_prob`` and k in 1..3), applied to a whole
-    ``(B, C, S, S)`` batch where it lies (GPU or CPU). The draws come from a CPU
-    ``torch.Generator``, so they depend on the seed only, not on device or worker count.
+    ``flip_prob``, ``RandRotate90d`` with ``rotate_prob`` and k in 1..3), applied to whole
+    ``(B, C, S, S)`` batches where they lie (GPU or CPU) as one pixel gather. :meth:`draw`
+    takes the choices for many samples at once from a CPU ``torch.Generator`` (they depend on
+    the seed only, not on device or worker count); :meth:`apply` uses them.
     """
 
     flip_prob: float = 0.5
     rotate_prob: float = 0.5
     max_k: int = 3
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        b = images.shape[0]
+    def draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """``(n,)`` int64 codes ``8 * flip_h + 4 * flip_w + k`` (k quarter turns)."""
+        u = torch.rand(n, 3, generator=generator)
+        k = torch.randint(1, self.max_k + 1, (n,), generator=generator)
+        k = torch.where(u[:, 2] < self.rotate_prob, k, torch.zeros_like(k))
+        return 8 * (u[:, 0] < self.flip_prob).long() + 4 * (u[:, 1] < self.flip_prob).long() + k
+
+    def apply(self, images: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Transform sample ``i`` of ``images`` as ``codes[i]`` says (codes on its device)."""
         if images.ndim != 4 or images.shape[-1] != images.shape[-2]:
             raise ValueError(f"BatchAugment needs square (B, C, S, S) batches, got "
                              f"{tuple(images.shape)}")
-        u = torch.rand(b, 3, generator=generator)
-        k = torch.randint(1, self.max_k + 1, (b,), generator=generator)
-        k = torch.where(u[:, 2] < self.rotate_prob, k, torch.zeros_like(k))
-        codes = torch.stack([u[:, 0] < self.flip_prob, u[:, 1] < self.flip_prob, k])
-        codes = to_device_async(codes.to(torch.int8), images.device).view(3, -1, 1, 1, 1)
-        x = torch.where(codes[0] == 1, images.flip(2), images)
-        x = torch.where(codes[1] == 1, x.flip(3), x)
-        out = x
-        for turns in range(1, self.max_k + 1):
-            out = torch.where(codes[2] == turns, x.rot90(turns, (2, 3)), out)
-        return out
+        b, c, side, _ = images.shape
+        index = _dihedral_maps(side, images.device)[codes]  # (B, S*S)
+        flat = images.reshape(b, c, side * side)
+        return flat.gather(2, index.unsqueeze(1).expand(b, c, -1)).view_as(images)
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Draw and apply for one batch."""
+        return self.apply(images, to_device_async(self.draw(len(images), generator),
+                                                  images.device))
+
+
+@functools.lru_cache(maxsize=32)
+def _dihedral_maps(side: int, device: torch.device) -> torch.Tensor:
+    """``(16, S*S)`` source pixel of every output pixel for each code of
+    :meth:`BatchAugment.draw`: flip rows, flip columns, then rotate by k quarter turns."""
+    base = torch.arange(side * side).view(side, side)
+    maps = []
+    for code in range(16):
+        m = base.flip(0) if code & 8 else base
+        m = m.flip(1) if code & 4 else m
+        maps.append(m.rot90(code & 3, (0, 1)).reshape(-1))
+    return torch.stack(maps).to(device)
 
 
 # ----------------------------------------------------------------------------------------
@@ -301,24 +324,51 @@ def materialise(
 # ----------------------------------------------------------------------------------------
 # Batches for the training and embedding loops
 # ----------------------------------------------------------------------------------------
-class _Rows(Dataset[tuple[torch.Tensor, torch.Tensor]]):
-    """Rows of an image tensor, fetched a whole batch at a time (``__getitems__``)."""
+class _Indices(Dataset[torch.Tensor]):
+    """``0..n-1``, fetched a whole batch at a time: a DataLoader over it draws the order."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        self.images, self.labels = images, labels
+    def __init__(self, n: int) -> None:
+        self.n = n
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return self.n
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images[index], self.labels[index]
+    def __getitem__(self, index: int) -> int:
+        return index
 
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = to_device_async(torch.as_tensor(indices), self.images.device)
-        return self.images[idx], self.labels[idx]
+    def __getitems__(self, indices: list[int]) -> torch.Tensor:
+        return torch.as_tensor(indices)
 
 
-def _whole_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+class _RowBatches:
+    """Batches of tensor rows in the order of an index DataLoader: per epoch, the whole order
+    is drawn and copied to where the rows are once; each batch is then one gather there
+    (and one pinned, asynchronous copy to ``device`` when the rows stay on the host)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor,
+                 indices: DataLoader[Any], device: torch.device) -> None:
+        self.images, self.labels, self.indices, self.device = images, labels, indices, device
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = list(self.indices)
+        if not order:
+            return
+        where = to_device_async(torch.cat(order), self.images.device)
+        start = 0
+        for batch in order:
+            rows = where[start:start + len(batch)]
+            start += len(batch)
+            images, labels = self.images[rows], self.labels[rows]
+            if images.device != self.device:
+                images = to_device_async(images, self.device)
+                labels = to_device_async(labels, self.device)
+            yield images, labels
+
+
+def _whole_batch(batch: Any) -> Any:
     return batch
 
 
@@ -333,15 +383,15 @@ def _fits_on(device: torch.device, nbytes: int) -> bool:
 def batch_loader(
     dataset: Dataset[Any], batch_size: int, device: torch.device, num_workers: int | None, *,
     shuffle: bool, drop_last: bool = False, generator: torch.Generator | None = None,
-) -> tuple[DataLoader[Any], BatchAugment | None]:
+) -> tuple[Iterable[Batch], BatchAugment | None]:
     """Batches of ``(images, labels)`` of ``dataset`` and the batch augmentation to apply
     (``None`` when there is none or the items augment themselves).
 
     An :class:`ImageTensorDataset` is fetched as tensor rows (moved to ``device`` first when
-    they fit there; then no worker is used) when it has no augmentation, or for training
-    (``shuffle``) when its augmentation exists per batch; other datasets (and evaluation of
-    an augmented one) item by item through :func:`make_loader`. Either way the sampler, hence
-    the order drawn from ``generator``, is DataLoader's own.
+    they fit in a quarter of its free memory; no worker is needed) when it has no
+    augmentation, or for training (``shuffle``) when its augmentation exists per batch; other
+    datasets (and evaluation of an augmented one) item by item through :func:`make_loader`.
+    Either way the sampler, hence the order drawn from ``generator``, is DataLoader's own.
     """
     common = {"batch_size": batch_size, "shuffle": shuffle, "drop_last": drop_last,
               "generator": generator}
@@ -349,15 +399,14 @@ def batch_loader(
             dataset.deterministic or (shuffle and dataset.batch_augment is not None)):
         images, labels = dataset.images, dataset.labels
         if _fits_on(device, dataset.nbytes):
-            rows = _Rows(images.to(device), labels.to(device))
-            return DataLoader(rows, collate_fn=_whole_batch, **common), dataset.batch_augment
-        return make_loader(_Rows(images, labels), device=device, num_workers=num_workers,
-                           collate_fn=_whole_batch, **common), dataset.batch_augment
+            images, labels = images.to(device), labels.to(device)
+        indices = DataLoader(_Indices(len(dataset)), collate_fn=_whole_batch, **common)
+        return _RowBatches(images, labels, indices, device), dataset.batch_augment
     return make_loader(dataset, device=device, num_workers=num_workers, **common), None
 
 
 def device_batches(
-    loader: DataLoader[Any], device: torch.device
+    loader: Iterable[Batch], device: torch.device
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(images float32, labels long (B,))`` on ``device`` from ``(images, labels)``
     batches (:func:`~flower_focal.data.loader.collate_pairs` or tensor rows)."""
