@@ -133,6 +133,12 @@ class RunConfig:
         "", "where metrics.json, curves.png, summary.md, model.pt go (\"\" = ./runs/<run-id>)",
         hydra="run_dir", path=True, resumable=True)
     device: str = setting("auto", "auto | cpu | cuda", hydra="device")
+    num_workers: int = setting(
+        -1, "data-loading worker processes (-1 = auto: min(cpus-1, 8) on CUDA, 0 on CPU)",
+        hydra="num_workers")
+    precision: str = setting(
+        "auto", "auto | fp32 | bf16: autocast of local training and the FOCAL backbone "
+        "(auto = bf16 on CUDA, fp32 on CPU)", hydra="precision")
 
     @classmethod
     def settings(cls, flag: str | None = None) -> tuple[str, ...]:
