@@ -49,7 +49,7 @@ if TYPE_CHECKING:  # torch, MONAI: imported only where a message needs them (see
     from flower_focal.client.handlers import Site
     from flower_focal.models.backbones import Backbone
 
-_BACKBONES: dict[tuple[str, str, int, str], Backbone] = {}
+_BACKBONES: dict[tuple[str, str, int, str, str], Backbone] = {}
 _EMBEDDINGS: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}
 _HOLDERS: dict[str, CkksKeyHolder] = {}
 
@@ -66,11 +66,11 @@ def site_backbone(site: Site) -> Backbone:
 
     cfg = site.cfg
     device = str(resolve_device(cfg.device))
-    key = (cfg.backbone, cfg.backbone_weights, cfg.backbone_input_size, device)
+    key = (cfg.backbone, cfg.backbone_weights, cfg.backbone_input_size, device, cfg.precision)
     if key not in _BACKBONES:
         _BACKBONES[key] = build_backbone(
             cfg.backbone, weights_path=cfg.backbone_weights or None, device=device,
-            input_size=cfg.backbone_input_size or None,
+            input_size=cfg.backbone_input_size or None, precision=cfg.precision,
         )
     return _BACKBONES[key]
 
@@ -100,8 +100,9 @@ def site_embeddings(site: Site, split: str, *, where: dict[str, str] | None = No
         if len(dataset) == 0:  # type: ignore[arg-type]
             x, y = np.zeros((0, backbone.embed_dim), np.float32), np.zeros((0,), np.int64)
         else:
-            x, y = cached_embeddings(backbone, dataset, cache_dir, parts,
-                                     batch_size=cfg.batch_size, device=backbone.device)
+            x, y = cached_embeddings(backbone, dataset, cache_dir, parts, batch_size=None,
+                                     device=backbone.device,
+                                     num_workers=None if cfg.num_workers < 0 else cfg.num_workers)
         _EMBEDDINGS[memo] = (x, y)
         log(INFO, "institution %d: %s embeddings %s with %s", site.partition_id, split,
             x.shape, backbone.name)

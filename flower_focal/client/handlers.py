@@ -125,6 +125,8 @@ def train(message: Message, context: Context) -> Message:
         optimizer=cfg.optimizer,
         device=resolve_device(cfg.device),
         seed=local_seed(cfg.seed, site.partition_id, server_round),
+        num_workers=None if cfg.num_workers < 0 else cfg.num_workers,
+        precision=cfg.precision,
     )
     log(INFO, "institution %d round %d: %s", site.partition_id, server_round, metrics)
     content = RecordDict(
