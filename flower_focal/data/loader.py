@@ -157,8 +157,8 @@ def make_loader(
 def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``t`` (a small CPU tensor) on ``device`` without making the host wait for the GPU: a
     copy from pageable memory would synchronise, one from (cached) pinned memory does not."""
-    if device.type != "cuda":
-        return t.to(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)  # already on a device (rows kept on the GPU): no host copy at all
     return t.pin_memory().to(device, non_blocking=True)
 
 
