@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,10 +45,10 @@ def changed_lines(diff: str) -> int:
 
 def app_with(tmp: Path, strategy: str | None, base: Path = APP) -> Path:
     """A copy of the foreign app with the README's diff for ``strategy`` applied (None: as is)."""
-    app = tmp / f"app-{base.name}-{strategy or 'flower'}"
-    shutil.copytree(base, app, ignore=shutil.ignore_patterns("__pycache__"))
+    app = Path(tempfile.mkdtemp(prefix=f"app-{base.name}-{strategy or 'flower'}-", dir=tmp))
+    shutil.copytree(base, app, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
     if strategy is not None:
-        patch = tmp / f"{strategy}.diff"
+        patch = app.with_suffix(".diff")
         patch.write_text(readme_diffs()[strategy])
         subprocess.run(["git", "apply", "--whitespace=nowarn", str(patch)], cwd=app, check=True)
     return app
