@@ -30,21 +30,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context
+from flwr.app import Array, ArrayRecord, Context
 from flwr.client import NumPyClient
 from flwr.common import FitIns, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.supercore import log
 
 from flower_focal import keys
-from flower_focal.client.he_mod import encrypt_flat, he_workers, prepare_update, secret_context
+from flower_focal.client.he_mod import hold_update, prepare_update, seal_held_update, secret_context
 from flower_focal.encrypted_model import EncryptedModel
 from flower_focal.packing import ArrayLayout
 
 HE_LAYOUT = "he-layout"  # legacy config: the layout as one JSON string (legacy configs hold scalars)
 HE_ENCRYPTED = "he-encrypted"  # legacy config: the parameters are [ciphertext, [C, W]]
-_HELD = "flower-focal.legacy-held-update"
-_HELD_META = "flower-focal.legacy-held-meta"
 
 
 def _layout_json(layout: ArrayLayout) -> str:
@@ -105,27 +103,15 @@ class HENumPyClient(NumPyClient):
             return self.client.fit(parameters, config)
         secret = self._secret(config)
         layout = _layout_from_json(str(config[HE_LAYOUT]))
-        state = self.he_context.state
         if config.get(keys.HE_SEAL):
-            held, meta = state.array_records.get(_HELD), state.config_records.get(_HELD_META)
-            server_round = int(config[keys.SERVER_ROUND])
-            if held is None or meta is None or int(meta[keys.SERVER_ROUND]) != server_round:
-                raise ValueError(f"asked to seal the round-{server_round} update, but this institution "
-                                 "holds none for that round")
-            flat = np.array(held[_HELD].numpy(), dtype=np.float64)
-            n_examples = int(meta["n"])
-            del state[_HELD]
-            del state[_HELD_META]
-            weight = n_examples / float(config[keys.HE_WEIGHT_NORM])
-            blob = encrypt_flat(flat, secret, layout, weight, workers=he_workers(self.he_context))
-            return [np.frombuffer(blob[keys.HE_CIPHERTEXT].data, dtype=np.uint8)], n_examples, {}
+            encrypted, n_examples, _ = seal_held_update(self.he_context, config, secret)
+            return [np.frombuffer(encrypted[keys.HE_CIPHERTEXT].data, dtype=np.uint8)], int(n_examples), {}
         plain = self._plain(parameters, config, secret, layout)
         trained, n_examples, metrics = self.client.fit(plain, config)
         flat = prepare_update(_record(layout, trained), secret, layout, reference=_record(layout, plain),
                               clip_norm=float(config.get(keys.HE_CLIP_NORM, 0.0)),
                               noise_std=float(config.get(keys.HE_NOISE_STD, 0.0)))
-        state[_HELD] = ArrayRecord({_HELD: Array(flat)})
-        state[_HELD_META] = ConfigRecord({keys.SERVER_ROUND: int(config[keys.SERVER_ROUND]), "n": int(n_examples)})
+        hold_update(self.he_context, flat, n_examples, config)
         return [], n_examples, {**metrics, keys.HE_PENDING: 1}
 
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]):
