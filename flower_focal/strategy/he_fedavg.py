@@ -245,16 +245,15 @@ class HEFedAvg(FedAvg):
             if reply.has_error():
                 continue
             label = self.roster.label_of(reply.metadata.src_node_id)
-            try:
-                metrics = next(iter(reply.content.metric_records.values()))
-                if not metrics.get(keys.HE_PENDING):
-                    raise ValueError("the reply holds no pending update (is he_fedavg_mod on the "
-                                     "ClientApp's @app.train?)")
-                weight = float(metrics[self.weighted_by_key])
-                if not np.isfinite(weight) or weight <= 0:
-                    raise ValueError(f"invalid {self.weighted_by_key} {weight}")
-            except (StopIteration, KeyError, TypeError, ValueError) as exc:
-                record.failures.append(f"train institution {label}: rejected ({exc})")
+            metrics = next(iter(reply.content.metric_records.values()), None)
+            weight = metrics.get(self.weighted_by_key) if metrics is not None else None
+            problem = None
+            if metrics is None or not metrics.get(keys.HE_PENDING):
+                problem = "the reply holds no pending update (is he_fedavg_mod on the ClientApp's train?)"
+            elif not isinstance(weight, int | float) or not np.isfinite(weight) or weight <= 0:
+                problem = f"invalid {self.weighted_by_key} {weight!r}"
+            if problem is not None:
+                record.failures.append(f"train institution {label}: rejected ({problem})")
                 record.train_institutions.pop(label, None)
                 continue
             held[reply.metadata.src_node_id] = reply.content
@@ -268,7 +267,6 @@ class HEFedAvg(FedAvg):
         messages = [Message(RecordDict({self.configrecord_key: config}), dst_node_id=node,
                             message_type=MessageType.TRAIN) for node in held]
         self._sum = _RoundSum(Accumulator(self.he_public, workers=self.server_workers))
-        record.bytes_down += 0  # seal messages carry no arrays
         sealed = list(self._grid.send_and_receive(messages, timeout=self.exchange_timeout))
         for reply in sealed:
             if reply.has_error():
