@@ -116,6 +116,10 @@ class LoopbackDeployment:
         """SuperNode ``index``'s authentication private key (institution side only)."""
         return self.node_dir(index) / f"node-{index}"
 
+    def node_private_keys(self) -> list[Path]:
+        """Every SuperNode's authentication private key (none when insecure)."""
+        return [] if self.insecure else [self.node_key(i) for i in range(len(self.node_configs))]
+
     def _make_pki(self) -> None:
         """Issue the consortium PKI elsewhere and hand each party only its share."""
         issuing = Path(tempfile.mkdtemp(prefix="flower-focal-ca-"))
