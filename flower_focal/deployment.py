@@ -37,11 +37,11 @@ from flower_focal import pki
 from flower_focal.config import RunConfig
 from flower_focal.simulation import (
     SimulationFailed,
-    _toml_value,
     SimulationResult,
+    _toml_value,
+    flower_env,
     flwr_executable,
     free_port,
-    flower_env,
     repo_root,
     require_completed,
     write_run_config,
