@@ -7,6 +7,7 @@ authentication (registered public keys). Slow (the SuperLink and SuperNodes poll
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -230,6 +231,36 @@ def test_a_supernode_that_does_not_trust_the_ca_cannot_connect(deployment, tmp_p
                    env=deployment.env, capture_output=True, timeout=120, check=True)
     status = {int(n["node-id"]): n["status"] for n in deployment.registered_nodes()}
     assert status.get(node_id, "unregistered") == "unregistered"
+    # revoked: the same key, trusting the CA, no longer gets in (the README's key rotation step)
+    proc = deployment.spawn_supernode("supernode-revoked.log", deployment.node_configs[0],
+                                      root_certificates=deployment.ca_cert, private_key=key)
+    assert _wait_exit(proc) != 0
+    log = (deployment.workdir / "supernode-revoked.log").read_text()
+    assert "Failed to activate SuperNode" in log and "SuperNode ID:" not in log
+
+
+def test_known_limit_the_control_api_registers_a_key_for_anyone_who_reaches_the_port(deployment, tmp_path):
+    """Flower 1.42 OSS has no account authentication on the Control API (same port as the Fleet
+    API): a stranger with nothing but the public ``ca.crt`` registers its own SuperNode key.
+    SuperNode authentication therefore holds only if the port is firewalled to the consortium
+    (README, multi-site operations). If Flower closes this, this test fails: update the README."""
+    from flower_focal.pki import make_node_key
+    from flower_focal.simulation import flower_env
+
+    home = tmp_path / "stranger-flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink.target]\naddress = "{deployment.address}"\nroot-certificates = "{deployment.ca_cert}"\n')
+    _, public = make_node_key(tmp_path / "stranger" / "node-s")
+    proc = subprocess.run([flwr_executable(), "supernode", "register", str(public), "target", "--format", "json"],
+                          env=flower_env(home), capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0 and '"success": true' in proc.stdout, proc.stdout + proc.stderr
+    node_id = int(json.loads(proc.stdout[proc.stdout.index("{"):])["node-id"])
+    try:
+        assert node_id in {int(n["node-id"]) for n in deployment.registered_nodes()}
+    finally:
+        subprocess.run([flwr_executable(), "supernode", "unregister", str(node_id), "loopback"],
+                       env=deployment.env, capture_output=True, timeout=120, check=True)
 
 
 def test_he_fedavg_runs_and_the_superlink_host_never_holds_the_secret_key(deployment, site_keys, tmp_path):
