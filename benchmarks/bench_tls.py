@@ -27,11 +27,10 @@ from pathlib import Path
 from _common import emit, loadavg, machine
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.conftest import write_synthetic_npz  # noqa: E402
-
-from flower_focal.config import RunConfig  # noqa: E402
-from flower_focal.deployment import LoopbackDeployment  # noqa: E402
-from flower_focal.simulation import _process_tree  # noqa: E402
+from flower_focal.config import RunConfig
+from flower_focal.deployment import LoopbackDeployment
+from flower_focal.simulation import _process_tree
+from tests.conftest import write_synthetic_npz
 
 
 def _cpu_s(pids: list[int]) -> float:

@@ -397,4 +397,4 @@ def test_a_killed_supernode_leaves_the_round_to_the_survivors_and_rejoins(tmp_pa
     assert metrics["status"] == "completed"
     trained = [len(r["train_institutions"]) for r in metrics["rounds"]]
     assert trained[0] == 3 and min(trained[1:]) == 2  # the round(s) without site 2 completed
-    assert trained[-1] == 3  # the restarted SuperNode rejoined (new node id, same partition)
+    assert trained[-1] == 3  # the restarted SuperNode rejoined (same registered node id and key)
