@@ -170,7 +170,15 @@ class LoopbackDeployment:
 
     def start(self) -> LoopbackDeployment:
         """Start the SuperLink; register every SuperNode's key (secure); start the SuperNodes and
-        wait until each is connected; register the CLI connection."""
+        wait until each is connected; register the CLI connection. On failure every process
+        started so far is stopped before the error propagates."""
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> LoopbackDeployment:
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         if self.insecure:
             tls = ["--insecure"]
