@@ -398,3 +398,18 @@ def test_a_killed_supernode_leaves_the_round_to_the_survivors_and_rejoins(tmp_pa
     trained = [len(r["train_institutions"]) for r in metrics["rounds"]]
     assert trained[0] == 3 and min(trained[1:]) == 2  # the round(s) without site 2 completed
     assert trained[-1] == 3  # the restarted SuperNode rejoined (same registered node id and key)
+
+
+def test_a_failed_start_leaves_no_process_behind(tmp_path):
+    """The SuperLink cannot bind (port taken): start() raises and stops what it had started."""
+    import socket
+
+    dep = LoopbackDeployment([{"partition-id": 0, "num-partitions": 1}], workdir=tmp_path / "dep")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", dep.port))
+        taken.listen()
+        with pytest.raises(RuntimeError, match="superlink"):
+            dep.start()
+    assert dep.superlink is not None and dep.superlink.poll() is not None
+    assert dep.supernodes == []
+    assert (dep.workdir / "superlink-tls" / "superlink.crt").is_file()  # it got as far as the PKI
