@@ -10,9 +10,12 @@ config) and, when the run was audited, ``audit.json`` (the leakage rate of a gra
 attack; see :mod:`flower_focal.audit`). A run without ``audit.json`` is reported as "not audited".
 
 Runs are comparable when they share the data, the partition, the number of institutions, the
-seed and the number of rounds; :func:`differences` lists what differs and :func:`write_report`
-refuses non-comparable runs unless ``allow_mismatch=True`` (then the report says what differs,
-at the top). The model and local-training settings may differ (FOCAL trains a linear head on a
+seed and the number of rounds; :func:`differences` lists what differs (every run is compared,
+however many runs share a strategy) and :func:`write_report` refuses non-comparable runs unless
+``allow_mismatch=True`` (then the report says what differs, at the top, and shows one summary
+table per group of comparable runs, :func:`comparable_groups`). Every row is labelled
+``strategy (dataset)`` (the data file's stem), with the run directory added where two rows would
+otherwise read the same. The model and local-training settings may differ (FOCAL trains a linear head on a
 frozen backbone, the others a whole network) and are listed per run.
 
 Bytes per round per institution are the round's totals (``bytes_up`` / ``bytes_down`` in
@@ -240,7 +243,7 @@ def read_run(run_dir: str | os.PathLike[str]) -> RunSummary:
         if not isinstance(rate, int | float) or isinstance(rate, bool) or not 0.0 <= float(rate) <= 1.0:
             raise ValueError(f"{audit_path}: 'leakage_rate' must be a number in [0, 1], got {rate!r}")
     strategy = str(metrics["strategy"])
-    return RunSummary(run_dir=run_dir, label=strategy, strategy=strategy,
+    return RunSummary(run_dir=run_dir, label=f"{strategy} ({dataset_name(config)})", strategy=strategy,
                       status=str(metrics.get("status", "unknown")), config=config, info=info,
                       rounds=list(metrics["rounds"]), institutions=institutions, audit=audit)
 
@@ -249,23 +252,54 @@ def _order(run: RunSummary) -> int:
     return STRATEGY_ORDER.index(run.strategy) if run.strategy in STRATEGY_ORDER else len(STRATEGY_ORDER)
 
 
+def dataset_name(config: dict[str, Any]) -> str:
+    """The data a run used, as a report names it: the data file's stem (``pathmnist`` for
+    ``.../pathmnist.npz``, the folder's name for an image folder), else the dataset name."""
+    from flower_focal.reporting import dataset_label
+
+    return dataset_label(config)
+
+
+def unique_labels(runs: Sequence[RunSummary]) -> list[RunSummary]:
+    """``runs`` labelled ``strategy (dataset)``; where two would share a label, the run
+    directory (then its parent, then a number) is added, so no two rows read the same."""
+    def label(run: RunSummary, level: int) -> str:
+        ds = dataset_name(run.config)
+        if level == 0:
+            return f"{run.strategy} ({ds})"
+        where = run.run_dir.name if level == 1 else f"{run.run_dir.parent.name}/{run.run_dir.name}"
+        return f"{run.strategy} ({ds}, {where})"
+
+    levels = [0] * len(runs)
+    for _ in range(3):
+        labels = [label(r, lv) for r, lv in zip(runs, levels, strict=True)]
+        clash = {lab for lab in labels if labels.count(lab) > 1}
+        if not clash:
+            break
+        levels = [min(lv + 1, 2) if lab in clash else lv
+                  for lab, lv in zip(labels, levels, strict=True)]
+    labels = [label(r, lv) for r, lv in zip(runs, levels, strict=True)]
+    seen: dict[str, int] = {}
+    out = []
+    for run, lab in zip(runs, labels, strict=True):
+        seen[lab] = seen.get(lab, 0) + 1
+        if labels.count(lab) > 1:
+            lab = f"{lab} #{seen[lab]}"
+        out.append(dataclasses.replace(run, label=lab))
+    return out
+
+
 def collect(run_dirs: Iterable[str | os.PathLike[str]]) -> list[RunSummary]:
     """Read the runs (a sweep directory stands for its runs), ordered fedavg, he-fedavg, focal.
 
-    Two runs of one strategy are labelled with their directory names.
+    Runs are labelled ``strategy (dataset)``; two runs that would share a label get their
+    directory names too (:func:`unique_labels`).
     """
     runs = [read_run(d) for d in expand_run_dirs(run_dirs)]
     if not runs:
         raise ValueError("no run directories given")
     runs.sort(key=_order)  # stable: same strategy keeps the given order
-    counts: dict[str, int] = {}
-    for run in runs:
-        counts[run.strategy] = counts.get(run.strategy, 0) + 1
-    return [
-        run if counts[run.strategy] == 1
-        else dataclasses.replace(run, label=f"{run.strategy} ({run.run_dir.name})")
-        for run in runs
-    ]
+    return unique_labels(runs)
 
 
 # --------------------------------------------------------------------------- comparability
@@ -282,27 +316,46 @@ def _relevant_keys(config: dict[str, Any]) -> list[str]:
     return keys
 
 
-def common_settings(runs: Sequence[RunSummary]) -> dict[str, Any]:
-    """The settings every run shares (data, partition, institutions, seed, rounds)."""
-    first = runs[0]
-    out = {k: first.config.get(k) for k in _relevant_keys(first.config)}
-    out["institutions"] = first.institutions
+def _comparable_view(run: RunSummary) -> dict[str, Any]:
+    out = {k: run.config.get(k) for k in _relevant_keys(run.config)}
+    out["institutions"] = run.institutions
     return out
 
 
+def common_settings(runs: Sequence[RunSummary]) -> dict[str, Any]:
+    """The settings every run shares (data, partition, institutions, seed, rounds); a setting
+    the runs do not share is left out (see :func:`differences`)."""
+    views = [_comparable_view(run) for run in runs]
+    return {k: v for k, v in views[0].items()
+            if all(k in view and json.dumps(view[k], sort_keys=True) == json.dumps(v, sort_keys=True)
+                   for view in views[1:])}
+
+
+def comparable_groups(runs: Sequence[RunSummary]) -> list[list[RunSummary]]:
+    """``runs`` split into groups that share data, partition, institutions, seed and rounds
+    (first-seen order); one group when the runs are comparable."""
+    groups: dict[str, list[RunSummary]] = {}
+    for run in runs:
+        groups.setdefault(json.dumps(_comparable_view(run), sort_keys=True, default=str), []).append(run)
+    return list(groups.values())
+
+
 def differences(runs: Sequence[RunSummary]) -> list[str]:
-    """Why the runs are not comparable (empty when they are): one line per problem."""
+    """Why the runs are not comparable (empty when they are): one line per problem.
+
+    Every run is compared, whatever its label: two runs of one strategy, or two runs with the
+    same directory name, are checked like any others."""
     problems = []
     keys: list[str] = []
     for run in runs:
         keys += [k for k in _relevant_keys(run.config) if k not in keys]
     for key in keys:
-        values = {run.label: run.config.get(key) for run in runs}
-        if len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:
-            problems.append(f"{key} differs: " + ", ".join(f"{k}={v!r}" for k, v in values.items()))
-    inst = {run.label: run.institutions for run in runs}
-    if len(set(inst.values())) > 1:
-        problems.append("institutions differ: " + ", ".join(f"{k}={v}" for k, v in inst.items()))
+        values = [(run.label, run.config.get(key)) for run in runs]
+        if len({json.dumps(v, sort_keys=True) for _, v in values}) > 1:
+            problems.append(f"{key} differs: " + ", ".join(f"{k}={v!r}" for k, v in values))
+    inst = [(run.label, run.institutions) for run in runs]
+    if len({v for _, v in inst}) > 1:
+        problems.append("institutions differ: " + ", ".join(f"{k}={v}" for k, v in inst))
     for run in runs:
         if run.status != "completed":
             problems.append(f"{run.label} did not complete (status {run.status!r}): {run.run_dir}")
@@ -388,12 +441,21 @@ def render_markdown(runs: Sequence[RunSummary], out_dir: Path, problems: Sequenc
         "audit.json); nothing here is typed by hand.")
     if command:
         lines += ["", "Command:", "", "```bash", command, "```"]
+    groups = comparable_groups(runs)
     if problems:
         lines += ["", "## ⚠ The runs are not comparable", ""] + [f"- {p}" for p in problems]
+        if len(groups) > 1:
+            lines += ["", (f"The runs are shown in {len(groups)} separate groups, each sharing data, "
+                           "partition, institutions, seed and rounds: compare rows only within a group.")]
     lines += ["", "## Same for every run", ""]
     lines += _table(("setting", "value"), ([k, "–" if v in ("", None) else str(v)] for k, v in common.items()))
-    lines += ["", "## Summary", ""]
-    lines += _table(SUMMARY_HEADER, summary_rows(runs))
+    if len(groups) == 1:
+        lines += ["", "## Summary", ""]
+        lines += _table(SUMMARY_HEADER, summary_rows(runs))
+    for i, group in enumerate(groups if len(groups) > 1 else [], 1):
+        own = ", ".join(f"{k}={v}" for k, v in common_settings(group).items() if k not in common)
+        lines += ["", f"## Summary, group {i} of {len(groups)}: {own}", ""]
+        lines += _table(SUMMARY_HEADER, summary_rows(group))
     lines += [
         "",
         "Final accuracy / macro AUROC: the last round's federated validation metrics "
@@ -456,116 +518,178 @@ def _plt():
     return plt
 
 
-def _color(run: RunSummary) -> str | None:
-    return _COLORS.get(run.strategy)
+def _style(run: RunSummary, runs: Sequence[RunSummary]) -> tuple[str | None, str, str, int]:
+    """(color, marker, dash, marker size) of ``run``: by strategy, or by position among
+    ``runs`` when a strategy appears more than once (its runs must not look alike)."""
+    strategies = [r.strategy for r in runs]
+    if strategies.count(run.strategy) > 1:
+        i = next(k for k, r in enumerate(runs) if r is run or r.label == run.label)
+        return (_PALETTE[i % len(_PALETTE)], *_MARKS[i % len(_MARKS)])
+    return (_COLORS.get(run.strategy), *_STYLES.get(run.strategy, ("o", "-", 6)))
 
 
-def _line(ax, run: RunSummary, xs: Sequence[float], ys: Sequence[float]) -> None:
-    marker, dash, size = _STYLES.get(run.strategy, ("o", "-", 6))
-    ax.plot(xs, ys, marker=marker, linestyle=dash, markersize=size, label=run.label, color=_color(run))
+def _line(ax, run: RunSummary, runs: Sequence[RunSummary], xs: Sequence[float],
+          ys: Sequence[float]) -> None:
+    color, marker, dash, size = _style(run, runs)
+    ax.plot(xs, ys, marker=marker, linestyle=dash, markersize=size, label=run.label, color=color)
 
 
 def _round_axis(ax) -> None:
     from matplotlib.ticker import MaxNLocator
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    rounds = sorted({int(x) for line in ax.get_lines() for x in line.get_xdata()})
+    if 0 < len(rounds) <= 12:  # one tick per round (one round must not get ticks 0.95..1.05)
+        ax.set_xticks(rounds)
+        if len(rounds) == 1:
+            ax.set_xlim(rounds[0] - 1, rounds[0] + 1)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
 
 
-def _metric_plot(runs: Sequence[RunSummary], key: str, title: str, path: Path) -> Path:
+def datasets_text(runs: Sequence[RunSummary]) -> str:
+    """The datasets of ``runs`` for a plot title (``pathmnist``; ``pathmnist, retinamnist``)."""
+    names: list[str] = []
+    for run in runs:
+        if (name := dataset_name(run.config)) not in names:
+            names.append(name)
+    return ", ".join(names)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
+def _bars(ax, runs: Sequence[RunSummary], values: Sequence[float]):
+    bars = ax.bar(range(len(runs)), values, color=[_style(r, runs)[0] for r in runs])
+    ax.set_xticks(range(len(runs)), [r.label for r in runs], rotation=20, ha="right", fontsize=8)
+    return bars
+
+
+def metric_figure(runs: Sequence[RunSummary], key: str, title: str):
+    """``auroc.png`` / ``accuracy.png``: the federated validation ``key`` per round."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for run in runs:
         xs, ys = run.series("evaluate", key)
-        _line(ax, run, xs, ys)
+        _line(ax, run, runs, xs, ys)
     _round_axis(ax)
     ax.set_ylabel(title)
     ax.set_ylim(0.0, 1.0)
     ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title(title + " (federated validation)")
+    ax.legend(fontsize=8)
+    ax.set_title(f"{title} (federated validation)\n{datasets_text(runs)}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def _wall_plot(runs: Sequence[RunSummary], path: Path) -> Path:
+def wall_figure(runs: Sequence[RunSummary]):
+    """``wall_time.png``: wall time per round and over all rounds."""
     plt = _plt()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.2))
     for run in runs:
         rows = run.per_round()
-        _line(ax1, run, [r["round"] for r in rows], [r["wall_time_s"] or 0.0 for r in rows])
+        _line(ax1, run, runs, [r["round"] for r in rows], [r["wall_time_s"] or 0.0 for r in rows])
     _round_axis(ax1)
     ax1.set_ylabel("seconds")
     ax1.set_title("wall time per round")
     ax1.grid(alpha=0.3)
-    ax1.legend()
-    ax2.bar([r.label for r in runs], [r.wall_time_s() for r in runs], color=[_color(r) for r in runs])
+    ax1.legend(fontsize=8)
+    _bars(ax2, runs, [r.wall_time_s() for r in runs])
     ax2.set_ylabel("seconds")
     ax2.set_title("wall time, all rounds")
+    fig.suptitle(f"wall time, {datasets_text(runs)}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def _bytes_plot(runs: Sequence[RunSummary], path: Path) -> Path:
+def _byte_ticks(values: Sequence[float]) -> tuple[list[float], bool]:
+    """Y ticks for byte counts that start at or below the smallest value and end at or above
+    the largest (no line above the top tick); log scale (decades) only when the values span
+    more than 30x."""
+    import numpy as np
+    from matplotlib.ticker import MaxNLocator
+
+    positive = [v for v in values if v > 0] or [1.0]
+    lo, hi = min(positive), max(positive)
+    if hi < 30 * lo:
+        ticks = [float(t) for t in MaxNLocator(nbins=5, min_n_ticks=3).tick_values(0.0, hi) if t >= 0]
+        return ticks, False
+    first, last = int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi)))
+    return [10.0 ** e for e in range(first, last + 1)], True
+
+
+def bytes_figure(runs: Sequence[RunSummary]):
+    """``bytes.png``: bytes sent up and down per round per institution."""
     plt = _plt()
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.0))
     for ax, key, title in ((axes[0], "bytes_up_per_institution", "sent up (institution → server)"),
                            (axes[1], "bytes_down_per_institution", "sent down (server → institution)")):
         values = []
         for run in runs:
             rows = run.per_round()
-            values += [r[key] for r in rows if r[key] > 0]
-            _line(ax, run, [r["round"] for r in rows], [r[key] for r in rows])
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: fmt_bytes(v)))
-        few_decades = bool(values) and max(values) < 30 * min(values)  # label minor ticks too
-        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _pos: fmt_bytes(v) if few_decades else ""))
+            values += [r[key] for r in rows]
+            _line(ax, run, runs, [r["round"] for r in rows], [r[key] for r in rows])
+        ticks, log = _byte_ticks(values)
+        if log:
+            ax.set_yscale("log")
+        ax.yaxis.set_major_locator(FixedLocator(ticks))
+        ax.yaxis.set_minor_locator(NullLocator())
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_yticks(ticks, [fmt_bytes(t) for t in ticks])
+        ax.set_ylim(ticks[0], ticks[-1])
         _round_axis(ax)
         ax.set_ylabel("bytes per institution")
         ax.set_title(title)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend()
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"bytes per round per institution, {datasets_text(runs)}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def _leakage_plot(runs: Sequence[RunSummary], path: Path) -> Path:
+def leakage_figure(runs: Sequence[RunSummary]):
+    """``leakage.png``: leakage rate of the audited runs (None when no run was audited)."""
+    audited = [r for r in runs if r.leakage() is not None]
+    if not audited:
+        return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    labels = [r.label for r in runs]
-    values = [(leak["leakage_rate"] if (leak := r.leakage()) else 0.0) for r in runs]
-    bars = ax.bar(labels, values, color=[_color(r) for r in runs])
-    for bar, run in zip(bars, runs, strict=True):
-        leak = run.leakage()
-        text = "not audited" if leak is None else f"{leak['leakage_rate']:.2f}"
+    fig, ax = plt.subplots(figsize=(5.5, 4.0))
+    values = [r.leakage()["leakage_rate"] for r in audited]  # type: ignore[index]
+    bars = _bars(ax, audited, values)
+    for bar, run in zip(bars, audited, strict=True):
+        leak = run.leakage() or {}
+        text = f"{leak['leakage_rate']:.2f}" + ("" if leak["attackable"] else " (ciphertexts)")
         ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                    ha="center", va="bottom", fontsize=9)
+                    ha="center", va="bottom", fontsize=8)
     ax.set_ylim(0.0, 1.05)
     ax.set_ylabel("fraction of samples reconstructed")
-    ax.set_title("leakage rate (server-side gradient inversion)")
+    ax.set_title(f"leakage rate (server-side gradient inversion), {datasets_text(audited)}",
+                 fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def write_plots(runs: Sequence[RunSummary], out_dir: Path) -> dict[str, str]:
-    """Write the PNGs into ``out_dir``; returns {plot key: file name}."""
+    """Write the PNGs into ``out_dir``; returns {plot key: file name}. ``leakage.png`` only
+    when at least one run was audited (an old one is removed otherwise)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    _metric_plot(runs, "auroc", "macro AUROC", out_dir / PLOTS["auroc"])
-    _metric_plot(runs, "accuracy", "accuracy", out_dir / PLOTS["accuracy"])
-    _wall_plot(runs, out_dir / PLOTS["wall_time"])
-    _bytes_plot(runs, out_dir / PLOTS["bytes"])
-    _leakage_plot(runs, out_dir / PLOTS["leakage"])
-    return dict(PLOTS)
+    _save(metric_figure(runs, "auroc", "macro AUROC"), out_dir / PLOTS["auroc"])
+    _save(metric_figure(runs, "accuracy", "accuracy"), out_dir / PLOTS["accuracy"])
+    _save(wall_figure(runs), out_dir / PLOTS["wall_time"])
+    _save(bytes_figure(runs), out_dir / PLOTS["bytes"])
+    written = {k: PLOTS[k] for k in ("auroc", "accuracy", "wall_time", "bytes")}
+    leak = leakage_figure(runs)
+    if leak is None:
+        (out_dir / PLOTS["leakage"]).unlink(missing_ok=True)
+    else:
+        written["leakage"] = PLOTS["leakage"]
+        _save(leak, out_dir / PLOTS["leakage"])
+    return written
 
 
 # --------------------------------------------------------------------------- entry point
@@ -584,7 +708,8 @@ def write_report(
     differences at the top). ``command`` is shown in the report (how it was produced).
     """
     runs = list(runs)
-    summaries = runs if runs and all(isinstance(r, RunSummary) for r in runs) else collect(runs)
+    summaries = (unique_labels(runs) if runs and all(isinstance(r, RunSummary) for r in runs)
+                 else collect(runs))
     problems = differences(summaries)
     if problems and not allow_mismatch:
         raise NotComparable(
@@ -598,6 +723,8 @@ def write_report(
     doc = {
         "common": common_settings(summaries),
         "differences": problems,
+        "groups": [{"common": common_settings(g), "runs": [r.label for r in g]}
+                   for g in comparable_groups(summaries)],
         "command": command,
         "runs": [r.to_json() for r in summaries],
         "plots": plots,

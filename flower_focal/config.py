@@ -133,6 +133,12 @@ class RunConfig:
         "", "where metrics.json, curves.png, summary.md, model.pt go (\"\" = ./runs/<run-id>)",
         hydra="run_dir", path=True, resumable=True)
     device: str = setting("auto", "auto | cpu | cuda", hydra="device")
+    num_workers: int = setting(
+        -1, "data-loading worker processes (-1 = auto: min(cpus-1, 8) on CUDA, 0 on CPU)",
+        hydra="num_workers")
+    precision: str = setting(
+        "auto", "auto | fp32 | bf16: autocast of local training and the FOCAL backbone "
+        "(auto = bf16 on CUDA, fp32 on CPU)", hydra="precision")
 
     @classmethod
     def settings(cls, flag: str | None = None) -> tuple[str, ...]:
@@ -153,12 +159,19 @@ class RunConfig:
         return "\n".join(lines) + "\n"
 
     @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any]) -> RunConfig:
-        """Build a config from kebab-case (Flower) or snake_case keys; validate types."""
+    def from_mapping(cls, mapping: Mapping[str, Any], *, others: str = "raise") -> RunConfig:
+        """Build a config from kebab-case (Flower) or snake_case keys; validate types.
+
+        ``others="ignore"`` skips keys that are not flower-focal's: inside a ClientApp the run
+        config is the whole app's (Flower has already checked it against the app's pyproject),
+        and an app that also uses flower-focal's handlers keeps its own keys.
+        """
         known = {f.name: f for f in fields(cls)}
         values: dict[str, Any] = {}
         for raw_key, value in mapping.items():
             key = raw_key.replace("-", "_")
+            if key not in known and others == "ignore":
+                continue
             if key not in known:
                 raise ValueError(
                     f"Unknown run-config key {raw_key!r}. Known keys: "

@@ -56,8 +56,7 @@ class EncryptedModel:
     def to_record(self) -> ArrayRecord:
         """The encrypted aggregate as Flower sends it (ciphertext Array + ``[C, W]``)."""
         return ArrayRecord({
-            keys.HE_CIPHERTEXT: Array(dtype="float64", shape=(self.layout.size,), stype=keys.HE_STYPE,
-                                      data=self.ciphertext),
+            keys.HE_CIPHERTEXT: keys.he_array(self.ciphertext),
             keys.HE_WEIGHTS: Array(np.array(self.weights, dtype=np.float64)),
         })
 

@@ -32,26 +32,6 @@ def metric_dict(record: MetricRecord | None) -> dict[str, Any]:
     return {k: _clean(v) if not isinstance(v, list) else [_clean(x) for x in v] for k, v in record.items()}
 
 
-class Stopwatch:
-    """Accumulated wall seconds and CPU seconds of the calling thread over ``with`` blocks.
-
-    ``time.thread_time`` counts only this thread: work handed to other processes (a
-    ``he-workers`` pool) or other threads is not in :attr:`cpu_s`.
-    """
-
-    def __init__(self) -> None:
-        self.wall_s = 0.0
-        self.cpu_s = 0.0
-
-    def __enter__(self) -> Stopwatch:
-        self._wall0, self._cpu0 = time.perf_counter(), time.thread_time()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.wall_s += time.perf_counter() - self._wall0
-        self.cpu_s += time.thread_time() - self._cpu0
-
-
 def array_bytes(record: ArrayRecord) -> int:
     """Bytes of array payload in a record (what crosses the wire, before framing)."""
     return sum(len(arr.data) for arr in record.values())

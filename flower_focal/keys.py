@@ -5,6 +5,11 @@ One place for every string that crosses the wire, so the server and client sides
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from flwr.app import Array, ArrayRecord
+
 # RecordDict keys (Flower's FedAvg defaults, kept so Flower's own mods and wrappers work).
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -79,3 +84,21 @@ FOCAL_LR = "focal-lr"  # config: learning rate (folded into the error by institu
 FOCAL_STEP = "focal-step"  # config: global step number (1-based)
 FOCAL_CLASS_WEIGHTS = "focal-class-weights"  # config: "none" | "balanced"
 EMBED_DIM = "embed-dim"  # metric of the embed reply: the backbone's embedding dimension
+
+
+
+def he_array(blob: bytes) -> "Array":
+    """A ciphertext envelope as a Flower Array (stype :data:`HE_STYPE`)."""
+    from flwr.app import Array
+
+    return Array(dtype="uint8", shape=(len(blob),), stype=HE_STYPE, data=blob)
+
+
+def he_bytes(record: "ArrayRecord", name: str) -> bytes:
+    """The ciphertext bytes of ``record[name]``; refuses a plaintext (non-HE) Array."""
+    arr = record.get(name)
+    if arr is None:
+        raise ValueError(f"expected an encrypted array {name!r}, got {list(record.keys())}")
+    if arr.stype != HE_STYPE:
+        raise ValueError(f"array {name!r} has stype {arr.stype!r}, not {HE_STYPE!r}: plaintext?")
+    return bytes(arr.data)

@@ -16,17 +16,16 @@ equals the binary AUROC of ``probs[:, 1]``.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
-import torch
 
 if TYPE_CHECKING:
     from flwr.app import MetricRecord, RecordDict
 
-__all__ = ["accuracy", "macro_auroc", "nan_weighted_average", "per_class_auroc"]
+__all__ = ["accuracy", "classification_report", "confusion_matrix", "macro_auroc",
+           "nan_weighted_average", "per_class_auroc"]
 
 
 def _check(probs: npt.ArrayLike, labels: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
@@ -51,10 +50,11 @@ def per_class_auroc(probs: npt.ArrayLike, labels: npt.ArrayLike, num_classes: in
     """One-vs-rest AUROC of each class, shape ``(num_classes,)``; NaN where undefined.
 
     A class's AUROC is undefined (NaN) when ``labels`` has no positive or no negative
-    example of it.
+    example of it. Computed as the Mann-Whitney statistic over average ranks (ties count one
+    half), which is exactly the area under the trapezoidal ROC curve that MONAI's
+    ``compute_roc_auc`` integrates (a test checks they agree); numpy only, so an institution
+    answering an evaluate message imports neither torch nor MONAI for it.
     """
-    from monai.metrics import compute_roc_auc
-
     p, y = _check(probs, labels)
     if p.shape[1] != num_classes:
         raise ValueError(f"probs has {p.shape[1]} columns but num_classes={num_classes}")
@@ -65,13 +65,23 @@ def per_class_auroc(probs: npt.ArrayLike, labels: npt.ArrayLike, num_classes: in
     defined = (counts > 0) & (counts < y.size)
     if not defined.any():
         return result
-    one_hot = np.eye(num_classes, dtype=np.int64)[y]
-    with warnings.catch_warnings():  # MONAI warns for each undefined class; we return NaN.
-        warnings.simplefilter("ignore", UserWarning)
-        values = compute_roc_auc(torch.from_numpy(p), torch.from_numpy(one_hot), average="none")
-    result[:] = np.asarray(values, dtype=np.float64)
-    result[~defined] = np.nan
+    for k in np.flatnonzero(defined):
+        result[k] = _binary_auroc(p[:, k], y == k)
     return result
+
+
+def _binary_auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """P(score of a positive > score of a negative) + 0.5 P(tie), via average ranks."""
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores = scores[order]
+    ranks = np.empty(scores.size, dtype=np.float64)
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_scores)) + 1]
+    ends = np.r_[starts[1:], scores.size]
+    average = (starts + ends + 1) / 2.0  # 1-based average rank of each tie group
+    ranks[order] = np.repeat(average, ends - starts)
+    n_pos = int(positive.sum())
+    n_neg = scores.size - n_pos
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 def macro_auroc(probs: npt.ArrayLike, labels: npt.ArrayLike, num_classes: int) -> float:
@@ -79,6 +89,52 @@ def macro_auroc(probs: npt.ArrayLike, labels: npt.ArrayLike, num_classes: int) -
     values = per_class_auroc(probs, labels, num_classes)
     finite = values[np.isfinite(values)]
     return float(finite.mean()) if finite.size else math.nan
+
+
+def confusion_matrix(probs: npt.ArrayLike, labels: npt.ArrayLike, num_classes: int) -> np.ndarray:
+    """Counts ``(num_classes, num_classes)``: row = true class, column = predicted (arg-max)."""
+    p, y = _check(probs, labels)
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}), got {y.min()}..{y.max()}")
+    out = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(out, (y, p.argmax(axis=1)), 1)
+    return out
+
+
+def classification_report(probs: npt.ArrayLike, labels: npt.ArrayLike, num_classes: int,
+                          class_names: tuple[str, ...] | list[str] = ()) -> dict:
+    """Per-class and overall metrics of one evaluation, JSON-ready (NaN -> None).
+
+    ``per_class``: for each class its name, ``n`` (true examples), ``auroc`` (one-vs-rest,
+    None when undefined), ``recall`` (sensitivity; None without examples) and ``precision``
+    (None when never predicted). ``confusion_matrix``: rows true class, columns predicted.
+    ``auroc_macro`` is :func:`macro_auroc`; ``recall_macro`` (balanced accuracy) the mean
+    recall over classes with examples.
+    """
+    cm = confusion_matrix(probs, labels, num_classes)
+    auroc = per_class_auroc(probs, labels, num_classes)
+    names = list(class_names) if len(class_names) == num_classes else [str(i) for i in range(num_classes)]
+
+    def clean(v: float) -> float | None:
+        return float(v) if math.isfinite(v) else None
+
+    rows, recalls = [], []
+    for k in range(num_classes):
+        n, predicted = int(cm[k].sum()), int(cm[:, k].sum())
+        recall = cm[k, k] / n if n else math.nan
+        if n:
+            recalls.append(recall)
+        rows.append({"class": k, "name": names[k], "n": n, "auroc": clean(auroc[k]),
+                     "recall": clean(recall),
+                     "precision": clean(cm[k, k] / predicted if predicted else math.nan)})
+    finite = auroc[np.isfinite(auroc)]
+    return {
+        "auroc_macro": clean(float(finite.mean())) if finite.size else None,
+        "recall_macro": clean(float(np.mean(recalls))) if recalls else None,
+        "per_class": rows,
+        "confusion_matrix": cm.tolist(),
+        "confusion_matrix_axes": "rows: true class, columns: predicted class",
+    }
 
 
 def nan_weighted_average(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:

@@ -46,57 +46,15 @@ def run_server(grid: Grid, cfg: RunConfig, run_id: int | str = "local") -> Resul
     """
     run_dir = resolve_run_dir(cfg, run_id)
     grid = PromptGrid(grid)  # replies collected as they arrive, not on Flower's 3 s poll tick
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log(INFO, "flower-focal: strategy=%s, writing the run directory %s", cfg.strategy, run_dir)
-    write_json_atomic(run_dir / "config.json", cfg.to_flower())
-
-    history = RunHistory(strategy=cfg.strategy, config=cfg.to_flower(), path=run_dir / "metrics.json")
+    history = _open_run_dir(cfg, run_dir)
     try:
-        checkpoint = load_checkpoint(run_dir) if cfg.resume else None
-        if checkpoint is not None:
-            check_compatible(checkpoint, history.config)
-            history.restore(checkpoint.history)
+        checkpoint = _checkpoint_to_resume(cfg, run_dir, history)
         driver = build_strategy(cfg)  # what Flower's loop runs (may wrap the core strategy)
         strategy = core_strategy(driver)
-        strategy.history = history
-        strategy.checkpoint_dir = run_dir
-        shape = strategy.roster.data_shape(grid)
-        history.info.update(
-            num_classes=shape.num_classes,
-            in_channels=shape.in_channels,
-            institutions=len(strategy.roster.ordered_node_ids(grid.get_node_ids())),
-        )
-        shared = ConfigRecord(
-            {keys.NUM_CLASSES: shape.num_classes, keys.IN_CHANNELS: shape.in_channels}
-        )
-        initial = ArrayRecord()  # FOCAL: an institution makes the (encrypted) initial head
-        if getattr(strategy, "uses_initial_model", True):
-            torch.manual_seed(cfg.seed)
-            model = build_model(cfg.model, shape.in_channels, shape.num_classes, cfg.image_size)
-            history.info["model_parameters"] = count_parameters(model)
-            initial = ArrayRecord(model.state_dict())
-        strategy.bind_initial_model(initial)
-        done = checkpoint.server_round if checkpoint is not None else 0
-        if done:
-            log(INFO, "flower-focal: resuming after round %d from %s", done, run_dir / CHECKPOINT_FILE)
-        if done:
-            driver = RoundOffset(driver, done)
-        try:
-            result = driver.start(
-                grid,
-                checkpoint.arrays if checkpoint is not None else initial,
-                num_rounds=max(cfg.num_server_rounds - done, 0),
-                timeout=cfg.round_timeout,
-                train_config=shared,
-                evaluate_config=ConfigRecord(dict(shared)),
-            )
-        finally:  # also when RoundOffset's loop ran instead of the strategy's own start()
-            close = getattr(strategy, "close", None)
-            if callable(close):
-                close()
-        strategy.require_progress(max(cfg.num_server_rounds - done, 0))  # raises if nothing trained
-        if checkpoint is not None and not result.arrays:  # nothing was left to run
-            result.arrays = checkpoint.arrays
+        strategy.history, strategy.checkpoint_dir = history, run_dir
+        shape = _discover(strategy, grid, history)
+        initial = _initial_model(cfg, strategy, shape, history)
+        result = _run_rounds(cfg, driver, strategy, grid, shape, initial, checkpoint)
         history.status = "completed"
     except BaseException as exc:
         history.status = "failed"
@@ -107,7 +65,79 @@ def run_server(grid: Grid, cfg: RunConfig, run_id: int | str = "local") -> Resul
         write_summary(history, run_dir / "summary.md")
         if history.rounds:
             plot_curves(history, run_dir / "curves.png")
+    _write_final_model(cfg, strategy, shape, result, run_dir)
+    log(INFO, "flower-focal: run directory %s", run_dir)
+    return result
 
+
+def _open_run_dir(cfg: RunConfig, run_dir: Path) -> RunHistory:
+    """Create the run directory, write ``config.json``; the history that becomes ``metrics.json``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log(INFO, "flower-focal: strategy=%s, writing the run directory %s", cfg.strategy, run_dir)
+    write_json_atomic(run_dir / "config.json", cfg.to_flower())
+    return RunHistory(strategy=cfg.strategy, config=cfg.to_flower(), path=run_dir / "metrics.json")
+
+
+def _checkpoint_to_resume(cfg: RunConfig, run_dir: Path, history: RunHistory):
+    """``resume=true``: the run directory's checkpoint (checked against this config), else None."""
+    checkpoint = load_checkpoint(run_dir) if cfg.resume else None
+    if checkpoint is not None:
+        check_compatible(checkpoint, history.config)
+        history.restore(checkpoint.history)
+    return checkpoint
+
+
+def _discover(strategy, grid: Grid, history: RunHistory):
+    """Ask the institutions for the data shape (the model's in-channels and classes)."""
+    shape = strategy.roster.data_shape(grid)
+    history.info.update(
+        num_classes=shape.num_classes,
+        in_channels=shape.in_channels,
+        institutions=len(strategy.roster.ordered_node_ids(grid.get_node_ids())),
+    )
+    return shape
+
+
+def _initial_model(cfg: RunConfig, strategy, shape, history: RunHistory) -> ArrayRecord:
+    """The seeded public initial model (FOCAL: empty, an institution makes the encrypted head)."""
+    initial = ArrayRecord()
+    if strategy.uses_initial_model:
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model, shape.in_channels, shape.num_classes, cfg.image_size)
+        history.info["model_parameters"] = count_parameters(model)
+        initial = ArrayRecord(model.state_dict())
+    strategy.bind_initial_model(initial)
+    return initial
+
+
+def _run_rounds(cfg: RunConfig, driver, strategy, grid: Grid, shape, initial: ArrayRecord,
+                checkpoint) -> Result:
+    """Flower's round loop for the rounds left (after a resumed checkpoint's); raises
+    :class:`~flower_focal.strategy.NothingAggregated` when no round trained anything."""
+    shared = ConfigRecord({keys.NUM_CLASSES: shape.num_classes, keys.IN_CHANNELS: shape.in_channels})
+    done = checkpoint.server_round if checkpoint is not None else 0
+    if done:
+        log(INFO, "flower-focal: resuming after round %d from %s", done, CHECKPOINT_FILE)
+        driver = RoundOffset(driver, done)
+    try:
+        result = driver.start(
+            grid,
+            checkpoint.arrays if checkpoint is not None else initial,
+            num_rounds=max(cfg.num_server_rounds - done, 0),
+            timeout=cfg.round_timeout,
+            train_config=shared,
+            evaluate_config=ConfigRecord(dict(shared)),
+        )
+    finally:  # also when RoundOffset's loop ran instead of the strategy's own start()
+        strategy.close()
+    strategy.require_progress(max(cfg.num_server_rounds - done, 0))
+    if checkpoint is not None and not result.arrays:  # nothing was left to run
+        result.arrays = checkpoint.arrays
+    return result
+
+
+def _write_final_model(cfg: RunConfig, strategy, shape, result: Result, run_dir: Path) -> None:
+    """``model.pt`` + ``model.json`` (plaintext strategies) or ``model.he`` (encrypted ones)."""
     spec = ModelSpec(
         model=cfg.model,
         in_channels=shape.in_channels,
@@ -128,5 +158,3 @@ def run_server(grid: Grid, cfg: RunConfig, run_id: int | str = "local") -> Resul
         path = save_encrypted_model(run_dir, *encrypted, spec)
         log(INFO, "flower-focal: encrypted final global model written to %s (decrypt it where "
             "the secret key lives: flower-focal decrypt-model --run-dir DIR --key DIR)", path)
-    log(INFO, "flower-focal: run directory %s", run_dir)
-    return result

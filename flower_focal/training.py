@@ -11,36 +11,37 @@ functions move the model to ``device`` in place and leave it there.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
-from collections.abc import Iterator, Sized
+from collections.abc import Sized
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from flower_focal import keys
+from flower_focal.data.loader import batch_loader, device_batches, to_device_async
 from flower_focal.metrics import accuracy, macro_auroc
 
 __all__ = [
     "OPTIMIZERS",
+    "PRECISIONS",
+    "autocast",
     "evaluate_model",
     "predict_proba",
     "resolve_device",
+    "resolve_precision",
     "seed_everything",
     "train_local",
 ]
 
 OPTIMIZERS = ("sgd", "adam")
 """Values accepted for ``train_local(optimizer=...)`` (and ``RunConfig.optimizer``)."""
-
-IMAGE_KEY = "image"
-LABEL_KEY = "label"
-
 
 def resolve_device(name: str) -> torch.device:
     """Map ``"auto"`` (CUDA if available, else CPU), ``"cpu"`` or ``"cuda[:i]"`` to a device."""
@@ -83,6 +84,35 @@ def _seed_augmentation(dataset: Any, seed: int) -> None:
         transform.set_random_state(seed=seed % (2**32))
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+"""Values accepted for ``precision`` (and ``RunConfig.precision``)."""
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype of ``precision`` on ``device``, ``None`` for plain float32.
+
+    ``"auto"``: bfloat16 on CUDA, float32 elsewhere (CPU results stay bit-identical to
+    float32 code). ``"bf16"`` needs CUDA; ``"fp32"`` is float32 everywhere.
+    """
+    device = torch.device(device)
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"Unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if precision == "bf16" and device.type != "cuda":
+        raise ValueError(
+            f"precision 'bf16' needs a CUDA device, got {device}; use 'auto' or 'fp32'")
+    if precision == "fp32" or device.type != "cuda":
+        return None
+    return torch.bfloat16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
+    """``torch.autocast`` to ``dtype`` on ``device``, or a no-op context for ``None``."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
 def train_local(
     model: nn.Module,
     dataset: Dataset[Any],
@@ -96,6 +126,8 @@ def train_local(
     device: torch.device | str,
     seed: int,
     class_weights: torch.Tensor | None = None,
+    num_workers: int | None = None,
+    precision: str = "auto",
 ) -> dict[str, float]:
     """Train ``model`` in place for ``epochs`` passes over ``dataset``; return its metrics.
 
@@ -104,13 +136,23 @@ def train_local(
     and the caller's RNG state is left untouched). ``momentum`` applies to SGD only;
     ``class_weights`` (length K) weights the cross-entropy.
 
+    An :class:`~flower_focal.data.loader.ImageTensorDataset` (what
+    :func:`flower_focal.data.load_institution` returns) is sliced batch by batch, on the
+    device when it fits in a quarter of its free memory, and its ``batch_augment`` is applied
+    to each batch there, drawn from a generator seeded with ``seed``: results do not depend
+    on ``num_workers``. Other datasets go through a DataLoader with ``num_workers`` worker
+    processes (``None``/negative: :func:`~flower_focal.data.loader.resolve_num_workers`).
+    ``precision`` (:func:`resolve_precision`): ``"auto"`` trains under bfloat16 autocast
+    with channels-last weights on CUDA and in float32 on CPU.
+
     BatchNorm step counters (``num_batches_tracked``) are left as received when the layer has
     a momentum (then they affect nothing): as part of an update they would only count local
     batches, and that count would dominate the update's norm under DP clipping.
 
     Returns ``{"train-loss": mean per-example loss of the last epoch, "num-examples":
     len(dataset)}``. Raises ``ValueError`` for an empty dataset or bad arguments and
-    ``FloatingPointError`` as soon as the loss is NaN or infinite.
+    ``FloatingPointError`` when the loss is NaN or infinite: at that step on CPU, at the end
+    of that epoch on CUDA (checking every step would stall the GPU).
     """
     num_examples = _length(dataset)
     if num_examples == 0:
@@ -120,48 +162,67 @@ def train_local(
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     device = torch.device(device)
+    amp = resolve_precision(precision, device)
+    channels_last = amp is not None
     model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     opt = _make_optimizer(model, optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
     weight = None if class_weights is None else class_weights.to(device, torch.float32)
 
     _seed_augmentation(dataset, seed)
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=True,
-        num_workers=0,
-        # A trailing batch of a few samples gives BatchNorm a near-zero variance and a noisy,
-        # ill-conditioned step; drop it whenever there is at least one full batch.
-        drop_last=num_examples > batch_size,
-        generator=generator,
-    )
+    augment_rng = torch.Generator().manual_seed(seed)
+    # A trailing batch of a few samples gives BatchNorm a near-zero variance and a noisy,
+    # ill-conditioned step; drop it whenever there is at least one full batch.
+    drop_last = num_examples > batch_size
+    loader, augment = batch_loader(dataset, batch_size, device, num_workers, shuffle=True,
+                                   drop_last=drop_last, generator=generator)
+    per_epoch = num_examples // batch_size * batch_size if drop_last else num_examples
     rng_devices = [_cuda_index(device)] if device.type == "cuda" else []
+    check_each_step = device.type == "cpu"  # a host sync per step is free on CPU only
     epoch_loss = math.nan
     counters = _step_counters(model)
     model.train()
     with torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(seed)
         for epoch in range(epochs):
-            loss_sum, seen = 0.0, 0
-            for step, (images, labels) in enumerate(_batches(loader, device)):
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            seen = 0
+            if augment is not None:  # the epoch's flips and turns, drawn and copied at once
+                codes = to_device_async(augment.draw(per_epoch, augment_rng), device)
+            for step, (images, labels) in enumerate(device_batches(loader, device)):
+                if augment is not None:
+                    images = augment.apply(images, codes[seen:seen + labels.shape[0]])
+                if channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
                 opt.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(images), labels, weight=weight)
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise FloatingPointError(
-                        f"training loss became {value} at epoch {epoch + 1}, batch {step + 1}; "
-                        f"lower the learning rate (lr={lr}) or check the inputs for NaN/Inf"
-                    )
+                with autocast(device, amp):
+                    logits = model(images)
+                loss = F.cross_entropy(logits.float(), labels, weight=weight)
+                if check_each_step:
+                    _check_finite(float(loss.detach()), epoch, step, lr)
                 loss.backward()
                 opt.step()
-                loss_sum += value * labels.shape[0]
+                loss_sum += loss.detach() * labels.shape[0]
                 seen += labels.shape[0]
-            epoch_loss = loss_sum / seen
+            epoch_loss = float(loss_sum) / seen
+            _check_finite(epoch_loss, epoch, None, lr)
     with torch.no_grad():
         for buffer, received in counters:
             buffer.copy_(received)
+    if channels_last:
+        model.to(memory_format=torch.contiguous_format)
     return {keys.TRAIN_LOSS: epoch_loss, keys.NUM_EXAMPLES: num_examples}
+
+
+def _check_finite(value: float, epoch: int, step: int | None, lr: float) -> None:
+    if not math.isfinite(value):
+        where = f"epoch {epoch + 1}" + (f", batch {step + 1}" if step is not None else "")
+        raise FloatingPointError(
+            f"training loss became {value} at {where}; "
+            f"lower the learning rate (lr={lr}) or check the inputs for NaN/Inf"
+        )
 
 
 def _step_counters(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -225,44 +286,17 @@ def _logits(
     model.eval()
     out_logits: list[torch.Tensor] = []
     out_labels: list[torch.Tensor] = []
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    loader, _ = batch_loader(dataset, batch_size, device, None, shuffle=False)
     try:
         with torch.no_grad():
-            for images, labels in _batches(loader, device):
-                out_logits.append(model(images).float().cpu())
-                out_labels.append(labels.cpu())
+            for images, labels in device_batches(loader, device):
+                out_logits.append(model(images).float())
+                out_labels.append(labels)
     finally:
         model.train(was_training)
     if not out_logits:
         return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
-    return torch.cat(out_logits), torch.cat(out_labels)
-
-
-def _batches(
-    loader: DataLoader[Any], device: torch.device
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(images, labels)`` on ``device`` from dict or tuple batches."""
-    for batch in loader:
-        if isinstance(batch, dict):
-            if IMAGE_KEY not in batch or LABEL_KEY not in batch:
-                raise ValueError(
-                    f"dict batches need keys {IMAGE_KEY!r} and {LABEL_KEY!r}, got {sorted(batch)}"
-                )
-            images, labels = batch[IMAGE_KEY], batch[LABEL_KEY]
-        elif isinstance(batch, list | tuple) and len(batch) == 2:
-            images, labels = batch
-        else:
-            raise ValueError(
-                f"batches must be dicts with {IMAGE_KEY!r}/{LABEL_KEY!r} or (image, label) "
-                f"pairs, got {type(batch).__name__}"
-            )
-        # MONAI MetaTensors carry metadata through every op; plain tensors are faster.
-        images = torch.as_tensor(images).as_subclass(torch.Tensor)
-        labels = torch.as_tensor(labels).as_subclass(torch.Tensor)
-        yield (
-            images.to(device, torch.float32, non_blocking=True),
-            labels.reshape(-1).to(device, torch.long, non_blocking=True),
-        )
+    return torch.cat(out_logits).cpu(), torch.cat(out_labels).cpu()
 
 
 def _make_optimizer(

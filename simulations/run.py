@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -26,6 +27,7 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from flower_focal.config import RunConfig
+from flower_focal.preflight import PreflightError
 from flower_focal.simulation import Federation, simulate
 
 log = logging.getLogger("flower_focal.launcher")
@@ -98,7 +100,10 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = Path(run_cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "hydra_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    result = simulate(run_cfg, to_federation(cfg), timeout_s=cfg.federation.timeout_s)
+    try:
+        result = simulate(run_cfg, to_federation(cfg), timeout_s=cfg.federation.timeout_s)
+    except PreflightError as exc:  # nothing was started: one line, no traceback
+        sys.exit(f"flower-focal: preflight failed, nothing was started: {exc}")
     metrics = result.metrics()
     final = metrics["rounds"][-1]["evaluate"] if metrics["rounds"] else {}
     log.info("run %d finished in %.1f s: %s", result.run_id, result.wall_time_s, json.dumps(final))

@@ -93,6 +93,7 @@ def test_audit_config_validates_and_follows_a_run_config():
 
 
 # ------------------------------------------------------------------------------ end to end
+@pytest.mark.slow  # a real gradient-inversion attack: minutes of CPU
 def test_plaintext_batch1_update_leaks_a_recognisable_image(tmp_path):
     cfg = AuditConfig(strategy="fedavg", dataset="pathmnist", model="lenet-sigmoid", batch_size=1,
                       num_samples=2, iterations=400, seed=0)

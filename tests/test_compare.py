@@ -8,6 +8,7 @@ numbers its runs wrote.
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import subprocess
@@ -115,7 +116,11 @@ def check_report_matches_runs(out_dir: Path, run_dirs: list[Path]) -> dict:
         assert row[5] == fmt_bytes(up_per_round)
         assert row[8].startswith("not audited" if not audit.is_file()
                                  else f"{json.loads(audit.read_text())['leakage_rate']:.2f}")
-    for name in PLOTS.values():
+    audited = any((d / "audit.json").is_file() for d in run_dirs)
+    for key, name in PLOTS.items():
+        if key == "leakage" and not audited:  # no empty chart when nothing was audited
+            assert not (out_dir / name).exists() and name not in md and key not in doc["plots"]
+            continue
         data = (out_dir / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000, name
         assert f"]({name})" in md
@@ -159,7 +164,7 @@ def test_audit_json_gives_the_leakage_rate_and_a_bad_one_is_refused(runs, tmp_pa
     leak = doc["runs"][0]["leakage"]
     assert leak["leakage_rate"] == 0.75 and leak["attacked_samples"] == 4 and leak["attackable"]
     assert doc["runs"][1]["leakage"] is None
-    assert "| fedavg | 0.75 | yes | 4 |" in (out / "report.md").read_text()
+    assert "| fedavg (synthetic-pathology) | 0.75 | yes | 4 |" in (out / "report.md").read_text()
 
     (audited / "audit.json").write_text(json.dumps({"leakage_rate": 1.5}))
     with pytest.raises(ValueError, match=r"audit.json.*leakage_rate"):
@@ -170,7 +175,7 @@ def test_runs_that_differ_in_seed_or_data_are_refused_unless_allowed(runs, tmp_p
     other = _copy_run(runs / "he-fedavg", tmp_path / "he-seed9", seed=9, **{"num-samples": 80})
     with pytest.raises(NotComparable) as exc:
         write_report([runs / "fedavg", other], tmp_path / "refused")
-    assert "seed differs: fedavg=3, he-fedavg=9" in str(exc.value)
+    assert "seed differs: fedavg (synthetic-pathology)=3, he-fedavg (synthetic-pathology)=9" in str(exc.value)
     assert "num-samples differs" in str(exc.value)
     assert not (tmp_path / "refused").exists()
     report = write_report([runs / "fedavg", other], tmp_path / "forced", allow_mismatch=True)
@@ -189,10 +194,52 @@ def test_a_failed_run_or_other_institution_count_is_a_difference(runs, tmp_path)
     assert any(p.startswith("institutions differ") for p in problems)
 
 
-def test_two_runs_of_one_strategy_are_labelled_by_directory(runs, tmp_path):
+def test_two_runs_of_one_strategy_are_labelled_by_dataset_and_directory(runs, tmp_path):
     again = _copy_run(runs / "fedavg", tmp_path / "fedavg-again")
     labels = [r.label for r in collect([runs / "fedavg", again])]
-    assert labels == ["fedavg (fedavg)", "fedavg (fedavg-again)"]
+    assert labels == ["fedavg (synthetic-pathology, fedavg)", "fedavg (synthetic-pathology, fedavg-again)"]
+    assert [r.label for r in collect([runs])] == ["fedavg (synthetic-pathology)",
+                                                  "he-fedavg (synthetic-pathology)"]
+
+
+def _medmnist_run(src: Path, dst: Path, name: str) -> Path:
+    """A copy of ``src`` that says it ran on ``/data/<name>/<name>.npz``."""
+    return _copy_run(src, dst, dataset="medmnist", **{"data-path": f"/data/{name}/{name}.npz"})
+
+
+def test_the_same_strategy_on_two_datasets_is_refused_and_rows_name_the_dataset(runs, tmp_path):
+    # two Hydra sweeps give the same job directory name: 0-fedavg-medmnist
+    path = _medmnist_run(runs / "fedavg", tmp_path / "a" / "0-fedavg-medmnist", "pathmnist")
+    retina = _medmnist_run(runs / "fedavg", tmp_path / "b" / "0-fedavg-medmnist", "retinamnist")
+    with pytest.raises(NotComparable, match=r"data-path differs: fedavg \(pathmnist\)='/data/pathmnist/"
+                       r"pathmnist.npz', fedavg \(retinamnist\)='/data/retinamnist/retinamnist.npz'"):
+        write_report([path, retina], tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    # the same dataset twice under one directory name: still distinguishable, still checked
+    again = _medmnist_run(runs / "fedavg", tmp_path / "c" / "0-fedavg-medmnist", "pathmnist")
+    assert [r.label for r in collect([path, again])] == [
+        "fedavg (pathmnist, a/0-fedavg-medmnist)", "fedavg (pathmnist, c/0-fedavg-medmnist)"]
+    seed9 = _copy_run(again, tmp_path / "d" / "0-fedavg-medmnist", seed=9)
+    with pytest.raises(NotComparable, match="seed differs"):
+        write_report([path, seed9], tmp_path / "refused")
+
+
+def test_allow_mismatch_separates_the_incomparable_runs(runs, tmp_path):
+    path = _medmnist_run(runs / "fedavg", tmp_path / "a" / "0-fedavg-medmnist", "pathmnist")
+    path_he = _medmnist_run(runs / "he-fedavg", tmp_path / "a" / "1-he-fedavg-medmnist", "pathmnist")
+    retina = _medmnist_run(runs / "fedavg", tmp_path / "b" / "0-fedavg-medmnist", "retinamnist")
+    report = write_report([path, retina, path_he], tmp_path / "forced", allow_mismatch=True)
+    md = report.read_text()
+    doc = json.loads((tmp_path / "forced" / REPORT_JSON).read_text())
+    assert [g["runs"] for g in doc["groups"]] == [["fedavg (pathmnist)", "he-fedavg (pathmnist)"],
+                                                  ["fedavg (retinamnist)"]]
+    assert "data-path" not in doc["common"]  # not "the same for every run"
+    assert doc["groups"][1]["common"]["data-path"] == "/data/retinamnist/retinamnist.npz"
+    assert "## Summary, group 1 of 2: data-path=/data/pathmnist/pathmnist.npz" in md
+    assert "## Summary, group 2 of 2: data-path=/data/retinamnist/retinamnist.npz" in md
+    group1 = md.split("group 1 of 2", 1)[1].split("## Summary, group 2", 1)[0]
+    assert "| fedavg (pathmnist) |" in group1 and "retinamnist) |" not in group1
+    assert "compare rows only within a group" in md
 
 
 def test_report_cli(runs, tmp_path, capsys):
@@ -344,3 +391,65 @@ def test_one_multirun_command_writes_the_report_of_the_runs_it_launched(tmp_path
     if audited:  # the server of he-fedavg and focal holds only ciphertexts
         assert [e["leakage"]["attackable"] for e in doc["runs"]] == [True, False, False]
         assert all(e["leakage"]["leakage_rate"] == 0.0 for e in doc["runs"][1:])
+
+
+def test_plot_titles_name_the_dataset_and_bytes_ticks_cover_the_lines(runs, tmp_path):
+    from flower_focal.compare import (
+        bytes_figure,
+        leakage_figure,
+        metric_figure,
+        wall_figure,
+    )
+
+    summaries = collect([runs])
+    fig = metric_figure(summaries, "auroc", "macro AUROC")
+    assert "synthetic-pathology" in fig.axes[0].get_title()
+    assert "synthetic-pathology" in wall_figure(summaries)._suptitle.get_text()
+    fig = bytes_figure(summaries)
+    assert "synthetic-pathology" in fig._suptitle.get_text()
+    fig.canvas.draw()
+    for ax in fig.axes:
+        top = max(max(line.get_ydata()) for line in ax.get_lines())
+        ticks = ax.get_yticks()
+        assert ticks.max() >= top and ax.get_ylim()[1] >= top  # no line above the top tick
+        assert not [t.get_text() for t in ax.get_yticklabels(minor=True) if t.get_text()]
+        labels = [t for t in ax.get_yticklabels() if t.get_text()]
+        boxes = sorted((t.get_window_extent().y0, t.get_window_extent().y1) for t in labels)
+        assert all(a[1] <= b[0] for a, b in itertools.pairwise(boxes)), "tick labels overlap"
+    assert leakage_figure(summaries) is None  # nothing audited: no chart
+
+
+def test_two_runs_of_one_strategy_do_not_look_alike_in_a_plot(runs, tmp_path):
+    from flower_focal.compare import metric_figure
+
+    retina = _medmnist_run(runs / "fedavg", tmp_path / "b" / "0-fedavg-medmnist", "retinamnist")
+    ax = metric_figure(collect([runs / "fedavg", retina]), "auroc", "macro AUROC").axes[0]
+    lines = ax.get_lines()
+    assert [line.get_label() for line in lines] == ["fedavg (synthetic-pathology)", "fedavg (retinamnist)"]
+    assert lines[0].get_color() != lines[1].get_color()
+    assert lines[0].get_marker() != lines[1].get_marker()
+    assert "synthetic-pathology, retinamnist" in ax.get_title()
+    assert list(ax.get_xticks()) == [1, 2]  # one tick per round
+
+
+def test_curves_png_has_institution_curves_a_chance_line_and_the_dataset(runs):
+    from flower_focal.history import RunHistory
+    from flower_focal.reporting import curves_figure
+
+    doc = _metrics(runs / "fedavg")
+    history = RunHistory(strategy=doc["strategy"], config=doc["config"])
+    history.restore(doc)
+    history.info.update(doc["info"])
+    fig = curves_figure(history)
+    assert fig._suptitle.get_text() == "fedavg on synthetic-pathology, 2 institutions"
+    titles = [ax.get_title() for ax in fig.axes]
+    acc = fig.axes[titles.index("validation accuracy")]
+    auroc = fig.axes[titles.index("validation macro AUROC")]
+    for ax, chance in ((acc, 1 / 9), (auroc, 0.5)):
+        labels = [line.get_label() for line in ax.get_lines()]
+        assert labels.count("federation") == 1 and "institutions" in labels
+        grey = [line for line in ax.get_lines() if line.get_color() == "0.6"]
+        assert len(grey) == 2  # one thin curve per institution
+        chance_line = next(line for line in ax.get_lines() if line.get_label().startswith("chance"))
+        assert list(chance_line.get_ydata()) == pytest.approx([chance, chance])
+    assert not [line for line in fig.axes[0].get_lines() if line.get_label().startswith("chance")]

@@ -46,3 +46,10 @@ def test_unknown_key_is_named():
 def test_wrong_type_is_named():
     with pytest.raises(ValueError, match="'num-server-rounds'.*int"):
         RunConfig.from_mapping({"num-server-rounds": "three"})
+
+
+def test_a_clientapp_ignores_the_apps_own_keys():
+    cfg = RunConfig.from_mapping({"learning-rate": 0.1, "lr": 0.2}, others="ignore")
+    assert cfg.lr == 0.2
+    with pytest.raises(ValueError, match="'lr' must be of type float"):
+        RunConfig.from_mapping({"learning-rate": 0.1, "lr": "fast"}, others="ignore")

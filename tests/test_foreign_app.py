@@ -10,11 +10,11 @@ engine. Slow: every run starts a local SuperLink and Ray (~25 s on 2 cores).
 from __future__ import annotations
 
 import json
-import math
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from flower_focal.simulation import Federation, SimulationFailed, repo_root, run
 pytestmark = pytest.mark.slow
 
 APP = Path(__file__).parent / "foreign_app"
+LEGACY_APP = Path(__file__).parent / "foreign_legacy_app"
 NODES = 3
 
 
@@ -42,12 +43,12 @@ def changed_lines(diff: str) -> int:
     return max(added, removed)
 
 
-def app_with(tmp: Path, strategy: str | None) -> Path:
+def app_with(tmp: Path, strategy: str | None, base: Path = APP) -> Path:
     """A copy of the foreign app with the README's diff for ``strategy`` applied (None: as is)."""
-    app = tmp / f"app-{strategy or 'flower'}"
-    shutil.copytree(APP, app, ignore=shutil.ignore_patterns("__pycache__"))
+    app = Path(tempfile.mkdtemp(prefix=f"app-{base.name}-{strategy or 'flower'}-", dir=tmp))
+    shutil.copytree(base, app, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
     if strategy is not None:
-        patch = tmp / f"{strategy}.diff"
+        patch = app.with_suffix(".diff")
         patch.write_text(readme_diffs()[strategy])
         subprocess.run(["git", "apply", "--whitespace=nowarn", str(patch)], cwd=app, check=True)
     return app
@@ -108,7 +109,7 @@ def he_keys(tmp) -> Path:
 
 def test_readme_diffs_are_small():
     diffs = readme_diffs()
-    assert set(diffs) == {"fedavg", "he-fedavg", "focal"}
+    assert set(diffs) == {"fedavg", "he-fedavg", "focal", "legacy"}
     sizes = {name: changed_lines(diff) for name, diff in diffs.items()}
     print(json.dumps({"changed_lines": sizes}))
     assert sizes["fedavg"] == 1
@@ -200,3 +201,40 @@ def test_misconfigured_apps_fail_fast_with_the_cause(tmp, he_keys):
     print(json.dumps({"seconds_to_failure": {k: round(v, 1) for k, v in timings.items()}}))
     assert all(v < 120 for v in timings.values()), timings
     assert not list((tmp / "bad3").glob("final_model*"))
+
+
+def distributed_losses(log: str) -> list[float]:
+    """The legacy server's "History (loss, distributed)" values, round by round."""
+    section = log.split("History (loss, distributed):", 1)[1]
+    return [float(v) for v in re.findall(r"round \d+: ([0-9.eE+-]+)", section.split("History", 1)[0])]
+
+
+def test_legacy_numpyclient_app_under_he_fedavg_equals_plain_legacy_fedavg(tmp, he_keys):
+    """Flower's legacy API (flwr.server.strategy + NumPyClient) with the README's legacy diff."""
+    plain, he = tmp / "legacy-plain", tmp / "legacy-he"
+    run(app_with(tmp, None, LEGACY_APP), plain)
+    app = app_with(tmp, "legacy", LEGACY_APP)
+    run(app, he, **{"he-key-dir": str(he_keys)})
+    want = distributed_losses((plain / "flwr.log").read_text())
+    got = distributed_losses((he / "flwr.log").read_text())
+    assert len(want) == len(got) == 3
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert ((he / "flwr.log").read_text()).count("summed 3 ciphertexts") == 3
+
+    state = decrypt(he / "final_model.he", he_keys)  # arrays "0", "1", ... in get_weights order
+    sys.path.insert(0, str(app))
+    try:
+        from legacyapp.task import Net, load_data, set_weights, test
+    finally:
+        sys.path.remove(str(app))
+        for name in [m for m in sys.modules if m.startswith("legacyapp")]:
+            del sys.modules[name]
+    net = Net()
+    set_weights(net, [state[str(i)].numpy() for i in range(len(state))])
+    losses, sizes = [], []
+    for pid in range(NODES):
+        _, val = load_data(pid, NODES, 16)
+        losses.append(test(net, val, "cpu")[0])
+        sizes.append(len(val.dataset))
+    final = float(np.average(losses, weights=sizes))
+    assert abs(final - want[-1]) <= 1e-5 * max(1.0, abs(want[-1])), (final, want[-1])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 
 from clients.client_app import app as client_app
 from flower_focal.config import RunConfig

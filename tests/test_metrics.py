@@ -108,3 +108,31 @@ def test_nan_weighted_average_all_nan_key_and_bad_weight() -> None:
     assert math.isnan(out["auroc"]) and out["num-examples"] == 7
     with pytest.raises(ValueError, match="num-examples"):
         nan_weighted_average([_reply(loss=1.0)], "num-examples")
+
+
+def test_per_class_auroc_equals_monais_compute_roc_auc_with_ties():
+    """The numpy rank statistic is MONAI's trapezoidal ROC area, ties included."""
+    import warnings
+
+    import torch
+    from monai.metrics import compute_roc_auc
+
+    from flower_focal.metrics import per_class_auroc
+
+    rng = np.random.default_rng(0)
+    compared = 0
+    for trial in range(100):
+        n, k = int(rng.integers(5, 60)), int(rng.integers(2, 6))
+        p = rng.random((n, k)) + 1e-3
+        if trial % 2:
+            p = np.round(p, 1)  # many ties
+        y = rng.integers(0, k, n)
+        ours = per_class_auroc(p, y, k)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = np.asarray(compute_roc_auc(torch.from_numpy(p), torch.from_numpy(np.eye(k, dtype=np.int64)[y]),
+                                             average="none"), dtype=float)
+        defined = np.isfinite(ours)
+        np.testing.assert_allclose(ours[defined], ref[defined], atol=1e-12)
+        compared += int(defined.sum())
+    assert compared > 300

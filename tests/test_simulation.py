@@ -85,8 +85,8 @@ def test_same_seed_gives_the_same_global_model(launcher_run, npz, tmp_path):
 def test_a_failed_run_raises_instead_of_looking_like_success(tmp_path):
     cfg = RunConfig(dataset="medmnist", data_path=str(tmp_path / "missing.npz"),
                     num_server_rounds=1, run_dir=str(tmp_path / "run"))
-    with pytest.raises(SimulationFailed, match="finished:failed"):
-        simulate(cfg, Federation(num_supernodes=2), echo=False)
+    with pytest.raises(SimulationFailed, match="finished:failed"):  # a failure inside Flower's run:
+        simulate(cfg, Federation(num_supernodes=2), echo=False, check=False)  # preflight skipped
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["status"] == "failed"
     assert "describe" in metrics["info"]["error"] or "missing.npz" in metrics["info"]["error"]
@@ -159,3 +159,16 @@ def test_a_killed_simulation_resumes_to_the_uninterrupted_result(npz, tmp_path):
     assert metrics["info"]["resumed_after_round"] == done
     a, b = torch.load(whole.run_dir / "model.pt"), torch.load(killed_dir / "model.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_packaged_app_runs_without_a_checkout(tmp_path):
+    """From an installed wheel there is no pyproject next to the package: the generated app
+    (flower_focal.apps, RunConfig's own run-config table) runs the same simulation."""
+    from flower_focal.simulation import packaged_app_dir
+
+    app = packaged_app_dir(tmp_path / "app")
+    assert "flower_focal.apps:server_app" in (app / "pyproject.toml").read_text()
+    result = simulate(RunConfig(num_server_rounds=1, num_samples=120, run_dir=str(tmp_path / "run")),
+                      Federation(num_supernodes=2), app_dir=app, echo=False)
+    assert result.status == "finished:completed"
+    assert result.metrics()["status"] == "completed" and (result.run_dir / "model.pt").is_file()

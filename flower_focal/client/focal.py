@@ -23,17 +23,15 @@ import tempfile
 from collections.abc import Callable
 from logging import INFO
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.supercore import log
 
 from flower_focal import keys
-from flower_focal.client.handlers import Site, site_from_context
 from flower_focal.client.he_mod import secret_context
 from flower_focal.crypto import CkksKeyHolder
-from flower_focal.data.institution import load_institution_train_eval
 from flower_focal.focal import (
     FocalLayout,
     balanced_class_weights,
@@ -44,13 +42,14 @@ from flower_focal.focal import (
     predict_logits,
     softmax,
 )
+from flower_focal.keys import he_array, he_bytes
 from flower_focal.metrics import accuracy, macro_auroc
-from flower_focal.models.backbones import Backbone, build_backbone
-from flower_focal.models.embeddings import cached_embeddings, data_key_parts
-from flower_focal.strategy.focal import he_array, he_bytes
-from flower_focal.training import resolve_device
 
-_BACKBONES: dict[tuple[str, str, int, str], Backbone] = {}
+if TYPE_CHECKING:  # torch, MONAI: imported only where a message needs them (see module doc)
+    from flower_focal.client.handlers import Site
+    from flower_focal.models.backbones import Backbone
+
+_BACKBONES: dict[tuple[str, str, int, str, str], Backbone] = {}
 _EMBEDDINGS: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}
 _HOLDERS: dict[str, CkksKeyHolder] = {}
 
@@ -62,23 +61,31 @@ def default_cache_dir() -> Path:
 
 def site_backbone(site: Site) -> Backbone:
     """The run's frozen backbone (built once per process)."""
+    from flower_focal.models.backbones import build_backbone
+    from flower_focal.training import resolve_device
+
     cfg = site.cfg
     device = str(resolve_device(cfg.device))
-    key = (cfg.backbone, cfg.backbone_weights, cfg.backbone_input_size, device)
+    key = (cfg.backbone, cfg.backbone_weights, cfg.backbone_input_size, device, cfg.precision)
     if key not in _BACKBONES:
         _BACKBONES[key] = build_backbone(
             cfg.backbone, weights_path=cfg.backbone_weights or None, device=device,
-            input_size=cfg.backbone_input_size or None,
+            input_size=cfg.backbone_input_size or None, precision=cfg.precision,
         )
     return _BACKBONES[key]
 
 
-def site_embeddings(site: Site, split: str) -> tuple[np.ndarray, np.ndarray]:
+def site_embeddings(site: Site, split: str, *, where: dict[str, str] | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """``(X (n, d), y (n,))`` of this institution's ``"train"`` or ``"val"`` split.
 
     Computed once with the frozen backbone on deterministic transforms, cached on disk per
-    (backbone, data, partition, split) and in this process.
+    (backbone, data, partition, split) and in this process. ``where``, if given, receives
+    the cache file's path and key (``{"path": ..., "key": ...}``; empty for an empty split).
     """
+    from flower_focal.data.institution import load_institution_train_eval
+    from flower_focal.models.embeddings import cache_key, cache_path, cached_embeddings, data_key_parts
+
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     cfg = site.cfg
@@ -93,12 +100,17 @@ def site_embeddings(site: Site, split: str) -> tuple[np.ndarray, np.ndarray]:
         if len(dataset) == 0:  # type: ignore[arg-type]
             x, y = np.zeros((0, backbone.embed_dim), np.float32), np.zeros((0,), np.int64)
         else:
-            x, y = cached_embeddings(backbone, dataset, cache_dir, parts,
-                                     batch_size=cfg.batch_size, device=backbone.device)
+            x, y = cached_embeddings(backbone, dataset, cache_dir, parts, batch_size=None,
+                                     device=backbone.device,
+                                     num_workers=None if cfg.num_workers < 0 else cfg.num_workers)
         _EMBEDDINGS[memo] = (x, y)
         log(INFO, "institution %d: %s embeddings %s with %s", site.partition_id, split,
             x.shape, backbone.name)
-    return _EMBEDDINGS[memo]
+    x, y = _EMBEDDINGS[memo]
+    if where is not None and len(y):
+        full = {**parts, "n_items": len(y)}
+        where.update(path=str(cache_path(backbone, cache_dir, full)), key=cache_key(backbone, full))
+    return x, y
 
 
 def _holder(context: Context, config: ConfigRecord) -> CkksKeyHolder:
@@ -152,9 +164,39 @@ EmbeddingSource = Callable[[Context, str], tuple[np.ndarray, np.ndarray]]
 in the same order every time it is called within a run."""
 
 
+_STATE = "flower-focal.focal-embeddings"  # context.state: where this node's embedding files are
+
+
 def _site_source(context: Context, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """flower-focal's own data and backbone, from the run config (``clients/client_app.py``)."""
-    return site_embeddings(site_from_context(context), split)
+    """flower-focal's own data and backbone, from the run config (``clients/client_app.py``).
+
+    The first message that needs a split embeds it (torch, MONAI, the backbone) and notes the
+    verified cache file in the node's ``context.state``; later messages of the run read that
+    file with numpy alone. A deployed SuperNode starts a fresh process per message, so a FOCAL
+    step then costs no torch/MONAI import and no backbone.
+    """
+    noted = context.state.config_records.get(_STATE)
+    if noted is not None and f"{split}-path" in noted:
+        try:
+            return _read_noted(str(noted[f"{split}-path"]), str(noted[f"{split}-key"]))
+        except (OSError, KeyError, ValueError):
+            pass  # moved or rewritten: embed again below
+    from flower_focal.client.handlers import site_from_context
+
+    where: dict[str, str] = {}
+    x, y = site_embeddings(site_from_context(context), split, where=where)
+    if where:
+        record = context.state.config_records.get(_STATE) or ConfigRecord()
+        record[f"{split}-path"], record[f"{split}-key"] = where["path"], where["key"]
+        context.state[_STATE] = record
+    return x, y
+
+
+def _read_noted(path: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        if str(data["key"]) != key:
+            raise ValueError("embedding file was rewritten for another key")
+        return data["X"], data["y"]
 
 
 def embed(message: Message, context: Context, source: EmbeddingSource = _site_source) -> Message:

@@ -11,15 +11,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from logging import INFO
+from typing import TYPE_CHECKING
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.supercore import log
 
 from flower_focal import keys
 from flower_focal.config import RunConfig
-from flower_focal.data import InstitutionData, load_institution
-from flower_focal.models import arrays_into_model, build_model, model_to_arrays
-from flower_focal.training import evaluate_model, resolve_device, train_local
+
+if TYPE_CHECKING:  # torch and MONAI are imported by the handlers that need them
+    from flower_focal.data import InstitutionData
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,9 @@ def site_from_context(context: Context) -> Site:
     by hand to split one file among SuperNodes), ``data-path`` (this institution's own data;
     overrides the run config's ``data-path``) and ``device``.
     """
-    cfg = RunConfig.from_mapping(context.run_config)
+    from flower_focal.data import load_institution
+
+    cfg = RunConfig.from_mapping(context.run_config, others="ignore")  # the app's keys are its own
     node = context.node_config
     if keys.NODE_DATA_PATH in node:
         cfg = cfg.replace(data_path=str(node[keys.NODE_DATA_PATH]))
@@ -90,6 +93,8 @@ def describe_handler(num_train: Callable[[Context], int]) -> Callable[[Message, 
 
 
 def _global_model(site: Site, message: Message):
+    from flower_focal.models import arrays_into_model, build_model
+
     config = message.content[keys.CONFIG]
     model = build_model(
         site.cfg.model,
@@ -103,6 +108,9 @@ def _global_model(site: Site, message: Message):
 
 def train(message: Message, context: Context) -> Message:
     """Train the received global model on local data; reply with weights and metrics."""
+    from flower_focal.models import model_to_arrays
+    from flower_focal.training import resolve_device, train_local
+
     site = site_from_context(context)
     model, _, server_round = _global_model(site, message)
     cfg = site.cfg
@@ -117,6 +125,8 @@ def train(message: Message, context: Context) -> Message:
         optimizer=cfg.optimizer,
         device=resolve_device(cfg.device),
         seed=local_seed(cfg.seed, site.partition_id, server_round),
+        num_workers=None if cfg.num_workers < 0 else cfg.num_workers,
+        precision=cfg.precision,
     )
     log(INFO, "institution %d round %d: %s", site.partition_id, server_round, metrics)
     content = RecordDict(
@@ -127,6 +137,8 @@ def train(message: Message, context: Context) -> Message:
 
 def evaluate(message: Message, context: Context) -> Message:
     """Evaluate the received global model on local validation data."""
+    from flower_focal.training import evaluate_model, resolve_device
+
     site = site_from_context(context)
     model, num_classes, _ = _global_model(site, message)
     metrics = evaluate_model(

@@ -40,7 +40,7 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from flower_focal import keys
 from flower_focal.crypto import PRESETS, SECRET_FILE, SecretContext
-from flower_focal.history import Stopwatch
+from flower_focal.timing import Stopwatch
 from flower_focal.packing import ArrayLayout
 
 
@@ -173,7 +173,7 @@ def encrypt_record(
     """
     flat = prepare_update(record, he_secret, layout, reference=reference, clip_norm=clip_norm,
                           noise_std=noise_std)
-    return encrypt_flat(flat, he_secret, layout, weight, workers=workers)
+    return encrypt_flat(flat, he_secret, weight, workers=workers)
 
 
 def prepare_update(
@@ -206,8 +206,8 @@ def prepare_update(
     return flat
 
 
-def encrypt_flat(flat: np.ndarray, he_secret: SecretContext, layout: ArrayLayout, weight: float,
-                 *, workers: int = 1) -> ArrayRecord:
+def encrypt_flat(flat: np.ndarray, he_secret: SecretContext, weight: float, *, workers: int = 1
+                 ) -> ArrayRecord:
     """``Enc(weight * flat)`` as one ciphertext Array (``flat`` is scaled in place)."""
     if not 0 < weight <= 1 + 1e-9:
         raise ValueError(f"HE weight n_i / C = {weight:g} is outside (0, 1]: the reported "
@@ -215,7 +215,7 @@ def encrypt_flat(flat: np.ndarray, he_secret: SecretContext, layout: ArrayLayout
     flat *= weight
     blob = he_secret.encrypt(flat, workers=workers).to_bytes()
     return ArrayRecord(
-        {keys.HE_CIPHERTEXT: Array(dtype="float64", shape=(layout.size,), stype=keys.HE_STYPE, data=blob)}
+        {keys.HE_CIPHERTEXT: keys.he_array(blob)}
     )
 
 
@@ -307,16 +307,13 @@ def he_fedavg_mod(message: Message, context: Context, call_next: ClientAppCallab
     )
     norm = float(config[keys.HE_WEIGHT_NORM])
     if norm <= 0:  # the server does not know C yet: hold the update here until it says
-        context.state[_HELD] = ArrayRecord({_HELD: Array(flat)})
-        context.state[_HELD_META] = ConfigRecord({
-            keys.SERVER_ROUND: int(config.get(keys.SERVER_ROUND, 0)), "n": n_examples,
-            keys.HE_FINGERPRINT: str(config[keys.HE_FINGERPRINT])})
+        hold_update(context, flat, n_examples, config)
         metrics[keys.HE_PENDING] = 1
         reply.content = RecordDict({metrics_name: metrics})
         return reply
     encrypting = Stopwatch()
     with encrypting:
-        encrypted = encrypt_flat(flat, he_secret, layout, n_examples / norm, workers=he_workers(context))
+        encrypted = encrypt_flat(flat, he_secret, n_examples / norm, workers=he_workers(context))
     metrics[keys.HE_ENCRYPT_S] = encrypting.wall_s
     metrics[keys.HE_ENCRYPT_CPU_S] = encrypting.cpu_s
     reply.content = RecordDict({keys.ARRAYS: encrypted, metrics_name: metrics})
@@ -327,8 +324,20 @@ _HELD = "flower-focal.he-held-update"
 _HELD_META = "flower-focal.he-held-meta"
 
 
-def _seal(message: Message, context: Context, config, he_secret: SecretContext) -> Message:
-    """Second exchange of a round whose sizes were unknown: encrypt the held update by n_i / C."""
+def hold_update(context: Context, flat: np.ndarray, n_examples: float, config) -> None:
+    """Keep a prepared update in the node's ``context.state`` until the server announces C."""
+    context.state[_HELD] = ArrayRecord({_HELD: Array(flat)})
+    context.state[_HELD_META] = ConfigRecord({
+        keys.SERVER_ROUND: int(config.get(keys.SERVER_ROUND, 0)), "n": float(n_examples),
+        keys.HE_FINGERPRINT: str(config[keys.HE_FINGERPRINT])})
+
+
+def seal_held_update(context: Context, config, he_secret: SecretContext) -> tuple[ArrayRecord, float, Stopwatch]:
+    """Encrypt the update held for this round by ``n_i / C`` (``C`` from the seal config).
+
+    Returns the ciphertext record, ``n_i`` and the encryption's stopwatch. The held update is
+    dropped either way; a missing one (its train reply failed, state lost) raises.
+    """
     held = context.state.array_records.get(_HELD)
     meta = context.state.config_records.get(_HELD_META)
     server_round = int(config.get(keys.SERVER_ROUND, 0))
@@ -340,11 +349,16 @@ def _seal(message: Message, context: Context, config, he_secret: SecretContext) 
     n_examples = float(meta["n"])
     del context.state[_HELD]
     del context.state[_HELD_META]
-    layout = ArrayLayout.from_config(config)
     encrypting = Stopwatch()
     with encrypting:
-        encrypted = encrypt_flat(flat, he_secret, layout, n_examples / float(config[keys.HE_WEIGHT_NORM]),
+        encrypted = encrypt_flat(flat, he_secret, n_examples / float(config[keys.HE_WEIGHT_NORM]),
                                  workers=he_workers(context))
+    return encrypted, n_examples, encrypting
+
+
+def _seal(message: Message, context: Context, config, he_secret: SecretContext) -> Message:
+    """Second exchange of a round whose sizes were unknown: encrypt the held update by n_i / C."""
+    encrypted, n_examples, encrypting = seal_held_update(context, config, he_secret)
     weighted_by = str(config.get(keys.HE_WEIGHTED_BY, keys.NUM_EXAMPLES))
     metrics = MetricRecord({weighted_by: n_examples, keys.HE_ENCRYPT_S: encrypting.wall_s,
                             keys.HE_ENCRYPT_CPU_S: encrypting.cpu_s})

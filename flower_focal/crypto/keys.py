@@ -407,6 +407,24 @@ class PublicContext:
         return ctx
 
     @classmethod
+    def from_key_dir(cls, key_dir: str | os.PathLike[str], keygen_hint: str = "") -> PublicContext:
+        """:meth:`load` for a server: a missing file is named with the command that makes it.
+
+        Raises
+        ------
+        FileNotFoundError
+            If ``key_dir`` (or ``key_dir/public.ctx``) does not exist.
+        """
+        path = Path(key_dir).expanduser()
+        if path.is_dir():
+            path = path / PUBLIC_FILE
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"HE public context {path} not found: run `flower-focal keygen --out DIR{keygen_hint}` "
+                "and give the server DIR (it reads only DIR/public.ctx; secret.ctx goes to the institutions)")
+        return cls.load(path)
+
+    @classmethod
     def from_bytes(cls, data: bytes, source: str = "public context bytes") -> PublicContext:
         """Rebuild from :meth:`SecretContext.public_bytes` output (e.g. sent over the wire)."""
         kf = _KeyFile.from_bytes(data, source)

@@ -7,7 +7,8 @@ This package owns everything between a run's data settings (``RunConfig.dataset`
 * :mod:`.synthetic` - procedural ``synthetic-retina`` / ``synthetic-pathology`` images;
 * :mod:`.partition` - ``iid`` / ``dirichlet`` / ``by-site`` institution splits;
 * :mod:`.transforms` - MONAI dictionary transforms (decoding, scaling, augmentation);
-* :mod:`.institution` - per-institution ``CacheDataset`` s, cached per process.
+* :mod:`.institution` - per-institution datasets (one tensor per split), cached per process;
+* :mod:`.loader` - batches for the accelerator: tensor rows, batch augmentation, workers.
 
 Clients call :func:`load_institution`; the server calls :func:`load_split` (central
 evaluation), :func:`source_info` (label space) and :func:`describe_partitions` (logging).

@@ -1,7 +1,8 @@
 """One institution's data: the entry point the Flower client and the server use.
 
 This module owns the glue: source (:mod:`.sources`) -> partition (:mod:`.partition`) ->
-MONAI ``CacheDataset`` with the transforms of :mod:`.transforms`. Results are cached per
+:class:`~flower_focal.data.loader.ImageTensorDataset` built with the transforms of
+:mod:`.transforms` (what a MONAI ``CacheDataset`` caches, as one tensor). Results are cached per
 process (Flower calls a client many times per process), keyed by the data fields of the
 :class:`~flower_focal.config.RunConfig` only, so changing e.g. ``lr`` reuses the cache.
 
@@ -21,17 +22,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from monai.data import CacheDataset, Dataset
+from monai.data import Dataset
 
 from flower_focal.config import RunConfig
 from flower_focal.data.keys import IMAGE
+from flower_focal.data.loader import ImageTensorDataset, materialise
 from flower_focal.data.partition import histogram, partition_train_val
 from flower_focal.data.sources import SourceData, load_source
 from flower_focal.data.transforms import (
+    BATCH_AUGMENT,
     ImageDataError,
     build_transforms,
     find_data_error,
+    first_random,
     load_image,
+    pixel_chain,
 )
 
 logger = logging.getLogger("flower_focal.data")
@@ -93,12 +98,27 @@ def _check_partition(partition_id: int, num_partitions: int) -> None:
         )
 
 
-def make_dataset(items: Sequence[dict[str, Any]], transform: Any, from_files: bool) -> Dataset:
-    """``CacheDataset`` over ``items`` (all cached now); a bad image raises ``ValueError``
-    naming the file instead of MONAI's wrapped ``RuntimeError``."""
+def make_dataset(items: Sequence[dict[str, Any]], transform: Any, from_files: bool, *,
+                 image_size: int | None = None, in_channels: int | None = None,
+                 num_workers: int | None = None) -> ImageTensorDataset:
+    """Run ``transform``'s deterministic prefix over ``items`` now and hold the result as one
+    tensor (:class:`~flower_focal.data.loader.ImageTensorDataset`); its random tail (if any)
+    runs per item on indexing, and as :data:`BATCH_AUGMENT` in ``train_local``.
+
+    In-memory arrays (``.npz``) are transformed many images per call when ``image_size`` is
+    given; files and synthetic recipes one by one, in ``num_workers`` processes (``None``:
+    automatic, see :func:`~flower_focal.data.loader.build_workers`). A bad image raises
+    ``ValueError`` naming the file instead of MONAI's wrapped ``RuntimeError``.
+    """
+    first = first_random(transform)
+    prefix = functools.partial(transform, end=first) if first is not None else transform
+    arrays = (image_size is not None and not from_files and len(items) > 0
+              and all(isinstance(item.get(IMAGE), np.ndarray) for item in items))
+    shape = (in_channels or 0, image_size or 0, image_size or 0)
     try:
-        return CacheDataset(list(items), transform, cache_rate=1.0, num_workers=0,
-                            progress=False)
+        images, labels = materialise(
+            items, prefix, array_chain=pixel_chain(image_size) if arrays else None,  # type: ignore[arg-type]
+            item_shape=shape, channels=in_channels, num_workers=num_workers)
     except Exception as err:
         own = find_data_error(err)
         if own is not None:
@@ -107,6 +127,15 @@ def make_dataset(items: Sequence[dict[str, Any]], transform: Any, from_files: bo
             for item in items:
                 load_image(item[IMAGE])
         raise
+    return ImageTensorDataset(images, labels, transform=transform, augment_from=first,
+                              batch_augment=BATCH_AUGMENT if first is not None else None)
+
+
+def _dataset_options(key: RunConfig, src: SourceData, num_workers: int | None,
+                     ) -> dict[str, Any]:
+    """:func:`make_dataset` options of a source: output shape and build workers (< 0: auto)."""
+    return {"image_size": key.image_size, "in_channels": src.in_channels,
+            "num_workers": None if num_workers is None or num_workers < 0 else num_workers}
 
 
 def _histograms(src: SourceData, tr: np.ndarray, va: np.ndarray) -> tuple[list[int], list[int]]:
@@ -130,7 +159,10 @@ def _nbytes(value: Any) -> int:
 
 
 def dataset_nbytes(ds: Dataset) -> int:
-    """Bytes held by a ``CacheDataset``'s cache (0 for a dataset that caches nothing)."""
+    """Bytes held by an ``ImageTensorDataset`` or a ``CacheDataset``'s cache (0 for a dataset
+    that caches nothing)."""
+    if isinstance(ds, ImageTensorDataset):
+        return ds.nbytes
     return _nbytes(getattr(ds, "_cache", None) or [])
 
 
@@ -159,14 +191,15 @@ class _InstitutionCache:
             raise ValueError(f"{CACHE_BUDGET_ENV}={raw!r} is not a number of MiB") from None
         return int(max(mb, 0.0) * 2**20)
 
-    def __call__(self, key: RunConfig, partition_id: int, num_partitions: int) -> InstitutionData:
+    def __call__(self, key: RunConfig, partition_id: int, num_partitions: int,
+                 **build_options: Any) -> InstitutionData:
         k = (key, partition_id, num_partitions)
         with self._lock:
             if k in self._entries:
                 self._entries.move_to_end(k)
                 return self._entries[k][0]
         budget = self.budget_bytes()  # a malformed budget fails before any image is loaded
-        inst = self._build(key, partition_id, num_partitions)
+        inst = self._build(key, partition_id, num_partitions, **build_options)
         size = dataset_nbytes(inst.train) + dataset_nbytes(inst.val)
         with self._lock:
             self.builds += 1
@@ -188,18 +221,20 @@ class _InstitutionCache:
             self.builds = 0
 
 
-def _build_institution(key: RunConfig, partition_id: int, num_partitions: int) -> InstitutionData:
+def _build_institution(key: RunConfig, partition_id: int, num_partitions: int, *,
+                       num_workers: int | None = None) -> InstitutionData:
     src = _source(key)
     train_parts, val_parts = _partitions(key, num_partitions)
     tr, va = train_parts[partition_id], val_parts[partition_id]
     kw = {"from_files": src.from_files, "synthetic_items": src.synthetic,
           "in_channels": src.in_channels}
+    build = _dataset_options(key, src, num_workers)
     train = make_dataset([src.train[i] for i in tr],
                          build_transforms(key.image_size, True, seed=key.seed + partition_id,
                                           **kw),
-                         src.from_files)
+                         src.from_files, **build)
     val = make_dataset([src.val[i] for i in va],
-                       build_transforms(key.image_size, False, **kw), src.from_files)
+                       build_transforms(key.image_size, False, **kw), src.from_files, **build)
     tr_hist, va_hist = _histograms(src, tr, va)
     logger.info(
         "institution %d/%d (%s, %s): %d train, %d val; train histogram %s; val histogram %s",
@@ -224,7 +259,8 @@ def load_institution(cfg: RunConfig, partition_id: int, num_partitions: int) -> 
     an out-of-range ``partition_id``.
     """
     _check_partition(partition_id, num_partitions)
-    return _institution(_data_config(cfg), partition_id, num_partitions)
+    return _institution(_data_config(cfg), partition_id, num_partitions,
+                        num_workers=cfg.num_workers)
 
 
 def load_institution_train_eval(cfg: RunConfig, partition_id: int, num_partitions: int) -> Dataset:
@@ -241,16 +277,17 @@ def load_institution_train_eval(cfg: RunConfig, partition_id: int, num_partition
     transform = build_transforms(key.image_size, False, from_files=src.from_files,
                                  synthetic_items=src.synthetic, in_channels=src.in_channels)
     return make_dataset([src.train[i] for i in train_parts[partition_id]], transform,
-                        src.from_files)
+                        src.from_files, **_dataset_options(key, src, cfg.num_workers))
 
 
 @functools.lru_cache(maxsize=4)
-def _split(key: RunConfig, role: str) -> Dataset:
+def _split(key: RunConfig, role: str, num_workers: int) -> Dataset:
     src = _source(key)
     items = src.train if role == "train" else src.val
     transform = build_transforms(key.image_size, False, src.from_files,
                                  synthetic_items=src.synthetic, in_channels=src.in_channels)
-    return make_dataset(items, transform, src.from_files)
+    return make_dataset(items, transform, src.from_files,
+                        **_dataset_options(key, src, num_workers))
 
 
 def load_split(cfg: RunConfig, split: str) -> Dataset:
@@ -262,10 +299,10 @@ def load_split(cfg: RunConfig, split: str) -> Dataset:
     synthetic split seeded by that name). Cached per process.
     """
     if split in ("train", cfg.train_split):
-        return _split(_data_config(cfg), "train")
+        return _split(_data_config(cfg), "train", cfg.num_workers)
     if split in ("val", cfg.val_split):
-        return _split(_data_config(cfg), "val")
-    return _split(_data_config(cfg.replace(val_split=split)), "val")
+        return _split(_data_config(cfg), "val", cfg.num_workers)
+    return _split(_data_config(cfg.replace(val_split=split)), "val", cfg.num_workers)
 
 
 def source_info(cfg: RunConfig) -> SourceData:

@@ -539,6 +539,87 @@ def load_source(cfg: RunConfig) -> SourceData:
     return source
 
 
+# ------------------------------------------------------------------------------------------
+# one split for evaluation (an external test set)
+# ------------------------------------------------------------------------------------------
+
+
+def _eval_items(items: list[dict[str, Any]], num_classes: int,
+                class_names: Sequence[str], in_channels: int, from_files: bool,
+                synthetic_items: bool = False) -> SourceData:
+    return SourceData(train=(), val=tuple(items), num_classes=num_classes,
+                      class_names=tuple(class_names), in_channels=in_channels,
+                      from_files=from_files, synthetic=synthetic_items)
+
+
+def load_eval_split(cfg: RunConfig, split: str) -> SourceData:
+    """The whole of one split, for evaluating a trained model, in ``.val`` (``.train`` is empty).
+
+    A source holding only that split works: an ``.npz`` with just ``{split}_images`` /
+    ``{split}_labels``; a folder with a ``{split}/`` sub-folder, or (for a split other than
+    the run's train / val) a folder of class sub-folders that *is* the split; a CSV whose
+    ``split`` column names it, or (other splits) a CSV without a ``split`` column, every row.
+    The run's own ``train`` / ``val`` of a folder or CSV without explicit splits is the same
+    deterministic carve as in training. Class folders map to labels in sorted order, as in
+    training: keep a folder (empty is fine) for every training class.
+    """
+    run_split = split in ("train", "val", cfg.train_split, cfg.val_split)
+    if cfg.dataset == "medmnist":
+        p = _require_file(cfg.data_path, "medmnist")
+        images, raw = _npz_split(read_npz(p), p, split)
+        known = medmnist_name(p)
+        labels = validate_labels(raw, f"{p} '{split}_labels'",
+                                 len(MEDMNIST_CLASSES[known]) if known else None)
+        n = len(MEDMNIST_CLASSES[known]) if known else int(labels.max(initial=-1)) + 1
+        names = MEDMNIST_CLASSES[known] if known else tuple(str(i) for i in range(n))
+        return _eval_items([{IMAGE: images[i], LABEL: int(labels[i])} for i in range(len(labels))],
+                           n, names, int(images.shape[-1]), from_files=False)
+    if cfg.dataset == "folder":
+        root = Path(cfg.data_path).expanduser().resolve()
+        if not root.is_dir():
+            raise FileNotFoundError(f"folder: directory not found: {root}")
+        folder = root / split if (root / split).is_dir() else root
+        if folder == root and run_split:
+            src = load_source(cfg)
+            return _eval_items(list(src.train if split in ("train", cfg.train_split) else src.val),
+                               src.num_classes, src.class_names, src.in_channels, True)
+        classes = [d.name for d in _class_dirs(folder)]
+        items = _scan_classes(folder, classes, require_all=False)
+        if not items:
+            raise ValueError(f"folder: no images in class sub-folders of {folder} "
+                             f"(accepted extensions: {', '.join(IMAGE_EXTENSIONS)}).")
+        return _eval_items(items, len(classes), classes,
+                           _probe_channels([d[IMAGE] for d in items]), True)
+    if cfg.dataset == "csv":
+        p = _require_file(cfg.data_path, "csv")
+        with p.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            header = list(reader.fieldnames or [])
+            if SPLIT_COLUMN not in header and run_split:
+                src = load_source(cfg)
+                return _eval_items(list(src.train if split in ("train", cfg.train_split) else src.val),
+                                   src.num_classes, src.class_names, src.in_channels, True)
+            missing = [c for c in (cfg.image_column, cfg.label_column) if c not in header]
+            if missing:
+                raise ValueError(f"{p}: missing column(s) {missing}; columns found: {header}. "
+                                 "Set image-column / label-column to the manifest's column names.")
+            items = [
+                {IMAGE: _resolve_image((row[cfg.image_column] or "").strip(), p.parent, p, row_no),
+                 LABEL: _parse_label((row[cfg.label_column] or "").strip(), p, cfg.label_column, row_no)}
+                for row_no, row in enumerate(reader, start=2)
+                if SPLIT_COLUMN not in header or (row[SPLIT_COLUMN] or "").strip() == split
+            ]
+        if not items:
+            raise ValueError(f"{p}: no row has {SPLIT_COLUMN}={split!r}.")
+        n = max(d[LABEL] for d in items) + 1
+        return _eval_items(items, n, [str(i) for i in range(n)],
+                           _probe_channels([d[IMAGE] for d in items]), True)
+    src = load_source(cfg if run_split else cfg.replace(val_split=split))  # synthetic
+    items = list(src.train if split in ("train", cfg.train_split) else src.val)
+    return _eval_items(items, src.num_classes, src.class_names, src.in_channels,
+                       src.from_files, src.synthetic)
+
+
 __all__ = [
     "CSV_IMAGE_DIRS",
     "IMAGE_EXTENSIONS",
@@ -546,6 +627,7 @@ __all__ = [
     "SOURCES",
     "SourceData",
     "load_csv",
+    "load_eval_split",
     "load_folder",
     "load_medmnist",
     "load_source",

@@ -9,7 +9,7 @@ transform first so a ``CacheDataset`` caches that prefix, and random augmentatio
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 import torch
@@ -33,6 +33,7 @@ from monai.transforms import (
 
 from flower_focal.data import synthetic
 from flower_focal.data.keys import IMAGE, LABEL
+from flower_focal.data.loader import BatchAugment
 
 # PIL modes normalised before MONAI sees the pixels: alpha and palettes are dropped so every
 # image is 1 (grayscale) or 3 (RGB) channels.
@@ -123,6 +124,40 @@ def _to_long(label: Any) -> torch.Tensor:
     return torch.as_tensor(label, dtype=torch.long)
 
 
+BATCH_AUGMENT = BatchAugment(flip_prob=0.5, rotate_prob=0.5, max_k=3)
+"""The training augmentation: per item in :func:`build_transforms`' chain, per batch in
+:func:`flower_focal.training.train_local` (same distribution)."""
+
+
+def _pixel_transforms(image_size: int) -> list[Any]:
+    """Decoded ``(C, H, W)`` pixels 0..255 -> float32 ``(C, S, S)`` in about [-1, 1]. Every
+    step acts on each channel alone, so :func:`pixel_chain` may run it on many images at once."""
+    return [
+        EnsureTyped(IMAGE, dtype=torch.float32, track_meta=False),
+        Resized(IMAGE, (image_size, image_size), mode="bilinear", anti_aliasing=True),
+        ScaleIntensityRanged(IMAGE, a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0, clip=True),
+        NormalizeIntensityd(IMAGE, subtrahend=0.5, divisor=0.5),
+        EnsureTyped(IMAGE, dtype=torch.float32, track_meta=False),
+    ]
+
+
+def pixel_chain(image_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The pixel steps of :func:`build_transforms` for a ``(K, H, W)`` stack of channels
+    (e.g. ``N`` images of ``C`` channels as ``K = N * C``): same arithmetic, one call."""
+    compose = Compose(_pixel_transforms(image_size))
+    return lambda channels: compose({IMAGE: channels})[IMAGE]
+
+
+def first_random(compose: Compose) -> int | None:
+    """Index of the first random (or non-``Transform``) step of a chain, where MONAI's
+    ``CacheDataset`` stops caching; ``None`` when every step is deterministic. Run the parts
+    with ``compose(item, end=i)`` and ``compose(item, start=i)``."""
+    from monai.transforms import RandomizableTrait, Transform
+
+    return compose.get_index_of_first(
+        lambda t: isinstance(t, RandomizableTrait) or not isinstance(t, Transform))
+
+
 def build_transforms(
     image_size: int,
     train: bool,
@@ -160,18 +195,15 @@ def build_transforms(
     chain: list[Any] = [
         *first,
         SelectItemsd((IMAGE, LABEL)),
-        EnsureTyped(IMAGE, dtype=torch.float32, track_meta=False),
-        Resized(IMAGE, (image_size, image_size), mode="bilinear", anti_aliasing=True),
-        ScaleIntensityRanged(IMAGE, a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0, clip=True),
-        NormalizeIntensityd(IMAGE, subtrahend=0.5, divisor=0.5),
-        EnsureTyped(IMAGE, dtype=torch.float32, track_meta=False),
+        *_pixel_transforms(image_size),
         Lambdad(LABEL, _to_long),
     ]
     if train:
+        aug = BATCH_AUGMENT
         chain += [
-            RandFlipd(IMAGE, prob=0.5, spatial_axis=0),
-            RandFlipd(IMAGE, prob=0.5, spatial_axis=1),
-            RandRotate90d(IMAGE, prob=0.5, max_k=3),
+            RandFlipd(IMAGE, prob=aug.flip_prob, spatial_axis=0),
+            RandFlipd(IMAGE, prob=aug.flip_prob, spatial_axis=1),
+            RandRotate90d(IMAGE, prob=aug.rotate_prob, max_k=aug.max_k),
         ]
     chain.append(EnsureTyped((IMAGE, LABEL), track_meta=False))  # plain tensors out
     compose = Compose(chain)
@@ -181,6 +213,7 @@ def build_transforms(
 
 
 __all__ = [
+    "BATCH_AUGMENT",
     "CheckChannelsd",
     "GenerateSyntheticd",
     "ImageDataError",
@@ -188,4 +221,6 @@ __all__ = [
     "find_data_error",
     "load_image",
     "make_reader",
+    "pixel_chain",
+    "first_random",
 ]

@@ -59,7 +59,7 @@ from flower_focal.focal.packing import (
     with_bias,
 )
 
-Message = Any  # bytes on the encrypted path; a tuple of numpy slot vectors for the twin
+Envelope = Any  # bytes on the encrypted path; a tuple of numpy slot vectors for the twin
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -153,7 +153,7 @@ def encrypt_embeddings(
     *,
     feature_scale: np.ndarray | None = None,
     feature_shift: np.ndarray | None = None,
-) -> Message:
+) -> Envelope:
     """Step 1 (once per institution): pack ``[x, 1]`` feature-lane by sample-block, encrypt.
 
     Returns the upload: ``n_chunks * n_groups`` ciphertexts in ``[chunk][group]`` order.
@@ -171,7 +171,7 @@ def encrypt_embeddings(
 
 def init_head(
     holder: Any, layout: FocalLayout, *, seed: int | None = None, std: float = 0.01
-) -> Message:
+) -> Envelope:
     """The initial encrypted head (one institution makes it; symmetric keys).
 
     ``seed=None`` gives zeros; otherwise ``N(0, std^2)`` weights from that seed.
@@ -201,7 +201,7 @@ class ErrorUpload:
         The decrypted logits (n x K); stays at the institution.
     """
 
-    message: Message
+    message: Envelope
     loss: float
     n_correct: int
     logits: np.ndarray
@@ -210,7 +210,7 @@ class ErrorUpload:
 def institution_error(
     holder: Any,
     layout: FocalLayout,
-    logits_message: Message,
+    logits_message: Envelope,
     labels: np.ndarray,
     *,
     lr: float,
@@ -273,7 +273,7 @@ def institution_error(
     return ErrorUpload(message, loss, int((logits.argmax(axis=1) == y).sum()), logits)
 
 
-def decrypt_head(holder: Any, layout: FocalLayout, head_message: Message) -> np.ndarray:
+def decrypt_head(holder: Any, layout: FocalLayout, head_message: Envelope) -> np.ndarray:
     """Step 5: the head ``W`` (d+1 x K, bias row last) from the server's head message."""
     count = layout.n_groups * layout.n_pairs
     z = holder.decrypt(head_message, holder.plan.w_level, holder.plan.w_scale, count)
@@ -335,7 +335,7 @@ class FocalServer:
 def server_setup(
     ev: Any,
     layout: FocalLayout,
-    head_message: Message,
+    head_message: Envelope,
     *,
     workers: int = 1,
     evaluator_factory: Any | None = None,
@@ -379,7 +379,7 @@ def server_setup(
     return FocalServer(ev, layout, shards, pairs)
 
 
-def server_add_embeddings(server: FocalServer, institution: str, x_message: Message) -> None:
+def server_add_embeddings(server: FocalServer, institution: str, x_message: Envelope) -> None:
     """Step 1, server side: check and keep an institution's encrypted embeddings.
 
     Raises
@@ -399,7 +399,7 @@ def server_add_embeddings(server: FocalServer, institution: str, x_message: Mess
     server.chunks[institution] = len(raw) // g
 
 
-def server_forward(server: FocalServer, institution: str) -> Message:
+def server_forward(server: FocalServer, institution: str) -> Envelope:
     """Step 2: encrypted logit partial sums for one institution (send to it only)."""
     if institution not in server.chunks:
         raise ValueError(f"unknown institution {institution!r}; add its embeddings first")
@@ -408,7 +408,7 @@ def server_forward(server: FocalServer, institution: str) -> Message:
     return server.ev.seal_envelope(server._merge(parts, rows))
 
 
-def server_backward_update(server: FocalServer, errors: Mapping[str, Message]) -> None:
+def server_backward_update(server: FocalServer, errors: Mapping[str, Envelope]) -> None:
     """Step 4: ``W += lane_sum(sum_{inst, chunk} X * E)`` over the institutions present.
 
     Institutions missing from ``errors`` are left out of this step's sum. Every upload is
@@ -440,7 +440,7 @@ def server_backward_update(server: FocalServer, errors: Mapping[str, Message]) -
     server._broadcast("commit", [()] * len(server._shards))
 
 
-def server_export_head(server: FocalServer) -> Message:
+def server_export_head(server: FocalServer) -> Envelope:
     """The encrypted head (for institutions to decrypt at the end or for evaluation)."""
     parts = server._broadcast("head", [()] * len(server._shards))
     return server.ev.seal_envelope(server._merge(parts, server.layout.n_groups))

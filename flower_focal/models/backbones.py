@@ -28,6 +28,7 @@ on-disk cache live in :mod:`flower_focal.models.embeddings`.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import inspect
 import pickle
@@ -40,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flower_focal.training import resolve_device
+from flower_focal.training import PRECISIONS, autocast, resolve_device, resolve_precision
 
 __all__ = [
     "BACKBONES",
@@ -147,9 +148,14 @@ class Preprocess:
             if self.mode in ("bilinear", "bicubic"):
                 kwargs = {"align_corners": False, "antialias": shrink}
             x = F.interpolate(x, size=size, mode=self.mode, **kwargs)
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        return (x - mean) / std
+        return (x - _channel_values(self.mean, x.device)) / _channel_values(self.std, x.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _channel_values(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """``(1, C, 1, 1)`` float32 tensor of ``values`` on ``device``, made once (building it per
+    batch would copy from the host and make it wait for the GPU every time)."""
+    return torch.tensor(values, dtype=torch.float32, device=device).view(1, -1, 1, 1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -173,8 +179,10 @@ class Backbone:
         preprocess: Preprocess,
         weights_id: str,
         device: str | torch.device = "cpu",
+        precision: str = "auto",
     ) -> None:
         self.name = name
+        self.precision = precision
         self.embed_dim = int(embed_dim)
         self.preprocess = preprocess
         self.weights_id = weights_id
@@ -191,22 +199,41 @@ class Backbone:
 
     @property
     def identity(self) -> dict[str, Any]:
-        """Everything that determines the embeddings (JSON-able; used in cache keys)."""
-        return {"name": self.name, "embed_dim": self.embed_dim,
-                "preprocess": self.preprocess.id, "weights": self.weights_id}
+        """Everything that determines the embeddings (JSON-able; used in cache keys). Reduced
+        precision is part of it (float32 is not named, so float32 keys stay as they were)."""
+        ident = {"name": self.name, "embed_dim": self.embed_dim,
+                 "preprocess": self.preprocess.id, "weights": self.weights_id}
+        if self.autocast_dtype is not None:
+            ident["precision"] = str(self.autocast_dtype).removeprefix("torch.")
+        return ident
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The dtype :meth:`embed` autocasts to on the current device (``None``: float32)."""
+        return resolve_precision(self.precision, self.device)
 
     def to(self, device: str | torch.device) -> Backbone:
-        """Move the module to ``device`` (``"auto"`` picks CUDA when available); returns self."""
+        """Move the module to ``device`` (``"auto"`` picks CUDA when available); returns self.
+
+        Under reduced precision (``precision="auto"`` on CUDA) the weights are stored
+        channels-last, the layout fast bfloat16 convolution kernels want."""
         self.device = resolve_device(device) if isinstance(device, str) else torch.device(device)
-        self.module.to(self.device)
+        fmt = (torch.channels_last if self.autocast_dtype is not None
+               else torch.contiguous_format)
+        self.module.to(self.device, memory_format=fmt)
         return self
 
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
         """Embed a ``(B, C, H, W)`` batch of data-layer images; returns ``(B, embed_dim)`` float32
         on the backbone's device."""
         self.module.eval()  # in case someone called .train() on the module
+        amp = self.autocast_dtype
         with torch.no_grad():
-            out = self.module(self.preprocess(batch.to(self.device, non_blocking=True)))
+            x = self.preprocess(batch.to(self.device, non_blocking=True))
+            if amp is not None:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(self.device, amp):
+                out = self.module(x)
         if out.ndim != 2 or out.shape[1] != self.embed_dim:
             raise RuntimeError(
                 f"backbone {self.name!r} returned shape {tuple(out.shape)}, "
@@ -506,6 +533,7 @@ def build_backbone(
     weights_path: str | None = None,
     device: str | torch.device = "auto",
     input_size: int | None = None,
+    precision: str = "auto",
     **options: Any,
 ) -> Backbone:
     """Build the frozen backbone ``name`` on ``device`` (``"auto"``: CUDA when available).
@@ -513,6 +541,8 @@ def build_backbone(
     ``weights_path`` is a local weights file (``None``: the packaged weights of
     ``efficientnet-lite0``, seeded random init of ``monai-*``; required for ``vit-local``).
     ``input_size`` is the side images are resized to (``None``: the backbone's default).
+    ``precision`` (``auto`` | ``fp32`` | ``bf16``): :meth:`Backbone.embed` runs under bfloat16
+    autocast with channels-last weights on CUDA for ``auto``, in float32 on CPU.
     ``options`` are backbone specific (``arch``/``global_pool``/``mean``/``std`` for
     ``vit-local``, ``in_channels``/``seed`` for ``monai-*``).
 
@@ -534,4 +564,8 @@ def build_backbone(
     if weights_path is not None:
         _require_file(weights_path, name)
     backbone = builder(weights_path=weights_path, input_size=input_size, **options)
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"Unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    backbone.precision = precision
     return backbone.to(device)

@@ -25,9 +25,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from flower_focal.data.loader import batch_loader, device_batches
 from flower_focal.models.backbones import Backbone
 
 __all__ = [
@@ -44,62 +45,68 @@ logger = logging.getLogger("flower_focal.models")
 CACHE_FORMAT = 1
 """Version of the cache file layout; part of every key, bump it when the layout changes."""
 
-IMAGE_KEY = "image"
-LABEL_KEY = "label"
+DEVICE_BATCH_SIZE = {"cuda": 256, "cpu": 64}
+"""Default ``batch_size`` of :func:`extract_embeddings` per device type."""
 
-
-def _split_item(item: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(item, Mapping):
-        return item[IMAGE_KEY], item[LABEL_KEY]
-    if isinstance(item, tuple | list) and len(item) == 2:
-        return item[0], item[1]
-    raise ValueError(
-        f"dataset items must be {{'image', 'label'}} dicts or (image, label) pairs, "
-        f"got {type(item).__name__}"
-    )
+_FLUSH_BATCHES = 64
+"""Embeddings stay on the device for this many batches before one copy to the host."""
 
 
 def extract_embeddings(
     backbone: Backbone,
     dataset: Dataset,
     *,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     device: str | torch.device = "auto",
     progress: bool = False,
-    num_workers: int = 0,
+    num_workers: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Embed every item of ``dataset`` in order; returns ``(X (n, d) float32, y (n,) int64)``.
 
     The backbone is moved to ``device`` (``"auto"``: CUDA when available) and stays there.
-    ``progress`` shows a tqdm bar counting images. An empty dataset gives ``(0, d)`` / ``(0,)``.
+    ``batch_size`` ``None`` picks :data:`DEVICE_BATCH_SIZE` for the device. An
+    :class:`~flower_focal.data.loader.ImageTensorDataset` without augmentation is sliced batch
+    by batch (on the device when it fits); other datasets are loaded by ``num_workers``
+    processes (``None``: :func:`~flower_focal.data.loader.resolve_num_workers`). Features are
+    copied to the host every few dozen batches, not after each one, so the GPU never waits for
+    the host. ``progress`` shows a tqdm bar counting images. An empty dataset gives
+    ``(0, d)`` / ``(0,)``.
     """
+    backbone.to(device)
+    if batch_size is None:
+        batch_size = DEVICE_BATCH_SIZE.get(backbone.device.type, 64)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    backbone.to(device)
     n = len(dataset)  # type: ignore[arg-type]
     features = np.empty((n, backbone.embed_dim), dtype=np.float32)
     labels = np.empty((n,), dtype=np.int64)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=_collate, pin_memory=backbone.device.type == "cuda")
+    loader, _ = batch_loader(dataset, batch_size, backbone.device, num_workers, shuffle=False)
     done = 0
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def flush() -> None:
+        nonlocal done
+        if not pending:
+            return
+        out = torch.cat([f for f, _ in pending]).cpu().numpy()
+        if done + len(out) > n:
+            raise ValueError(f"dataset yielded more than its length {n} items")
+        features[done:done + len(out)] = out
+        labels[done:done + len(out)] = torch.cat([t for _, t in pending]).cpu().numpy()
+        done += len(out)
+        pending.clear()
+
     with tqdm(total=n, disable=not progress, unit="img",
               desc=f"embed {backbone.name}@{backbone.input_size}") as bar:
-        for images, targets in loader:
-            out = backbone.embed(images).cpu().numpy()
-            features[done:done + len(out)] = out
-            labels[done:done + len(out)] = targets.numpy()
-            done += len(out)
-            bar.update(len(out))
+        for images, targets in device_batches(loader, backbone.device):
+            pending.append((backbone.embed(images), targets))
+            bar.update(len(targets))
+            if len(pending) >= _FLUSH_BATCHES:
+                flush()
+        flush()
     if done != n:
         raise ValueError(f"dataset yielded {done} items but has length {n}")
     return features, labels
-
-
-def _collate(items: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    pairs = [_split_item(item) for item in items]
-    images = torch.stack([torch.as_tensor(img) for img, _ in pairs])
-    targets = torch.stack([torch.as_tensor(lab).reshape(()) for _, lab in pairs]).long()
-    return images, targets
 
 
 # ----------------------------------------------------------------------------------------
@@ -189,9 +196,10 @@ def cached_embeddings(
     cache_dir: str | Path,
     key_parts: Mapping[str, Any],
     *,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     device: str | torch.device = "auto",
     progress: bool = False,
+    num_workers: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`extract_embeddings`, memoised on disk under ``cache_dir``.
 
@@ -217,7 +225,8 @@ def cached_embeddings(
             warnings.warn(f"embedding cache {path} has {len(features)} rows for "
                           f"{parts['n_items']} items; recomputing", RuntimeWarning, stacklevel=2)
     features, labels = extract_embeddings(backbone, dataset, batch_size=batch_size,
-                                          device=device, progress=progress)
+                                          device=device, progress=progress,
+                                          num_workers=num_workers)
     _write_cache(path, key, features, labels,
                  {"backbone": backbone.identity, "data": parts, "device": str(backbone.device)})
     logger.info("embedding cache written: %s (%d x %d)", path, *features.shape)

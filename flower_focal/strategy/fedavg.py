@@ -61,6 +61,7 @@ class FedAvg(FlowerFedAvg):
     """
 
     name = "fedavg"
+    uses_initial_model = True  # the server sends a (public) initial model; FOCAL's head comes from an institution
 
     def __init__(
         self,
@@ -101,6 +102,9 @@ class FedAvg(FlowerFedAvg):
                                evaluate_fn=evaluate_fn)
         self.require_progress(num_rounds)
         return result
+
+    def close(self) -> None:
+        """Release what the strategy holds between rounds (processes, shards); idempotent."""
 
     def check_evaluate_fn(self, evaluate_fn) -> None:
         """Strategies whose server holds no plaintext model refuse server-side evaluation."""

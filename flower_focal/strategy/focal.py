@@ -30,14 +30,15 @@ from pathlib import Path
 from logging import INFO, WARNING
 from typing import Any
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 from flwr.supercore import log
 
 from flower_focal import keys
+from flower_focal.keys import he_array, he_bytes
 from flower_focal.artifacts import ModelSpec
-from flower_focal.crypto import FOCAL_PRESETS, PUBLIC_FILE, CiphertextError, CkksEvaluator, PublicContext
+from flower_focal.crypto import FOCAL_PRESETS, CiphertextError, CkksEvaluator, PublicContext
 from flower_focal.focal import (
     FocalLayout,
     FocalServer,
@@ -53,21 +54,6 @@ from flower_focal.strategy.fedavg import FedAvg
 from flower_focal.strategy.roster import OrderedGrid, seeded_random
 
 CLASS_WEIGHTS = ("none", "balanced")
-
-
-def he_array(blob: bytes) -> Array:
-    """A ciphertext envelope as a Flower Array (stype :data:`~flower_focal.keys.HE_STYPE`)."""
-    return Array(dtype="uint8", shape=(len(blob),), stype=keys.HE_STYPE, data=blob)
-
-
-def he_bytes(record: ArrayRecord, name: str) -> bytes:
-    """The ciphertext bytes of ``record[name]``; refuses a plaintext (non-HE) Array."""
-    arr = record.get(name)
-    if arr is None:
-        raise ValueError(f"expected an encrypted array {name!r}, got {list(record.keys())}")
-    if arr.stype != keys.HE_STYPE:
-        raise ValueError(f"array {name!r} has stype {arr.stype!r}, not {keys.HE_STYPE!r}: plaintext?")
-    return bytes(arr.data)
 
 
 class Focal(FedAvg):
@@ -175,14 +161,7 @@ class Focal(FedAvg):
     def from_key_dir(cls, key_dir: str | Path, **kwargs: Any) -> Focal:
         """A FOCAL strategy with the server's ``public.ctx`` from ``key_dir``
         (``flower-focal keygen --preset focal`` output; the server reads nothing else)."""
-        path = Path(key_dir).expanduser()
-        if path.is_dir():
-            path = path / PUBLIC_FILE
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"FOCAL public context {path} not found: run `flower-focal keygen --out DIR --preset "
-                "focal` and give the server DIR (secret.ctx goes to the institutions)")
-        return cls(he_public=PublicContext.load(path), **kwargs)
+        return cls(he_public=PublicContext.from_key_dir(key_dir, " --preset focal"), **kwargs)
 
     def check_evaluate_fn(self, evaluate_fn: Any) -> None:
         """Refuse server-side evaluation: the server never holds the plaintext head."""

@@ -45,10 +45,11 @@ from flwr.serverapp.strategy import Result
 from flwr.supercore import log
 
 from flower_focal import keys
-from flower_focal.crypto import PUBLIC_FILE, Accumulator, CiphertextError, PublicContext
+from flower_focal.crypto import Accumulator, CiphertextError, PublicContext
 from flower_focal.encrypted_model import EncryptedModel
 from flower_focal.grid import PromptGrid
-from flower_focal.history import Stopwatch, metric_dict, reply_bytes
+from flower_focal.history import metric_dict, reply_bytes
+from flower_focal.timing import Stopwatch
 from flower_focal.packing import ArrayLayout
 from flower_focal.strategy.fedavg import FedAvg
 
@@ -129,14 +130,7 @@ class HEFedAvg(FedAvg):
 
         Raises ``FileNotFoundError`` naming the file (and how to make it) when it is missing.
         """
-        path = Path(key_dir).expanduser()
-        if path.is_dir():
-            path = path / PUBLIC_FILE
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"HE public context {path} not found: run `flower-focal keygen --out DIR` and give "
-                "the server DIR (it reads only DIR/public.ctx; secret.ctx goes to the institutions)")
-        return cls(he_public=PublicContext.load(path), **kwargs)
+        return cls(he_public=PublicContext.from_key_dir(key_dir), **kwargs)
 
     def start(self, *args, **kwargs) -> Result:
         """Flower's round loop; stops the server's summing processes afterwards."""
@@ -362,7 +356,7 @@ class HEFedAvg(FedAvg):
             keys.HE_SERIALIZE_S: serializing.wall_s, keys.HE_SERIALIZE_CPU_S: serializing.cpu_s,
         })
         arrays = ArrayRecord({
-            keys.HE_CIPHERTEXT: Array(dtype="float64", shape=(acc.length,), stype=keys.HE_STYPE, data=blob),
+            keys.HE_CIPHERTEXT: keys.he_array(blob),
             keys.HE_WEIGHTS: Array(np.array([norm, total_weight], dtype=np.float64)),
         })
         metrics = self.train_metrics_aggr_fn(accepted, self.weighted_by_key)

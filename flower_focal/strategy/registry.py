@@ -8,7 +8,6 @@ Each builder makes a ready :class:`~flwr.serverapp.strategy.Strategy` from a
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 from flwr.serverapp.strategy import Strategy
 
@@ -51,14 +50,14 @@ def build_fedavg(cfg: RunConfig) -> Strategy:
 
 def server_public_context(cfg: RunConfig, keygen_hint: str = ""):
     """The server's key-less context from ``cfg.he_key_dir`` (it reads only ``public.ctx``)."""
-    from flower_focal.crypto import PUBLIC_FILE, PublicContext
+    from flower_focal.crypto import PublicContext
 
     if not cfg.he_key_dir:
         raise ValueError(
             f"strategy {cfg.strategy} needs keys: run `flower-focal keygen --out DIR{keygen_hint}` "
             "and set run config he-key-dir=DIR (the server reads only DIR/public.ctx)"
         )
-    return PublicContext.load(Path(cfg.he_key_dir) / PUBLIC_FILE)
+    return PublicContext.from_key_dir(cfg.he_key_dir, keygen_hint)
 
 
 def build_he_fedavg(cfg: RunConfig) -> Strategy:

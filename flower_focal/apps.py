@@ -1,0 +1,27 @@
+"""flower-focal's own ServerApp and ClientApp, importable from an installed wheel.
+
+``strategies/server_app.py`` and ``clients/client_app.py`` (the checkout's Flower app) export
+these; :func:`flower_focal.simulation.app_dir` writes a minimal app directory that points at
+them when there is no checkout (``flower-focal simulate`` from ``pip install flower-focal``).
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from flower_focal.client.app import build_client_app
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run one federated experiment: the strategy named by the run config."""
+    from flower_focal.config import RunConfig
+    from flower_focal.server import run_server
+
+    run_server(grid, RunConfig.from_mapping(context.run_config), run_id=context.run_id)
+
+
+client_app = build_client_app()
