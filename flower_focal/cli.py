@@ -445,8 +445,14 @@ def _add_certs(sub: argparse._SubParsersAction) -> None:
     """``flower-focal certs --out DIR --supernodes N [--hosts H ...]``: a test consortium's PKI."""
     from flower_focal.pki import DEFAULT_HOSTS, make_consortium
 
-    p = sub.add_parser("certs", help="make a consortium CA, the SuperLink's TLS certificate and SuperNode "
-                       "authentication key pairs (see README: multi-site operations)")
+    p = sub.add_parser(
+        "certs", help="make a consortium CA, the SuperLink's TLS certificate and SuperNode key pairs",
+        description="Write a self-signed consortium CA (ca.crt, ca.key: keep it offline), the SuperLink's TLS "
+        "certificate for --hosts (superlink.crt, superlink.key: server host only) and --supernodes "
+        "authentication key pairs (supernodes/node-I: institution I only; node-I.pub: registered with "
+        "flwr supernode register), plus SHA256SUMS of the public files. For a test consortium or a pilot; "
+        "see the README section Multi-site operations.",
+    )
     p.add_argument("--out", required=True, type=Path, help="directory to write into (must not exist)")
     p.add_argument("--supernodes", required=True, type=int, help="how many SuperNode key pairs")
     p.add_argument("--hosts", nargs="+", default=list(DEFAULT_HOSTS),
