@@ -441,6 +441,39 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_certs(sub: argparse._SubParsersAction) -> None:
+    """``flower-focal certs --out DIR --supernodes N [--hosts H ...]``: a test consortium's PKI."""
+    from flower_focal.pki import DEFAULT_HOSTS, make_consortium
+
+    p = sub.add_parser(
+        "certs", help="make a consortium CA, the SuperLink's TLS certificate and SuperNode key pairs",
+        description="Write a self-signed consortium CA (ca.crt, ca.key: keep it offline), the SuperLink's TLS "
+        "certificate for --hosts (superlink.crt, superlink.key: server host only) and --supernodes "
+        "authentication key pairs (supernodes/node-I: institution I only; node-I.pub: registered with "
+        "flwr supernode register), plus SHA256SUMS of the public files. For a test consortium or a pilot; "
+        "see the README section Multi-site operations.",
+    )
+    p.add_argument("--out", required=True, type=Path, help="directory to write into (must not exist)")
+    p.add_argument("--supernodes", required=True, type=int, help="how many SuperNode key pairs")
+    p.add_argument("--hosts", nargs="+", default=list(DEFAULT_HOSTS),
+                   help="names/IPs SuperNodes dial the SuperLink by (certificate SANs)")
+    p.add_argument("--days", type=int, default=365, help="validity of the certificates")
+
+    def run(args: argparse.Namespace) -> int:
+        if args.out.exists():
+            raise ValueError(f"{args.out} exists; certs never overwrites keys")
+        c = make_consortium(args.out, args.supernodes, args.hosts, days=args.days)
+        print(json.dumps({
+            "out": str(c.root.resolve()), "hosts": args.hosts,
+            "superlink_gets": [str(x) for x in (c.ca_cert, c.server_cert, c.server_key, *c.node_public_keys)],
+            "supernodes_get": [[str(c.ca_cert), str(k)] for k in c.node_keys],
+            "keep_offline": str(c.ca_key), "checksums": str(c.root / "SHA256SUMS"),
+        }))
+        return 0
+
+    p.set_defaults(handler=run)
+
+
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_simulate,
     _add_check,
@@ -449,6 +482,7 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_decrypt_model,
     _add_report,
     _add_audit,
+    _add_certs,
 )
 
 

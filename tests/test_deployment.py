@@ -1,13 +1,20 @@
 """Real Flower deployment on loopback: flower-superlink + flower-supernode processes, `flwr run`.
 
-Slow (the SuperLink and SuperNodes poll every 3 s): ~1 min per run. Still run in CI.
+Every deployment here is the secure default: HTTPS with a consortium CA and SuperNode
+authentication (registered public keys). Slow (the SuperLink and SuperNodes poll every 3 s):
+~1 min per run. Still run in CI.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import shutil
+import signal
 import struct
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +24,7 @@ from flower_focal.artifacts import decrypt_model
 from flower_focal.config import RunConfig
 from flower_focal.crypto import MANIFEST_FILE, PUBLIC_FILE, keygen
 from flower_focal.deployment import LoopbackDeployment
+from flower_focal.simulation import flwr_executable
 from tests.conftest import write_synthetic_npz
 
 pytestmark = pytest.mark.slow
@@ -53,21 +61,51 @@ def _secret_key_bytes(secret_file: Path) -> bytes:
     return sections["secret_key"]
 
 
+def _node_key_probes(node_key: Path) -> list[bytes]:
+    """Pieces of a SuperNode's authentication private key as they could leak: the raw P-384
+    scalar, its hex, lines of the OpenSSH file and of the same key re-encoded as PKCS#8 PEM."""
+    from cryptography.hazmat.primitives import serialization
+
+    text = node_key.read_bytes()
+    key = serialization.load_ssh_private_key(text, password=None)
+    scalar = key.private_numbers().private_value.to_bytes(48, "big")
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    body = [line for line in text.splitlines() if line and not line.startswith(b"-----")]
+    pem_body = [line for line in pem.splitlines() if line and not line.startswith(b"-----")]
+    return [scalar[:24], scalar[24:], scalar.hex().encode(), body[len(body) // 2], body[-1], pem_body[1]]
+
+
+def server_side_files(run_dir: Path, server_keys: Path, deployment) -> list[Path]:
+    """The run directory, the server's HE key directory and the whole deployment workdir except
+    what belongs to an institution (``supernodeI.log``, ``supernodeI/``: its keys)."""
+    workdir = deployment.workdir
+    deployment_side = (p for p in workdir.rglob("*")
+                       if not p.relative_to(workdir).parts[0].startswith("supernode"))
+    return [p for p in [*run_dir.rglob("*"), *server_keys.rglob("*"), *deployment_side] if p.is_file()]
+
+
 def assert_server_side_never_saw_the_secret_key(keys: Path, server_keys: Path, run_dir: Path,
                                                 deployment: LoopbackDeployment) -> int:
-    """Scan every server-side file for pieces of the secret key; returns the files scanned.
+    """Scan every server-side file for pieces of the HE secret key and of every SuperNode's
+    authentication private key; returns the files scanned.
 
     Server side: the run directory (outputs, checkpoint, run config, `flwr run` log), the
     server's key directory, and everything of the SuperLink (log, state.db, its FLWR_HOME with
-    the installed app) -- all of the deployment's workdir except the SuperNodes' own logs.
+    the installed app, its TLS directory with the registered public keys) -- all of the
+    deployment's workdir except the SuperNodes' own logs and key directories.
     """
     secret = _secret_key_bytes(keys / "secret.ctx")
     probes = [secret[i : i + 48] for i in (0, len(secret) // 3, len(secret) // 2, len(secret) - 48)]
     probes += [p.hex().encode() for p in probes]
-    server_side = [*run_dir.rglob("*"), *server_keys.rglob("*"),
-                   *(p for p in deployment.workdir.rglob("*") if not p.name.startswith("supernode"))]
-    files = [p for p in server_side if p.is_file()]
-    assert deployment.workdir / "superlink.log" in files and deployment.workdir / "state.db" in files
+    node_keys = deployment.node_private_keys()
+    for node_key in node_keys:
+        assert node_key.is_file()
+        probes += _node_key_probes(node_key)
+    files = server_side_files(run_dir, server_keys, deployment)
+    workdir = deployment.workdir
+    assert workdir / "superlink.log" in files and workdir / "state.db" in files
+    assert not any(f in files for f in node_keys)
     for path in files:
         blob = path.read_bytes()
         for probe in probes:
@@ -109,6 +147,120 @@ def test_fedavg_runs_on_real_superlink_and_supernodes(deployment, tmp_path):
     assert metrics["status"] == "completed"
     assert [len(r["train_institutions"]) for r in metrics["rounds"]] == [2, 2]
     assert (result.run_dir / "model.pt").is_file()
+    # ... over TLS, with SuperNode authentication: both nodes are the registered ones
+    superlink_log = (deployment.workdir / "superlink.log").read_text()
+    assert "Uvicorn running on https://" in superlink_log
+    assert "SuperNode authentication is disabled" not in superlink_log
+    online = {int(n["node-id"]) for n in deployment.registered_nodes() if n["status"] == "online"}
+    assert online == set(deployment.node_ids) and len(online) == 2
+
+
+def _wait_exit(proc, timeout_s: float = 180.0) -> int:
+    try:
+        return proc.wait(timeout=timeout_s)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_an_unregistered_supernode_is_refused_and_never_receives_a_message(deployment, tmp_path):
+    """Valid TLS (trusts the CA), but a key the SuperLink operator never registered: activation
+    is refused, the process exits, it never gets a node ID or a message. At the protocol level,
+    its signed Fleet requests for a registered node's ID are rejected (401), while the same
+    request signed with that node's own key is served."""
+    import httpx
+    from cryptography.hazmat.primitives import serialization
+    from flwr.proto.fleet_pb2 import PullMessagesRequest
+    from flwr.proto.node_pb2 import Node
+    from flwr.supernode.fleet_http_client import FleetHttpClient
+    from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
+
+    from flower_focal.pki import make_node_key
+
+    stranger_key, _ = make_node_key(tmp_path / "stranger" / "node-x")
+    proc = deployment.spawn_supernode("supernode-stranger.log", deployment.node_configs[0],
+                                      root_certificates=deployment.ca_cert, private_key=stranger_key)
+    assert _wait_exit(proc) != 0
+    log = (deployment.workdir / "supernode-stranger.log").read_text()
+    assert "Failed to activate SuperNode" in log
+    assert "SuperNode ID:" not in log and "[RUN" not in log  # never joined, never got a message
+    assert "No SuperNode found with the given public key" in (deployment.workdir / "superlink.log").read_text()
+    known = {int(n["node-id"]) for n in deployment.registered_nodes() if n["status"] != "unregistered"}
+    assert known == set(deployment.node_ids)  # the refused key left no node behind
+
+    def pull_as(private_key_path):
+        key = serialization.load_ssh_private_key(private_key_path.read_bytes(), password=None)
+        client = FleetHttpClient.from_server_address(
+            deployment.address, False, str(deployment.ca_cert),
+            interceptors=[NodeAuthHttpInterceptor(key, key.public_key())])
+        return client.PullMessages(PullMessagesRequest(node=Node(node_id=deployment.node_ids[0])))
+
+    with pytest.raises(httpx.HTTPStatusError) as refused:
+        pull_as(stranger_key)
+    assert refused.value.response.status_code == 401
+    assert list(pull_as(deployment.node_key(0)).messages_list) == []  # the owner is served (no run now)
+
+
+def test_a_supernode_that_does_not_trust_the_ca_cannot_connect(deployment, tmp_path):
+    """A registered key, but no ``--root-certificates`` (only the system trust store): the TLS
+    handshake fails before any request. Control: the same key with the CA connects."""
+    from flower_focal.pki import make_node_key
+
+    key, public = make_node_key(tmp_path / "site-c" / "node-c")
+    node_id = deployment.register_node(public)
+    proc = deployment.spawn_supernode("supernode-untrusting.log", deployment.node_configs[0], private_key=key)
+    assert _wait_exit(proc) != 0
+    log = (deployment.workdir / "supernode-untrusting.log").read_text()
+    assert "CERTIFICATE_VERIFY_FAILED" in log and "SuperNode ID:" not in log
+    status = {int(n["node-id"]): n["status"] for n in deployment.registered_nodes()}
+    assert status[node_id] == "registered"  # never activated
+
+    proc = deployment.spawn_supernode("supernode-trusting.log", deployment.node_configs[0],
+                                      root_certificates=deployment.ca_cert, private_key=key)
+    try:
+        log = deployment.workdir / "supernode-trusting.log"
+        deadline = time.time() + 120
+        while time.time() < deadline and "SuperNode ID:" not in log.read_text() and proc.poll() is None:
+            time.sleep(0.5)
+        assert f"SuperNode ID: {node_id}" in log.read_text()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # graceful: the node deactivates itself
+        _wait_exit(proc, 30)
+    subprocess.run([flwr_executable(), "supernode", "unregister", str(node_id), "loopback"],
+                   env=deployment.env, capture_output=True, timeout=120, check=True)
+    status = {int(n["node-id"]): n["status"] for n in deployment.registered_nodes()}
+    assert status.get(node_id, "unregistered") == "unregistered"
+    # revoked: the same key, trusting the CA, no longer gets in (the README's key rotation step)
+    proc = deployment.spawn_supernode("supernode-revoked.log", deployment.node_configs[0],
+                                      root_certificates=deployment.ca_cert, private_key=key)
+    assert _wait_exit(proc) != 0
+    log = (deployment.workdir / "supernode-revoked.log").read_text()
+    assert "Failed to activate SuperNode" in log and "SuperNode ID:" not in log
+
+
+def test_known_limit_the_control_api_registers_a_key_for_anyone_who_reaches_the_port(deployment, tmp_path):
+    """Flower 1.42 OSS has no account authentication on the Control API (same port as the Fleet
+    API): a stranger with nothing but the public ``ca.crt`` registers its own SuperNode key.
+    SuperNode authentication therefore holds only if the port is firewalled to the consortium
+    (README, multi-site operations). If Flower closes this, this test fails: update the README."""
+    from flower_focal.pki import make_node_key
+    from flower_focal.simulation import flower_env
+
+    home = tmp_path / "stranger-flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink.target]\naddress = "{deployment.address}"\nroot-certificates = "{deployment.ca_cert}"\n')
+    _, public = make_node_key(tmp_path / "stranger" / "node-s")
+    proc = subprocess.run([flwr_executable(), "supernode", "register", str(public), "target", "--format", "json"],
+                          env=flower_env(home), capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0 and '"success": true' in proc.stdout, proc.stdout + proc.stderr
+    node_id = int(json.loads(proc.stdout[proc.stdout.index("{"):])["node-id"])
+    try:
+        assert node_id in {int(n["node-id"]) for n in deployment.registered_nodes()}
+    finally:
+        subprocess.run([flwr_executable(), "supernode", "unregister", str(node_id), "loopback"],
+                       env=deployment.env, capture_output=True, timeout=120, check=True)
 
 
 def test_he_fedavg_runs_and_the_superlink_host_never_holds_the_secret_key(deployment, site_keys, tmp_path):
@@ -176,27 +328,46 @@ def test_focal_runs_on_real_superlink_and_supernodes_and_the_server_never_holds_
 
 
 def test_the_secret_scan_catches_a_leaked_key(tmp_path_factory, tmp_path, site_keys):
-    """Negative control for the scan above: a key that did reach the server side is found."""
+    """Negative control for the scan above: an HE secret key or a SuperNode's private key that
+    did reach the server side is found, in any of the encodings it could leak in."""
     from types import SimpleNamespace
+
+    from cryptography.hazmat.primitives import serialization
+
+    from flower_focal.pki import make_node_key
 
     keys, server_keys = site_keys
     run_dir, workdir = tmp_path / "run", tmp_path / "deploy"
-    for d in (run_dir, workdir / "flwr-home"):
+    for d in (run_dir, workdir / "flwr-home", workdir / "superlink-tls", workdir / "supernode0"):
         d.mkdir(parents=True)
+    node_key, node_pub = make_node_key(workdir / "supernode0" / "node-0")  # institution side: fine
+    (workdir / "superlink-tls" / "node-0.pub").write_bytes(node_pub.read_bytes())  # public: fine
     (run_dir / "run_config.toml").write_text("strategy = 'he-fedavg'\n")
     (workdir / "state.db").write_bytes(b"\0" * 64)
     (workdir / "supernode0.log").write_bytes((keys / "secret.ctx").read_bytes())  # institution side: fine
     (workdir / "superlink.log").write_text("INFO clean\n")
-    fake = SimpleNamespace(workdir=workdir)
-    assert assert_server_side_never_saw_the_secret_key(keys, server_keys, run_dir, fake) == 5  # run config, 2 server keys, log, db
+    fake = SimpleNamespace(workdir=workdir, node_private_keys=lambda: [node_key])
+    # run config, 2 server keys, log, db, the registered public key
+    assert assert_server_side_never_saw_the_secret_key(keys, server_keys, run_dir, fake) == 6
+    key = serialization.load_ssh_private_key(node_key.read_bytes(), password=None)
     leaks = [(workdir / "superlink.log", lambda: "key " + _secret_key_bytes(keys / "secret.ctx").hex()),
-             (run_dir / "checkpoint.npz", lambda: (keys / "secret.ctx").read_bytes())]
+             (run_dir / "checkpoint.npz", lambda: (keys / "secret.ctx").read_bytes()),
+             (workdir / "superlink-tls" / "node-0", lambda: node_key.read_bytes()),
+             (workdir / "flwr-home" / "k.pem", lambda: key.private_bytes(
+                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())),
+             (workdir / "state.db", lambda: b"\0" + key.private_numbers().private_value.to_bytes(48, "big")),
+             (workdir / "superlink.log", lambda: f"d={key.private_numbers().private_value:096x}")]
     for path, content in leaks:
         data = content()
+        before = path.read_bytes() if path.exists() else None
         path.write_bytes(data if isinstance(data, bytes) else data.encode())
         with pytest.raises(AssertionError):
             assert_server_side_never_saw_the_secret_key(keys, server_keys, run_dir, fake)
-        path.write_text("clean")
+        if before is None:
+            path.unlink()
+        else:
+            path.write_bytes(before)
+    assert_server_side_never_saw_the_secret_key(keys, server_keys, run_dir, fake)  # clean again
 
 
 def test_a_killed_supernode_leaves_the_round_to_the_survivors_and_rejoins(tmp_path_factory, tmp_path):
@@ -226,4 +397,19 @@ def test_a_killed_supernode_leaves_the_round_to_the_survivors_and_rejoins(tmp_pa
     assert metrics["status"] == "completed"
     trained = [len(r["train_institutions"]) for r in metrics["rounds"]]
     assert trained[0] == 3 and min(trained[1:]) == 2  # the round(s) without site 2 completed
-    assert trained[-1] == 3  # the restarted SuperNode rejoined (new node id, same partition)
+    assert trained[-1] == 3  # the restarted SuperNode rejoined (same registered node id and key)
+
+
+def test_a_failed_start_leaves_no_process_behind(tmp_path):
+    """The SuperLink cannot bind (port taken): start() raises and stops what it had started."""
+    import socket
+
+    dep = LoopbackDeployment([{"partition-id": 0, "num-partitions": 1}], workdir=tmp_path / "dep")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", dep.port))
+        taken.listen()
+        with pytest.raises(RuntimeError, match="superlink"):
+            dep.start()
+    assert dep.superlink is not None and dep.superlink.poll() is not None
+    assert dep.supernodes == []
+    assert (dep.workdir / "superlink-tls" / "superlink.crt").is_file()  # it got as far as the PKI
