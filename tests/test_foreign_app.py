@@ -198,6 +198,14 @@ def test_misconfigured_apps_fail_fast_with_the_cause(tmp, he_keys):
     server.write_text(server.read_text().replace("num_rounds=num_rounds,", "num_rounds=num_rounds,\n        evaluate_fn=lambda r, a: None,"))
     details, timings["evaluate-fn-under-he"] = fail(app, tmp / "bad3", **{"he-key-dir": str(he_keys)})
     assert "evaluate_fn" in details and "federated evaluation" in details
+    # the strategy picked by one config value, misspelt (flwr run directly: no launcher preflight)
+    (tmp / "bad4").mkdir()
+    start = time.time()
+    with pytest.raises(SimulationFailed) as info:
+        run_app(repo_root(), {"strategy": "fedavgg", "run-dir": str(tmp / "bad4" / "run")},
+                Federation(num_supernodes=NODES), tmp / "bad4" / "flwr.log", echo=False, timeout_s=300)
+    details, timings["unknown-strategy"] = str(info.value), time.time() - start
+    assert "Unknown strategy 'fedavgg'" in details and "fedavg, he-fedavg, focal" in details
     print(json.dumps({"seconds_to_failure": {k: round(v, 1) for k, v in timings.items()}}))
     assert all(v < 120 for v in timings.values()), timings
     assert not list((tmp / "bad3").glob("final_model*"))
