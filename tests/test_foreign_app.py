@@ -9,6 +9,7 @@ engine. Slow: every run starts a local SuperLink and Ray (~25 s on 2 cores).
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import shutil
@@ -52,6 +53,17 @@ def app_with(tmp: Path, strategy: str | None, base: Path = APP) -> Path:
         patch.write_text(readme_diffs()[strategy])
         subprocess.run(["git", "apply", "--whitespace=nowarn", str(patch)], cwd=app, check=True)
     return app
+
+
+def app_task(app: Path, package: str):
+    """The foreign app's own ``task`` module (its model and data), imported from its folder."""
+    sys.path.insert(0, str(app))
+    try:
+        return importlib.import_module(f"{package}.task")
+    finally:
+        sys.path.remove(str(app))
+        for name in [m for m in sys.modules if m.startswith(package)]:
+            del sys.modules[name]
 
 
 def keygen(out: Path, preset: str) -> Path:
@@ -154,18 +166,12 @@ def test_focal_trains_with_the_apps_own_network_as_backbone(tmp):
     run(app, out, **{"he-key-dir": str(keys), "num-server-rounds": rounds})
     head = decrypt(out / "final_head.he", keys)
     assert head["weight"].shape == (3, 32) and head["bias"].shape == (3,)
-    sys.path.insert(0, str(app))
-    try:
-        from quickstart.task import Net, load_data
-    finally:
-        sys.path.remove(str(app))
-        for name in [m for m in sys.modules if m.startswith("quickstart")]:
-            del sys.modules[name]
+    task = app_task(app, "quickstart")
     torch.manual_seed(0)
-    backbone = Net().features
+    backbone = task.Net().features
     institutions = []
     for pid in range(NODES):
-        train, _ = load_data(pid, NODES, 16)
+        train, _ = task.load_data(pid, NODES, 16)
         with torch.no_grad():
             x = torch.cat([backbone(images) for images, _ in
                            torch.utils.data.DataLoader(train.dataset, batch_size=16)]).double().numpy()
@@ -230,19 +236,13 @@ def test_legacy_numpyclient_app_under_he_fedavg_equals_plain_legacy_fedavg(tmp, 
     assert ((he / "flwr.log").read_text()).count("summed 3 ciphertexts") == 3
 
     state = decrypt(he / "final_model.he", he_keys)  # arrays "0", "1", ... in get_weights order
-    sys.path.insert(0, str(app))
-    try:
-        from legacyapp.task import Net, load_data, set_weights, test
-    finally:
-        sys.path.remove(str(app))
-        for name in [m for m in sys.modules if m.startswith("legacyapp")]:
-            del sys.modules[name]
-    net = Net()
-    set_weights(net, [state[str(i)].numpy() for i in range(len(state))])
+    task = app_task(app, "legacyapp")
+    net = task.Net()
+    task.set_weights(net, [state[str(i)].numpy() for i in range(len(state))])
     losses, sizes = [], []
     for pid in range(NODES):
-        _, val = load_data(pid, NODES, 16)
-        losses.append(test(net, val, "cpu")[0])
+        _, val = task.load_data(pid, NODES, 16)
+        losses.append(task.test(net, val, "cpu")[0])
         sizes.append(len(val.dataset))
     final = float(np.average(losses, weights=sizes))
     assert abs(final - want[-1]) <= 1e-5 * max(1.0, abs(want[-1])), (final, want[-1])
