@@ -38,7 +38,6 @@ from flower_focal.config import RunConfig
 from flower_focal.simulation import (
     SimulationFailed,
     SimulationResult,
-    _toml_value,
     flower_env,
     flwr_executable,
     free_port,
@@ -344,9 +343,7 @@ class LoopbackDeployment:
         """
         log_path.parent.mkdir(parents=True, exist_ok=True)
         if run_config is not None and not isinstance(run_config, Path):
-            toml_path = log_path.with_name("run_config.toml")
-            toml_path.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in run_config.items()))
-            run_config = toml_path
+            run_config = write_run_config(run_config, log_path.with_name("run_config.toml"))
         start = time.time()
         with open(log_path, "w") as log:
             proc = subprocess.run(

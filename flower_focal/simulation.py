@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,11 +147,12 @@ def _toml_value(value: Any) -> str:
     return json.dumps(str(value))  # a TOML basic string
 
 
-def write_run_config(cfg: RunConfig, path: Path) -> Path:
-    """Write ``cfg`` as the TOML file ``flwr run --run-config`` accepts."""
-    lines = [f"{k} = {_toml_value(v)}" for k, v in cfg.to_flower().items()]
+def write_run_config(cfg: RunConfig | Mapping[str, Any], path: Path) -> Path:
+    """Write a run config (a :class:`RunConfig` or any app's key -> value mapping) as the TOML
+    file ``flwr run --run-config`` accepts."""
+    values = cfg.to_flower() if isinstance(cfg, RunConfig) else cfg
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items()))
     return path
 
 
@@ -337,10 +339,8 @@ def run_app(
         status details, i.e. the ServerApp's exception) or times out.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(run_config, dict):
-        toml_path = log_path.with_name("run_config.toml")
-        toml_path.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in run_config.items()))
-        run_config = toml_path
+    if isinstance(run_config, Mapping):
+        run_config = write_run_config(run_config, log_path.with_name("run_config.toml"))
     flwr_home = Path(flwr_home or tempfile.mkdtemp(prefix="flower-focal-home-"))
     flwr_home.mkdir(parents=True, exist_ok=True)
     env = flower_env(flwr_home)
