@@ -194,11 +194,27 @@ class HEFedAvgLegacy(LegacyFedAvg):
         return pairs
 
     def aggregate_fit(self, server_round, results, failures):
-        """Announce C to the institutions that trained, sum their ciphertexts (seal exchange)."""
-        from flower_focal.crypto import Accumulator, CiphertextError
+        """Announce C to the institutions that trained, sum their ciphertexts (seal exchange).
 
+        The legacy loop has no end-of-run hook, so a run cannot be checked when it ends: a round
+        that aggregates nothing while no earlier round did raises
+        :class:`~flower_focal.strategy.NothingAggregated` (naming the failures) instead of
+        letting the run finish with the untrained initial model.
+        """
         for failure in failures:
             log(WARNING, "he-fedavg (legacy) round %d: a client failed: %s", server_round, failure)
+        params, metrics = self._aggregate_fit(server_round, results)
+        if params is None and self.final is None:
+            from flower_focal.strategy import NothingAggregated
+
+            shown = "; ".join(str(f) for f in failures[:3]) or "no client replied with a pending update"
+            raise NothingAggregated(f"he-fedavg (legacy): round {server_round} aggregated nothing and "
+                                    f"no earlier round did, so nothing was trained. Failures: {shown}")
+        return params, metrics
+
+    def _aggregate_fit(self, server_round, results):
+        from flower_focal.crypto import Accumulator, CiphertextError
+
         pending = [(proxy, res) for proxy, res in results if res.metrics.get(keys.HE_PENDING)]
         if not pending:
             return None, {}

@@ -98,3 +98,15 @@ def test_encrypted_strategies_refuse_evaluate_fn_before_sending_anything(keys_di
     with pytest.raises(ValueError, match="federated evaluation"):
         HEFedAvg.from_key_dir(keys_dir).start(grid, initial(), num_rounds=1, evaluate_fn=lambda r, a: None)
     assert grid.sent == []
+
+
+def test_legacy_he_strategy_raises_when_its_first_rounds_train_nothing(keys_dir):
+    """The legacy loop has no end hook: a failed round with nothing trained so far raises."""
+    from flwr.common import ndarrays_to_parameters
+
+    from flower_focal.legacy import HEFedAvgLegacy
+
+    strategy = HEFedAvgLegacy.from_key_dir(
+        keys_dir, initial_parameters=ndarrays_to_parameters([np.zeros(3, np.float32)]))
+    with pytest.raises(NothingAggregated, match="out of memory"):
+        strategy.aggregate_fit(1, [], [RuntimeError("institution 0 cannot train: out of memory")])
