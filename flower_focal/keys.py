@@ -84,6 +84,7 @@ FOCAL_LR = "focal-lr"  # config: learning rate (folded into the error by institu
 FOCAL_STEP = "focal-step"  # config: global step number (1-based)
 FOCAL_CLASS_WEIGHTS = "focal-class-weights"  # config: "none" | "balanced"
 EMBED_DIM = "embed-dim"  # metric of the embed reply: the backbone's embedding dimension
+BACKBONE_FINGERPRINT = "backbone-fingerprint"  # config of the embed reply: hash of the frozen backbone
 
 
 

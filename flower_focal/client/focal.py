@@ -19,14 +19,24 @@ config ``he-key-dir``).
 
 from __future__ import annotations
 
+import hashlib
+import re
 import tempfile
+import threading
 from collections.abc import Callable
 from logging import INFO
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.supercore import log
 
 from flower_focal import keys
@@ -84,7 +94,12 @@ def site_embeddings(site: Site, split: str, *, where: dict[str, str] | None = No
     the cache file's path and key (``{"path": ..., "key": ...}``; empty for an empty split).
     """
     from flower_focal.data.institution import load_institution_train_eval
-    from flower_focal.models.embeddings import cache_key, cache_path, cached_embeddings, data_key_parts
+    from flower_focal.models.embeddings import (
+        cache_key,
+        cache_path,
+        cached_embeddings,
+        data_key_parts,
+    )
 
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -192,6 +207,21 @@ def _site_source(context: Context, split: str) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+def _site_fingerprint(context: Context) -> str | None:
+    """flower-focal's own backbone: its identity, without what legitimately differs by site
+    (the weights file's name and mtime, the precision the site's device runs at)."""
+    from flower_focal.client.handlers import site_from_context
+
+    ident = dict(site_backbone(site_from_context(context)).identity)
+    ident.pop("precision", None)
+    weights = re.sub(r":mtime_ns=\d+", "", str(ident.get("weights", "")))
+    ident["weights"] = re.sub(r"[^:]*:size=", "size=", weights)
+    return hashlib.blake2b(repr(sorted(ident.items())).encode(), digest_size=8).hexdigest()
+
+
+_site_source.fingerprint = _site_fingerprint  # type: ignore[attr-defined]
+
+
 def _read_noted(path: str, key: str) -> tuple[np.ndarray, np.ndarray]:
     with np.load(path, allow_pickle=False) as data:
         if str(data["key"]) != key:
@@ -220,7 +250,12 @@ def embed(message: Message, context: Context, source: EmbeddingSource = _site_so
         plan = holder.plan
         arrays[keys.FOCAL_CLASS_COUNTS] = he_array(holder.encrypt([vec], plan.w_level, plan.w_scale))
     metrics = MetricRecord({keys.NUM_EXAMPLES: int(x.shape[0]), keys.EMBED_DIM: int(x.shape[1])})
-    return Message(RecordDict({keys.ARRAYS: arrays, keys.METRICS: metrics}), reply_to=message)
+    content = RecordDict({keys.ARRAYS: arrays, keys.METRICS: metrics})
+    fingerprint = getattr(source, "fingerprint", None)
+    fp = fingerprint(context) if fingerprint is not None else None
+    if fp:  # the server checks that every institution embeds with the same backbone
+        content[keys.CONFIG] = ConfigRecord({keys.BACKBONE_FINGERPRINT: fp})
+    return Message(content, reply_to=message)
 
 
 def step(message: Message, context: Context, source: EmbeddingSource = _site_source) -> Message:
@@ -291,14 +326,18 @@ def _images_labels(batch: Any) -> tuple[Any, Any]:
 def embed_loader(backbone: Callable[[Any], Any], loader: Any, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """``(X (n, d) float64, y (n,) int64)``: ``backbone`` applied to every image of ``loader``.
 
-    ``backbone`` is any ``torch.nn.Module`` or callable images -> embeddings (any channel
-    count and image size the callable accepts); outputs are flattened per image. Modules are
-    put in eval mode and run without gradients.
+    ``backbone`` is any ``torch.nn.Module``, :class:`FrozenBackbone` or callable images ->
+    embeddings (any channel count and image size the callable accepts); outputs are flattened
+    per image. Modules (and the module of a bound method such as ``net.features``) are put in
+    eval mode and run without gradients.
     """
     import torch
 
-    if isinstance(backbone, torch.nn.Module):
-        backbone.eval().to(device)
+    if isinstance(backbone, FrozenBackbone):
+        backbone = backbone.net
+    module = backbone if isinstance(backbone, torch.nn.Module) else getattr(backbone, "__self__", None)
+    if isinstance(module, torch.nn.Module):  # a network, or a bound method such as net.features
+        module.eval().to(device)
     xs, ys = [], []
     with torch.no_grad():
         for batch in _batches(loader):
@@ -312,6 +351,70 @@ def embed_loader(backbone: Callable[[Any], Any], loader: Any, device: str = "cpu
     if not np.all(np.isfinite(x)):
         raise ValueError("the backbone produced NaN/Inf embeddings")
     return x, np.concatenate(ys)
+
+
+_BUILD_LOCK = threading.Lock()
+
+
+class FrozenBackbone:
+    """An app's network as FOCAL's frozen backbone, built where it embeds, from a fixed seed.
+
+    ``build()`` returns an ``nn.Module`` or a callable images -> embeddings (e.g.
+    ``lambda: Net().features``). It runs once per process, on the first batch to embed, under
+    ``torch.manual_seed(seed)`` in a forked RNG, so every institution gets the same random
+    initialisation. Build a randomly initialised network this way rather than at import time:
+    in a simulation the ServerApp runs in a thread of the process that loads the ClientApp,
+    and its draws from torch's global RNG interleave with an import-time ``Net()``, so
+    institutions would embed with different networks. A pretrained network (weights loaded
+    from a file) can be passed to :func:`register_focal` directly. Pickles without the built
+    network (Ray ships the ClientApp to its actors).
+    """
+
+    def __init__(self, build: Callable[[], Any], seed: int = 0) -> None:
+        self.build = build
+        self.seed = int(seed)
+        self._net: Any = None
+
+    @property
+    def net(self) -> Any:
+        """The built network (built on first access in this process)."""
+        if self._net is None:
+            import torch
+
+            with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
+                if self._net is None:
+                    torch.manual_seed(self.seed)
+                    self._net = self.build()
+        return self._net
+
+    def __call__(self, images: Any) -> Any:
+        return self.net(images)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_net": None}
+
+
+def backbone_fingerprint(backbone: Any) -> str | None:
+    """A short hash of a backbone's weights: a ``torch.nn.Module``, a bound method of one
+    (e.g. ``net.features``; the method's name counts) or a :class:`FrozenBackbone`. ``None``
+    for other callables, which cannot be checked."""
+    import torch
+
+    if isinstance(backbone, FrozenBackbone):
+        backbone = backbone.net
+    method = ""
+    if not isinstance(backbone, torch.nn.Module) and isinstance(getattr(backbone, "__self__", None),
+                                                                 torch.nn.Module):
+        method = getattr(backbone, "__name__", "")
+        backbone = backbone.__self__
+    if not isinstance(backbone, torch.nn.Module):
+        return None
+    digest = hashlib.blake2b(f"{type(backbone).__qualname__}.{method}".encode(), digest_size=8)
+    for name, tensor in backbone.state_dict().items():
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{t.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 class LoaderSource:
@@ -330,6 +433,13 @@ class LoaderSource:
         self.device = device
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self._memo: dict[tuple[int, int, str], tuple[np.ndarray, np.ndarray]] = {}
+        self._fingerprint: str | None = None
+
+    def fingerprint(self, context: Context) -> str | None:
+        """:func:`backbone_fingerprint` of the backbone (computed once per process)."""
+        if self._fingerprint is None:
+            self._fingerprint = backbone_fingerprint(self.backbone) or ""
+        return self._fingerprint or None
 
     def __call__(self, context: Context, split: str) -> tuple[np.ndarray, np.ndarray]:
         key = (int(context.run_id), int(context.node_id), split)
@@ -357,7 +467,11 @@ def register_focal(app: Any, backbone: Callable[[Any], Any], data: Callable[[Con
     """Register FOCAL's institution side on an existing ``ClientApp`` (any app, any network).
 
     ``backbone``: the frozen feature extractor, any ``torch.nn.Module`` or callable
-    images -> embeddings (every institution must build the same one). ``data(context)``
+    images -> embeddings; every institution must use the same one. A pretrained network can be
+    passed as is; a randomly initialised one as ``FrozenBackbone(lambda: Net().features,
+    seed=0)`` (see :class:`FrozenBackbone`). The embed reply carries
+    :func:`backbone_fingerprint` and the server refuses a run whose institutions differ.
+    ``data(context)``
     returns the app's own ``(train_loader, val_loader)`` (``DataLoader`` or ``Dataset``
     yielding ``(image, label)`` or MONAI-style dicts; labels ``0..K-1``). Registers
     ``train.embed``, ``train.focal`` and ``evaluate.focal``; the app's other handlers are

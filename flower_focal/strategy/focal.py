@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable
-from pathlib import Path
 from logging import INFO, WARNING
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -36,9 +36,13 @@ from flwr.serverapp.strategy import Result
 from flwr.supercore import log
 
 from flower_focal import keys
-from flower_focal.keys import he_array, he_bytes
 from flower_focal.artifacts import ModelSpec
-from flower_focal.crypto import FOCAL_PRESETS, CiphertextError, CkksEvaluator, PublicContext
+from flower_focal.crypto import (
+    FOCAL_PRESETS,
+    CiphertextError,
+    CkksEvaluator,
+    PublicContext,
+)
 from flower_focal.focal import (
     FocalLayout,
     FocalServer,
@@ -48,12 +52,34 @@ from flower_focal.focal import (
     server_forward,
     server_setup,
 )
-from flower_focal.history import metric_dict, reply_bytes
 from flower_focal.focal.errors import InstitutionUploadError
+from flower_focal.history import metric_dict, reply_bytes
+from flower_focal.keys import he_array, he_bytes
 from flower_focal.strategy.fedavg import FedAvg
 from flower_focal.strategy.roster import OrderedGrid, seeded_random
 
 CLASS_WEIGHTS = ("none", "balanced")
+
+
+class MixedBackbones(RuntimeError):
+    """Institutions embedded with different frozen backbones: one head cannot fit them all."""
+
+
+def check_same_backbone(contents: dict[int, RecordDict]) -> None:
+    """Refuse embed replies whose backbone fingerprints differ (replies without one, e.g. from
+    an arbitrary callable backbone, cannot be checked and are let through)."""
+    groups: dict[str, list[int]] = {}
+    for pid, content in contents.items():
+        config = content.config_records.get(keys.CONFIG)
+        fp = config.get(keys.BACKBONE_FINGERPRINT) if config is not None else None
+        if fp:
+            groups.setdefault(str(fp), []).append(pid)
+    if len(groups) > 1:
+        said = "; ".join(f"{fp}: institutions {sorted(p)}" for fp, p in sorted(groups.items()))
+        raise MixedBackbones(
+            f"focal: the institutions embedded with different frozen backbones ({said}); every "
+            "institution must use the same network and weights (a randomly initialised app network: "
+            "register_focal(app, backbone=FrozenBackbone(lambda: Net().features, seed=0), ...))")
 
 
 class Focal(FedAvg):
@@ -267,6 +293,7 @@ class Focal(FedAvg):
             dim = int(ok[0][2][keys.METRICS][keys.EMBED_DIM]) if ok else 0
         self.layout = FocalLayout(dim, num_classes, self.evaluator.slots, self.block)
         self._server = server_setup(self.evaluator, self.layout, bytes(head))
+        check_same_backbone({pid: content for _, pid, content in ok})
         counts = []
         for node, pid, content in ok:
             name = str(pid)
