@@ -24,4 +24,19 @@ def main(grid: Grid, context: Context) -> None:
     run_server(grid, RunConfig.from_mapping(context.run_config), run_id=context.run_id)
 
 
+def _library_logs_through_flower() -> None:
+    """flower-focal's own logs (``flower_focal.*``: each institution's size and class
+    histogram, data loading) go to Flower's handlers in flower-focal's own apps, so a
+    SuperNode's log shows them next to Flower's. Someone else's app decides for itself."""
+    import logging
+
+    library, flower = logging.getLogger("flower_focal"), logging.getLogger("flwr")
+    if not library.handlers:
+        for handler in flower.handlers:
+            library.addHandler(handler)
+        library.setLevel(logging.INFO)
+        library.propagate = False
+
+
+_library_logs_through_flower()
 client_app = build_client_app()

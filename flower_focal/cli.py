@@ -196,7 +196,8 @@ def _check(args: argparse.Namespace) -> int:
     cfg = RunConfig.from_mapping(parse_run_config(args.run_config))
     report = preflight(cfg, args.num_institutions, decode_images=not args.no_decode,
                        require_keys=True, key_role=args.role)
-    print(json.dumps(report.to_dict()) if args.json else f"flower-focal check: {report.summary()}")
+    print(json.dumps(report.to_dict()) if args.json
+          else f"flower-focal check: {report.summary()}\n{report.institutions_table()}")
     return 0
 
 

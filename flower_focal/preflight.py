@@ -54,6 +54,8 @@ class PreflightReport:
     key_preset: str = ""
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    institution_train_histograms: list[list[int]] = field(default_factory=list)
+    institution_val_histograms: list[list[int]] = field(default_factory=list)
 
     def summary(self) -> str:
         """One line for humans."""
@@ -68,6 +70,24 @@ class PreflightReport:
             + (f"; {self.images_decoded} image files decoded" if self.images_decoded else "")
             + keys
         )
+
+    def institutions_table(self, limit: int = 20) -> str:
+        """Every institution's size and class histogram, one line each (the first and last
+        ``limit // 2`` beyond ``limit`` institutions, with the count left out)."""
+        rows = list(range(self.num_institutions))
+        if len(rows) > limit:
+            rows = rows[: limit // 2] + [-1] + rows[-(limit // 2):]
+        width = len(str(self.num_institutions - 1))
+        lines = []
+        for k in rows:
+            if k < 0:
+                lines.append(f"  ... {self.num_institutions - 2 * (limit // 2)} more institutions")
+                continue
+            train = self.institution_train_histograms[k] if self.institution_train_histograms else []
+            val = self.institution_val_histograms[k] if self.institution_val_histograms else []
+            lines.append(f"  institution {k:>{width}}: {self.institution_train_sizes[k]:>5} train "
+                         f"{train}, {self.institution_val_sizes[k]:>4} val {val}")
+        return "institutions (items per class):\n" + "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -295,6 +315,8 @@ def _check_data(cfg: RunConfig, num_institutions: int, decode_images: bool, key_
         institution_train_sizes=[int(p["n_train"]) for p in parts],
         institution_val_sizes=[int(p["n_val"]) for p in parts],
         images_decoded=decoded,
+        institution_train_histograms=[[int(c) for c in p["train_histogram"]] for p in parts],
+        institution_val_histograms=[[int(c) for c in p["val_histogram"]] for p in parts],
         model=cfg.backbone if strategy_spec(cfg.strategy).focal_keys else cfg.model,
         device=cfg.device, key_dir=key_dir, key_preset=preset,
         seconds=time.time() - start, notes=notes,

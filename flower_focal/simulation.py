@@ -287,7 +287,7 @@ def simulate(
     if check:
         report = preflight(cfg, federation.num_supernodes)  # PreflightError before Flower starts
         if echo:
-            print(f"flower-focal: {report.summary()}")
+            print(f"flower-focal: {report.summary()}\n{report.institutions_table()}")
     run_dir = Path(cfg.run_dir).expanduser().resolve()
     cfg = cfg.replace(run_dir=str(run_dir))
     app_dir = app_dir or repo_root()

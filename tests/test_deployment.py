@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import struct
@@ -153,6 +154,11 @@ def test_fedavg_runs_on_real_superlink_and_supernodes(deployment, tmp_path):
     assert "SuperNode authentication is disabled" not in superlink_log
     online = {int(n["node-id"]) for n in deployment.registered_nodes() if n["status"] == "online"}
     assert online == set(deployment.node_ids) and len(online) == 2
+    # each institution logs its own size and class histogram in its SuperNode's log
+    for index in range(2):
+        node_log = (deployment.workdir / f"supernode{index}.log").read_text()
+        assert re.search(rf"institution {index}/2 \(medmnist, \w+\): \d+ train, \d+ val; train histogram \[",
+                         node_log), node_log[-2000:]
 
 
 def _wait_exit(proc, timeout_s: float = 180.0) -> int:

@@ -49,6 +49,23 @@ def test_a_good_setup_passes_and_names_the_institution_sizes(tmp_path):
     assert "4 institutions with 15..15 training items" in report.summary()
 
 
+def test_the_launcher_shows_every_institutions_size_and_class_histogram(tmp_path):
+    """Printed by the launcher before Flower starts (simulation workers' own logs do not reach
+    the user); institutions in a deployment log theirs in their SuperNode's log."""
+    cfg = _cfg(_npz(tmp_path / "ok.npz", n_train=61)).replace(partitioner="dirichlet", dirichlet_alpha=0.3)
+    report = preflight(cfg, 3)
+    assert [sum(h) for h in report.institution_train_histograms] == report.institution_train_sizes
+    assert sum(map(sum, report.institution_train_histograms)) == 61
+    table = report.institutions_table().splitlines()
+    assert table[0] == "institutions (items per class):" and len(table) == 4
+    hist = report.institution_train_histograms[2]
+    assert table[3].startswith(f"  institution 2: {report.institution_train_sizes[2]:>5} train {hist}")
+    many = preflight(_cfg(_npz(tmp_path / "many.npz", n_train=300, n_val=90)), 40).institutions_table(limit=6)
+    assert [line.split(":")[0].strip() for line in many.splitlines()[1:]] == [
+        "institution  0", "institution  1", "institution  2", "... 34 more institutions",
+        "institution 37", "institution 38", "institution 39"]
+
+
 def test_missing_data_file_names_the_file(tmp_path):
     missing = tmp_path / "nope" / "pathmnist.npz"
     with pytest.raises(PreflightError, match=r"file not found: .*nope/pathmnist\.npz"):
