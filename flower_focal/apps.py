@@ -34,8 +34,7 @@ def _library_logs_through_flower() -> None:
     if not library.handlers:
         for handler in flower.handlers:
             library.addHandler(handler)
-        library.setLevel(logging.INFO)
-        library.propagate = False
+        library.setLevel(logging.INFO)  # still propagates: an app's own root handlers see it too
 
 
 _library_logs_through_flower()

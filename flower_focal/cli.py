@@ -7,6 +7,8 @@
     flower-focal decrypt-model --model final_model.he --key keys/ --out final_model.pt
     flower-focal report --runs RUN_DIR... --out DIR     # compare strategies (report.md + plots)
     flower-focal audit --strategy fedavg --dataset pathmnist --out DIR   # gradient-inversion audit
+    flower-focal deploy-local --run-config "strategy='he-fedavg'" --num-institutions 2   # real SuperLink + SuperNodes
+    flower-focal stop-local                              # the SuperLink a plain `flwr run .` leaves running
 
 Subcommands are registered in ``COMMANDS``; each owns its arguments and returns an exit code.
 """
@@ -419,6 +421,9 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                    help="simulated institutions (SuperNodes); default: %(default)s")
     p.add_argument("--run-dir", type=Path, default=None,
                    help="where the run directory goes (default: runs/<date>-<time>-<strategy>)")
+    p.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                   help="run the institutions on an existing Ray cluster (its head's address; every node "
+                   "needs the same Python environment and data paths); default: a private Ray per run")
     p.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
     p.set_defaults(handler=_simulate)
 
@@ -433,12 +438,109 @@ def _simulate(args: argparse.Namespace) -> int:
     run_dir = args.run_dir or Path("runs") / f"{time.strftime('%Y-%m-%d-%H-%M-%S')}-{cfg.strategy}"
     cfg = cfg.replace(run_dir=str(run_dir.resolve()),
                       min_available_nodes=min(cfg.min_available_nodes, args.num_institutions))
-    result = simulate(cfg, Federation(num_supernodes=args.num_institutions), timeout_s=args.timeout,
-                      echo=False)
+    result = simulate(cfg, Federation(num_supernodes=args.num_institutions, ray_address=args.ray_address),
+                      timeout_s=args.timeout, echo=False)
     rounds = result.metrics()["rounds"]
     print(json.dumps({"run_dir": str(result.run_dir), "status": result.status,
                       "wall_time_s": round(result.wall_time_s, 1),
                       "final_evaluate": rounds[-1]["evaluate"] if rounds else {}}))
+    return 0
+
+
+def _add_deploy_local(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "deploy-local",
+        help="run a real deployment on this machine: one SuperLink and N SuperNode processes",
+        description="Check the setup, then start flower-superlink and --num-institutions flower-supernode "
+        "processes on loopback exactly as a consortium would (TLS and SuperNode authentication with a "
+        "throw-away PKI unless --insecure; no simulation engine), submit the run config with flwr run, wait "
+        "for its final status and stop every process. he-fedavg and focal without he-key-dir get a key set: "
+        "secret.ctx for the SuperNodes (node config he-secret-key), public.ctx only for the server. The "
+        "SuperLink's and each SuperNode's logs stay in <run-dir>/deployment/. Prints the run directory and "
+        "the final evaluation as JSON.",
+    )
+    p.add_argument("--run-config", nargs="*", default=[], metavar="TOML|KEY=VALUE",
+                   help="run config as for flwr run --run-config (TOML files and/or key=value)")
+    p.add_argument("--num-institutions", type=int, default=2,
+                   help="SuperNode processes (institutions); default: %(default)s")
+    p.add_argument("--run-dir", type=Path, default=None,
+                   help="where the run directory goes (default: runs/<date>-<time>-deploy-<strategy>)")
+    p.add_argument("--insecure", action="store_true",
+                   help="plaintext gRPC and open SuperNode registration (an explicit opt-out, for debugging)")
+    p.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
+    p.set_defaults(handler=_deploy_local)
+
+
+def _deploy_local(args: argparse.Namespace) -> int:
+    import shutil
+    import time
+
+    from flower_focal.config import RunConfig
+    from flower_focal.crypto import MANIFEST_FILE, PUBLIC_FILE, SECRET_FILE, keygen
+    from flower_focal.deployment import LoopbackDeployment
+    from flower_focal.preflight import preflight
+    from flower_focal.simulation import KEYED_STRATEGIES, key_preset
+
+    n = args.num_institutions
+    cfg = RunConfig.from_mapping(parse_run_config(args.run_config))
+    run_dir = (args.run_dir or Path("runs") / f"{time.strftime('%Y-%m-%d-%H-%M-%S')}-deploy-{cfg.strategy}").resolve()
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ValueError(f"{run_dir} exists and is not empty")
+    cfg = cfg.replace(run_dir=str(run_dir), min_available_nodes=min(cfg.min_available_nodes, n))
+    report = preflight(cfg, n)
+    print(f"flower-focal deploy-local: {report.summary()}\n{report.institutions_table()}", file=sys.stderr)
+    workdir = run_dir / "deployment"
+    workdir.mkdir(parents=True)
+    secret: Path | None = None
+    if cfg.strategy in KEYED_STRATEGIES:
+        if cfg.he_key_dir:
+            secret = Path(cfg.he_key_dir).resolve() / SECRET_FILE
+        else:  # institutions get secret.ctx, the server host only public.ctx (+ manifest)
+            institution_keys = keygen(workdir / "institution-keys", key_preset(cfg))
+            server_keys = workdir / "server-keys"
+            server_keys.mkdir()
+            for name in (PUBLIC_FILE, MANIFEST_FILE):
+                shutil.copy(institution_keys / name, server_keys / name)
+            secret, cfg = institution_keys / SECRET_FILE, cfg.replace(he_key_dir=str(server_keys))
+    nodes = [{"partition-id": i, "num-partitions": n, **({"he-secret-key": str(secret)} if secret else {})}
+             for i in range(n)]
+    with LoopbackDeployment(nodes, workdir=workdir, insecure=args.insecure) as deployment:
+        result = deployment.run(cfg, timeout_s=args.timeout)
+    if secret is not None and (run_dir / "model.he").is_file():
+        from flower_focal.artifacts import decrypt_model
+
+        decrypt_model(run_dir, secret.parent)  # as an institution would, with its secret key
+    rounds = result.metrics()["rounds"]
+    print(json.dumps({"run_dir": str(result.run_dir), "status": result.status,
+                      "wall_time_s": round(result.wall_time_s, 1), "secure": not args.insecure,
+                      "logs": sorted(str(p) for p in workdir.glob("*.log")),
+                      "final_evaluate": rounds[-1]["evaluate"] if rounds else {}}))
+    return 0
+
+
+def _add_stop_local(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "stop-local",
+        help="stop the local SuperLink that a plain flwr run . leaves running",
+        description="A plain flwr run . (no SuperLink address) starts Flower's managed local SuperLink in the "
+        "background and leaves it running for later flwr run / flwr ls / flwr log calls, with its SuperExec "
+        "and any simulation it still runs. This stops that SuperLink and every process it started "
+        "(FLWR_HOME, default ~/.flwr, names it). flower-focal's own launchers use a private SuperLink per run "
+        "and stop it themselves.",
+    )
+    p.add_argument("--flwr-home", type=Path, default=None,
+                   help="Flower's home directory (default: $FLWR_HOME or ~/.flwr)")
+    p.set_defaults(handler=_stop_local)
+
+
+def _stop_local(args: argparse.Namespace) -> int:
+    from flwr.supercore.utils import get_flwr_home
+
+    from flower_focal.simulation import stop_processes_under
+
+    home = (args.flwr_home or get_flwr_home()).expanduser().resolve()
+    stopped = stop_processes_under(home / "local-superlink")
+    print(json.dumps({"flwr_home": str(home), "processes_stopped": stopped}))
     return 0
 
 
@@ -484,6 +586,8 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_report,
     _add_audit,
     _add_certs,
+    _add_deploy_local,
+    _add_stop_local,
 )
 
 

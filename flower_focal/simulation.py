@@ -62,6 +62,12 @@ class Federation:
     client_gpus: float = 0.0
     ray_num_cpus: int | None = None  # Ray's own CPU budget (None: all cores)
     ray_num_gpus: int | None = None
+    ray_address: str | None = None  # an existing Ray cluster ("HOST:PORT" of its head); None: a private one
+
+    def __post_init__(self) -> None:
+        if self.ray_address and (self.ray_num_cpus is not None or self.ray_num_gpus is not None):
+            raise ValueError("ray_num_cpus / ray_num_gpus size a Ray instance flower-focal starts; with "
+                             f"ray_address={self.ray_address!r} the cluster's own nodes give the resources")
 
     def to_flower(self) -> str:
         """The ``--federation-config`` string."""
@@ -156,6 +162,14 @@ def write_run_config(cfg: RunConfig | Mapping[str, Any], path: Path) -> Path:
     return path
 
 
+RAY_ACCEL_TIP_FILTER = "ignore::FutureWarning:ray._private.worker"
+NOISE = (
+    # Flower 1.42 logs this in every simulation, whatever num-supernodes says (we always set it).
+    "Since flwr 1.32, default simulated SuperNodes changed from 10 to 2.",
+)
+"""Lines of Flower's log stream that say nothing about this run: kept in ``flwr.log``, not echoed."""
+
+
 def flower_env(flwr_home: Path) -> dict[str, str]:
     """Environment for ``flwr``: private home and ports, no runtime installs, no telemetry."""
     env = dict(os.environ)
@@ -168,6 +182,10 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
         FLWR_DISABLE_UPDATE_CHECK="1",
         PYTHONUNBUFFERED="1",
     )
+    # Ray's FutureWarning about a default it will change (CUDA_VISIBLE_DEVICES with num_gpus=0)
+    # is printed by every run; keep today's behaviour (CPU-only actors see no GPU), not the tip.
+    warnings = [w for w in env.get("PYTHONWARNINGS", "").split(",") if w]
+    env["PYTHONWARNINGS"] = ",".join([*warnings, RAY_ACCEL_TIP_FILTER])
     # The ServerApp/ClientApps are started from PATH: make sure it is this interpreter's.
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     return env
@@ -344,6 +362,8 @@ def run_app(
     flwr_home = Path(flwr_home or tempfile.mkdtemp(prefix="flower-focal-home-"))
     flwr_home.mkdir(parents=True, exist_ok=True)
     env = flower_env(flwr_home)
+    if federation.ray_address:  # Flower's Ray backend calls ray.init(), which joins RAY_ADDRESS
+        env["RAY_ADDRESS"] = federation.ray_address
     cmd = [flwr_executable(), "run", str(app_dir), "--stream",
            *(["--run-config", str(run_config)] if run_config else []),
            "--federation-config", federation.to_flower()]
@@ -357,7 +377,7 @@ def run_app(
             )
             for line in proc.stdout or ():
                 log_file.write(line)
-                if echo:
+                if echo and not any(noise in line for noise in NOISE):
                     sys.stdout.write(line)
                 if run_id is None and (m := re.search(r"run (\d+)", line)):
                     run_id = int(m.group(1))

@@ -68,6 +68,7 @@ def to_federation(cfg: DictConfig) -> Federation:
         client_gpus=float(fed.client_gpus),
         ray_num_cpus=fed.ray_num_cpus,
         ray_num_gpus=fed.ray_num_gpus,
+        ray_address=fed.get("ray_address") or None,
     )
 
 

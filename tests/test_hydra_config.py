@@ -83,3 +83,11 @@ def test_every_setting_reaches_the_run_config_from_hydra():
         for name, path, want in items:
             assert getattr(got, name) == want, (name, path, getattr(got, name))
             assert getattr(via_run, name) == want, (name, "run." + name.replace("_", "-"))
+
+
+def test_a_ray_cluster_address_reaches_the_federation_and_refuses_private_ray_sizes():
+    assert to_federation(_compose([])).ray_address is None  # default: a private Ray per run
+    fed = to_federation(_compose(["federation.ray_address=10.0.0.1:6379"]))
+    assert fed.ray_address == "10.0.0.1:6379"
+    with pytest.raises(ValueError, match="the cluster's own nodes give the resources"):
+        to_federation(_compose(["federation.ray_address=10.0.0.1:6379", "federation.ray_num_cpus=4"]))

@@ -1,0 +1,69 @@
+"""``flower-focal deploy-local`` and ``flower-focal stop-local``: real processes, no mocks (slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flower_focal.simulation import Federation, flower_env, flwr_executable, repo_root, write_run_config
+
+pytestmark = pytest.mark.slow
+
+
+def _processes_mentioning(marker: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if marker.encode() in (proc / "cmdline").read_bytes() and int(proc.name) != os.getpid():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flower_focal.cli", *args], cwd=repo_root(), env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_stop_local_stops_the_superlink_a_plain_flwr_run_leaves_running(tmp_path):
+    home = tmp_path / "flwr-home"
+    env = flower_env(home)
+    config = write_run_config({"num-server-rounds": 1, "run-dir": str(tmp_path / "run")}, tmp_path / "run.toml")
+    proc = subprocess.run([flwr_executable(), "run", str(repo_root()), "--stream", "--run-config", str(config),
+                           "--federation-config", Federation(num_supernodes=2).to_flower()],
+                          cwd=repo_root(), env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    marker = str(home / "local-superlink")
+    try:
+        assert _processes_mentioning(marker), "flwr run no longer leaves its local SuperLink running"
+        out = _cli("stop-local", "--flwr-home", str(home))
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["processes_stopped"] >= 1
+        assert _processes_mentioning(marker) == []
+    finally:
+        from flower_focal.simulation import stop_processes_under
+
+        stop_processes_under(home)
+
+
+def test_deploy_local_runs_he_fedavg_on_superlink_and_supernode_processes(tmp_path):
+    run_dir = tmp_path / "run"
+    out = _cli("deploy-local", "--run-config", "strategy='he-fedavg' num-server-rounds=1 seed=3",
+               "--num-institutions", "2", "--run-dir", str(run_dir))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["status"] == "finished:completed" and result["secure"] is True
+    assert "institution 1:" in out.stderr  # the institutions' sizes and histograms, before starting
+    deployment = run_dir / "deployment"
+    assert {Path(p).name for p in result["logs"]} >= {"superlink.log", "supernode0.log", "supernode1.log"}
+    assert not (deployment / "server-keys" / "secret.ctx").exists()  # the server host: public.ctx only
+    assert (run_dir / "model.he").is_file() and (run_dir / "model.pt").is_file()  # decrypted by an institution
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and len(metrics["rounds"][0]["train_institutions"]) == 2
+    assert _processes_mentioning(str(deployment)) == []  # every process stopped
