@@ -6,7 +6,9 @@ For each strategy, the same run (2 institutions, synthetic pathology tiles in a 
 file, small CNN; focal: monai-resnet18 backbone at 32 px, its own `--preset focal` key set and
 deployment) is executed (a) in Flower's Ray simulation through `flwr run` and (b) on a
 real loopback deployment (flower-superlink + 2 flower-supernode processes). Reported: mean
-round wall time (rounds 2..), whole-run wall time. Recovery: (c) a SuperNode SIGKILLed during a
+round wall time (rounds 2..), its excess over the simulation's (target <= 4 s), whole-run wall
+time, and per message type the SuperNodes' ClientApp process split (before flower-focal's
+import / its imports / work, from ``flower_focal.client.timing``'s log lines). Recovery: (c) a SuperNode SIGKILLed during a
 round: the wall time of that round (it completes once Flower's heartbeat declares the node
 gone) vs a normal round; (d) a server (simulation) killed after a checkpoint and resumed:
 seconds from the resume command to the next finished round. Prints one JSON object.
@@ -15,6 +17,7 @@ seconds from the resume command to the next finished round. Prints one JSON obje
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 import tempfile
@@ -32,6 +35,28 @@ from flower_focal.config import RunConfig  # noqa: E402
 from flower_focal.crypto import MANIFEST_FILE, PUBLIC_FILE, keygen  # noqa: E402
 from flower_focal.deployment import LoopbackDeployment  # noqa: E402
 from flower_focal.simulation import Federation, simulate, stop_processes_under  # noqa: E402
+
+
+MESSAGE_LINE = re.compile(r"flower-focal message (\S+): (?:process ([\d.]+) s before flower-focal's import, "
+                          r"imports ([\d.]+) s, )?work ([\d.]+) s")
+
+
+def _client_times(dep: LoopbackDeployment, offsets: dict[int, int]) -> dict:
+    """Per message type, mean seconds of a SuperNode's ClientApp process: before flower-focal's
+    import (interpreter, Flower), flower-focal's imports, the work (client/timing.py's log lines
+    written since ``offsets``)."""
+    rows: dict[str, list[tuple[float, float, float]]] = {}
+    for index, offset in offsets.items():
+        text = (dep.workdir / f"supernode{index}.log").read_bytes()[offset:].decode(errors="replace")
+        for kind, process, imports, work in MESSAGE_LINE.findall(text):
+            rows.setdefault(kind, []).append((float(process or 0), float(imports or 0), float(work)))
+    return {kind: {"messages": len(r), "process_s": round(statistics.mean(x[0] for x in r), 2),
+                   "imports_s": round(statistics.mean(x[1] for x in r), 2),
+                   "work_s": round(statistics.mean(x[2] for x in r), 2)} for kind, r in sorted(rows.items())}
+
+
+def _log_offsets(dep: LoopbackDeployment) -> dict[int, int]:
+    return {i: (dep.workdir / f"supernode{i}.log").stat().st_size for i in range(len(dep.node_configs))}
 
 
 def _round_walls(metrics: dict) -> list[float]:
@@ -56,11 +81,15 @@ def _compare(dep: LoopbackDeployment, cfg: RunConfig, tmp: Path, keys: Path | No
     """
     sim_cfg = cfg.replace(run_dir=str(tmp / f"sim-{cfg.strategy}"), he_key_dir=str(keys or ""))
     sim = simulate(sim_cfg, Federation(num_supernodes=2), echo=False)
+    offsets = _log_offsets(dep)
     depl = dep.run(cfg.replace(run_dir=str(tmp / f"dep-{cfg.strategy}"), he_key_dir=str(server_keys or "")))
     s_w, d_w = _round_walls(sim.metrics()), _round_walls(depl.metrics())
+    sim_round, dep_round = statistics.mean(s_w[1:] or s_w), statistics.mean(d_w[1:] or d_w)
     return {
-        "simulation_round_s": round(statistics.mean(s_w[1:] or s_w), 2),
-        "deployment_round_s": round(statistics.mean(d_w[1:] or d_w), 2),
+        "simulation_round_s": round(sim_round, 2),
+        "deployment_round_s": round(dep_round, 2),
+        "deployment_minus_simulation_s": round(dep_round - sim_round, 2),  # target <= 4 s
+        "client_message_s": _client_times(dep, offsets),
         "simulation_run_s": round(sim.wall_time_s, 1),
         "deployment_run_s": round(depl.wall_time_s, 1),
         "loadavg": loadavg(),
@@ -71,6 +100,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--strategies", nargs="+", default=["fedavg", "he-fedavg", "focal"])
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--no-recovery", action="store_true", help="skip the killed SuperNode / server parts")
     args = p.parse_args()
     out: dict = {"benchmark": "deployment_vs_simulation", "machine": machine(), "strategies": {}}
     with tempfile.TemporaryDirectory(prefix="ff-deploy-") as tmp:
@@ -94,6 +124,9 @@ def main() -> None:
                 he = strategy == "he-fedavg"
                 out["strategies"][strategy] = _compare(dep, base.replace(strategy=strategy), tmp,
                                                        keys if he else None, server_keys if he else None)
+            if args.no_recovery:
+                emit(out)
+                return
             # (c) a SuperNode killed mid-round
             # one of the 2 nodes dies: the run must be allowed to go on with 1
             cfg = base.replace(num_server_rounds=3, min_train_replies=1, min_available_nodes=1,

@@ -21,6 +21,7 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from flower_focal.strategy.specs import STRATEGY_SPECS
 
@@ -405,6 +406,22 @@ def _audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_run_arguments(p: argparse.ArgumentParser, institutions: int, what: str, run_dir: str) -> None:
+    """The options simulate and deploy-local share."""
+    p.add_argument("--run-config", nargs="*", default=[], metavar="TOML|KEY=VALUE",
+                   help="run config as for flwr run --run-config (TOML files and/or key=value)")
+    p.add_argument("--num-institutions", type=int, default=institutions, help=f"{what}; default: %(default)s")
+    p.add_argument("--run-dir", type=Path, default=None, help=f"where the run directory goes (default: {run_dir})")
+
+
+def _print_run(result: Any, **extra: Any) -> None:
+    """One JSON line: the run directory, its status and the final evaluation."""
+    rounds = result.metrics()["rounds"]
+    print(json.dumps({"run_dir": str(result.run_dir), "status": result.status,
+                      "wall_time_s": round(result.wall_time_s, 1), **extra,
+                      "final_evaluate": rounds[-1]["evaluate"] if rounds else {}}))
+
+
 def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "simulate",
@@ -415,12 +432,7 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
         "focal without he-key-dir get a temporary key set; the encrypted final model is decrypted "
         "into model.pt afterwards. Prints the run directory and the final evaluation as JSON.",
     )
-    p.add_argument("--run-config", nargs="*", default=[], metavar="TOML|KEY=VALUE",
-                   help="run config as for flwr run --run-config (TOML files and/or key=value)")
-    p.add_argument("--num-institutions", type=int, default=5,
-                   help="simulated institutions (SuperNodes); default: %(default)s")
-    p.add_argument("--run-dir", type=Path, default=None,
-                   help="where the run directory goes (default: runs/<date>-<time>-<strategy>)")
+    _add_run_arguments(p, 5, "simulated institutions (SuperNodes)", "runs/<date>-<time>-<strategy>")
     p.add_argument("--ray-address", default=None, metavar="HOST:PORT",
                    help="run the institutions on an existing Ray cluster (its head's address; every node "
                    "needs the same Python environment and data paths); default: a private Ray per run")
@@ -440,10 +452,7 @@ def _simulate(args: argparse.Namespace) -> int:
                       min_available_nodes=min(cfg.min_available_nodes, args.num_institutions))
     result = simulate(cfg, Federation(num_supernodes=args.num_institutions, ray_address=args.ray_address),
                       timeout_s=args.timeout, echo=False)
-    rounds = result.metrics()["rounds"]
-    print(json.dumps({"run_dir": str(result.run_dir), "status": result.status,
-                      "wall_time_s": round(result.wall_time_s, 1),
-                      "final_evaluate": rounds[-1]["evaluate"] if rounds else {}}))
+    _print_run(result)
     return 0
 
 
@@ -459,12 +468,7 @@ def _add_deploy_local(sub: argparse._SubParsersAction) -> None:
         "SuperLink's and each SuperNode's logs stay in <run-dir>/deployment/. Prints the run directory and "
         "the final evaluation as JSON.",
     )
-    p.add_argument("--run-config", nargs="*", default=[], metavar="TOML|KEY=VALUE",
-                   help="run config as for flwr run --run-config (TOML files and/or key=value)")
-    p.add_argument("--num-institutions", type=int, default=2,
-                   help="SuperNode processes (institutions); default: %(default)s")
-    p.add_argument("--run-dir", type=Path, default=None,
-                   help="where the run directory goes (default: runs/<date>-<time>-deploy-<strategy>)")
+    _add_run_arguments(p, 2, "SuperNode processes (institutions)", "runs/<date>-<time>-deploy-<strategy>")
     p.add_argument("--insecure", action="store_true",
                    help="plaintext gRPC and open SuperNode registration (an explicit opt-out, for debugging)")
     p.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
@@ -510,11 +514,7 @@ def _deploy_local(args: argparse.Namespace) -> int:
         from flower_focal.artifacts import decrypt_model
 
         decrypt_model(run_dir, secret.parent)  # as an institution would, with its secret key
-    rounds = result.metrics()["rounds"]
-    print(json.dumps({"run_dir": str(result.run_dir), "status": result.status,
-                      "wall_time_s": round(result.wall_time_s, 1), "secure": not args.insecure,
-                      "logs": sorted(str(p) for p in workdir.glob("*.log")),
-                      "final_evaluate": rounds[-1]["evaluate"] if rounds else {}}))
+    _print_run(result, secure=not args.insecure, logs=sorted(str(p) for p in workdir.glob("*.log")))
     return 0
 
 

@@ -1,4 +1,5 @@
-"""``flower-focal deploy-local`` and ``flower-focal stop-local``: real processes, no mocks (slow)."""
+"""``flower-focal stop-local``: real processes, no mocks (slow). ``deploy-local`` runs as the README
+writes it in ``tests/test_readme_commands.py``."""
 
 from __future__ import annotations
 
@@ -50,20 +51,3 @@ def test_stop_local_stops_the_superlink_a_plain_flwr_run_leaves_running(tmp_path
         from flower_focal.simulation import stop_processes_under
 
         stop_processes_under(home)
-
-
-def test_deploy_local_runs_he_fedavg_on_superlink_and_supernode_processes(tmp_path):
-    run_dir = tmp_path / "run"
-    out = _cli("deploy-local", "--run-config", "strategy='he-fedavg' num-server-rounds=1 seed=3",
-               "--num-institutions", "2", "--run-dir", str(run_dir))
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["status"] == "finished:completed" and result["secure"] is True
-    assert "institution 1:" in out.stderr  # the institutions' sizes and histograms, before starting
-    deployment = run_dir / "deployment"
-    assert {Path(p).name for p in result["logs"]} >= {"superlink.log", "supernode0.log", "supernode1.log"}
-    assert not (deployment / "server-keys" / "secret.ctx").exists()  # the server host: public.ctx only
-    assert (run_dir / "model.he").is_file() and (run_dir / "model.pt").is_file()  # decrypted by an institution
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["status"] == "completed" and len(metrics["rounds"][0]["train_institutions"]) == 2
-    assert _processes_mentioning(str(deployment)) == []  # every process stopped

@@ -16,11 +16,12 @@ from flower_focal import keys
 from flower_focal.client import focal, handlers
 from flower_focal.client.dp import dp_clipping_mod
 from flower_focal.client.he_mod import he_fedavg_mod
+from flower_focal.client.timing import message_timing_mod
 
 
 def build_client_app() -> ClientApp:
     """A new ``ClientApp`` with flower-focal's handlers and mods."""
-    app = ClientApp()
+    app = ClientApp(mods=[message_timing_mod])
 
     @app.query(keys.ACTION_DESCRIBE)
     def describe(message: Message, context: Context) -> Message:
