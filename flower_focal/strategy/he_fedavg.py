@@ -61,13 +61,19 @@ class RejectedReply(ValueError):
 _REJECTED = (CiphertextError, RejectedReply)
 
 
+def reply_key(reply: Message) -> tuple[int, str]:
+    """Which reply this is: its sender and the instruction it answers (not the Python object,
+    which a grid may copy between the arrival hook and ``aggregate_train``)."""
+    return reply.metadata.src_node_id, reply.metadata.reply_to_message_id
+
+
 @dataclass
 class _RoundSum:
     """One round's running encrypted sum and what happened to each reply added so far."""
 
     acc: Accumulator
-    # id(reply) -> (reply, rejection reason or None, ciphertext bytes)
-    seen: dict[int, tuple[Message, str | None, int]] = field(default_factory=dict)
+    # reply_key(reply) -> (reply, rejection reason or None, ciphertext bytes)
+    seen: dict[tuple[int, str], tuple[Message, str | None, int]] = field(default_factory=dict)
     weight: float = 0.0  # examples of the replies in ``acc`` (the W that travels with the sum)
     summing: Stopwatch = field(default_factory=Stopwatch)  # time spent checking and adding
 
@@ -284,11 +290,11 @@ class HEFedAvg(FedAvg):
         try:
             self._add(stream, reply)
         except _REJECTED as exc:
-            stream.seen[id(reply)] = (reply, str(exc), size)
+            stream.seen[reply_key(reply)] = (reply, str(exc), size)
             return reply
         metrics = next(iter(reply.content.metric_records.values()))
         reply.content = RecordDict({keys.METRICS: metrics})  # the sum holds the ciphertext now
-        stream.seen[id(reply)] = (reply, None, size)
+        stream.seen[reply_key(reply)] = (reply, None, size)
         return reply
 
     def configure_evaluate(
@@ -323,8 +329,8 @@ class HEFedAvg(FedAvg):
             if reply.has_error():
                 continue
             pid = self.roster.label_of(reply.metadata.src_node_id)
-            seen = stream.seen.get(id(reply))
-            if seen is not None and seen[0] is reply:  # added on arrival
+            seen = stream.seen.get(reply_key(reply))
+            if seen is not None:  # added on arrival (its ciphertext is in the sum already)
                 _, error, size = seen
                 record.bytes_up += size - reply_bytes(reply)  # its ciphertext was dropped
             else:
