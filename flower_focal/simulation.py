@@ -69,6 +69,12 @@ class Federation:
             raise ValueError("ray_num_cpus / ray_num_gpus size a Ray instance flower-focal starts; with "
                              f"ray_address={self.ray_address!r} the cluster's own nodes give the resources")
 
+    def ray_env(self) -> dict[str, str]:
+        """Environment that makes Flower's ``ray.init()`` join :attr:`ray_address` or start a
+        private Ray. Without it ``ray.init()`` joins the cluster of the last ``ray start`` on
+        this machine (``/tmp/ray/ray_current_cluster``; a dead one hangs the run)."""
+        return {"RAY_ADDRESS": self.ray_address or "local"}
+
     def to_flower(self) -> str:
         """The ``--federation-config`` string."""
         if self.num_supernodes < 1:
@@ -362,8 +368,7 @@ def run_app(
     flwr_home = Path(flwr_home or tempfile.mkdtemp(prefix="flower-focal-home-"))
     flwr_home.mkdir(parents=True, exist_ok=True)
     env = flower_env(flwr_home)
-    if federation.ray_address:  # Flower's Ray backend calls ray.init(), which joins RAY_ADDRESS
-        env["RAY_ADDRESS"] = federation.ray_address
+    env.update(federation.ray_env())
     cmd = [flwr_executable(), "run", str(app_dir), "--stream",
            *(["--run-config", str(run_config)] if run_config else []),
            "--federation-config", federation.to_flower()]

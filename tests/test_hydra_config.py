@@ -91,3 +91,11 @@ def test_a_ray_cluster_address_reaches_the_federation_and_refuses_private_ray_si
     assert fed.ray_address == "10.0.0.1:6379"
     with pytest.raises(ValueError, match="the cluster's own nodes give the resources"):
         to_federation(_compose(["federation.ray_address=10.0.0.1:6379", "federation.ray_num_cpus=4"]))
+
+
+def test_without_a_cluster_address_every_run_gets_a_private_ray():
+    """ray.init() would otherwise join the last `ray start` cluster on the machine, even a dead one."""
+    from flower_focal.simulation import Federation
+
+    assert Federation().ray_env() == {"RAY_ADDRESS": "local"}
+    assert Federation(ray_address="10.0.0.1:6379").ray_env() == {"RAY_ADDRESS": "10.0.0.1:6379"}

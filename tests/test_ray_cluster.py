@@ -11,9 +11,12 @@ PID afterwards (``ray stop`` would stop every Ray on the machine).
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -46,10 +49,13 @@ def _session_dir(port: int) -> Path:
     raise RuntimeError(f"no GCS server on port {port}")
 
 
-def _ray(*args: str) -> None:
+def _ray(tmp: Path, *args: str) -> None:
+    """``ray ARGS`` with its own temporary directory: its session and its ray_current_cluster
+    (which a later plain ray.init() would join) stay out of /tmp/ray."""
     ray = Path(sys.executable).parent / "ray"
+    env = {**os.environ, "RAY_TMPDIR": str(tmp)}
     proc = subprocess.run([str(ray) if ray.exists() else "ray", *args, "--disable-usage-stats"],
-                          capture_output=True, text=True, timeout=180)
+                          capture_output=True, text=True, timeout=180, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
@@ -73,11 +79,14 @@ class ActorWatcher(threading.Thread):
 def test_simulation_schedules_institutions_on_both_nodes_of_a_ray_cluster(tmp_path):
     port = free_port()
     memory = "--object-store-memory=100000000"
-    session = None
+    session, ray_tmp = None, None
     try:
-        _ray("start", "--head", f"--port={port}", "--num-cpus=1", "--num-gpus=0", "--include-dashboard=false", memory)
-        _ray("start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--num-gpus=0", memory)
+        ray_tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths are limited
+        _ray(ray_tmp, "start", "--head", f"--port={port}", "--num-cpus=1", "--num-gpus=0",
+             "--include-dashboard=false", memory)
+        _ray(ray_tmp, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--num-gpus=0", memory)
         session = _session_dir(port)
+        assert str(session).startswith(str(ray_tmp))
         watcher = ActorWatcher(session)
         watcher.start()
         cfg = RunConfig(num_server_rounds=1, min_available_nodes=2, seed=1, run_dir=str(tmp_path / "run"))
@@ -99,3 +108,5 @@ def test_simulation_schedules_institutions_on_both_nodes_of_a_ray_cluster(tmp_pa
         if session is not None:
             stop_processes_under(session)  # by PID: this cluster's processes only
         stop_processes_under(Path(f":{port}"))  # and those naming only its address (Ray client server)
+        if ray_tmp is not None:
+            shutil.rmtree(ray_tmp, ignore_errors=True)
