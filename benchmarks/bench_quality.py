@@ -78,6 +78,7 @@ def central(cfg: RunConfig) -> dict[str, Any]:
     from flower_focal.models import build_model
     from flower_focal.training import evaluate_model, round_lr, train_local
 
+    torch.set_num_threads(1)  # like one ClientApp actor (client-cpus 1); 2 cores are shared here
     pooled = load_institution(cfg.replace(partitioner="iid"), 0, 1)
     epochs = cfg.num_server_rounds * cfg.local_epochs
     torch.manual_seed(cfg.seed)
@@ -172,6 +173,7 @@ def main() -> None:
     p.add_argument("--he-seeds", nargs="+", type=int, default=None,
                    help="seeds he-fedavg runs for (default: all; it is the slowest method)")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here (after every run)")
+    p.add_argument("--work-dir", type=Path, default=None, help="keep the run directories here (default: a temporary one)")
     args = p.parse_args()
     defaults = RunConfig()
     result: dict[str, Any] = {
@@ -188,7 +190,8 @@ def main() -> None:
         if args.out is not None:
             args.out.write_text(json.dumps(result, indent=2))
 
-    with tempfile.TemporaryDirectory(prefix="ff-quality-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="ff-quality-") as scratch:
+        tmp = str(args.work_dir or scratch)
         for dataset in args.datasets:
             if shared_npz(dataset) is None:
                 result["cells"].append({"dataset": dataset, "skipped": "data not found"})

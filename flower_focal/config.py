@@ -92,7 +92,7 @@ class RunConfig:
     site_column: str = setting("site", "by-site only (CSV column)", hydra="partition.site_column", data=True)
     min_partition_size: int = setting(2, "", hydra="partition.min_size", data=True)
     # --- model ------------------------------------------------------------------------
-    model: str = setting("small-cnn", "small-cnn | medium-cnn | resnet18 | densenet121 | lenet-sigmoid",
+    model: str = setting("small-cnn", "small-cnn | medium-cnn | small-cnn-gn | medium-cnn-gn | resnet18 | densenet121 | lenet-sigmoid",
                          hydra="model.name")
     # --- homomorphic encryption (he-fedavg, focal) --------------------------------
     he_preset: str = setting(
