@@ -54,12 +54,26 @@ class RunConfig:
     resume: bool = setting(False, "continue from run-dir/checkpoint.npz if it exists", hydra="resume",
                            resumable=True)
     # --- local training ---------------------------------------------------------------
-    local_epochs: int = setting(1, "", hydra="train.local_epochs")
+    local_epochs: int = setting(3, "", hydra="train.local_epochs")
     lr: float = setting(0.05, "", hydra="train.lr")
     momentum: float = setting(0.9, "", hydra="train.momentum")
     weight_decay: float = setting(0.0, "", hydra="train.weight_decay")
     batch_size: int = setting(32, "", hydra="train.batch_size")
     optimizer: str = setting("sgd", "sgd | adam", hydra="train.optimizer")
+    lr_schedule: str = setting(
+        "cosine", "constant | cosine: lr of round r = lr * (1 + cos(pi (r-1) / num-server-rounds)) / 2",
+        hydra="train.lr_schedule")
+    fedprox_mu: float = setting(
+        0.0, "FedProx: proximal term mu/2 ||w - w_global||^2 in local training (0 = off; fedavg, he-fedavg)",
+        hydra="train.fedprox_mu")
+    fedbn: bool = setting(
+        False, "FedBN: normalisation layers stay at each institution (their values never leave it; "
+        "fedavg, he-fedavg)", hydra="train.fedbn")
+    personal_epochs: int = setting(
+        0, "evaluate also a copy fine-tuned locally for this many epochs: personal-* metrics (0 = off)",
+        hydra="train.personal_epochs")
+    personal_lr: float = setting(0.005, "learning rate of that local fine-tuning (constant)",
+                                 hydra="train.personal_lr")
     # --- data -------------------------------------------------------------------------
     dataset: str = setting("synthetic-retina",
                            "synthetic-retina | synthetic-pathology | medmnist | folder | csv",
@@ -78,7 +92,7 @@ class RunConfig:
     site_column: str = setting("site", "by-site only (CSV column)", hydra="partition.site_column", data=True)
     min_partition_size: int = setting(2, "", hydra="partition.min_size", data=True)
     # --- model ------------------------------------------------------------------------
-    model: str = setting("small-cnn", "small-cnn | medium-cnn | resnet18 | densenet121 | lenet-sigmoid",
+    model: str = setting("small-cnn", "small-cnn | medium-cnn | small-cnn-gn | medium-cnn-gn | resnet18 | densenet121 | lenet-sigmoid",
                          hydra="model.name")
     # --- homomorphic encryption (he-fedavg, focal) --------------------------------
     he_preset: str = setting(

@@ -22,6 +22,7 @@ TRAIN_LOSS = "train-loss"
 LOSS = "loss"
 ACCURACY = "accuracy"
 AUROC = "auroc"
+PERSONAL_PREFIX = "personal-"  # evaluate metrics of the locally fine-tuned model (personal-epochs > 0)
 
 # QUERY "query.describe": what an institution tells the server when it joins (no label
 # statistics). Optional: strategies fall back to Flower's defaults for nodes that don't answer.

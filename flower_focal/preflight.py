@@ -129,10 +129,17 @@ def check_settings(cfg: RunConfig, num_institutions: int) -> None:
         if cfg.model not in MODELS:
             raise _fail(f"model: unknown model {cfg.model!r}; valid: {', '.join(sorted(MODELS))}")
     from flower_focal.data.partition import PARTITIONERS
-    from flower_focal.training import OPTIMIZERS, resolve_device
+    from flower_focal.training import LR_SCHEDULES, OPTIMIZERS, resolve_device
 
     if cfg.optimizer not in OPTIMIZERS:
         raise _fail(f"optimizer: unknown optimizer {cfg.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise _fail(f"lr-schedule: unknown schedule {cfg.lr_schedule!r}; valid: {', '.join(LR_SCHEDULES)}")
+    if cfg.fedprox_mu < 0:
+        raise _fail(f"fedprox-mu must be >= 0, got {cfg.fedprox_mu}")
+    if cfg.personal_epochs < 0 or not cfg.personal_lr > 0:
+        raise _fail(f"personal-epochs must be >= 0 and personal-lr > 0, got {cfg.personal_epochs} "
+                    f"and {cfg.personal_lr}")
     if cfg.partitioner not in PARTITIONERS:
         raise _fail(f"partitioner: unknown partitioner {cfg.partitioner!r}; valid: "
                     f"{', '.join(sorted(PARTITIONERS))}")

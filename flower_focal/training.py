@@ -29,6 +29,7 @@ from flower_focal.data.loader import batch_loader, device_batches, to_device_asy
 from flower_focal.metrics import accuracy, macro_auroc
 
 __all__ = [
+    "LR_SCHEDULES",
     "OPTIMIZERS",
     "PRECISIONS",
     "autocast",
@@ -36,12 +37,32 @@ __all__ = [
     "predict_proba",
     "resolve_device",
     "resolve_precision",
+    "round_lr",
     "seed_everything",
     "train_local",
 ]
 
 OPTIMIZERS = ("sgd", "adam")
 """Values accepted for ``train_local(optimizer=...)`` (and ``RunConfig.optimizer``)."""
+
+LR_SCHEDULES = ("constant", "cosine")
+"""Values accepted for :func:`round_lr` (and ``RunConfig.lr_schedule``)."""
+
+
+def round_lr(lr: float, schedule: str, server_round: int, num_rounds: int) -> float:
+    """The local learning rate of round ``server_round`` (1-based) of ``num_rounds``.
+
+    ``"constant"``: ``lr`` every round. ``"cosine"``: ``lr * (1 + cos(pi * (r - 1) / R)) / 2``,
+    from ``lr`` in round 1 down towards 0 in round ``R`` (never 0 itself). Every institution
+    computes the same value from the round number in the train message, so it needs no
+    exchange and composes with HE. Rounds past ``R`` (a resumed run) keep the last value.
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"Unknown lr schedule {schedule!r}; expected one of {', '.join(LR_SCHEDULES)}")
+    if schedule == "constant" or num_rounds <= 1:
+        return lr
+    r = min(max(server_round, 1), num_rounds)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * (r - 1) / num_rounds))
 
 def resolve_device(name: str) -> torch.device:
     """Map ``"auto"`` (CUDA if available, else CPU), ``"cpu"`` or ``"cuda[:i]"`` to a device."""
@@ -128,13 +149,16 @@ def train_local(
     class_weights: torch.Tensor | None = None,
     num_workers: int | None = None,
     precision: str = "auto",
+    prox_mu: float = 0.0,
 ) -> dict[str, float]:
     """Train ``model`` in place for ``epochs`` passes over ``dataset``; return its metrics.
 
     Shuffling uses a ``torch.Generator`` seeded with ``seed``, and torch's global RNG is
     seeded with ``seed`` inside a forked RNG scope (so stochastic layers are reproducible
     and the caller's RNG state is left untouched). ``momentum`` applies to SGD only;
-    ``class_weights`` (length K) weights the cross-entropy.
+    ``class_weights`` (length K) weights the cross-entropy. ``prox_mu > 0`` adds FedProx's
+    proximal term ``mu / 2 * ||w - w_0||^2`` over the trainable parameters, ``w_0`` being
+    the weights ``model`` holds on entry (the global model).
 
     An :class:`~flower_focal.data.loader.ImageTensorDataset` (what
     :func:`flower_focal.data.load_institution` returns) is sliced batch by batch, on the
@@ -168,6 +192,10 @@ def train_local(
     if channels_last:
         model.to(memory_format=torch.channels_last)
     opt = _make_optimizer(model, optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if prox_mu < 0:
+        raise ValueError(f"prox_mu must be >= 0, got {prox_mu}")
+    anchors = ([(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
+               if prox_mu > 0 else [])
     weight = None if class_weights is None else class_weights.to(device, torch.float32)
 
     _seed_augmentation(dataset, seed)
@@ -202,7 +230,11 @@ def train_local(
                 loss = F.cross_entropy(logits.float(), labels, weight=weight)
                 if check_each_step:
                     _check_finite(float(loss.detach()), epoch, step, lr)
-                loss.backward()
+                if anchors:  # reported loss stays the cross-entropy
+                    prox = sum(((p - p0) ** 2).sum() for p, p0 in anchors)
+                    (loss + 0.5 * prox_mu * prox).backward()
+                else:
+                    loss.backward()
                 opt.step()
                 loss_sum += loss.detach() * labels.shape[0]
                 seen += labels.shape[0]

@@ -63,6 +63,18 @@ def test_he_fedavg_equals_fedavg_over_three_rounds(tmp_path, key_dir):
         assert rb["bytes_up"] < 2 * ra["bytes_up"]  # compact preset: < 8 B/param vs 4 for float32
 
 
+def test_fedprox_reaches_training_and_he_fedavg_equals_fedavg_with_it(tmp_path, key_dir):
+    """FedProx is a client-side term: under HE the same update is encrypted, so the twins agree."""
+    # 3 local steps (50 images, batch 32): the term's gradient is 0 at the first step only
+    _, plain = _run(tmp_path / "mu0", "fedavg", key_dir, local_epochs=3)
+    _, prox = _run(tmp_path / "mu", "fedavg", key_dir, local_epochs=3, fedprox_mu=5.0)
+    _, enc = _run(tmp_path / "mu", "he-fedavg", key_dir, local_epochs=3, fedprox_mu=5.0)
+    decrypt_model(enc, key_dir)
+    a, b, c = _state(prox), _state(enc), _state(plain)
+    assert max(float((a[k].double() - b[k].double()).abs().max()) for k in a) <= 1e-5
+    assert max(float((a[k].double() - c[k].double()).abs().max()) for k in a) > 1e-3  # the term acts
+
+
 def test_institutions_and_server_report_the_seconds_they_spend_on_he(tmp_path, key_dir):
     DECRYPTED.clear()
     _, enc = _run(tmp_path, "he-fedavg", key_dir)

@@ -115,3 +115,16 @@ def test_arrays_for_another_model_raise() -> None:
     other = model_to_arrays(build_model("small-cnn", 3, NUM_CLASSES + 1, 32))
     with pytest.raises(ValueError, match="Shape mismatch"):
         arrays_into_model(build_model("small-cnn", 3, NUM_CLASSES, 32), other)
+
+
+@pytest.mark.parametrize("name", ["small-cnn-gn", "medium-cnn-gn"])
+def test_groupnorm_variants_have_no_batch_statistics(name: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, 3, NUM_CLASSES, 28)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in model.modules()) >= 4
+    assert not any("running" in k for k in model.state_dict())
+    x = torch.randn(2, 3, 28, 28)
+    model.train()
+    # per-image statistics: an image's output does not depend on the rest of its batch
+    assert torch.allclose(model(x)[:1], model(x[:1]), atol=1e-5)

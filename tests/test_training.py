@@ -14,6 +14,7 @@ from flower_focal.training import (
     evaluate_model,
     predict_proba,
     resolve_device,
+    round_lr,
     seed_everything,
     train_local,
 )
@@ -168,3 +169,30 @@ def test_resolve_device_and_seed_everything() -> None:
     first = (torch.rand(1).item(), np.random.rand())
     seed_everything(3, deterministic=False)
     assert (torch.rand(1).item(), np.random.rand()) == first
+
+
+def test_round_lr_cosine_decays_from_lr_and_constant_is_flat() -> None:
+    lrs = [round_lr(0.1, "cosine", r, 10) for r in range(1, 11)]
+    assert lrs[0] == pytest.approx(0.1)
+    assert lrs[5] == pytest.approx(0.05)  # halfway
+    assert all(a > b > 0 for a, b in zip(lrs, lrs[1:]))  # strictly decreasing, never 0
+    assert round_lr(0.1, "cosine", 12, 10) == lrs[-1]  # rounds past the end (resume) keep the last value
+    assert round_lr(0.1, "cosine", 1, 1) == 0.1
+    assert {round_lr(0.1, "constant", r, 10) for r in range(1, 11)} == {0.1}
+    with pytest.raises(ValueError, match="cosine"):
+        round_lr(0.1, "step", 1, 10)
+
+
+def test_fedprox_term_pulls_towards_the_initial_weights() -> None:
+    data = DictDataset(64)
+    start = {k: v.clone() for k, v in _model().state_dict().items()}
+
+    def drift(mu: float) -> float:
+        model = _model()
+        _train(model, data, epochs=2, prox_mu=mu)
+        return sum(float(((p.detach() - start[n]) ** 2).sum()) for n, p in model.named_parameters())
+
+    plain, prox = drift(0.0), drift(10.0)
+    assert prox < 0.5 * plain
+    with pytest.raises(ValueError, match="prox_mu"):
+        _train(_model(), data, prox_mu=-1.0)

@@ -106,19 +106,52 @@ def _global_model(site: Site, message: Message):
     return model, int(config[keys.NUM_CLASSES]), int(config[keys.SERVER_ROUND])
 
 
+_LOCAL_NORM = "flower-focal.local-norm"
+
+
+def _restore_local_norm(model, context: Context) -> None:
+    """FedBN: put this institution's own normalisation layers into ``model`` (if it has them yet)."""
+    held = context.state.array_records.get(_LOCAL_NORM)
+    if held is None:
+        return  # first round here: the global (initial) values are where it starts
+    state = model.state_dict()
+    local = held.to_torch_state_dict()
+    for key, value in local.items():
+        if key in state and state[key].shape == value.shape:
+            state[key].copy_(value)
+
+
+def _keep_local_norm(model, context: Context) -> None:
+    """FedBN: keep this institution's normalisation layers in its ``context.state``."""
+    from flwr.app import ArrayRecord
+
+    from flower_focal.models import norm_keys
+
+    state = model.state_dict()
+    context.state[_LOCAL_NORM] = ArrayRecord({k: state[k].detach().cpu() for k in norm_keys(model)})
+
+
 def train(message: Message, context: Context) -> Message:
-    """Train the received global model on local data; reply with weights and metrics."""
-    from flower_focal.models import model_to_arrays
-    from flower_focal.training import resolve_device, train_local
+    """Train the received global model on local data; reply with weights and metrics.
+
+    With ``fedbn`` the normalisation layers are this institution's own (kept in
+    ``context.state``) and the reply carries the *received* values for them: their average
+    stays the initial model's, and no local statistic leaves the institution (under HE the
+    encrypted vector holds the unchanged values).
+    """
+    from flower_focal.models import model_to_arrays, norm_keys
+    from flower_focal.training import resolve_device, round_lr, train_local
 
     site = site_from_context(context)
     model, _, server_round = _global_model(site, message)
     cfg = site.cfg
+    if cfg.fedbn:
+        _restore_local_norm(model, context)
     metrics = train_local(
         model,
         site.data.train,
         epochs=cfg.local_epochs,
-        lr=cfg.lr,
+        lr=round_lr(cfg.lr, cfg.lr_schedule, server_round, cfg.num_server_rounds),
         batch_size=cfg.batch_size,
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
@@ -127,25 +160,51 @@ def train(message: Message, context: Context) -> Message:
         seed=local_seed(cfg.seed, site.partition_id, server_round),
         num_workers=None if cfg.num_workers < 0 else cfg.num_workers,
         precision=cfg.precision,
+        prox_mu=cfg.fedprox_mu,
     )
     log(INFO, "institution %d round %d: %s", site.partition_id, server_round, metrics)
+    arrays = model_to_arrays(model)
+    if cfg.fedbn:
+        _keep_local_norm(model, context)
+        received = message.content[keys.ARRAYS]
+        for key in norm_keys(model):
+            arrays[key] = received[key]
     content = RecordDict(
-        {keys.ARRAYS: model_to_arrays(model), keys.METRICS: MetricRecord(metrics)}
+        {keys.ARRAYS: arrays, keys.METRICS: MetricRecord(metrics)}
     )
     return Message(content, reply_to=message)
 
 
 def evaluate(message: Message, context: Context) -> Message:
-    """Evaluate the received global model on local validation data."""
-    from flower_focal.training import evaluate_model, resolve_device
+    """Evaluate the received global model on local validation data.
+
+    With ``fedbn`` the model uses this institution's own normalisation layers. With
+    ``personal-epochs > 0`` a copy is also fine-tuned on the local training data (constant
+    ``personal-lr``, seeded) and its metrics are reported next to the global model's, prefixed
+    ``personal-``; the copy is not kept.
+    """
+    import copy
+
+    from flower_focal.training import evaluate_model, resolve_device, train_local
 
     site = site_from_context(context)
-    model, num_classes, _ = _global_model(site, message)
-    metrics = evaluate_model(
-        model,
-        site.data.val,
-        batch_size=site.cfg.batch_size,
-        device=resolve_device(site.cfg.device),
-        num_classes=num_classes,
-    )
+    cfg = site.cfg
+    model, num_classes, server_round = _global_model(site, message)
+    if cfg.fedbn:
+        _restore_local_norm(model, context)
+    device = resolve_device(cfg.device)
+    metrics = evaluate_model(model, site.data.val, batch_size=cfg.batch_size, device=device,
+                             num_classes=num_classes)
+    if cfg.personal_epochs > 0 and metrics[keys.NUM_EXAMPLES] > 0:
+        tuned = copy.deepcopy(model)
+        train_local(tuned, site.data.train, epochs=cfg.personal_epochs, lr=cfg.personal_lr,
+                    batch_size=cfg.batch_size, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                    optimizer=cfg.optimizer, device=device,
+                    seed=local_seed(cfg.seed, site.partition_id, server_round) + 1,
+                    num_workers=None if cfg.num_workers < 0 else cfg.num_workers,
+                    precision=cfg.precision)
+        personal = evaluate_model(tuned, site.data.val, batch_size=cfg.batch_size, device=device,
+                                  num_classes=num_classes)
+        for key in (keys.LOSS, keys.ACCURACY, keys.AUROC):
+            metrics[keys.PERSONAL_PREFIX + key] = personal[key]
     return Message(RecordDict({keys.METRICS: MetricRecord(metrics)}), reply_to=message)

@@ -27,18 +27,23 @@ __all__ = [
     "build_model",
     "count_parameters",
     "model_to_arrays",
+    "norm_keys",
 ]
 
 
 class SmallCNN(nn.Module):
-    """Compact CNN: four conv-BN-ReLU blocks (16-32-64-128 channels), GAP, linear head.
+    """Compact CNN: four conv-norm-ReLU blocks (16-32-64-128 channels), GAP, linear head.
 
     About 100k parameters; max-pools after the first three blocks, so any
     ``image_size >= 16`` leaves at least a 2x2 map before global average pooling.
+    ``norm="batch"`` uses BatchNorm; ``norm="group"`` GroupNorm with
+    :func:`group_count` groups, whose statistics are per image, so nothing depends on an
+    institution's batch composition and the model has no running statistics to average.
     """
 
     def __init__(
-        self, in_channels: int, num_classes: int, widths: tuple[int, ...] = (16, 32, 64, 128)
+        self, in_channels: int, num_classes: int, widths: tuple[int, ...] = (16, 32, 64, 128),
+        norm: str = "batch",
     ):
         super().__init__()
         layers: list[nn.Module] = []
@@ -46,7 +51,7 @@ class SmallCNN(nn.Module):
         for i, width in enumerate(widths):
             layers += [
                 nn.Conv2d(prev, width, kernel_size=3, padding=1, bias=False),
-                nn.BatchNorm2d(width),
+                _norm_layer(norm, width),
                 nn.ReLU(inplace=True),
             ]
             if i < len(widths) - 1:
@@ -58,6 +63,19 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def group_count(channels: int) -> int:
+    """GroupNorm groups of a ``channels``-wide layer: 8 channels per group, at most 32 groups."""
+    return max(1, min(32, channels // 8))
+
+
+def _norm_layer(norm: str, channels: int) -> nn.Module:
+    if norm == "batch":
+        return nn.BatchNorm2d(channels)
+    if norm == "group":
+        return nn.GroupNorm(group_count(channels), channels)
+    raise ValueError(f"Unknown norm {norm!r}; expected 'batch' or 'group'")
 
 
 class LeNetSigmoid(nn.Module):
@@ -106,6 +124,20 @@ def _medium_cnn(*, in_channels: int, num_classes: int, image_size: int) -> nn.Mo
     if image_size < 16:
         raise ValueError(f"medium-cnn needs image_size >= 16, got {image_size}")
     return SmallCNN(in_channels, num_classes, widths=(32, 64, 128, 256, 256))
+
+
+def _small_cnn_gn(*, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    """small-cnn with GroupNorm instead of BatchNorm (no running statistics)."""
+    if image_size < 16:
+        raise ValueError(f"small-cnn-gn needs image_size >= 16, got {image_size}")
+    return SmallCNN(in_channels, num_classes, norm="group")
+
+
+def _medium_cnn_gn(*, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    """medium-cnn with GroupNorm instead of BatchNorm."""
+    if image_size < 16:
+        raise ValueError(f"medium-cnn-gn needs image_size >= 16, got {image_size}")
+    return SmallCNN(in_channels, num_classes, widths=(32, 64, 128, 256, 256), norm="group")
 
 
 def _resnet18(*, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
@@ -157,6 +189,8 @@ def _lenet_sigmoid(*, in_channels: int, num_classes: int, image_size: int) -> nn
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "small-cnn": _small_cnn,
     "medium-cnn": _medium_cnn,
+    "small-cnn-gn": _small_cnn_gn,
+    "medium-cnn-gn": _medium_cnn_gn,
     "resnet18": _resnet18,
     "densenet121": _densenet121,
     "lenet-sigmoid": _lenet_sigmoid,
@@ -178,6 +212,20 @@ def build_model(name: str, in_channels: int, num_classes: int, image_size: int) 
 def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
     """Number of parameters of ``model`` (all, or only those with ``requires_grad``)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+_NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def norm_keys(model: nn.Module) -> list[str]:
+    """``state_dict`` keys of ``model``'s normalisation layers (BatchNorm, GroupNorm, LayerNorm):
+    affine parameters, running statistics and step counters (what FedBN keeps local)."""
+    out: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, _NORM_LAYERS):
+            prefix = f"{name}." if name else ""
+            out += [prefix + key for key in module.state_dict()]
+    return out
 
 
 def model_to_arrays(model: nn.Module) -> ArrayRecord:

@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-TRAINING_KEYS = ("model", "lr", "local-epochs", "batch-size", "optimizer")
+TRAINING_KEYS = ("model", "lr", "lr-schedule", "local-epochs", "batch-size", "optimizer", "fedprox-mu",
+                 "fedbn")
 AUDIT_KINDS = ("plaintext", "he-fedavg", "focal")
 
 

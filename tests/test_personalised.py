@@ -1,0 +1,71 @@
+"""FedBN and personalised evaluation: local normalisation layers, HE equivalence, personal metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from clients.client_app import app as client_app
+from flower_focal.artifacts import decrypt_model
+from flower_focal.client.handlers import _LOCAL_NORM
+from flower_focal.config import RunConfig
+from flower_focal.crypto import keygen
+from flower_focal.models import build_model, norm_keys
+from flower_focal.server import run_server
+from tests.conftest import LoopbackGrid
+
+
+@pytest.fixture(scope="module")
+def key_dir(tmp_path_factory):
+    return keygen(tmp_path_factory.mktemp("keys"), "compact")
+
+
+def _run(run_dir, strategy, key_dir, **overrides):
+    cfg = RunConfig(strategy=strategy, num_server_rounds=2, num_samples=150, min_available_nodes=3,
+                    run_dir=str(run_dir), he_key_dir=str(key_dir), model="small-cnn", local_epochs=1,
+                    partitioner="dirichlet", seed=3, **overrides)
+    grid = LoopbackGrid(client_app, 3, cfg.to_flower())
+    run_server(grid, cfg)
+    return grid, run_dir
+
+
+def test_norm_keys_name_every_batchnorm_entry_and_nothing_else():
+    model = build_model("small-cnn", 3, 4, 28)
+    names = norm_keys(model)
+    assert len(names) == 4 * 5  # 4 BatchNorms: weight, bias, running mean/var, step counter
+    bn = {name for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert {n.rsplit(".", 1)[0] for n in names} == bn
+    assert not any(n.startswith("classifier") or "weight" in n and n.rsplit(".", 1)[0] not in bn for n in names)
+
+
+def test_fedbn_keeps_normalisation_local_and_he_fedavg_equals_fedavg(tmp_path, key_dir):
+    grid, plain = _run(tmp_path / "fedbn", "fedavg", key_dir, fedbn=True)
+    _, enc = _run(tmp_path / "he-fedbn", "he-fedavg", key_dir, fedbn=True)
+    decrypt_model(enc, key_dir)
+    a, b = torch.load(plain / "model.pt"), torch.load(enc / "model.pt")
+    assert max(float((a[k].double() - b[k].double()).abs().max()) for k in a) <= 1e-5
+    torch.manual_seed(3)
+    initial = build_model("small-cnn", 3, 2, 32).state_dict()
+    names = norm_keys(build_model("small-cnn", 3, 2, 32))
+    # the aggregate's normalisation layers are the initial ones: no local statistic left an institution
+    for key in names:
+        assert torch.equal(a[key].to(initial[key].dtype), initial[key]), key
+    assert any(not torch.equal(a[k], initial[k]) for k in a if k not in names)  # the rest trained
+    held = [ctx.state.array_records[_LOCAL_NORM].to_torch_state_dict() for ctx in grid.contexts.values()]
+    assert all(set(h) == set(names) for h in held)
+    mean = "features.1.running_mean"
+    assert not torch.equal(held[0][mean], held[1][mean])  # each institution's own statistics
+    assert not torch.equal(held[0][mean], initial[mean])
+
+
+def test_personal_metrics_are_reported_next_to_the_global_ones(tmp_path, key_dir):
+    _, run_dir = _run(tmp_path / "personal", "fedavg", key_dir, personal_epochs=1, personal_lr=0.01)
+    rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    last = rounds[-1]
+    for key in ("auroc", "accuracy", "loss"):
+        assert f"personal-{key}" in last["evaluate"]
+    per_inst = last["evaluate_institutions"]
+    assert len(per_inst) == 3 and all("personal-auroc" in m for m in per_inst.values())
+    assert any(m["personal-loss"] != m["loss"] for m in per_inst.values())
