@@ -19,3 +19,8 @@ class InstitutionUploadError(CiphertextError):
 
     def __reduce__(self):
         return (type(self), (self.institution, self.reason))
+
+
+class FocalDiverged(RuntimeError):
+    """The institutions' decrypted training loss kept rising although the step was halved
+    ``max_backoffs`` times: training stops (the head is left at its last accepted value)."""
