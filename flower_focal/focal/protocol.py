@@ -148,6 +148,8 @@ def balanced_class_weights(class_counts: Sequence[int]) -> np.ndarray:
 # ----------------------------------------------------------------------------- statistics
 STEP_SCALE = 4.0
 """Default ``step_scale`` of :func:`derived_step` (see there)."""
+CONSTANT_STD = 1e-3
+"""Features with a global std below this times the RMS std are not scaled (:func:`feature_standardization`)."""
 MOMENTUM = 0.5
 """Default Nesterov momentum (institution-held, see :func:`institution_error`)."""
 
@@ -212,8 +214,9 @@ def feature_standardization(
 
     An institution decrypts the summed moments (:func:`server_sum` of every institution's
     :func:`encrypt_feature_moments`) and divides by the public ``N``. Features whose global
-    standard deviation is below ``1e-6 * (1 + |mean|)`` (constant) keep scale 1 (they are
-    centred only). Every institution gets the same values (the same ciphertexts decrypted).
+    standard deviation is below ``CONSTANT_STD`` (1e-3) times the root-mean-square one are
+    taken as constant: they keep scale 1 and are centred only (CKKS noise would otherwise
+    turn an all-zero feature into a huge scale). Every institution gets the same values (the same ciphertexts decrypted).
     """
     if isinstance(n_total, bool) or not isinstance(n_total, int) or n_total < 1:
         raise ValueError(f"n_total must be a positive int, got {n_total!r}")
@@ -223,7 +226,7 @@ def feature_standardization(
     mean = vec[:d] / n_total
     var = np.maximum(vec[d : 2 * d] / n_total - mean * mean, 0.0)
     std = np.sqrt(var)
-    const = std < 1e-6 * (1.0 + np.abs(mean))
+    const = std < CONSTANT_STD * max(float(np.sqrt(var.mean())), 1e-12)
     scale = np.where(const, 1.0, 1.0 / np.where(const, 1.0, std))
     return scale, mean
 
@@ -295,10 +298,16 @@ class LossGuard:
                 "features, a wrong backbone)")
         self.lr /= 2
         self.restarts += 1
+        self._last = (f"training loss rose {self.prev:.4g} -> {loss:.4g}: head restored, step "
+                      f"halved to {self.lr:.3g}, momentum restarted (lower `{self.setting}` if "
+                      "this repeats)")
         if self.log is not None:
-            self.log.append(f"loss rose {self.prev:.4g} -> {loss:.4g}: head restored, step "
-                            f"halved to {self.lr:.3g}, momentum restarted")
+            self.log.append(self._last)
         return False
+
+    def log_line(self) -> str:
+        """What the last rollback did (for logs)."""
+        return getattr(self, "_last", "")
 
     def final_ok(self, loss: float, members: Sequence[str]) -> bool:
         """Whether the head after the last update may stand (same rule, no backoff): ``False``
