@@ -121,6 +121,11 @@ def _dlogits(a: np.ndarray, b: np.ndarray, insts: list[Institution]) -> float:
     return float(np.abs(x1 @ (a - b)).max() / max(1.0, np.abs(x1 @ b).max()))
 
 
+def plain_first_loss(metrics: dict) -> float:
+    """Round 1's federated training loss (the guard's reference, kept across a resume)."""
+    return float(metrics["rounds"][0]["train"]["train-loss"])
+
+
 def _rounds_match_twin(metrics: dict, plain, steps: int = 1) -> None:
     """Every round's federated training loss is the twin's loss at that round's last step."""
     for i, rnd in enumerate(metrics["rounds"]):
@@ -228,7 +233,9 @@ def test_institution_crashing_mid_training_is_left_out(tmp_path, npz, key_dir, m
 
 @pytest.mark.slow
 def test_focal_resumes_a_killed_server_to_the_uninterrupted_result(tmp_path, npz, key_dir):
-    cfg = _cfg(tmp_path, npz, key_dir, "killed")
+    # momentum restarts on resume (institutions' velocities are not checkpointed): compare without;
+    # the loss guard's state (step, reference losses) is restored from metrics.json
+    cfg = _cfg(tmp_path, npz, key_dir, "killed", focal_momentum=0.0)
     run_dir = Path(cfg.run_dir)
     with pytest.raises(ServerKilled):
         _run(cfg, grid_class=DyingGrid)
@@ -242,15 +249,18 @@ def test_focal_resumes_a_killed_server_to_the_uninterrupted_result(tmp_path, npz
     assert metrics["status"] == "completed" and [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
     assert metrics["info"]["resumed_after_round"] == 2
     # the resumed server re-collected the embeddings, kept the checkpointed head, ran round 3 only
-    embed = [m for m in grid.sent if m.metadata.message_type == keys.ACTION_EMBED]
+    embed = [m for m in grid.sent if m.metadata.message_type == keys.ACTION_EMBED
+             and not m.content[keys.CONFIG].get(keys.FOCAL_STATS_ONLY, False)]  # (+ 3 statistics)
     assert len(embed) == 3 and not any(m.content[keys.CONFIG][keys.FOCAL_INIT_HEAD] for m in embed)
-    fwd = [m for m in grid.sent if m.metadata.message_type == keys.ACTION_FOCAL]
+    fwd = [m for m in grid.sent if m.metadata.message_type == keys.ACTION_FOCAL
+           and not m.content[keys.CONFIG][keys.FOCAL_CHECK_ONLY]]  # (+ 3 final loss checks)
     assert [m.content[keys.CONFIG][keys.SERVER_ROUND] for m in fwd] == [3, 3, 3]
+    assert metrics["info"]["focal_guard_state"]["first"] == pytest.approx(plain_first_loss(metrics), abs=1e-4)
     assert {m.content[keys.CONFIG][keys.FOCAL_STEP] for m in fwd} == {3}
     # same head as an uninterrupted run (its twin; fresh CKKS noise per encryption)
     train = _institutions(grid, "train")
     k = int(json.loads((run_dir / "model.json").read_text())["num_classes"])
-    plain = train_plaintext(train, k, epochs=ROUNDS, init_seed=cfg.seed)
+    plain = train_plaintext(train, k, epochs=ROUNDS, init_seed=cfg.seed, momentum=0.0)
     assert _dlogits(_head(run_dir, key_dir), plain.head, train) < 1e-3
     _rounds_match_twin(metrics, plain)
 

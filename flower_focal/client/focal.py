@@ -196,22 +196,24 @@ def _standardization(holder: CkksKeyHolder, arrays: ArrayRecord | None, config: 
 _VELOCITY = "flower-focal.focal-velocity"  # context.state: this institution's momentum state
 
 
-def _velocity(context: Context, restart: int, shape: tuple[int, int]) -> np.ndarray | None:
+def _velocity(context: Context, restart: int, step: int, shape: tuple[int, int]) -> np.ndarray | None:
+    """This institution's velocity from the previous step, or None (start from zero): after a
+    momentum restart (the loss guard backed off), or when it missed the previous step."""
     record = context.state.array_records.get(_VELOCITY)
-    if record is None or "v" not in record:
+    meta = context.state.config_records.get(_VELOCITY + "-at")
+    if record is None or "v" not in record or meta is None:
         return None
-    meta = context.state.config_records.get(_VELOCITY + "-restart")
-    if meta is None or int(meta.get("restart", -1)) != restart:
-        return None  # the server restarted momentum (the loss guard backed off)
+    if int(meta.get("restart", -1)) != restart or int(meta.get("step", -1)) != step - 1:
+        return None
     v = record["v"].numpy()
     return v if v.shape == shape else None
 
 
-def _keep_velocity(context: Context, restart: int, v: np.ndarray | None) -> None:
+def _keep_velocity(context: Context, restart: int, step: int, v: np.ndarray | None) -> None:
     if v is None:
         return
     context.state[_VELOCITY] = ArrayRecord({"v": Array(np.ascontiguousarray(v))})
-    context.state[_VELOCITY + "-restart"] = ConfigRecord({"restart": restart})
+    context.state[_VELOCITY + "-at"] = ConfigRecord({"restart": restart, "step": step})
 
 
 EmbeddingSource = Callable[[Context, str], tuple[np.ndarray, np.ndarray]]
@@ -322,14 +324,14 @@ def step(message: Message, context: Context, source: EmbeddingSource = _site_sou
                                 keys.NUM_EXAMPLES: n})
         return Message(RecordDict({keys.METRICS: metrics}), reply_to=message)
     momentum = float(config.get(keys.FOCAL_MOMENTUM, 0.0))
-    restart = int(config.get(keys.FOCAL_RESTART, 0))
+    restart, at = int(config.get(keys.FOCAL_RESTART, 0)), int(config.get(keys.FOCAL_STEP, 0))
     up = institution_error(
         holder, layout, he_bytes(arrays, keys.FOCAL_LOGITS), y,
         lr=float(config[keys.FOCAL_LR]), n_total=int(config[keys.FOCAL_N_TOTAL]),
         class_weights=weights, momentum=momentum,
-        velocity=_velocity(context, restart, (n, layout.n_classes)) if momentum > 0 else None,
+        velocity=_velocity(context, restart, at, (n, layout.n_classes)) if momentum > 0 else None,
     )
-    _keep_velocity(context, restart, up.velocity)
+    _keep_velocity(context, restart, at, up.velocity)
     metrics = MetricRecord({keys.TRAIN_LOSS: up.loss / n, keys.ACCURACY: up.n_correct / n,
                             keys.NUM_EXAMPLES: n})
     content = RecordDict({keys.ARRAYS: ArrayRecord({keys.FOCAL_ERROR: he_array(up.message)}),

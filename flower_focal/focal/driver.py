@@ -218,6 +218,8 @@ def _train(
                 if guard:
                     server_snapshot(server)
                 server_backward_update(server, errors)
+                for name in [n for n in velocity if n not in staged_velocity]:
+                    del velocity[name]  # absent this step: its momentum starts again from zero
                 velocity.update(staged_velocity)
             else:  # the loss rose: back to the head before the last update, restart momentum
                 server_restore(server)

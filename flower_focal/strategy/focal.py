@@ -124,6 +124,9 @@ class Focal(FedAvg):
         Seconds to wait for the extra exchanges (embeddings, extra steps).
     backbone, backbone_weights, backbone_input_size
         Recorded in the model spec of the final model (institutions embed with the same).
+    num_rounds : int
+        The run's last round (the loss guard checks the final update after it); 0: taken from
+        ``start(num_rounds=...)``.
     num_classes : int
         Classes of the head. 0: asked from the institutions (flower-focal's describe query);
         an app whose ClientApp does not answer it must give it here.
@@ -155,6 +158,7 @@ class Focal(FedAvg):
         backbone_weights: str = "",
         backbone_input_size: int = 0,
         num_classes: int = 0,
+        num_rounds: int = 0,
         **kwargs: Any,
     ) -> None:
         if not isinstance(he_public, PublicContext) or he_public.holds_secret_key:
@@ -188,7 +192,7 @@ class Focal(FedAvg):
         self.guard: LossGuard | None = None
         self._moments: bytes | None = None
         self._stats_n = 0
-        self._num_rounds = 0
+        self._num_rounds = int(num_rounds)
         self.block = int(block)
         self.class_weights = class_weights
         self.steps_per_round = steps_per_round
@@ -216,7 +220,8 @@ class Focal(FedAvg):
 
     def start(self, *args: Any, **kwargs: Any) -> Result:
         """Flower's round loop; stops the FOCAL server state (worker shards) afterwards."""
-        self._num_rounds = int(kwargs.get("num_rounds", args[2] if len(args) > 2 else 3))
+        if not self._num_rounds:
+            self._num_rounds = int(kwargs.get("num_rounds", args[2] if len(args) > 2 else 3))
         try:
             return super().start(*args, **kwargs)
         finally:
@@ -371,6 +376,13 @@ class Focal(FedAvg):
         self._step = (server_round - 1) * self.steps_per_round  # continues after a resume
         base = derived_step(self.layout, self.step_scale) if self.lr is None else self.lr
         self.guard = LossGuard(lr=base, setting="focal-step-scale" if self.lr is None else "lr")
+        saved = self.history.info.get("focal_guard_state") if resumed else None
+        if saved:  # a resumed run continues with the step, reference losses of the killed one;
+            for name in ("lr", "first", "prev", "backoffs", "restarts"):
+                setattr(self.guard, name, saved[name])
+            for name in ("members", "first_members"):
+                setattr(self.guard, name, tuple(saved[name]) if saved[name] is not None else None)
+            self.guard.restarts += 1  # ... but momentum restarts (institution state is not kept)
         self.history.info["model_parameters"] = self.layout.d1 * num_classes  # the head W
         log(INFO, "focal: %d institutions, N=%d samples, layout d=%d K=%d block %d%s",
             len(self._members), self._n_total, dim, num_classes, self.block,
@@ -489,6 +501,7 @@ class Focal(FedAvg):
                 message = self.guard.log_line()
                 self.history.info.setdefault("focal_guard", []).append(f"step {self._step}: {message}")
                 log(WARNING, "focal round %d step %d: %s", server_round, self._step, message)
+                self._save_guard_state()
                 return list(contents.values())
             server_snapshot(server)
         while errors:
@@ -507,9 +520,19 @@ class Focal(FedAvg):
                     contents.pop(name)
                     record.failures.append(f"train institution {pids[name]}: rejected ({exc})")
                     record.train_institutions.pop(pids[name], None)
+        self._save_guard_state()
         log(INFO, "focal round %d step %d: updated the head with %d of %d institutions",
             server_round, self._step, len(errors), len(self._members))
         return list(contents.values())
+
+    def _save_guard_state(self) -> None:
+        """The guard's state in ``metrics.json`` (a resumed run restores it)."""
+        g = self.guard
+        if g is not None:
+            self.history.info["focal_guard_state"] = {
+                "lr": g.lr, "first": g.first, "prev": g.prev, "backoffs": g.backoffs,
+                "restarts": g.restarts, "members": list(g.members) if g.members else None,
+                "first_members": list(g.first_members) if g.first_members else None}
 
     @staticmethod
     def _mean_loss(contents: dict[str, RecordDict]) -> float:
