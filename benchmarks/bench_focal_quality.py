@@ -147,8 +147,11 @@ def quality(datasets: tuple[str, ...] = ("pathmnist", "retinamnist"),
         for c in also_C:  # other regularisation strengths, for context (the target uses C)
             entry[f"logreg_pooled_C{c:g}"] = logreg_pooled(train, val, k, c)
         for partition in partitions:
-            runs = [focal_run(train, val, k, partition=partition, seed=s, institutions=institutions,
-                              steps=steps, encrypted=not twin) for s in seeds]
+            runs = []
+            for s in seeds:
+                runs.append(focal_run(train, val, k, partition=partition, seed=s,
+                                      institutions=institutions, steps=steps, encrypted=not twin))
+                print(f"{dataset} {partition} seed {s}: {runs[-1]}", file=sys.stderr, flush=True)
             auroc = _summary([r["val_auroc_macro"] for r in runs])
             entry[partition] = {
                 "focal_val_auroc_macro": auroc,
