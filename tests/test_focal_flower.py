@@ -203,6 +203,23 @@ def test_focal_matches_plaintext_twin_and_server_sees_only_ciphertext(
         assert 0.0 <= rnd["evaluate"]["auroc"] <= 1.0 and not rnd["failures"]
 
 
+def test_focal_stops_a_diverging_run_with_a_clear_message(tmp_path, npz, key_dir, monkeypatch):
+    """A step far too large: the guard restores the head and halves the step; when halving does
+    not help (here: allowed 0 times) the run fails, saying why and what to change."""
+    import functools
+
+    from flower_focal.focal import FocalDiverged, LossGuard
+    from flower_focal.strategy import focal as focal_strategy
+
+    monkeypatch.setattr(focal_strategy, "LossGuard", functools.partial(LossGuard, max_backoffs=0))
+    cfg = _cfg(tmp_path, npz, key_dir, "diverge", num_server_rounds=2, focal_step_scale=1e4)
+    with pytest.raises(FocalDiverged, match="focal-step-scale"):
+        _run(cfg)
+    metrics = json.loads((Path(cfg.run_dir) / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and "training loss rose" in metrics["info"]["error"]
+    assert len(metrics["rounds"]) == 2 and "train" not in metrics["rounds"][1] or not metrics["rounds"][1].get("train")
+
+
 @pytest.mark.parametrize("min_replies", [1, pytest.param(3, marks=pytest.mark.slow)])
 def test_institution_crashing_mid_training_is_left_out(tmp_path, npz, key_dir, min_replies):
     # also: fraction-evaluate 0.5 evaluates 2 of the 3 institutions (min-evaluate-nodes 2)

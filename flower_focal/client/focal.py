@@ -62,6 +62,7 @@ from flower_focal.focal import (
     predict_logits,
     softmax,
 )
+from flower_focal.focal.errors import LogitOverflow
 from flower_focal.keys import he_array, he_bytes
 from flower_focal.metrics import accuracy, macro_auroc
 
@@ -317,20 +318,29 @@ def step(message: Message, context: Context, source: EmbeddingSource = _site_sou
     _checked_labels(y, layout.n_classes, "training")
     n = int(y.shape[0])
     weights = _class_weights(holder, arrays, layout.n_classes)
+    overflow = MetricRecord({keys.FOCAL_OVERFLOW: 1, keys.NUM_EXAMPLES: n})
     if bool(config.get(keys.FOCAL_CHECK_ONLY, False)):  # the guard's final check: loss only
-        loss, correct = institution_loss(holder, layout, he_bytes(arrays, keys.FOCAL_LOGITS), y,
-                                         class_weights=weights)
+        try:
+            loss, correct = institution_loss(holder, layout, he_bytes(arrays, keys.FOCAL_LOGITS), y,
+                                             class_weights=weights)
+        except LogitOverflow:
+            return Message(RecordDict({keys.METRICS: overflow}), reply_to=message)
         metrics = MetricRecord({keys.TRAIN_LOSS: loss / n, keys.ACCURACY: correct / n,
                                 keys.NUM_EXAMPLES: n})
         return Message(RecordDict({keys.METRICS: metrics}), reply_to=message)
     momentum = float(config.get(keys.FOCAL_MOMENTUM, 0.0))
     restart, at = int(config.get(keys.FOCAL_RESTART, 0)), int(config.get(keys.FOCAL_STEP, 0))
-    up = institution_error(
-        holder, layout, he_bytes(arrays, keys.FOCAL_LOGITS), y,
-        lr=float(config[keys.FOCAL_LR]), n_total=int(config[keys.FOCAL_N_TOTAL]),
-        class_weights=weights, momentum=momentum,
-        velocity=_velocity(context, restart, at, (n, layout.n_classes)) if momentum > 0 else None,
-    )
+    try:
+        up = institution_error(
+            holder, layout, he_bytes(arrays, keys.FOCAL_LOGITS), y,
+            lr=float(config[keys.FOCAL_LR]), n_total=int(config[keys.FOCAL_N_TOTAL]),
+            class_weights=weights, momentum=momentum,
+            velocity=_velocity(context, restart, at, (n, layout.n_classes)) if momentum > 0 else None,
+        )
+    except LogitOverflow:
+        if not bool(config.get(keys.FOCAL_GUARD, False)):
+            raise  # no guard to act on it: the step fails for this institution, as before
+        return Message(RecordDict({keys.METRICS: overflow}), reply_to=message)
     _keep_velocity(context, restart, at, up.velocity)
     metrics = MetricRecord({keys.TRAIN_LOSS: up.loss / n, keys.ACCURACY: up.n_correct / n,
                             keys.NUM_EXAMPLES: n})

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from flower_focal.focal.errors import LogitOverflow
 from flower_focal.focal.packing import DEFAULT_BLOCK, FocalLayout
 from flower_focal.focal.plaintext import PlainEvaluator, PlainKeyHolder
 from flower_focal.focal.protocol import (
@@ -189,6 +190,7 @@ def _train(
             loss = correct = seen = 0.0
             fwd_b = err_b = 0
             staged_velocity: dict[str, np.ndarray] = {}
+            overflow: list[str] = []
             step_lr = rule.lr
             for inst in institutions:
                 if inst.name in gone:
@@ -197,12 +199,19 @@ def _train(
                 logits = server_forward(server, inst.name)
                 secs["server_forward"] += time.perf_counter() - t
                 t = time.perf_counter()
-                up = institution_error(
-                    holder, layout, logits, inst.y, lr=rule.lr, n_total=n_total,
-                    class_weights=class_weights, momentum=momentum,
-                    velocity=velocity.get(inst.name),
-                )
-                secs["institution"] += time.perf_counter() - t
+                try:
+                    up = institution_error(
+                        holder, layout, logits, inst.y, lr=rule.lr, n_total=n_total,
+                        class_weights=class_weights, momentum=momentum,
+                        velocity=velocity.get(inst.name),
+                    )
+                except LogitOverflow:
+                    if not guard:
+                        raise
+                    overflow.append(inst.name)  # the head grew out of range: a rise
+                    continue
+                finally:
+                    secs["institution"] += time.perf_counter() - t
                 if up.velocity is not None:
                     staged_velocity[inst.name] = up.velocity
                 errors[inst.name] = up.message
@@ -211,8 +220,12 @@ def _train(
                 loss += up.loss
                 correct += up.n_correct
                 seen += len(inst.y)
-            mean_loss = loss / seen if seen else float("nan")
-            apply = not guard or not errors or rule.accept(mean_loss, list(errors))
+            mean_loss = loss / seen if seen and not overflow else float("nan")
+            if overflow:
+                mean_loss = float("inf")
+                apply = rule.accept(mean_loss, [*errors, *overflow])
+            else:
+                apply = not guard or not errors or rule.accept(mean_loss, list(errors))
             t = time.perf_counter()
             if apply:
                 if guard:
@@ -229,7 +242,7 @@ def _train(
             result.history.append({
                 "loss": mean_loss,
                 "accuracy": correct / seen if seen else float("nan"),
-                "present": float(len(errors)),
+                "present": float(len(errors) + len(overflow)),
                 "lr": step_lr,
                 "applied": float(apply),
             })
@@ -239,8 +252,11 @@ def _train(
             for inst in institutions:
                 if inst.name in gone:
                     continue
-                part, _ = institution_loss(holder, layout, server_forward(server, inst.name),
-                                           inst.y, class_weights=class_weights)
+                try:
+                    part, _ = institution_loss(holder, layout, server_forward(server, inst.name),
+                                               inst.y, class_weights=class_weights)
+                except LogitOverflow:
+                    part = float("inf")
                 names.append(inst.name)
                 loss, seen = loss + part, seen + len(inst.y)
             result.final_loss = loss / seen if seen else float("nan")

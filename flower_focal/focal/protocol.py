@@ -234,6 +234,12 @@ def feature_standardization(
     return scale, mean
 
 
+def _fmt(loss: float | None) -> str:
+    if loss is None:
+        return "(none yet)"
+    return f"{loss:.4g}" if np.isfinite(loss) else "out of range (the head's logits overflowed)"
+
+
 def fold_standardization(
     head: np.ndarray, feature_scale: np.ndarray | None, feature_shift: np.ndarray | None
 ) -> np.ndarray:
@@ -295,13 +301,13 @@ class LossGuard:
         self.backoffs += 1
         if self.backoffs > self.max_backoffs:
             raise FocalDiverged(
-                f"focal: the institutions' decrypted training loss rose ({self.prev:.4g} -> "
-                f"{loss:.4g}) although the step was halved {self.max_backoffs} times (now "
+                f"focal: the institutions' decrypted training loss rose ({_fmt(self.prev)} -> "
+                f"{_fmt(loss)}) although the step was halved {self.max_backoffs} times (now "
                 f"{self.lr:.3g}); lower `{self.setting}` or check the embeddings (NaN/huge "
                 "features, a wrong backbone)")
         self.lr /= 2
         self.restarts += 1
-        self._last = (f"training loss rose {self.prev:.4g} -> {loss:.4g}: head restored, step "
+        self._last = (f"training loss rose {_fmt(self.prev)} -> {_fmt(loss)}: head restored, step "
                       f"halved to {self.lr:.3g}, momentum restarted (lower `{self.setting}` if "
                       "this repeats)")
         if self.log is not None:
@@ -489,7 +495,9 @@ def _decrypt_logits(holder: Any, layout: FocalLayout, logits_message: Envelope, 
     ).reshape(chunks, layout.n_pairs, layout.slots)
     peak = float(max(np.abs(z.real).max(), np.abs(z.imag).max()))
     if peak >= plan.logit_bound / 2:
-        raise ValueError(
+        from flower_focal.focal.errors import LogitOverflow
+
+        raise LogitOverflow(
             f"forward partial sums reach {peak:.3g}, beyond the safe range "
             f"{plan.logit_bound / 2:g} of the level plan (values may have wrapped); lower the "
             "learning rate or scale the features down"

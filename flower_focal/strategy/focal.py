@@ -206,6 +206,7 @@ class Focal(FedAvg):
         self._class_counts: bytes | None = None
         self._grid: Grid | None = None
         self._step = 0
+        self._rolled_back = False
 
     # ------------------------------------------------------------------ hooks
     def summary(self) -> None:
@@ -453,6 +454,7 @@ class Focal(FedAvg):
             config[keys.FOCAL_MOMENTUM] = self.momentum
             config[keys.FOCAL_RESTART] = self.guard.restarts
             config[keys.FOCAL_CHECK_ONLY] = check_only
+            config[keys.FOCAL_GUARD] = self.guard_on
             arrays = ArrayRecord({keys.FOCAL_LOGITS: he_array(server_forward(self._server, name))})
             if self._class_counts is not None:
                 arrays[keys.FOCAL_CLASS_COUNTS] = he_array(self._class_counts)
@@ -481,6 +483,19 @@ class Focal(FedAvg):
         errors: dict[str, bytes] = {}
         contents: dict[str, RecordDict] = {}
         pids: dict[str, int] = {}
+        overflow = [self._members[r.metadata.src_node_id] for r in replies
+                    if not r.has_error() and r.metadata.src_node_id in self._members
+                    and keys.FOCAL_OVERFLOW in r.content.metric_records.get(keys.METRICS, {})]
+        if overflow and self.guard is not None:  # the head's logits left the safe range: a rise
+            self.guard.accept(float("inf"), [self._members[r.metadata.src_node_id] for r in replies
+                                             if not r.has_error() and r.metadata.src_node_id in self._members])
+            server_restore(server)
+            message = self.guard.log_line()
+            self.history.info.setdefault("focal_guard", []).append(f"step {self._step}: {message}")
+            log(WARNING, "focal round %d step %d: %s", server_round, self._step, message)
+            self._save_guard_state()
+            self._rolled_back = True
+            return []
         for reply in replies:
             if reply.has_error():
                 continue
@@ -502,6 +517,7 @@ class Focal(FedAvg):
                 self.history.info.setdefault("focal_guard", []).append(f"step {self._step}: {message}")
                 log(WARNING, "focal round %d step %d: %s", server_round, self._step, message)
                 self._save_guard_state()
+                self._rolled_back = True
                 return list(contents.values())
             server_snapshot(server)
         while errors:
@@ -555,7 +571,8 @@ class Focal(FedAvg):
                     if not r.has_error() and r.metadata.src_node_id in self._members}
         if not contents:
             return
-        loss = self._mean_loss(contents)
+        over = any(keys.FOCAL_OVERFLOW in c[keys.METRICS] for c in contents.values())
+        loss = float("inf") if over else self._mean_loss(contents)
         self.history.info["final_train_loss"] = loss
         if not self.guard.final_ok(loss, list(contents)):
             server_restore(self._server)
@@ -571,6 +588,7 @@ class Focal(FedAvg):
         """Sum the encrypted errors and update W; run the round's extra steps, if any."""
         replies = self.roster.sort_replies(replies)
         self._record_replies(server_round, replies, phase="train")
+        self._rolled_back = False
         accepted = self._update(server_round, replies)
         for _ in range(1, self.steps_per_round):
             if self._grid is None:
@@ -580,15 +598,16 @@ class Focal(FedAvg):
             more = self.roster.sort_replies(more)
             self._record_replies(server_round, more, phase="train")
             accepted = self._update(server_round, more) or accepted
-        if not accepted:  # no step of this round updated the head (failures are recorded)
-            return None, None
-        if self.guard_on and server_round >= self._num_rounds > 0:
+        if self.guard_on and server_round >= self._num_rounds > 0 and (accepted or self._rolled_back):
             self._final_check(server_round)
+        if not accepted and not self._rolled_back:  # no step updated the head (failures recorded)
+            return None, None
         server = self._server
         if server is None:
             return None, None
         arrays = ArrayRecord({keys.FOCAL_HEAD: he_array(server_export_head(server))})
-        metrics = self.train_metrics_aggr_fn(accepted, self.weighted_by_key)
+        metrics = (self.train_metrics_aggr_fn(accepted, self.weighted_by_key) if accepted
+                   else MetricRecord({}))  # a rolled-back round: the restored head stands
         self.history.round(server_round).train = metric_dict(metrics)
         return self._aggregated(server_round, arrays), metrics
 
