@@ -93,11 +93,11 @@ def save_encrypted_model(run_dir: Path, arrays: ArrayRecord, layout: Any, spec: 
 
         if not isinstance(layout, FocalLayout):
             raise ValueError(f"unknown layout type {type(layout).__name__}")
-        tmp = path.with_suffix(".he.tmp")
-        tmp.write_bytes(arrays[keys.FOCAL_HEAD].data)
-        tmp.replace(path)
-        write_json_atomic(run_dir / ENCRYPTED_META_FILE,
-                          {"kind": "focal-head", "focal_layout": dataclasses.asdict(layout)})
+        from flower_focal.encrypted_model import save_focal_head
+
+        moments = arrays[keys.FOCAL_MOMENTS].data if keys.FOCAL_MOMENTS in arrays else None
+        stats_n = int(arrays[keys.FOCAL_STATS_N].numpy()[0]) if keys.FOCAL_STATS_N in arrays else 0
+        save_focal_head(arrays[keys.FOCAL_HEAD].data, layout, path, moments=moments, stats_n=stats_n)
         save_spec(run_dir, spec)
         return path
     EncryptedModel.from_record(arrays, layout).save(path)
@@ -142,12 +142,9 @@ def decrypt_model_file(model_path: str | Path, key_path: str | Path, out: str | 
 
 def _decrypt_focal_head(run_dir: Path, key_path: str | Path, meta: dict[str, Any]) -> Path:
     """FOCAL: decrypt the head W and write backbone + head as ``model.pt``."""
-    from flower_focal.crypto import CkksKeyHolder, SecretContext
-    from flower_focal.focal import FocalLayout, decrypt_head
+    from flower_focal.encrypted_model import decrypt_focal_matrix
 
-    layout = FocalLayout(**meta["focal_layout"])
-    holder = CkksKeyHolder(SecretContext.load(key_path))
-    head = decrypt_head(holder, layout, (run_dir / ENCRYPTED_FILE).read_bytes())
+    head = decrypt_focal_matrix(run_dir / ENCRYPTED_FILE, key_path)
     spec = ModelSpec(**json.loads((run_dir / SPEC_FILE).read_text()))
     model = spec.build()
     model.set_head(head)  # type: ignore[operator]

@@ -134,6 +134,19 @@ class RunConfig:
     focal_steps_per_round: int = setting(
         1, "focal: full-batch gradient steps per Flower round (num-server-rounds x this = steps)",
         hydra="strategy.focal.steps_per_round")
+    focal_lr: float = setting(
+        0.0, "focal: step size on the standardised features (0 = derived: focal-step-scale x K / (d + 1)); "
+        "the shared `lr` is not used by focal", hydra="strategy.focal.lr")
+    focal_step_scale: float = setting(4.0, "focal: multiplier of the derived step (the loss guard halves it "
+                                      "if the loss rises)", hydra="strategy.focal.step_scale")
+    focal_momentum: float = setting(0.5, "focal: Nesterov momentum, applied by the institutions (0 = off)",
+                                    hydra="strategy.focal.momentum")
+    focal_standardize: bool = setting(
+        True, "focal: standardise features with global mean / std summed under HE (institutions decrypt)",
+        hydra="strategy.focal.standardize")
+    focal_guard: bool = setting(
+        True, "focal: roll back + halve the step when the decrypted training loss rises; stop if that fails",
+        hydra="strategy.focal.guard")
     # --- differential privacy (fedavg: Flower's DP wrapper + clipping mod) -------------
     dp_noise_multiplier: float = setting(
         0.0, "fedavg: > 0 wraps it in Flower's DifferentialPrivacyClientSideFixedClipping",

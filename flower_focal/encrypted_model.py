@@ -132,8 +132,12 @@ class EncryptedModel:
 FOCAL_KIND = "focal-head"
 
 
-def save_focal_head(ciphertext: bytes, layout: Any, path: str | Path) -> Path:
-    """Write FOCAL's encrypted head (``path`` + ``path.json`` with its FocalLayout)."""
+def save_focal_head(ciphertext: bytes, layout: Any, path: str | Path, *, moments: bytes | None = None,
+                    stats_n: int = 0) -> Path:
+    """Write FOCAL's encrypted head (``path`` + ``path.json`` with its FocalLayout).
+
+    ``moments``: the encrypted global feature moments of a standardised run (``path.moments``,
+    with ``stats_n`` in the JSON); whoever decrypts folds the standardisation into the head."""
     import dataclasses
 
     from flower_focal.history import write_json_atomic
@@ -143,7 +147,14 @@ def save_focal_head(ciphertext: bytes, layout: Any, path: str | Path) -> Path:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(bytes(ciphertext))
     tmp.replace(path)
-    write_json_atomic(meta_path(path), {"kind": FOCAL_KIND, "focal_layout": dataclasses.asdict(layout)})
+    meta: dict[str, Any] = {"kind": FOCAL_KIND, "focal_layout": dataclasses.asdict(layout)}
+    if moments is not None:
+        side = path.with_name(path.name + ".moments")
+        tmp = side.with_name(side.name + ".tmp")
+        tmp.write_bytes(bytes(moments))
+        tmp.replace(side)
+        meta["moments_file"], meta["stats_n"] = side.name, int(stats_n)
+    write_json_atomic(meta_path(path), meta)
     return path
 
 
@@ -151,8 +162,16 @@ def decrypt_focal_head(path: str | Path, secret: Any) -> dict[str, Any]:
     """FOCAL's final head as the state dict of ``nn.Linear(d, K)`` (``weight`` K x d, ``bias`` K)."""
     import torch
 
+    head = decrypt_focal_matrix(path, secret)
+    return {"weight": torch.tensor(head[:-1].T.copy(), dtype=torch.float32),
+            "bias": torch.tensor(head[-1].copy(), dtype=torch.float32)}
+
+
+def decrypt_focal_matrix(path: str | Path, secret: Any) -> np.ndarray:
+    """FOCAL's final head ``(d + 1, K)`` (bias row last) for raw embeddings: a standardised
+    run's head with the global mean / std (decrypted from ``path.moments``) folded in."""
     from flower_focal.crypto import SECRET_FILE, CkksKeyHolder, SecretContext
-    from flower_focal.focal import FocalLayout, decrypt_head
+    from flower_focal.focal import FocalLayout, decrypt_head, feature_standardization, fold_standardization
 
     path = Path(path)
     meta = json.loads(meta_path(path).read_text())
@@ -162,9 +181,13 @@ def decrypt_focal_head(path: str | Path, secret: Any) -> dict[str, Any]:
         key = Path(secret)
         secret = SecretContext.load(key / SECRET_FILE if key.is_dir() else key)
     layout = FocalLayout(**meta["focal_layout"])
-    head = decrypt_head(CkksKeyHolder(secret), layout, path.read_bytes())  # (d + 1, K), bias last
-    return {"weight": torch.tensor(head[:-1].T.copy(), dtype=torch.float32),
-            "bias": torch.tensor(head[-1].copy(), dtype=torch.float32)}
+    holder = CkksKeyHolder(secret)
+    head = decrypt_head(holder, layout, path.read_bytes())  # (d + 1, K), bias last
+    if meta.get("moments_file"):  # trained on standardised features: fold mean / std in
+        moments = (path.parent / meta["moments_file"]).read_bytes()
+        head = fold_standardization(head, *feature_standardization(holder, layout, moments,
+                                                                   int(meta["stats_n"])))
+    return head
 
 
 def decrypt_file(path: str | Path, secret: Any) -> dict[str, Any]:

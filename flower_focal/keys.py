@@ -84,6 +84,14 @@ FOCAL_N_TOTAL = "focal-n-total"  # config: public global training sample count N
 FOCAL_LR = "focal-lr"  # config: learning rate (folded into the error by institutions)
 FOCAL_STEP = "focal-step"  # config: global step number (1-based)
 FOCAL_CLASS_WEIGHTS = "focal-class-weights"  # config: "none" | "balanced"
+FOCAL_MOMENTS = "focal-moments"  # Array: Enc(per-feature sums, sums of squares); summed by the server
+FOCAL_STATS_ONLY = "focal-stats-only"  # config bool: this train.embed asks for the moments only
+FOCAL_STATS_N = "focal-stats-n"  # config: public sample count behind the summed moments
+FOCAL_MOMENTUM = "focal-momentum"  # config: Nesterov momentum the institutions apply to their error
+FOCAL_RESTART = "focal-restart"  # config: momentum restarts so far (institutions zero their velocity)
+FOCAL_GUARD = "focal-guard"  # config bool: the server runs the loss guard (institutions report overflow)
+FOCAL_OVERFLOW = "focal-overflow"  # metric 1: this institution's logits left the safe range (a rise)
+FOCAL_CHECK_ONLY = "focal-check-only"  # config bool: report the loss at this head, upload no error
 EMBED_DIM = "embed-dim"  # metric of the embed reply: the backbone's embedding dimension
 BACKBONE_FINGERPRINT = "backbone-fingerprint"  # config of the embed reply: hash of the frozen backbone
 

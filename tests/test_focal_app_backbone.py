@@ -127,7 +127,7 @@ def test_focal_on_the_apps_network_equals_its_plaintext_twin(key_dir, tmp_path):
         institutions.append(Institution(str(pid), x.double().numpy(), train.dataset.tensors[1].numpy()))
     twin = train_plaintext(institutions, CLASSES, epochs=ROUNDS, lr=LR, init_seed=0)
     encrypted = np.vstack([weights["weight"].numpy().T, weights["bias"].numpy()[None, :]])
-    assert float(np.abs(encrypted - twin.head).max()) <= 1e-3
+    assert float(np.abs(encrypted - twin.head).max()) <= 1e-4 * max(1.0, float(np.abs(twin.head).max()))
 
 
 def test_institutions_with_different_backbones_stop_the_run_naming_them(key_dir):

@@ -52,7 +52,7 @@ def npz(tmp_path_factory) -> Path:
 
 def _cfg(tmp_path: Path, npz: Path, key_dir: Path, name: str, **kw) -> RunConfig:
     settings = dict(
-        strategy="focal", num_server_rounds=ROUNDS, min_available_nodes=3, lr=LR,
+        strategy="focal", num_server_rounds=ROUNDS, min_available_nodes=3, lr=LR,  # focal ignores lr
         dataset="medmnist", data_path=str(npz), image_size=28, partitioner="iid",
         backbone="monai-resnet18", backbone_input_size=32, embedding_cache_dir=str(tmp_path / "emb"),
         he_key_dir=str(key_dir), run_dir=str(tmp_path / name), device="cpu", seed=7,
@@ -113,6 +113,19 @@ def _auroc(head: np.ndarray, val: list[Institution]) -> float:
                                multi_class="ovr", average="macro", labels=present))
 
 
+def _dlogits(a: np.ndarray, b: np.ndarray, insts: list[Institution]) -> float:
+    """Largest logit difference of two heads on the institutions' embeddings (heads for raw
+    embeddings have the standardisation folded in: compare what they compute, not their rows,
+    which 1 / std scales up for near-constant features)."""
+    x1 = np.hstack([np.vstack([i.x for i in insts]), np.ones((sum(len(i.y) for i in insts), 1))])
+    return float(np.abs(x1 @ (a - b)).max() / max(1.0, np.abs(x1 @ b).max()))
+
+
+def plain_first_loss(metrics: dict) -> float:
+    """Round 1's federated training loss (the guard's reference, kept across a resume)."""
+    return float(metrics["rounds"][0]["train"]["train-loss"])
+
+
 def _rounds_match_twin(metrics: dict, plain, steps: int = 1) -> None:
     """Every round's federated training loss is the twin's loss at that round's last step."""
     for i, rnd in enumerate(metrics["rounds"]):
@@ -150,7 +163,13 @@ def test_focal_matches_plaintext_twin_and_server_sees_only_ciphertext(
     assert {keys.ACTION_EMBED, keys.ACTION_FOCAL, keys.ACTION_FOCAL_EVALUATE} <= actions
     # each forward message carries one institution's logits only (+ the encrypted class total)
     fwd = [m for m in grid.sent if m.metadata.message_type == keys.ACTION_FOCAL]
-    assert len(fwd) == 3 * rounds * steps
+    check = [m for m in fwd if m.content[keys.CONFIG][keys.FOCAL_CHECK_ONLY]]
+    fwd = [m for m in fwd if not m.content[keys.CONFIG][keys.FOCAL_CHECK_ONLY]]
+    assert len(fwd) == 3 * rounds * steps and len(check) == 3  # + the guard's final check
+    # the statistics exchange, then the embeddings; the server only ever adds the moments
+    embeds = [m for m in grid.sent if m.metadata.message_type == keys.ACTION_EMBED]
+    assert [bool(m.content[keys.CONFIG].get(keys.FOCAL_STATS_ONLY, False)) for m in embeds] == [True] * 3 + [False] * 3
+    assert all(keys.FOCAL_MOMENTS in m.content[keys.ARRAYS] for m in embeds[3:])
     expected = [keys.FOCAL_LOGITS] + ([keys.FOCAL_CLASS_COUNTS] if class_weights == "balanced" else [])
     for m in fwd:
         assert list(m.content[keys.ARRAYS].keys()) == expected
@@ -162,25 +181,43 @@ def test_focal_matches_plaintext_twin_and_server_sees_only_ciphertext(
     weights = None
     if class_weights == "balanced":
         weights = balanced_class_weights(np.bincount(np.concatenate([i.y for i in train]), minlength=k))
-    plain = train_plaintext(train, k, epochs=rounds * steps, lr=LR, init_seed=cfg.seed,
+    plain = train_plaintext(train, k, epochs=rounds * steps, init_seed=cfg.seed,
                             block=cfg.focal_block, class_weights=weights)
     head = _head(run_dir, key_dir)
-    dw = float(np.abs(head - plain.head).max())
+    dw = _dlogits(head, plain.head, train + val)
     a_he, a_pl = _auroc(head, val), _auroc(plain.head, val)
-    print(f"focal loopback ({class_weights}, {steps} steps/round): max|dW|={dw:.2e}, "
+    print(f"focal loopback ({class_weights}, {steps} steps/round): max rel. dlogits={dw:.2e}, "
           f"auroc {a_he:.4f} vs {a_pl:.4f}")
-    assert dw < 1e-4 and abs(a_he - a_pl) < 0.002
+    assert dw < 1e-3 and abs(a_he - a_pl) < 0.002
     if weights is not None:  # the weights really changed the training
-        unweighted = train_plaintext(train, k, epochs=rounds * steps, lr=LR, init_seed=cfg.seed)
-        assert float(np.abs(head - unweighted.head).max()) > 100 * dw
+        unweighted = train_plaintext(train, k, epochs=rounds * steps, init_seed=cfg.seed)
+        assert _dlogits(head, unweighted.head, train) > 100 * dw
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "completed" and len(metrics["rounds"]) == rounds
+    assert metrics["info"]["final_train_loss"] == pytest.approx(plain.final_loss, abs=1e-4)
     assert metrics["info"]["model_parameters"] == (train[0].x.shape[1] + 1) * k  # the head only
     _rounds_match_twin(metrics, plain, steps)
     for rnd in metrics["rounds"]:
         assert sorted(rnd["train_institutions"]) == ["0", "1", "2"]
         assert 0.0 <= rnd["evaluate"]["auroc"] <= 1.0 and not rnd["failures"]
+
+
+def test_focal_stops_a_diverging_run_with_a_clear_message(tmp_path, npz, key_dir, monkeypatch):
+    """A step far too large: the guard restores the head and halves the step; when halving does
+    not help (here: allowed 0 times) the run fails, saying why and what to change."""
+    import functools
+
+    from flower_focal.focal import FocalDiverged, LossGuard
+    from flower_focal.strategy import focal as focal_strategy
+
+    monkeypatch.setattr(focal_strategy, "LossGuard", functools.partial(LossGuard, max_backoffs=0))
+    cfg = _cfg(tmp_path, npz, key_dir, "diverge", num_server_rounds=2, focal_step_scale=1e4)
+    with pytest.raises(FocalDiverged, match="focal-step-scale"):
+        _run(cfg)
+    metrics = json.loads((Path(cfg.run_dir) / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and "training loss rose" in metrics["info"]["error"]
+    assert len(metrics["rounds"]) == 2 and "train" not in metrics["rounds"][1] or not metrics["rounds"][1].get("train")
 
 
 @pytest.mark.parametrize("min_replies", [1, pytest.param(3, marks=pytest.mark.slow)])
@@ -202,18 +239,20 @@ def test_institution_crashing_mid_training_is_left_out(tmp_path, npz, key_dir, m
     train = _institutions(grid, "train")
     k = int(json.loads((Path(cfg.run_dir) / "model.json").read_text())["num_classes"])
     if min_replies == 1:  # rounds 2 and 3 train with the two survivors
-        plain = train_plaintext(train, k, epochs=ROUNDS, lr=LR, init_seed=cfg.seed,
-                                absent={1: {"2"}, 2: {"2"}})
+        plain = train_plaintext(train, k, epochs=ROUNDS, init_seed=cfg.seed,
+                                absent={1: {"2"}, 2: {"2"}, 3: {"2"}})
     else:  # 2 replies < min-train-replies 3: the head is left as round 1 made it
-        plain = train_plaintext(train, k, epochs=1, lr=LR, init_seed=cfg.seed)
+        plain = train_plaintext(train, k, epochs=1, init_seed=cfg.seed)
         for rnd in metrics["rounds"][1:]:
             assert rnd["train"] == {} and any("min-train-replies" in f for f in rnd["failures"])
-    assert float(np.abs(_head(Path(cfg.run_dir), key_dir) - plain.head).max()) < 1e-4
+    assert _dlogits(_head(Path(cfg.run_dir), key_dir), plain.head, train) < 1e-3
 
 
 @pytest.mark.slow
 def test_focal_resumes_a_killed_server_to_the_uninterrupted_result(tmp_path, npz, key_dir):
-    cfg = _cfg(tmp_path, npz, key_dir, "killed")
+    # momentum restarts on resume (institutions' velocities are not checkpointed): compare without;
+    # the loss guard's state (step, reference losses) is restored from metrics.json
+    cfg = _cfg(tmp_path, npz, key_dir, "killed", focal_momentum=0.0)
     run_dir = Path(cfg.run_dir)
     with pytest.raises(ServerKilled):
         _run(cfg, grid_class=DyingGrid)
@@ -227,16 +266,19 @@ def test_focal_resumes_a_killed_server_to_the_uninterrupted_result(tmp_path, npz
     assert metrics["status"] == "completed" and [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
     assert metrics["info"]["resumed_after_round"] == 2
     # the resumed server re-collected the embeddings, kept the checkpointed head, ran round 3 only
-    embed = [m for m in grid.sent if m.metadata.message_type == keys.ACTION_EMBED]
+    embed = [m for m in grid.sent if m.metadata.message_type == keys.ACTION_EMBED
+             and not m.content[keys.CONFIG].get(keys.FOCAL_STATS_ONLY, False)]  # (+ 3 statistics)
     assert len(embed) == 3 and not any(m.content[keys.CONFIG][keys.FOCAL_INIT_HEAD] for m in embed)
-    fwd = [m for m in grid.sent if m.metadata.message_type == keys.ACTION_FOCAL]
+    fwd = [m for m in grid.sent if m.metadata.message_type == keys.ACTION_FOCAL
+           and not m.content[keys.CONFIG][keys.FOCAL_CHECK_ONLY]]  # (+ 3 final loss checks)
     assert [m.content[keys.CONFIG][keys.SERVER_ROUND] for m in fwd] == [3, 3, 3]
+    assert metrics["info"]["focal_guard_state"]["first"] == pytest.approx(plain_first_loss(metrics), abs=1e-4)
     assert {m.content[keys.CONFIG][keys.FOCAL_STEP] for m in fwd} == {3}
     # same head as an uninterrupted run (its twin; fresh CKKS noise per encryption)
     train = _institutions(grid, "train")
     k = int(json.loads((run_dir / "model.json").read_text())["num_classes"])
-    plain = train_plaintext(train, k, epochs=ROUNDS, lr=LR, init_seed=cfg.seed)
-    assert float(np.abs(_head(run_dir, key_dir) - plain.head).max()) < 1e-4
+    plain = train_plaintext(train, k, epochs=ROUNDS, init_seed=cfg.seed, momentum=0.0)
+    assert _dlogits(_head(run_dir, key_dir), plain.head, train) < 1e-3
     _rounds_match_twin(metrics, plain)
 
 

@@ -12,9 +12,18 @@ from sklearn.metrics import roc_auc_score
 from flower_focal.crypto import CiphertextError, PublicContext, SecretContext, get_preset
 from flower_focal.crypto.ckks import CkksEvaluator, CkksKeyHolder
 from flower_focal.focal import (
+    MOMENTUM,
+    STEP_SCALE,
+    FocalDiverged,
     FocalLayout,
     Institution,
+    LossGuard,
     balanced_class_weights,
+    encrypt_feature_moments,
+    feature_standardization,
+    fold_standardization,
+    moment_count,
+    server_sum,
     decrypt_head,
     encrypt_embeddings,
     init_head,
@@ -29,6 +38,8 @@ from flower_focal.focal import (
     train_encrypted,
     train_plaintext,
 )
+from flower_focal.focal.errors import LogitOverflow
+from flower_focal.focal.packing import with_bias
 
 D, K = 48, 5
 
@@ -79,13 +90,14 @@ def test_twin_is_plain_gradient_descent_and_approaches_sklearn() -> None:
     x = np.vstack([i.x for i in insts])
     y = np.concatenate([i.y for i in insts])
     cw = balanced_class_weights(np.bincount(y, minlength=K))
-    pl = train_plaintext(insts, K, epochs=10, lr=0.7, class_weights=cw, block=32)
+    pl = train_plaintext(insts, K, epochs=10, lr=0.7, class_weights=cw, block=32,
+                         standardize=False, momentum=0.0, guard=False)
     # the same algorithm written as matrix maths
     x1, w = np.hstack([x, np.ones((len(y), 1))]), np.zeros((D + 1, K))
     for _ in range(10):
         w -= 0.7 * x1.T @ (cw[y][:, None] * (softmax(x1 @ w) - np.eye(K)[y])) / len(y)
     np.testing.assert_allclose(pl.head, w, atol=1e-12)
-    long = train_plaintext(insts, K, epochs=400, lr=1.0)
+    long = train_plaintext(insts, K, epochs=400, lr=1.0, standardize=False, momentum=0.0, guard=False)
     ref = LogisticRegression(C=1e4, max_iter=5000).fit(x, y)
     p_ref = ref.predict_proba(test[0])
     auc_ref = roc_auc_score(test[1], p_ref, multi_class="ovr", average="macro")
@@ -213,3 +225,87 @@ def test_focal_preset_is_128_bit_and_needs_two_data_primes() -> None:
         dataclasses.replace(p, name="x", wire_id=250, eval_keys=("relin",)).validate()
     with pytest.raises(ValueError, match="two data primes"):
         CkksKeyHolder(SecretContext.generate("compact"))
+
+
+def test_twin_defaults_are_standardised_nesterov_with_the_derived_step() -> None:
+    """The defaults, written as matrix maths: global standardisation, step 4K/(d+1), Nesterov
+    0.5 with the velocity held per institution, guard (never triggered here), folded head."""
+    insts, _ = _data(7, (60, 90, 40))
+    x = np.vstack([i.x for i in insts])
+    y = np.concatenate([i.y for i in insts])
+    pl = train_plaintext(insts, K, epochs=12, init_seed=1)
+    mu, sd = x.mean(0), x.std(0)
+    z1 = np.hstack([(x - mu) / sd, np.ones((len(y), 1))])
+    lr = STEP_SCALE * K / (D + 1)
+    w = np.random.default_rng(1).normal(0.0, 0.01, size=(D + 1, K))
+    m = np.zeros((len(y), K))
+    losses = []
+    for _ in range(12):
+        p = softmax(z1 @ w)
+        losses.append(float(-np.log(p[np.arange(len(y)), y]).mean()))
+        e = -lr * (p - np.eye(K)[y]) / len(y)
+        m = MOMENTUM * m + e
+        w = w + z1.T @ (MOMENTUM * m + e)
+    np.testing.assert_allclose([h["loss"] for h in pl.history], losses, rtol=1e-9)
+    np.testing.assert_allclose(pl.feature_shift, mu, atol=1e-9)
+    np.testing.assert_allclose(pl.feature_scale, 1 / sd, rtol=1e-9)
+    np.testing.assert_allclose(pl.head, fold_standardization(w, 1 / sd, mu), atol=1e-9)
+    np.testing.assert_allclose(with_bias(x) @ pl.head, z1 @ w, atol=1e-8)  # folded = standardised
+    assert all(h["applied"] == 1.0 for h in pl.history) and pl.final_loss < losses[-1] < losses[0]
+
+
+def test_he_defaults_match_twin_and_stats_stay_encrypted(secret: SecretContext, data) -> None:
+    insts, _ = data
+    he = train_encrypted(insts, K, secret=secret, epochs=8, init_seed=3)
+    pl = train_plaintext(insts, K, epochs=8, init_seed=3)
+    assert np.abs(he.feature_shift - pl.feature_shift).max() < 1e-4
+    assert np.abs(he.feature_scale / pl.feature_scale - 1).max() < 1e-4
+    assert np.abs(he.head - pl.head).max() < 1e-3
+    assert [round(h["loss"], 3) for h in he.history] == [round(h["loss"], 3) for h in pl.history]
+    assert he.nbytes["moments_upload"] > 0 and abs(he.final_loss - pl.final_loss) < 1e-3
+
+
+def test_moments_are_summed_by_the_server_and_decrypted_by_institutions(secret: SecretContext) -> None:
+    holder, ev = CkksKeyHolder(secret), CkksEvaluator(PublicContext.from_bytes(secret.public_bytes()))
+    rng = np.random.default_rng(0)
+    xs = [rng.normal(3.0, 2.0, (n, 2500)) for n in (30, 50)]  # 2d > slots: two ciphertexts
+    lay = FocalLayout(2500, 3, ev.slots)
+    assert moment_count(lay) == 2
+    totals = server_sum(ev, [encrypt_feature_moments(holder, lay, x) for x in xs], 2)
+    scale, shift = feature_standardization(holder, lay, totals, 80)
+    x = np.vstack(xs)
+    assert np.abs(shift - x.mean(0)).max() < 1e-4 and np.abs(scale * x.std(0) - 1).max() < 1e-4
+    with pytest.raises(CiphertextError):
+        server_sum(ev, [totals], 3)  # wrong count
+
+
+def test_guard_rolls_back_halves_and_then_stops_with_a_clear_message() -> None:
+    insts, _ = _data(2, (150, 200), d=4)  # not separable: a too large step overshoots
+    huge = train_plaintext(insts, K, epochs=12, step_scale=40.0, init_seed=0)
+    applied = [h["applied"] for h in huge.history]
+    assert 0.0 in applied and huge.guard_log  # backed off ...
+    assert huge.history[-1]["lr"] < huge.history[0]["lr"]
+    kept = [h["loss"] for h in huge.history if h["applied"]]
+    assert max(kept) <= kept[0] and huge.final_loss <= kept[0]  # ... and never above the start
+    try:  # without the guard the same run rises, or its logits leave CKKS's safe range
+        unguarded = train_plaintext(insts, K, epochs=12, step_scale=40.0, init_seed=0, guard=False)
+        assert max(h["loss"] for h in unguarded.history) > unguarded.history[0]["loss"]
+    except LogitOverflow as exc:
+        assert "beyond the safe range" in str(exc)
+    # a head whose logits overflow is a rise for the guard: rolled back, never raised
+    wild = train_plaintext(insts, K, epochs=6, step_scale=4000.0, init_seed=0, momentum=0.0)
+    assert any("out of range" in line for line in wild.guard_log)
+    assert wild.final_loss <= wild.history[0]["loss"]
+    with pytest.raises(FocalDiverged, match="step_scale"):
+        train_plaintext(insts, K, epochs=30, step_scale=1e6, init_seed=0, momentum=0.0)
+
+
+def test_loss_guard_rule() -> None:
+    g = LossGuard(lr=1.0, max_backoffs=1)
+    assert g.accept(2.0, ["a", "b"]) and g.accept(1.5, ["a", "b"])
+    assert not g.accept(1.6, ["a", "b"]) and g.lr == 0.5 and g.restarts == 1
+    assert g.accept(1.5, ["b", "a"])
+    assert g.accept(9.0, ["a"])  # another set present: a new comparison, not a rise
+    assert not g.final_ok(9.5, ["a"]) and g.final_ok(8.0, ["a"])
+    with pytest.raises(FocalDiverged, match="focal-step-scale"):
+        g.accept(float("nan"), ["a"])

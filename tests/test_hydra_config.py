@@ -99,3 +99,21 @@ def test_without_a_cluster_address_every_run_gets_a_private_ray():
 
     assert Federation().ray_env() == {"RAY_ADDRESS": "local"}
     assert Federation(ray_address="10.0.0.1:6379").ray_env() == {"RAY_ADDRESS": "10.0.0.1:6379"}
+
+
+def test_train_lr_of_a_comparison_multirun_does_not_reach_focal(tmp_path):
+    """`-m strategy=fedavg,he_fedavg,focal train.lr=0.05`: the FedAvg family gets 0.05, FOCAL keeps
+    its own derived step (focal-lr 0 = step_scale * K / (d + 1) on standardised features)."""
+    from flower_focal.crypto import keygen
+    from flower_focal.strategy import build_strategy
+
+    fedavg = to_run_config(_compose(["strategy=fedavg", "train.lr=0.05"]))
+    focal = to_run_config(_compose(["strategy=focal", "train.lr=0.05"]))
+    assert fedavg.lr == 0.05 and focal.focal_lr == 0.0
+    assert (focal.focal_step_scale, focal.focal_momentum, focal.focal_standardize, focal.focal_guard) == (
+        RunConfig().focal_step_scale, RunConfig().focal_momentum, True, True)
+    keys = keygen(tmp_path / "k", "focal")
+    strategy = build_strategy(focal.replace(he_key_dir=str(keys)))
+    assert strategy.lr is None and strategy.standardize and strategy.guard_on
+    explicit = build_strategy(focal.replace(he_key_dir=str(keys), focal_lr=0.02))
+    assert explicit.lr == 0.02

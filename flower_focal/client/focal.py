@@ -6,10 +6,15 @@ handlers ``(Message, Context) -> Message`` (registered in ``clients/client_app.p
 
 * :func:`embed` - embeddings of the institution's own training images with the configured
   frozen backbone (deterministic transforms; cached on disk under ``embedding-cache-dir``
-  and in this process), encrypted; the institution asked for it also makes the initial
-  encrypted head; with balanced class weights, its encrypted class counts;
-* :func:`step` - decrypt its own logits, softmax against its own labels, encrypt the error;
-* :func:`evaluate` - decrypt the head, evaluate on its own validation embeddings.
+  and in this process); first (``focal-stats-only``) only their encrypted per-feature sums
+  and sums of squares, then, given the server's encrypted totals, the embeddings standardised
+  with the global mean / std it decrypts, encrypted; the institution asked for it also makes
+  the initial encrypted head; with balanced class weights, its encrypted class counts;
+* :func:`step` - decrypt its own logits, softmax against its own labels, encrypt the error
+  (with Nesterov momentum: its velocity lives in ``context.state``); or only report the loss
+  (``focal-check-only``, the server's final guard check);
+* :func:`evaluate` - decrypt the head (and the global statistics), evaluate on its own
+  validation embeddings.
 
 Labels, embeddings, logits and the decrypted head never leave the institution; every Array
 it sends is a ciphertext envelope. The secret key comes from
@@ -30,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import (
+    Array,
     ArrayRecord,
     ConfigRecord,
     Context,
@@ -47,11 +53,16 @@ from flower_focal.focal import (
     balanced_class_weights,
     decrypt_head,
     encrypt_embeddings,
+    encrypt_feature_moments,
+    feature_standardization,
+    fold_standardization,
     init_head,
     institution_error,
+    institution_loss,
     predict_logits,
     softmax,
 )
+from flower_focal.focal.errors import LogitOverflow
 from flower_focal.keys import he_array, he_bytes
 from flower_focal.metrics import accuracy, macro_auroc
 
@@ -174,6 +185,38 @@ def _class_weights(holder: CkksKeyHolder, arrays: ArrayRecord, num_classes: int)
     return balanced_class_weights(counts)
 
 
+def _standardization(holder: CkksKeyHolder, arrays: ArrayRecord | None, config: ConfigRecord,
+                     layout: FocalLayout) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``(scale, shift)`` from the server's encrypted moment totals, or ``(None, None)``."""
+    if arrays is None or keys.FOCAL_MOMENTS not in arrays:
+        return None, None
+    return feature_standardization(holder, layout, he_bytes(arrays, keys.FOCAL_MOMENTS),
+                                   int(config[keys.FOCAL_STATS_N]))
+
+
+_VELOCITY = "flower-focal.focal-velocity"  # context.state: this institution's momentum state
+
+
+def _velocity(context: Context, restart: int, step: int, shape: tuple[int, int]) -> np.ndarray | None:
+    """This institution's velocity from the previous step, or None (start from zero): after a
+    momentum restart (the loss guard backed off), or when it missed the previous step."""
+    record = context.state.array_records.get(_VELOCITY)
+    meta = context.state.config_records.get(_VELOCITY + "-at")
+    if record is None or "v" not in record or meta is None:
+        return None
+    if int(meta.get("restart", -1)) != restart or int(meta.get("step", -1)) != step - 1:
+        return None
+    v = record["v"].numpy()
+    return v if v.shape == shape else None
+
+
+def _keep_velocity(context: Context, restart: int, step: int, v: np.ndarray | None) -> None:
+    if v is None:
+        return
+    context.state[_VELOCITY] = ArrayRecord({"v": Array(np.ascontiguousarray(v))})
+    context.state[_VELOCITY + "-at"] = ConfigRecord({"restart": restart, "step": step})
+
+
 EmbeddingSource = Callable[[Context, str], tuple[np.ndarray, np.ndarray]]
 """``(context, "train" | "val") -> (X (n, d), y (n,))``: an institution's embeddings and labels,
 in the same order every time it is called within a run."""
@@ -240,7 +283,14 @@ def embed(message: Message, context: Context, source: EmbeddingSource = _site_so
     _checked_labels(y, num_classes, "training")
     layout = FocalLayout(int(x.shape[1]), num_classes, int(config[keys.FOCAL_SLOTS]),
                          int(config[keys.FOCAL_BLOCK]))
-    arrays = ArrayRecord({keys.FOCAL_EMBEDDINGS: he_array(encrypt_embeddings(holder, layout, x))})
+    if bool(config.get(keys.FOCAL_STATS_ONLY, False)):  # global statistics first
+        moments = ArrayRecord({keys.FOCAL_MOMENTS: he_array(encrypt_feature_moments(holder, layout, x))})
+        metrics = MetricRecord({keys.NUM_EXAMPLES: int(x.shape[0]), keys.EMBED_DIM: int(x.shape[1])})
+        return Message(RecordDict({keys.ARRAYS: moments, keys.METRICS: metrics}), reply_to=message)
+    scale, shift = _standardization(holder, message.content.array_records.get(keys.ARRAYS), config,
+                                    layout)
+    arrays = ArrayRecord({keys.FOCAL_EMBEDDINGS: he_array(
+        encrypt_embeddings(holder, layout, x, feature_scale=scale, feature_shift=shift))})
     if bool(config.get(keys.FOCAL_INIT_HEAD, False)):
         seed = int(config.get(keys.FOCAL_INIT_SEED, -1))
         arrays[keys.FOCAL_HEAD] = he_array(init_head(holder, layout, seed=None if seed < 0 else seed))
@@ -266,12 +316,32 @@ def step(message: Message, context: Context, source: EmbeddingSource = _site_sou
     x, y = source(context, "train")
     layout = _layout(config, x)
     _checked_labels(y, layout.n_classes, "training")
-    up = institution_error(
-        holder, layout, he_bytes(arrays, keys.FOCAL_LOGITS), y,
-        lr=float(config[keys.FOCAL_LR]), n_total=int(config[keys.FOCAL_N_TOTAL]),
-        class_weights=_class_weights(holder, arrays, layout.n_classes),
-    )
     n = int(y.shape[0])
+    weights = _class_weights(holder, arrays, layout.n_classes)
+    overflow = MetricRecord({keys.FOCAL_OVERFLOW: 1, keys.NUM_EXAMPLES: n})
+    if bool(config.get(keys.FOCAL_CHECK_ONLY, False)):  # the guard's final check: loss only
+        try:
+            loss, correct = institution_loss(holder, layout, he_bytes(arrays, keys.FOCAL_LOGITS), y,
+                                             class_weights=weights)
+        except LogitOverflow:
+            return Message(RecordDict({keys.METRICS: overflow}), reply_to=message)
+        metrics = MetricRecord({keys.TRAIN_LOSS: loss / n, keys.ACCURACY: correct / n,
+                                keys.NUM_EXAMPLES: n})
+        return Message(RecordDict({keys.METRICS: metrics}), reply_to=message)
+    momentum = float(config.get(keys.FOCAL_MOMENTUM, 0.0))
+    restart, at = int(config.get(keys.FOCAL_RESTART, 0)), int(config.get(keys.FOCAL_STEP, 0))
+    try:
+        up = institution_error(
+            holder, layout, he_bytes(arrays, keys.FOCAL_LOGITS), y,
+            lr=float(config[keys.FOCAL_LR]), n_total=int(config[keys.FOCAL_N_TOTAL]),
+            class_weights=weights, momentum=momentum,
+            velocity=_velocity(context, restart, at, (n, layout.n_classes)) if momentum > 0 else None,
+        )
+    except LogitOverflow:
+        if not bool(config.get(keys.FOCAL_GUARD, False)):
+            raise  # no guard to act on it: the step fails for this institution, as before
+        return Message(RecordDict({keys.METRICS: overflow}), reply_to=message)
+    _keep_velocity(context, restart, at, up.velocity)
     metrics = MetricRecord({keys.TRAIN_LOSS: up.loss / n, keys.ACCURACY: up.n_correct / n,
                             keys.NUM_EXAMPLES: n})
     content = RecordDict({keys.ARRAYS: ArrayRecord({keys.FOCAL_ERROR: he_array(up.message)}),
@@ -290,7 +360,9 @@ def evaluate(message: Message, context: Context, source: EmbeddingSource = _site
         nan = float("nan")
         metrics = {keys.LOSS: nan, keys.ACCURACY: nan, keys.AUROC: nan, keys.NUM_EXAMPLES: 0}
     else:
-        head = decrypt_head(holder, layout, he_bytes(message.content[keys.ARRAYS], keys.FOCAL_HEAD))
+        arrays = message.content[keys.ARRAYS]
+        head = fold_standardization(decrypt_head(holder, layout, he_bytes(arrays, keys.FOCAL_HEAD)),
+                                    *_standardization(holder, arrays, config, layout))
         probs = softmax(predict_logits(head, layout, x))
         loss = float(-np.log(np.clip(probs[np.arange(y.size), y], 1e-12, None)).mean())
         metrics = {keys.LOSS: loss, keys.ACCURACY: accuracy(probs, y),

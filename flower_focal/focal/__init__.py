@@ -16,10 +16,23 @@ from flower_focal.focal.driver import (
 )
 from flower_focal.focal.packing import DEFAULT_BLOCK, FocalLayout
 from flower_focal.focal.plaintext import PlainEvaluator, PlainKeyHolder
+from flower_focal.focal.errors import FocalDiverged
 from flower_focal.focal.protocol import (
+    MOMENTUM,
+    STEP_SCALE,
     ErrorUpload,
     FocalServer,
+    LossGuard,
     balanced_class_weights,
+    derived_step,
+    encrypt_feature_moments,
+    feature_standardization,
+    fold_standardization,
+    institution_loss,
+    moment_count,
+    server_restore,
+    server_snapshot,
+    server_sum,
     decrypt_head,
     encrypt_embeddings,
     init_head,
@@ -35,7 +48,20 @@ from flower_focal.focal.protocol import (
 
 __all__ = [
     "DEFAULT_BLOCK",
+    "MOMENTUM",
+    "STEP_SCALE",
     "ErrorUpload",
+    "FocalDiverged",
+    "LossGuard",
+    "derived_step",
+    "encrypt_feature_moments",
+    "feature_standardization",
+    "fold_standardization",
+    "institution_loss",
+    "moment_count",
+    "server_restore",
+    "server_snapshot",
+    "server_sum",
     "FocalLayout",
     "FocalServer",
     "Institution",

@@ -104,6 +104,19 @@ class Shard:
                 acc = ev.rescale_inplace(acc, plan.w_scale)  # level 1 -> W's level and scale
                 self.w[g][lp] = ev.add_inplace(self.w[g][lp], acc)
 
+    def snapshot(self) -> None:
+        """Keep a serialized copy of this shard's head ciphertexts (updates are in place)."""
+        self._saved = self.ev.dump_raw([ct for row in self.w for ct in row])
+
+    def restore(self) -> None:
+        """Back to the last :meth:`snapshot` (no-op without one)."""
+        saved = getattr(self, "_saved", None)
+        if saved is None:
+            return
+        plan, lp = self.ev.plan, len(self.pairs)
+        cts = self.ev.load_many(saved, plan.w_level, plan.w_scale)
+        self.w = [cts[i * lp : (i + 1) * lp] for i in range(self.layout.n_groups)]
+
     def head(self) -> list[Raw]:
         """Head ciphertexts ``[group][local pair]``."""
         return self.ev.dump_raw([ct for row in self.w for ct in row])

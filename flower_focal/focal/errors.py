@@ -19,3 +19,13 @@ class InstitutionUploadError(CiphertextError):
 
     def __reduce__(self):
         return (type(self), (self.institution, self.reason))
+
+
+class LogitOverflow(ValueError):
+    """Decrypted forward partial sums beyond the level plan's safe range (the head grew too
+    large: a step far too big). The loss guard treats it as a rise (rollback, halve the step)."""
+
+
+class FocalDiverged(RuntimeError):
+    """The institutions' decrypted training loss kept rising although the step was halved
+    ``max_backoffs`` times: training stops (the head is left at its last accepted value)."""

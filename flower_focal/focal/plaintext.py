@@ -21,7 +21,8 @@ from flower_focal.crypto.errors import CiphertextError
 
 @dataclass(frozen=True)
 class PlainPlan:
-    """The twin's level plan: one level, unit scales, no wrap-around bound."""
+    """The twin's level plan: one level, unit scales, and the encrypted plan's safe range of the
+    forward partial sums (``2**crypto.ckks.LOGIT_BITS``), so both refuse the same heads."""
 
     x_level: int = 0
     x_scale: float = 1.0
@@ -31,7 +32,7 @@ class PlainPlan:
     e_scale: float = 1.0
     logit_level: int = 0
     logit_scale: float = 1.0
-    logit_bound: float = float("inf")
+    logit_bound: float = 64.0
 
 
 class _PlainBase:

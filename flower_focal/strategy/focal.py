@@ -3,8 +3,11 @@
 This module owns the mapping of the step functions of :mod:`flower_focal.focal.protocol` onto
 Flower rounds; the protocol itself and all HE live there and in :mod:`flower_focal.crypto`.
 
-* **Setup (inside round 1's** ``configure_train`` **).** One extra exchange
-  (:data:`~flower_focal.keys.ACTION_EMBED`): every institution uploads ``Enc([x, 1])`` of its
+* **Setup (inside round 1's** ``configure_train`` **).** With ``standardize`` (default) a
+  first :data:`~flower_focal.keys.ACTION_EMBED` exchange collects every institution's
+  encrypted per-feature sums and sums of squares; the server adds them and sends the encrypted
+  totals back, institutions decrypt them (global mean / std; the server learns nothing).
+  Then the embed exchange: every institution uploads ``Enc([(x - mean) / std, 1])`` of its
   frozen-backbone embeddings; the lowest partition id also uploads the initial encrypted head
   (keys are symmetric, the server cannot encrypt); with ``class_weights="balanced"`` each
   also uploads ``Enc(class counts)``, which the server only adds.
@@ -13,7 +16,13 @@ Flower rounds; the protocol itself and all HE live there and in :mod:`flower_foc
   institution carrying only *its* encrypted logits, institutions answer with their encrypted
   error, the server sums over institutions and updates ``W`` (additions and one
   multiply/rotate pass on ciphertexts). A failed or missing institution is left out of that
-  step; the others need no change (the error is divided by the public ``N``).
+  step; the others need no change (the error is divided by the public ``N``). The step is
+  :func:`~flower_focal.focal.derived_step` unless ``lr`` is given; institutions apply Nesterov
+  ``momentum`` to their own errors. The loss guard (:class:`~flower_focal.focal.LossGuard`)
+  reads the institutions' reported training loss: when it rises the server restores the head
+  before the last update, halves the step and restarts momentum; the last round ends with a
+  loss-only check of the final update; it stops the run with
+  :class:`~flower_focal.focal.FocalDiverged` when halving does not help.
 * **Evaluation is federated** (:data:`~flower_focal.keys.ACTION_FOCAL_EVALUATE`): institutions
   decrypt ``W`` and report loss / accuracy / macro AUROC on their own validation embeddings.
 
@@ -44,13 +53,21 @@ from flower_focal.crypto import (
     PublicContext,
 )
 from flower_focal.focal import (
+    MOMENTUM,
+    STEP_SCALE,
     FocalLayout,
     FocalServer,
+    LossGuard,
+    derived_step,
+    moment_count,
     server_add_embeddings,
     server_backward_update,
     server_export_head,
     server_forward,
+    server_restore,
     server_setup,
+    server_snapshot,
+    server_sum,
 )
 from flower_focal.focal.errors import InstitutionUploadError
 from flower_focal.history import metric_dict, reply_bytes
@@ -91,8 +108,11 @@ class Focal(FedAvg):
         The server's key-less context of a FOCAL preset (``public.ctx`` of
         ``flower-focal keygen --preset focal``): relin + Galois keys, no secret key. A context
         holding a secret key, or of another preset, is refused.
-    lr : float
-        Learning rate of the full-batch gradient steps.
+    lr : float or None
+        Step size on the (standardised) features; ``None`` (default): derived,
+        ``step_scale * K / (d + 1)`` (:func:`~flower_focal.focal.derived_step`).
+    step_scale, momentum, standardize, guard
+        See :func:`~flower_focal.focal.train_encrypted` (the same algorithm).
     block : int
         Sample positions per ciphertext (:class:`~flower_focal.focal.FocalLayout`).
     class_weights : str
@@ -104,6 +124,9 @@ class Focal(FedAvg):
         Seconds to wait for the extra exchanges (embeddings, extra steps).
     backbone, backbone_weights, backbone_input_size
         Recorded in the model spec of the final model (institutions embed with the same).
+    num_rounds : int
+        The run's last round (the loss guard checks the final update after it); 0: taken from
+        ``start(num_rounds=...)``.
     num_classes : int
         Classes of the head. 0: asked from the institutions (flower-focal's describe query);
         an app whose ClientApp does not answer it must give it here.
@@ -122,7 +145,11 @@ class Focal(FedAvg):
         self,
         *,
         he_public: PublicContext,
-        lr: float,
+        lr: float | None = None,
+        step_scale: float = STEP_SCALE,
+        momentum: float = MOMENTUM,
+        standardize: bool = True,
+        guard: bool = True,
         block: int = 64,
         class_weights: str = "none",
         steps_per_round: int = 1,
@@ -131,6 +158,7 @@ class Focal(FedAvg):
         backbone_weights: str = "",
         backbone_input_size: int = 0,
         num_classes: int = 0,
+        num_rounds: int = 0,
         **kwargs: Any,
     ) -> None:
         if not isinstance(he_public, PublicContext) or he_public.holds_secret_key:
@@ -143,8 +171,12 @@ class Focal(FedAvg):
                 f"Focal needs keys of a FOCAL preset ({', '.join(FOCAL_PRESETS)}), got "
                 f"{he_public.preset.name!r}: run `flower-focal keygen --preset focal`"
             )
-        if not lr > 0:
-            raise ValueError(f"lr must be positive, got {lr!r}")
+        if lr is not None and not lr > 0:
+            raise ValueError(f"lr must be positive (or None: derived), got {lr!r}")
+        if not step_scale > 0:
+            raise ValueError(f"step_scale must be positive, got {step_scale!r}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
         if class_weights not in CLASS_WEIGHTS:
             raise ValueError(f"class_weights must be one of {CLASS_WEIGHTS}, got {class_weights!r}")
         if isinstance(steps_per_round, bool) or not isinstance(steps_per_round, int) or steps_per_round < 1:
@@ -152,7 +184,15 @@ class Focal(FedAvg):
         super().__init__(**kwargs)
         self.he_public = he_public
         self.evaluator = CkksEvaluator(he_public)
-        self.lr = float(lr)
+        self.lr = None if lr is None else float(lr)
+        self.step_scale = float(step_scale)
+        self.momentum = float(momentum)
+        self.standardize = bool(standardize)
+        self.guard_on = bool(guard)
+        self.guard: LossGuard | None = None
+        self._moments: bytes | None = None
+        self._stats_n = 0
+        self._num_rounds = int(num_rounds)
         self.block = int(block)
         self.class_weights = class_weights
         self.steps_per_round = steps_per_round
@@ -166,18 +206,23 @@ class Focal(FedAvg):
         self._class_counts: bytes | None = None
         self._grid: Grid | None = None
         self._step = 0
+        self._rolled_back = False
 
     # ------------------------------------------------------------------ hooks
     def summary(self) -> None:
         """FedAvg summary plus FOCAL parameters (never keys)."""
         super().summary()
         p = self.he_public.preset
-        log(INFO, "\t└──> FOCAL: preset %s, fingerprint %s, block %d, lr %g, %d step(s)/round, "
-            "class weights %s; server holds no secret key", p.name, self.he_public.fingerprint.hex(),
-            self.block, self.lr, self.steps_per_round, self.class_weights)
+        log(INFO, "\t└──> FOCAL: preset %s, fingerprint %s, block %d, step %s, momentum %g, "
+            "standardise %s, loss guard %s, %d step(s)/round, class weights %s; server holds no "
+            "secret key", p.name, self.he_public.fingerprint.hex(), self.block,
+            f"lr {self.lr:g}" if self.lr is not None else f"derived (scale {self.step_scale:g})",
+            self.momentum, self.standardize, self.guard_on, self.steps_per_round, self.class_weights)
 
     def start(self, *args: Any, **kwargs: Any) -> Result:
         """Flower's round loop; stops the FOCAL server state (worker shards) afterwards."""
+        if not self._num_rounds:
+            self._num_rounds = int(kwargs.get("num_rounds", args[2] if len(args) > 2 else 3))
         try:
             return super().start(*args, **kwargs)
         finally:
@@ -208,7 +253,8 @@ class Focal(FedAvg):
             raise RuntimeError("focal: the run has no encrypted head (no round aggregated)")
         from flower_focal.encrypted_model import save_focal_head
 
-        return save_focal_head(final[0][keys.FOCAL_HEAD].data, final[1], path)
+        return save_focal_head(final[0][keys.FOCAL_HEAD].data, final[1], path,
+                               moments=self._moments, stats_n=self._stats_n)  # type: ignore[arg-type]
 
     def close(self) -> None:
         """Release the server state (idempotent)."""
@@ -223,7 +269,15 @@ class Focal(FedAvg):
         """The encrypted head and its :class:`~flower_focal.focal.FocalLayout`."""
         if self.layout is None or keys.FOCAL_HEAD not in result.arrays:
             return None
-        return result.arrays, self.layout
+        if self._moments is None:
+            return result.arrays, self.layout
+        # a standardised run: the encrypted totals go with the head (decrypting folds them in)
+        import numpy as np
+        from flwr.app import Array
+
+        return ArrayRecord({keys.FOCAL_HEAD: result.arrays[keys.FOCAL_HEAD],
+                            keys.FOCAL_MOMENTS: he_array(self._moments),
+                            keys.FOCAL_STATS_N: Array(np.array([self._stats_n], np.int64))}), self.layout
 
     def final_spec(self, spec: ModelSpec) -> ModelSpec:
         """The final model is the frozen backbone plus the linear head."""
@@ -243,6 +297,8 @@ class Focal(FedAvg):
         if self.layout is not None:
             cfg[keys.FOCAL_N_FEATURES] = self.layout.n_features
             cfg[keys.NUM_CLASSES] = self.layout.n_classes
+        if self._moments is not None:
+            cfg[keys.FOCAL_STATS_N] = self._stats_n
         return cfg
 
     def _setup(self, server_round: int, arrays: ArrayRecord, grid: Grid) -> None:
@@ -260,15 +316,19 @@ class Focal(FedAvg):
         if not nodes:
             raise RuntimeError("focal: no institution is known; nothing to train on")
         resumed = keys.FOCAL_HEAD in arrays and arrays[keys.FOCAL_HEAD].stype == keys.HE_STYPE
+        record = self.history.round(server_round)
+        if self.standardize:
+            self._collect_moments(server_round, nodes, num_classes, grid)
         messages = []
         for i, node in enumerate(nodes):
             config = self._base_config(server_round)
             config[keys.NUM_CLASSES] = num_classes
             config[keys.FOCAL_INIT_HEAD] = i == 0 and not resumed
             config[keys.FOCAL_INIT_SEED] = self.seed
-            messages.append(Message(RecordDict({keys.CONFIG: config}), dst_node_id=node,
-                                    message_type=keys.ACTION_EMBED))
-        record = self.history.round(server_round)
+            content = RecordDict({keys.CONFIG: config})
+            if self._moments is not None:
+                content[keys.ARRAYS] = ArrayRecord({keys.FOCAL_MOMENTS: he_array(self._moments)})
+            messages.append(Message(content, dst_node_id=node, message_type=keys.ACTION_EMBED))
         replies = self.roster.sort_replies(
             grid.send_and_receive(self._count_sent(server_round, messages), timeout=self.exchange_timeout))
         ok: list[tuple[int, int, RecordDict]] = []
@@ -315,10 +375,55 @@ class Focal(FedAvg):
         if counts:
             self._class_counts = self._sum_counts(counts)
         self._step = (server_round - 1) * self.steps_per_round  # continues after a resume
+        base = derived_step(self.layout, self.step_scale) if self.lr is None else self.lr
+        self.guard = LossGuard(lr=base, setting="focal-step-scale" if self.lr is None else "lr")
+        saved = self.history.info.get("focal_guard_state") if resumed else None
+        if saved:  # a resumed run continues with the step, reference losses of the killed one;
+            for name in ("lr", "first", "prev", "backoffs", "restarts"):
+                setattr(self.guard, name, saved[name])
+            for name in ("members", "first_members"):
+                setattr(self.guard, name, tuple(saved[name]) if saved[name] is not None else None)
+            self.guard.restarts += 1  # ... but momentum restarts (institution state is not kept)
         self.history.info["model_parameters"] = self.layout.d1 * num_classes  # the head W
         log(INFO, "focal: %d institutions, N=%d samples, layout d=%d K=%d block %d%s",
             len(self._members), self._n_total, dim, num_classes, self.block,
             ", head restored from the checkpoint" if resumed else "")
+
+    def _collect_moments(self, server_round: int, nodes: list[int], num_classes: int, grid: Grid) -> None:
+        """The statistics exchange: add every institution's encrypted feature moments."""
+        record = self.history.round(server_round)
+        messages = []
+        for node in nodes:
+            config = self._base_config(server_round)
+            config[keys.NUM_CLASSES] = num_classes
+            config[keys.FOCAL_STATS_ONLY] = True
+            messages.append(Message(RecordDict({keys.CONFIG: config}), dst_node_id=node,
+                                    message_type=keys.ACTION_EMBED))
+        replies = self.roster.sort_replies(
+            grid.send_and_receive(self._count_sent(server_round, messages), timeout=self.exchange_timeout))
+        blobs, n, dims = [], 0, set()
+        for reply in replies:
+            pid = self.roster.label_of(reply.metadata.src_node_id)
+            record.bytes_up += reply_bytes(reply)
+            if reply.has_error():
+                record.failures.append(f"statistics institution {pid}: {reply.error.reason}")
+                continue
+            try:
+                blobs.append(he_bytes(reply.content[keys.ARRAYS], keys.FOCAL_MOMENTS))
+                n += int(reply.content[keys.METRICS][keys.NUM_EXAMPLES])
+                dims.add(int(reply.content[keys.METRICS][keys.EMBED_DIM]))
+            except (KeyError, ValueError) as exc:
+                record.failures.append(f"statistics institution {pid}: rejected ({exc})")
+        if not blobs or len(dims) != 1:
+            raise RuntimeError(f"focal: no usable feature statistics from the institutions (dimensions "
+                               f"{sorted(dims)}; see their ClientApp logs)")
+        layout = FocalLayout(dims.pop(), num_classes, self.evaluator.slots, self.block)
+        try:
+            self._moments = bytes(server_sum(self.evaluator, blobs, moment_count(layout)))
+        except CiphertextError as exc:
+            raise RuntimeError(f"focal: an institution's feature statistics are unusable: {exc}") from exc
+        self._stats_n = n
+        log(INFO, "focal: global feature statistics of %d samples summed under HE", n)
 
     def _sum_counts(self, blobs: list[bytes]) -> bytes:
         """Add the institutions' encrypted class-count vectors (the server never decrypts)."""
@@ -330,11 +435,13 @@ class Focal(FedAvg):
         return ev.dump([total])
 
     # ------------------------------------------------------------------ train
-    def _step_messages(self, server_round: int, grid: Grid) -> list[Message]:
-        """One step's forward pass: per-institution messages with only its own logits."""
-        if self._server is None:
+    def _step_messages(self, server_round: int, grid: Grid, check_only: bool = False) -> list[Message]:
+        """One step's forward pass: per-institution messages with only its own logits
+        (``check_only``: the guard's final check, institutions report the loss only)."""
+        if self._server is None or self.guard is None:
             raise RuntimeError("focal: the server state is not set up")
-        self._step += 1
+        if not check_only:
+            self._step += 1
         online = set(grid.get_node_ids())
         messages = []
         for node, name in self._members.items():
@@ -343,7 +450,11 @@ class Focal(FedAvg):
             config = self._base_config(server_round)
             config[keys.FOCAL_STEP] = self._step
             config[keys.FOCAL_N_TOTAL] = self._n_total
-            config[keys.FOCAL_LR] = self.lr
+            config[keys.FOCAL_LR] = self.guard.lr
+            config[keys.FOCAL_MOMENTUM] = self.momentum
+            config[keys.FOCAL_RESTART] = self.guard.restarts
+            config[keys.FOCAL_CHECK_ONLY] = check_only
+            config[keys.FOCAL_GUARD] = self.guard_on
             arrays = ArrayRecord({keys.FOCAL_LOGITS: he_array(server_forward(self._server, name))})
             if self._class_counts is not None:
                 arrays[keys.FOCAL_CLASS_COUNTS] = he_array(self._class_counts)
@@ -372,6 +483,19 @@ class Focal(FedAvg):
         errors: dict[str, bytes] = {}
         contents: dict[str, RecordDict] = {}
         pids: dict[str, int] = {}
+        overflow = [self._members[r.metadata.src_node_id] for r in replies
+                    if not r.has_error() and r.metadata.src_node_id in self._members
+                    and keys.FOCAL_OVERFLOW in r.content.metric_records.get(keys.METRICS, {})]
+        if overflow and self.guard is not None:  # the head's logits left the safe range: a rise
+            self.guard.accept(float("inf"), [self._members[r.metadata.src_node_id] for r in replies
+                                             if not r.has_error() and r.metadata.src_node_id in self._members])
+            server_restore(server)
+            message = self.guard.log_line()
+            self.history.info.setdefault("focal_guard", []).append(f"step {self._step}: {message}")
+            log(WARNING, "focal round %d step %d: %s", server_round, self._step, message)
+            self._save_guard_state()
+            self._rolled_back = True
+            return []
         for reply in replies:
             if reply.has_error():
                 continue
@@ -386,6 +510,16 @@ class Focal(FedAvg):
             except (ValueError, KeyError) as exc:
                 record.failures.append(f"train institution {pid}: rejected ({exc})")
                 record.train_institutions.pop(pid, None)
+        if errors and self.guard_on and self.guard is not None:
+            if not self.guard.accept(self._mean_loss(contents), list(errors)):
+                server_restore(server)  # the loss rose: no update; halved step, momentum restarts
+                message = self.guard.log_line()
+                self.history.info.setdefault("focal_guard", []).append(f"step {self._step}: {message}")
+                log(WARNING, "focal round %d step %d: %s", server_round, self._step, message)
+                self._save_guard_state()
+                self._rolled_back = True
+                return list(contents.values())
+            server_snapshot(server)
         while errors:
             if len(errors) < self.min_train_replies:
                 self._enough_replies(server_round, len(errors))  # records why
@@ -402,9 +536,51 @@ class Focal(FedAvg):
                     contents.pop(name)
                     record.failures.append(f"train institution {pids[name]}: rejected ({exc})")
                     record.train_institutions.pop(pids[name], None)
+        self._save_guard_state()
         log(INFO, "focal round %d step %d: updated the head with %d of %d institutions",
             server_round, self._step, len(errors), len(self._members))
         return list(contents.values())
+
+    def _save_guard_state(self) -> None:
+        """The guard's state in ``metrics.json`` (a resumed run restores it)."""
+        g = self.guard
+        if g is not None:
+            self.history.info["focal_guard_state"] = {
+                "lr": g.lr, "first": g.first, "prev": g.prev, "backoffs": g.backoffs,
+                "restarts": g.restarts, "members": list(g.members) if g.members else None,
+                "first_members": list(g.first_members) if g.first_members else None}
+
+    @staticmethod
+    def _mean_loss(contents: dict[str, RecordDict]) -> float:
+        """The institutions' training loss over all their samples (what the guard reads)."""
+        total = n = 0.0
+        for content in contents.values():
+            m = content[keys.METRICS]
+            total += float(m[keys.TRAIN_LOSS]) * float(m[keys.NUM_EXAMPLES])
+            n += float(m[keys.NUM_EXAMPLES])
+        return total / n if n else float("nan")
+
+    def _final_check(self, server_round: int) -> None:
+        """After the last update of the run: the loss at the final head (no upload); restore
+        the head before that update if it rose."""
+        if self._grid is None or self.guard is None or self._server is None:
+            return
+        replies = self.roster.sort_replies(self._grid.send_and_receive(
+            self._step_messages(server_round, self._grid, check_only=True), timeout=self.exchange_timeout))
+        contents = {self._members[r.metadata.src_node_id]: r.content for r in replies
+                    if not r.has_error() and r.metadata.src_node_id in self._members}
+        if not contents:
+            return
+        over = any(keys.FOCAL_OVERFLOW in c[keys.METRICS] for c in contents.values())
+        loss = float("inf") if over else self._mean_loss(contents)
+        self.history.info["final_train_loss"] = loss
+        if not self.guard.final_ok(loss, list(contents)):
+            server_restore(self._server)
+            self.history.info["final_train_loss"] = self.guard.prev
+            message = (f"the last update raised the training loss to {loss:.4g}: the head before it "
+                       "is kept")
+            self.history.info.setdefault("focal_guard", []).append(message)
+            log(WARNING, "focal: %s", message)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -412,6 +588,7 @@ class Focal(FedAvg):
         """Sum the encrypted errors and update W; run the round's extra steps, if any."""
         replies = self.roster.sort_replies(replies)
         self._record_replies(server_round, replies, phase="train")
+        self._rolled_back = False
         accepted = self._update(server_round, replies)
         for _ in range(1, self.steps_per_round):
             if self._grid is None:
@@ -421,13 +598,16 @@ class Focal(FedAvg):
             more = self.roster.sort_replies(more)
             self._record_replies(server_round, more, phase="train")
             accepted = self._update(server_round, more) or accepted
-        if not accepted:  # no step of this round updated the head (failures are recorded)
+        if self.guard_on and server_round >= self._num_rounds > 0 and (accepted or self._rolled_back):
+            self._final_check(server_round)
+        if not accepted and not self._rolled_back:  # no step updated the head (failures recorded)
             return None, None
         server = self._server
         if server is None:
             return None, None
         arrays = ArrayRecord({keys.FOCAL_HEAD: he_array(server_export_head(server))})
-        metrics = self.train_metrics_aggr_fn(accepted, self.weighted_by_key)
+        metrics = (self.train_metrics_aggr_fn(accepted, self.weighted_by_key) if accepted
+                   else MetricRecord({}))  # a rolled-back round: the restored head stands
         self.history.round(server_round).train = metric_dict(metrics)
         return self._aggregated(server_round, arrays), metrics
 
@@ -444,8 +624,10 @@ class Focal(FedAvg):
             return []
         head = (he_bytes(arrays, keys.FOCAL_HEAD) if keys.FOCAL_HEAD in arrays
                 else server_export_head(self._server))
-        content = RecordDict({keys.ARRAYS: ArrayRecord({keys.FOCAL_HEAD: he_array(head)}),
-                              keys.CONFIG: self._base_config(server_round)})
+        down = ArrayRecord({keys.FOCAL_HEAD: he_array(head)})
+        if self._moments is not None:  # institutions evaluate on their own standardised features
+            down[keys.FOCAL_MOMENTS] = he_array(self._moments)
+        content = RecordDict({keys.ARRAYS: down, keys.CONFIG: self._base_config(server_round)})
         known = OrderedGrid(grid, self.roster).get_node_ids()
         size = min(max(int(len(known) * self.fraction_evaluate), self.min_evaluate_nodes), len(known))
         with seeded_random(self.seed, server_round, "evaluate"):

@@ -77,7 +77,9 @@ def build_focal(cfg: RunConfig) -> Strategy:
     kwargs = fedavg_kwargs(cfg)
     kwargs["fraction_train"] = 1.0  # every institution takes part in every step
     return Focal(
-        he_public=he_public, lr=cfg.lr, block=cfg.focal_block,
+        he_public=he_public, lr=cfg.focal_lr or None, step_scale=cfg.focal_step_scale,
+        momentum=cfg.focal_momentum, standardize=cfg.focal_standardize, guard=cfg.focal_guard,
+        block=cfg.focal_block, num_rounds=cfg.num_server_rounds,
         class_weights=cfg.focal_class_weights, steps_per_round=cfg.focal_steps_per_round,
         exchange_timeout=cfg.round_timeout, backbone=cfg.backbone,
         backbone_weights=cfg.backbone_weights, backbone_input_size=cfg.backbone_input_size,
