@@ -126,6 +126,8 @@ def test_readme_diffs_are_small():
     print(json.dumps({"changed_lines": sizes}))
     assert sizes["fedavg"] == 1
     assert all(n <= 10 for n in sizes.values()), sizes
+    claims = dict(re.findall(r"^\*\*([\w-]+)\*\* \((\d+) lines?\)", (repo_root() / "README.md").read_text(), re.M))
+    assert claims and all(int(n) == sizes[name] for name, n in claims.items()), (claims, sizes)  # the README is true
 
 
 def test_fedavg_swap_equals_flowers_fedavg(flower_fedavg, ff_fedavg):
