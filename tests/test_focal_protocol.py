@@ -277,6 +277,12 @@ def test_moments_are_summed_by_the_server_and_decrypted_by_institutions(secret: 
     assert np.abs(shift - x.mean(0)).max() < 1e-4 and np.abs(scale * x.std(0) - 1).max() < 1e-4
     with pytest.raises(CiphertextError):
         server_sum(ev, [totals], 3)  # wrong count
+    # totals that cannot be moments of real data (E[x^2] < mean^2: a sum that left the CKKS
+    # range, or a corrupted one) are refused, not clipped into a made-up standardisation
+    wrapped = np.vstack(xs).copy()
+    forged = encrypt_feature_moments(holder, lay, wrapped)
+    with pytest.raises(ValueError, match="moments are inconsistent"):
+        feature_standardization(holder, lay, forged, 8)  # N far too small for these sums
 
 
 def test_guard_rolls_back_halves_and_then_stops_with_a_clear_message() -> None:
@@ -309,3 +315,13 @@ def test_loss_guard_rule() -> None:
     assert not g.final_ok(9.5, ["a"]) and g.final_ok(8.0, ["a"])
     with pytest.raises(FocalDiverged, match="focal-step-scale"):
         g.accept(float("nan"), ["a"])
+
+
+def test_loss_guard_limits_halvings_without_progress_not_isolated_rises() -> None:
+    g = LossGuard(lr=1.0, max_backoffs=1)
+    assert g.accept(2.0, ["a"]) and not g.accept(2.5, ["a"])  # a rise: halved once
+    assert g.accept(2.0, ["a"])  # the restored head's own loss: no progress, the count stays
+    assert g.accept(1.0, ["a"]) and g.backoffs == 0  # real progress resets the count
+    assert not g.accept(1.2, ["a"])  # an isolated later rise is one more halving, not the end
+    with pytest.raises(FocalDiverged, match="without progress"):
+        g.accept(1.2, ["a"])  # two halvings in a row without progress

@@ -227,7 +227,15 @@ def feature_standardization(
     z = holder.decrypt(totals_message, holder.plan.w_level, holder.plan.w_scale, moment_count(layout))
     vec = np.concatenate([np.asarray(v).real for v in z])
     mean = vec[:d] / n_total
-    var = np.maximum(vec[d : 2 * d] / n_total - mean * mean, 0.0)
+    raw_var = vec[d : 2 * d] / n_total - mean * mean
+    second = vec[d : 2 * d] / n_total
+    if not np.all(np.isfinite(vec)) or np.any(raw_var < -1e-6 * np.maximum(second, 1.0)):
+        bad = int(np.argmin(raw_var))
+        raise ValueError(
+            f"the summed feature moments are inconsistent (feature {bad}: E[x^2] {second[bad]:.4g} < "
+            f"mean^2 {mean[bad] ** 2:.4g}): the sums left the CKKS range (about 1e9 at the head's "
+            "level; N x E[x^2] too large: embeddings too large or too many samples) or were corrupted")
+    var = np.maximum(raw_var, 0.0)
     std = np.sqrt(var)
     const = std < CONSTANT_STD * max(float(np.sqrt(var.mean())), 1e-12)
     scale = np.where(const, 1.0, 1.0 / np.where(const, 1.0, std))
@@ -264,7 +272,9 @@ class LossGuard:
     accepted one by more than ``tol`` (relative), or above the first one, is a rise: the
     server restores the head before the last update, halves the step and restarts momentum
     (the institutions zero their velocity when ``restarts`` changes); after ``max_backoffs``
-    halvings it raises :class:`~flower_focal.focal.errors.FocalDiverged`. Losses are only
+    halvings with no real progress in between (an accepted loss ``tol`` below the previous
+    one resets the count, so a long run's isolated rises do not add up) it raises
+    :class:`~flower_focal.focal.errors.FocalDiverged`. Losses are only
     compared over the same institutions (a step with another set present starts a new
     comparison). So every accepted loss is at most the first one.
     """
@@ -296,13 +306,15 @@ class LossGuard:
         else:
             rose = loss > self.prev * (1 + self.tol) or loss > self.first
         if not rose:
+            if loss < self.prev * (1 - self.tol):  # real progress (not just the restored head's loss):
+                self.backoffs = 0  # the limit counts halvings without progress in between
             self.prev = loss
             return True
         self.backoffs += 1
         if self.backoffs > self.max_backoffs:
             raise FocalDiverged(
                 f"focal: the institutions' decrypted training loss rose ({_fmt(self.prev)} -> "
-                f"{_fmt(loss)}) although the step was halved {self.max_backoffs} times (now "
+                f"{_fmt(loss)}) although the step was halved {self.max_backoffs} times without progress (now "
                 f"{self.lr:.3g}); lower `{self.setting}` or check the embeddings (NaN/huge "
                 "features, a wrong backbone)")
         self.lr /= 2

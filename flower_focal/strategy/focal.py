@@ -417,6 +417,11 @@ class Focal(FedAvg):
         if not blobs or len(dims) != 1:
             raise RuntimeError(f"focal: no usable feature statistics from the institutions (dimensions "
                                f"{sorted(dims)}; see their ClientApp logs)")
+        if len(blobs) < 2 and len(nodes) > 1:  # the "global" totals would be one institution's own
+            raise RuntimeError(
+                f"focal: only {len(blobs)} of {len(nodes)} institutions sent feature statistics; their "
+                "total would reveal that institution's per-feature mean and variance to the others "
+                "(see the ClientApp logs, or run with focal-standardize=false)")
         layout = FocalLayout(dims.pop(), num_classes, self.evaluator.slots, self.block)
         try:
             self._moments = bytes(server_sum(self.evaluator, blobs, moment_count(layout)))

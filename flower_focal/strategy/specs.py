@@ -52,8 +52,8 @@ STRATEGY_SPECS: dict[str, StrategySpec] = {spec.name: spec for spec in (
                  settings=(*TRAINING_KEYS, "he-preset", "he-clip-norm", "he-noise-multiplier"),
                  dp=("he-clip-norm", "he-noise-multiplier"), audit="he-fedavg"),
     StrategySpec("focal", "flower_focal.strategy.registry:build_focal", keyed=True, focal_keys=True,
-                 settings=("backbone", "backbone-input-size", "lr", "focal-steps-per-round",
-                           "focal-class-weights"),
+                 settings=("backbone", "backbone-input-size", "focal-lr", "focal-step-scale", "focal-momentum",
+                           "focal-standardize", "focal-guard", "focal-steps-per-round", "focal-class-weights"),
                  audit="focal"),
 )}
 
