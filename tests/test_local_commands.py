@@ -4,27 +4,23 @@ writes it in ``tests/test_readme_commands.py``."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from flower_focal.simulation import Federation, flower_env, flwr_executable, repo_root, write_run_config
+from flower_focal.simulation import (
+    Federation,
+    flower_env,
+    flwr_executable,
+    repo_root,
+    write_run_config,
+)
+from tests.conftest import processes_mentioning
 
 pytestmark = pytest.mark.slow
 
 
-def _processes_mentioning(marker: str) -> list[int]:
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            if marker.encode() in (proc / "cmdline").read_bytes() and int(proc.name) != os.getpid():
-                found.append(int(proc.name))
-        except OSError:
-            continue
-    return found
 
 
 def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -42,11 +38,11 @@ def test_stop_local_stops_the_superlink_a_plain_flwr_run_leaves_running(tmp_path
     assert proc.returncode == 0, proc.stdout[-2000:]
     marker = str(home / "local-superlink")
     try:
-        assert _processes_mentioning(marker), "flwr run no longer leaves its local SuperLink running"
+        assert processes_mentioning(marker), "flwr run no longer leaves its local SuperLink running"
         out = _cli("stop-local", "--flwr-home", str(home))
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout)["processes_stopped"] >= 1
-        assert _processes_mentioning(marker) == []
+        assert processes_mentioning(marker) == []
     finally:
         from flower_focal.simulation import stop_processes_under
 

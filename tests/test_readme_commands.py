@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 
 from flower_focal.simulation import Federation, repo_root, run_app
-from tests.conftest import shared_npz
+from tests.conftest import processes_mentioning, shared_npz
 
 README = repo_root() / "README.md"
 ROUNDS, INSTITUTIONS = 1, 2
@@ -40,7 +40,7 @@ def readme_commands() -> list[str]:
     """The README's shell commands: continuation lines joined, comments and prompts dropped,
     a heredoc kept with its command."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.DOTALL):
         lines = [line.strip() for line in block.splitlines()]
         i = 0
         while i < len(lines):
@@ -311,7 +311,7 @@ def run_cli(s: Session, command: str) -> None:
         assert not (deployment / "server-keys" / "secret.ctx").exists()  # the server host: public.ctx only
         assert (out / "model.he").is_file() and (out / "model.pt").is_file()  # decrypted by an institution
         assert len(json.loads((out / "metrics.json").read_text())["rounds"][0]["train_institutions"]) == 2
-        assert _processes_mentioning(str(deployment)) == []  # every process stopped
+        assert processes_mentioning(str(deployment)) == []  # every process stopped
         return
     if sub == "certs":
         out = s.out("consortium")
@@ -322,15 +322,6 @@ def run_cli(s: Session, command: str) -> None:
     raise AssertionError(f"no runner for flower-focal {sub}: {command}")
 
 
-def _processes_mentioning(marker: str) -> list[int]:
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            if marker.encode() in (proc / "cmdline").read_bytes() and int(proc.name) != os.getpid():
-                found.append(int(proc.name))
-        except OSError:
-            continue
-    return found
 
 
 def run_bench_dp(s: Session, command: str) -> None:
