@@ -32,7 +32,7 @@ from tests.conftest import write_synthetic_npz  # noqa: E402
 
 from flower_focal.checkpoint import load_checkpoint  # noqa: E402
 from flower_focal.config import RunConfig  # noqa: E402
-from flower_focal.crypto import MANIFEST_FILE, PUBLIC_FILE, keygen  # noqa: E402
+from flower_focal.crypto import keygen, server_share  # noqa: E402
 from flower_focal.deployment import LoopbackDeployment  # noqa: E402
 from flower_focal.simulation import Federation, simulate, stop_processes_under  # noqa: E402
 
@@ -63,12 +63,6 @@ def _round_walls(metrics: dict) -> list[float]:
     return [r["wall_time_s"] for r in metrics["rounds"]]
 
 
-def _server_keys(keys: Path, dest: Path) -> Path:
-    """What the server host gets: public.ctx + manifest, never secret.ctx."""
-    dest.mkdir()
-    for name in (PUBLIC_FILE, MANIFEST_FILE):
-        (dest / name).write_bytes((keys / name).read_bytes())
-    return dest
 
 
 def _compare(dep: LoopbackDeployment, cfg: RunConfig, tmp: Path, keys: Path | None = None,
@@ -107,7 +101,7 @@ def main() -> None:
         tmp = Path(tmp)
         data = write_synthetic_npz(tmp / "site.npz", sizes=(200, 50, 50))
         keys = keygen(tmp / "keys", "compact")
-        server_keys = _server_keys(keys, tmp / "server-keys")
+        server_keys = server_share(keys, tmp / "server-keys")
         base = RunConfig(dataset="medmnist", data_path=str(data), image_size=28,
                          num_server_rounds=args.rounds, min_available_nodes=2, seed=1)
         nodes = [{"partition-id": i, "num-partitions": 2, "data-path": str(data),
@@ -118,7 +112,7 @@ def main() -> None:
             cfg = base.replace(strategy="focal", lr=0.5, backbone="monai-resnet18", backbone_input_size=32,
                                embedding_cache_dir=str(tmp / "emb"))
             with LoopbackDeployment(fnodes, workdir=tmp / "dep-focal") as dep:
-                out["strategies"]["focal"] = _compare(dep, cfg, tmp, fkeys, _server_keys(fkeys, tmp / "fsk"))
+                out["strategies"]["focal"] = _compare(dep, cfg, tmp, fkeys, server_share(fkeys, tmp / "fsk"))
         with LoopbackDeployment(nodes, workdir=tmp / "dep") as dep:
             for strategy in [s for s in args.strategies if s != "focal"]:
                 he = strategy == "he-fedavg"

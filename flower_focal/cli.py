@@ -476,11 +476,10 @@ def _add_deploy_local(sub: argparse._SubParsersAction) -> None:
 
 
 def _deploy_local(args: argparse.Namespace) -> int:
-    import shutil
     import time
 
     from flower_focal.config import RunConfig
-    from flower_focal.crypto import MANIFEST_FILE, PUBLIC_FILE, SECRET_FILE, keygen
+    from flower_focal.crypto import SECRET_FILE, keygen, server_share
     from flower_focal.deployment import LoopbackDeployment
     from flower_focal.preflight import preflight
     from flower_focal.simulation import KEYED_STRATEGIES, key_preset
@@ -501,10 +500,7 @@ def _deploy_local(args: argparse.Namespace) -> int:
             secret = Path(cfg.he_key_dir).resolve() / SECRET_FILE
         else:  # institutions get secret.ctx, the server host only public.ctx (+ manifest)
             institution_keys = keygen(workdir / "institution-keys", key_preset(cfg))
-            server_keys = workdir / "server-keys"
-            server_keys.mkdir()
-            for name in (PUBLIC_FILE, MANIFEST_FILE):
-                shutil.copy(institution_keys / name, server_keys / name)
+            server_keys = server_share(institution_keys, workdir / "server-keys")
             secret, cfg = institution_keys / SECRET_FILE, cfg.replace(he_key_dir=str(server_keys))
     nodes = [{"partition-id": i, "num-partitions": n, **({"he-secret-key": str(secret)} if secret else {})}
              for i in range(n)]

@@ -220,6 +220,18 @@ def _process_tree(roots: set[int]) -> list[int]:
     return order
 
 
+def processes_mentioning(marker: str) -> list[int]:
+    """PIDs (not this one) whose command line contains ``marker`` (from /proc)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if marker.encode() in (proc / "cmdline").read_bytes() and int(proc.name) != os.getpid():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
 def stop_processes_under(flwr_home: Path, grace_s: float = 10.0) -> int:
     """SIGTERM (then SIGKILL) every process whose command line mentions ``flwr_home``, and
     all their descendants.
@@ -228,15 +240,7 @@ def stop_processes_under(flwr_home: Path, grace_s: float = 10.0) -> int:
     (SuperExec, the simulation runtime with the ServerApp, Ray). Returns the number of
     processes signalled.
     """
-    marker = str(flwr_home).encode()
-    roots = set()
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            if marker in (proc / "cmdline").read_bytes() and int(proc.name) != os.getpid():
-                roots.add(int(proc.name))
-        except OSError:
-            continue
-    pids = [p for p in _process_tree(roots) if p != os.getpid()]
+    pids = [p for p in _process_tree(set(processes_mentioning(str(flwr_home)))) if p != os.getpid()]
     for pid in pids:
         try:
             os.kill(pid, signal.SIGTERM)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -116,15 +115,3 @@ def write_synthetic_npz(path: Path, name: str = "synthetic-pathology", sizes=(24
         arrays[f"{split}_labels"] = labels.reshape(-1, 1).astype(np.uint8)
     np.savez(path, **arrays)
     return path
-
-
-def processes_mentioning(marker: str) -> list[int]:
-    """PIDs (not this one) whose command line contains ``marker`` (from /proc)."""
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            if marker.encode() in (proc / "cmdline").read_bytes() and int(proc.name) != os.getpid():
-                found.append(int(proc.name))
-        except OSError:
-            continue
-    return found

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import struct
 import subprocess
@@ -23,7 +22,7 @@ import torch
 
 from flower_focal.artifacts import decrypt_model
 from flower_focal.config import RunConfig
-from flower_focal.crypto import MANIFEST_FILE, PUBLIC_FILE, keygen
+from flower_focal.crypto import keygen, server_share
 from flower_focal.deployment import LoopbackDeployment
 from flower_focal.simulation import flwr_executable
 from tests.conftest import write_synthetic_npz
@@ -34,10 +33,7 @@ pytestmark = pytest.mark.slow
 def _keyset(tmp_path_factory, preset: str) -> tuple[Path, Path]:
     """Keygen output (institutions) and the server host's copy: public.ctx + manifest only."""
     keys = keygen(tmp_path_factory.mktemp(f"institution-keys-{preset}"), preset)
-    server = tmp_path_factory.mktemp(f"server-keys-{preset}")
-    for name in (PUBLIC_FILE, MANIFEST_FILE):
-        shutil.copy(keys / name, server / name)
-    return keys, server
+    return keys, server_share(keys, tmp_path_factory.mktemp(f"server-keys-{preset}"))
 
 
 def _secret_key_bytes(secret_file: Path) -> bytes:

@@ -13,10 +13,10 @@ from flower_focal.simulation import (
     Federation,
     flower_env,
     flwr_executable,
+    processes_mentioning,
     repo_root,
     write_run_config,
 )
-from tests.conftest import processes_mentioning
 
 pytestmark = pytest.mark.slow
 

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flower_focal.simulation import Federation, repo_root, run_app
-from tests.conftest import processes_mentioning, shared_npz
+from flower_focal.simulation import Federation, processes_mentioning, repo_root, run_app
+from tests.conftest import shared_npz
 
 README = repo_root() / "README.md"
 ROUNDS, INSTITUTIONS = 1, 2

@@ -48,6 +48,7 @@ from flower_focal.crypto.keys import (
     fingerprint,
     keygen,
     read_manifest,
+    server_share,
 )
 from flower_focal.crypto.params import (
     ALL_PRESETS,
@@ -81,4 +82,5 @@ __all__ = [
     "get_preset",
     "keygen",
     "read_manifest",
+    "server_share",
 ]

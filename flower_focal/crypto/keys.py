@@ -29,6 +29,7 @@ import json
 import math
 import multiprocessing
 import os
+import shutil
 import secrets
 import stat
 import struct
@@ -543,6 +544,16 @@ def keygen(
     _atomic_write(targets[0], secret.to_bytes(), 0o600)
     _atomic_write(targets[1], public_bytes, 0o644)
     _atomic_write(targets[2], (json.dumps(manifest, indent=2) + "\n").encode(), 0o644)
+    return out
+
+
+def server_share(key_dir: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
+    """Copy what the server host gets of a keygen directory into ``dest``: ``public.ctx`` and
+    ``manifest.json``, never ``secret.ctx``. Returns ``dest``."""
+    src, out = Path(key_dir), Path(dest)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (PUBLIC_FILE, MANIFEST_FILE):
+        shutil.copy(src / name, out / name)
     return out
 
 
