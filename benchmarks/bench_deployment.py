@@ -8,8 +8,11 @@ deployment) is executed (a) in Flower's Ray simulation through `flwr run` and (b
 real loopback deployment (flower-superlink + 2 flower-supernode processes). Reported: mean
 round wall time (rounds 2..), its excess over the simulation's (target <= 4 s), whole-run wall
 time, and per message type the SuperNodes' ClientApp process split (before flower-focal's
-import / its imports / work, from ``flower_focal.client.timing``'s log lines). Recovery: (c) a SuperNode SIGKILLed during a
-round: the wall time of that round (it completes once Flower's heartbeat declares the node
+import / its imports / work, from ``flower_focal.client.timing``'s log lines). Flower's own
+floor: ``floor_app`` (an empty message to every SuperNode, a ClientApp importing only Flower)
+on the same deployment gives the wall time of one exchange with no work; each strategy's
+``exchanges_per_round`` times it is ``flower_floor_round_s``, and ``above_flower_floor_s`` is
+what flower-focal adds beyond it. Recovery: (c) a SuperNode SIGKILLed during a round: the wall time of that round (it completes once Flower's heartbeat declares the node
 gone) vs a normal round; (d) a server (simulation) killed after a checkpoint and resumed:
 seconds from the resume command to the next finished round. Prints one JSON object.
 """
@@ -17,6 +20,7 @@ seconds from the resume command to the next finished round. Prints one JSON obje
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import statistics
 import sys
@@ -65,8 +69,29 @@ def _round_walls(metrics: dict) -> list[float]:
 
 
 
+FLOOR_APP = Path(__file__).resolve().parent / "floor_app"
+ONE_OFF = {"query.describe", "train.embed"}  # message types of round 1 only
+
+
+def _floor(dep: LoopbackDeployment, tmp: Path, exchanges: int = 6) -> dict:
+    """Flower's own cost of one exchange on ``dep``: ``floor_app`` sends an empty message to
+    every SuperNode and its ClientApp (Flower only, no work) answers; mean of exchanges 2..."""
+    out = tmp / "floor.json"
+    dep.run_app(FLOOR_APP, {"exchanges": exchanges, "nodes": len(dep.node_configs), "out": str(out)},
+                tmp / "floor" / "flwr.log")
+    walls = json.loads(out.read_text())["exchange_s"]
+    return {"exchange_s": round(statistics.mean(walls[1:]), 2),
+            "exchanges_s": [round(w, 2) for w in walls]}
+
+
+def _exchanges_per_round(client: dict, nodes: int, rounds: int) -> float:
+    """Exchanges of a round (rounds 2..): messages of every recurring type per node and round."""
+    per = sum(v["messages"] for k, v in client.items() if k not in ONE_OFF)
+    return round(per / nodes / rounds, 2)
+
+
 def _compare(dep: LoopbackDeployment, cfg: RunConfig, tmp: Path, keys: Path | None = None,
-             server_keys: Path | None = None) -> dict:
+             server_keys: Path | None = None, floor: dict | None = None) -> dict:
     """The same run in the Ray simulation and on the loopback deployment.
 
     Keys: in the simulation this process plays every institution (run config ``he-key-dir`` =
@@ -79,15 +104,22 @@ def _compare(dep: LoopbackDeployment, cfg: RunConfig, tmp: Path, keys: Path | No
     depl = dep.run(cfg.replace(run_dir=str(tmp / f"dep-{cfg.strategy}"), he_key_dir=str(server_keys or "")))
     s_w, d_w = _round_walls(sim.metrics()), _round_walls(depl.metrics())
     sim_round, dep_round = statistics.mean(s_w[1:] or s_w), statistics.mean(d_w[1:] or d_w)
-    return {
+    client = _client_times(dep, offsets)
+    exchanges = _exchanges_per_round(client, len(dep.node_configs), cfg.num_server_rounds)
+    out = {
         "simulation_round_s": round(sim_round, 2),
         "deployment_round_s": round(dep_round, 2),
         "deployment_minus_simulation_s": round(dep_round - sim_round, 2),  # target <= 4 s
-        "client_message_s": _client_times(dep, offsets),
+        "exchanges_per_round": exchanges,
+        "client_message_s": client,
         "simulation_run_s": round(sim.wall_time_s, 1),
         "deployment_run_s": round(depl.wall_time_s, 1),
         "loadavg": loadavg(),
     }
+    if floor is not None:  # what Flower alone costs for this many exchanges, and the rest
+        out["flower_floor_round_s"] = round(exchanges * floor["exchange_s"], 2)
+        out["above_flower_floor_s"] = round(dep_round - sim_round - out["flower_floor_round_s"], 2)
+    return out
 
 
 def main() -> None:
@@ -112,12 +144,18 @@ def main() -> None:
             cfg = base.replace(strategy="focal", lr=0.5, backbone="monai-resnet18", backbone_input_size=32,
                                embedding_cache_dir=str(tmp / "emb"))
             with LoopbackDeployment(fnodes, workdir=tmp / "dep-focal") as dep:
-                out["strategies"]["focal"] = _compare(dep, cfg, tmp, fkeys, server_share(fkeys, tmp / "fsk"))
+                floor = out["flower_exchange_floor"] = _floor(dep, tmp)
+                out["strategies"]["focal"] = _compare(dep, cfg, tmp, fkeys, server_share(fkeys, tmp / "fsk"),
+                                                      floor)
         with LoopbackDeployment(nodes, workdir=tmp / "dep") as dep:
+            if "flower_exchange_floor" not in out:
+                out["flower_exchange_floor"] = _floor(dep, tmp)
+            floor = out["flower_exchange_floor"]
             for strategy in [s for s in args.strategies if s != "focal"]:
                 he = strategy == "he-fedavg"
                 out["strategies"][strategy] = _compare(dep, base.replace(strategy=strategy), tmp,
-                                                       keys if he else None, server_keys if he else None)
+                                                       keys if he else None, server_keys if he else None,
+                                                       floor)
             if args.no_recovery:
                 emit(out)
                 return

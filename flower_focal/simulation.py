@@ -176,6 +176,11 @@ NOISE = (
 """Lines of Flower's log stream that say nothing about this run: kept in ``flwr.log``, not echoed."""
 
 
+SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+"""Flower's environment variable: seconds between a SuperExec's requests for work (default 1)."""
+SUPEREXEC_POLL_S = "0.2"
+
+
 def flower_env(flwr_home: Path) -> dict[str, str]:
     """Environment for ``flwr``: private home and ports, no runtime installs, no telemetry."""
     env = dict(os.environ)
@@ -188,6 +193,10 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
         FLWR_DISABLE_UPDATE_CHECK="1",
         PYTHONUNBUFFERED="1",
     )
+    # Every SuperExec (one per SuperNode, one beside the SuperLink) asks for work once a second
+    # by default: up to 1 s before each ClientApp/ServerApp process starts. 0.2 s costs a few
+    # milliseconds of CPU per second and keeps that wait short; a value the user set wins.
+    env.setdefault(SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_S)
     # Ray's FutureWarning about a default it will change (CUDA_VISIBLE_DEVICES with num_gpus=0)
     # is printed by every run; keep today's behaviour (CPU-only actors see no GPU), not the tip.
     warnings = [w for w in env.get("PYTHONWARNINGS", "").split(",") if w]

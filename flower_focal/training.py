@@ -331,16 +331,59 @@ def _logits(
     return torch.cat(out_logits).cpu(), torch.cat(out_labels).cpu()
 
 
+class _Update:
+    """``torch.optim.SGD`` / ``torch.optim.Adam`` without the ``Optimizer`` object.
+
+    The update is torch's own, called through its functional form (``torch.optim.sgd.sgd``,
+    ``torch.optim.adam.adam``) with the same defaults and per-parameter state, so the weights
+    are those ``torch.optim.SGD`` / ``Adam`` would give (tests compare them exactly). The
+    ``Optimizer`` class imports ``torch._dynamo`` on first use (about 0.9 s on 2 cores), which
+    a deployed SuperNode pays on every train message because it starts a process per message.
+    """
+
+    def __init__(self, model: nn.Module, name: str, *, lr: float, momentum: float,
+                 weight_decay: float) -> None:
+        if name not in OPTIMIZERS:
+            raise ValueError(f"Unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+        self.name, self.lr, self.momentum, self.weight_decay = name, lr, momentum, weight_decay
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.state: dict[int, dict[str, Any]] = {}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        params = [p for p in self.params if p.grad is not None]
+        grads = [p.grad for p in params]
+        states = [self.state.setdefault(id(p), {}) for p in params]
+        if self.name == "sgd":
+            from torch.optim.sgd import sgd
+
+            buffers = [st.get("momentum_buffer") for st in states]
+            sgd(params, grads, buffers, weight_decay=self.weight_decay, momentum=self.momentum,
+                lr=self.lr, dampening=0.0, nesterov=False, maximize=False)
+            for st, buf in zip(states, buffers):
+                st["momentum_buffer"] = buf
+            return
+        from torch.optim.adam import adam
+
+        for p, st in zip(params, states):
+            if not st:  # what Adam._init_group creates (its CPU step counter included)
+                st["step"] = torch.tensor(0.0, dtype=torch.get_default_dtype())
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        adam(params, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+             [], [st["step"] for st in states], has_complex=any(torch.is_complex(p) for p in params),
+             amsgrad=False, beta1=0.9, beta2=0.999, lr=self.lr, weight_decay=self.weight_decay,
+             eps=1e-8, maximize=False)
+
+
 def _make_optimizer(
     model: nn.Module, name: str, *, lr: float, momentum: float, weight_decay: float
-) -> torch.optim.Optimizer:
-    if name == "sgd":
-        return torch.optim.SGD(
-            model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
-        )
-    if name == "adam":
-        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"Unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+) -> _Update:
+    return _Update(model, name, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
 def _cuda_index(device: torch.device) -> int:

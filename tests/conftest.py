@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import copy
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -14,6 +18,12 @@ from flwr.clientapp import ClientApp
 from flower_focal._compat import set_task_identity, stamp_message_id
 
 set_task_identity(run_id=1, node_id=0)  # what a ServerApp process has; lets tests build messages
+
+# Prepared institution files (flower_focal.data.prepared) go to a directory of this test session
+# (inherited by every simulation and deployment the tests start), never to a shared one.
+_STORE = tempfile.mkdtemp(prefix="ff-test-data-store-")
+os.environ["FLOWER_FOCAL_DATA_STORE"] = _STORE
+atexit.register(shutil.rmtree, _STORE, ignore_errors=True)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

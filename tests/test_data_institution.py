@@ -31,8 +31,11 @@ SYNTH = RunConfig(dataset="synthetic-pathology", num_samples=60, image_size=16, 
 
 
 @pytest.fixture(autouse=True)
-def _fresh_caches() -> None:
+def _fresh_caches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test builds from the source: no in-process cache, no prepared file (the tests of
+    prepared files turn them on with their own directory)."""
     clear_caches()
+    monkeypatch.setenv("FLOWER_FOCAL_DATA_STORE", "off")
 
 
 def _img(path: Path, channels: int = 3, size: int = 10, value: int = 0) -> None:

@@ -47,3 +47,18 @@ def test_stop_local_stops_the_superlink_a_plain_flwr_run_leaves_running(tmp_path
         from flower_focal.simulation import stop_processes_under
 
         stop_processes_under(home)
+
+
+def test_each_loopback_supernode_gets_its_share_of_the_cores(tmp_path, monkeypatch) -> None:
+    """N SuperNodes on one host must not each start a thread per core (oversubscribed OpenMP
+    threads made local training 30x slower with 2 nodes on 2 cores)."""
+    import os
+
+    from flower_focal.deployment import LoopbackDeployment
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    dep = LoopbackDeployment([{}, {}, {}], workdir=tmp_path / "dep")
+    assert dep.node_env()["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 3))
+    assert "OMP_NUM_THREADS" not in dep.env  # the SuperLink's own processes are not limited
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    assert LoopbackDeployment([{}], workdir=tmp_path / "d2").node_env()["OMP_NUM_THREADS"] == "7"

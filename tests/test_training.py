@@ -196,3 +196,46 @@ def test_fedprox_term_pulls_towards_the_initial_weights() -> None:
     assert prox < 0.5 * plain
     with pytest.raises(ValueError, match="prox_mu"):
         _train(_model(), data, prox_mu=-1.0)
+
+
+@pytest.mark.parametrize(("name", "momentum", "weight_decay"),
+                         [("sgd", 0.9, 1e-4), ("sgd", 0.0, 0.0), ("adam", 0.0, 1e-4)])
+def test_the_update_is_torch_optims_own(name: str, momentum: float, weight_decay: float) -> None:
+    """train_local's update equals torch.optim.SGD / Adam bit for bit (it calls their
+    functional form without the Optimizer object, whose first use imports torch._dynamo)."""
+    from flower_focal.training import _make_optimizer
+
+    torch.manual_seed(0)
+    ours = build_model("small-cnn", 3, 4, 16)
+    ref = build_model("small-cnn", 3, 4, 16)
+    ref.load_state_dict(ours.state_dict())
+    initial = {k: v.clone() for k, v in ours.state_dict().items()}
+    update = _make_optimizer(ours, name, lr=0.05, momentum=momentum, weight_decay=weight_decay)
+    optim = (torch.optim.SGD(ref.parameters(), lr=0.05, momentum=momentum, weight_decay=weight_decay)
+             if name == "sgd" else torch.optim.Adam(ref.parameters(), lr=0.05, weight_decay=weight_decay))
+    for step in range(6):
+        x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(step))
+        y = torch.arange(8) % 4
+        for model, opt in ((ours, update), (ref, optim)):
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    for (k, a), b in zip(ours.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert all(not torch.equal(v, initial[k]) for k, v in ours.named_parameters())  # it trained
+
+
+def test_local_training_does_not_import_torch_dynamo() -> None:
+    """0.9 s of every train message on a deployed SuperNode (a process per message)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, torch; from torch.utils.data import TensorDataset; "
+             "from flower_focal.models import build_model; from flower_focal.training import train_local; "
+             "ds = TensorDataset(torch.randn(16, 3, 16, 16), torch.arange(16) % 4); "
+             "[train_local(build_model('small-cnn', 3, 4, 16), ds, epochs=1, lr=0.1, batch_size=8, "
+             "momentum=m, weight_decay=0.0, optimizer=o, device='cpu', seed=0, num_workers=0) "
+             "for o, m in (('sgd', 0.9), ('adam', 0.0))]; "
+             "print('torch._dynamo' in sys.modules, 'monai' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]

@@ -8,57 +8,48 @@ This package owns everything between a run's data settings (``RunConfig.dataset`
 * :mod:`.partition` - ``iid`` / ``dirichlet`` / ``by-site`` institution splits;
 * :mod:`.transforms` - MONAI dictionary transforms (decoding, scaling, augmentation);
 * :mod:`.institution` - per-institution datasets (one tensor per split), cached per process;
-* :mod:`.loader` - batches for the accelerator: tensor rows, batch augmentation, workers.
+* :mod:`.loader` - batches for the accelerator: tensor rows, batch augmentation, workers;
+* :mod:`.prepared` - an institution's prepared tensors on its own disk, for later messages.
 
 Clients call :func:`load_institution`; the server calls :func:`load_split` (central
 evaluation), :func:`source_info` (label space) and :func:`describe_partitions` (logging).
+Everything is imported on first use: a module that needs only the tensors (training, a later
+message of a deployed run reading its prepared file) does not import MONAI.
 """
 
 from __future__ import annotations
 
-from flower_focal.data.institution import (
-    InstitutionData,
-    clear_caches,
-    describe_partitions,
-    load_institution,
-    load_split,
-    source_info,
-)
-from flower_focal.data.keys import IMAGE, LABEL, SITE
-from flower_focal.data.partition import PARTITIONERS, partition_indices, partition_train_val
-from flower_focal.data.sources import (
-    SOURCES,
-    SourceData,
-    load_csv,
-    load_folder,
-    load_medmnist,
-    load_source,
-)
-from flower_focal.data.synthetic import GENERATORS, generate_image, write_synthetic
-from flower_focal.data.transforms import GenerateSyntheticd, build_transforms
+import importlib
 
-__all__ = [
-    "GENERATORS",
-    "IMAGE",
-    "LABEL",
-    "PARTITIONERS",
-    "SITE",
-    "SOURCES",
-    "GenerateSyntheticd",
-    "InstitutionData",
-    "SourceData",
-    "build_transforms",
-    "clear_caches",
-    "describe_partitions",
-    "generate_image",
-    "load_csv",
-    "load_folder",
-    "load_institution",
-    "load_medmnist",
-    "load_source",
-    "load_split",
-    "partition_indices",
-    "partition_train_val",
-    "source_info",
-    "write_synthetic",
-]
+_EXPORTS = {
+    "InstitutionData": "flower_focal.data.prepared",
+    "clear_caches": "flower_focal.data.institution",
+    "describe_partitions": "flower_focal.data.institution",
+    "load_institution": "flower_focal.data.institution",
+    "load_split": "flower_focal.data.institution",
+    "source_info": "flower_focal.data.institution",
+    "IMAGE": "flower_focal.data.keys",
+    "LABEL": "flower_focal.data.keys",
+    "SITE": "flower_focal.data.keys",
+    "PARTITIONERS": "flower_focal.data.partition",
+    "partition_indices": "flower_focal.data.partition",
+    "partition_train_val": "flower_focal.data.partition",
+    "SOURCES": "flower_focal.data.sources",
+    "SourceData": "flower_focal.data.sources",
+    "load_csv": "flower_focal.data.sources",
+    "load_folder": "flower_focal.data.sources",
+    "load_medmnist": "flower_focal.data.sources",
+    "load_source": "flower_focal.data.sources",
+    "GENERATORS": "flower_focal.data.synthetic",
+    "generate_image": "flower_focal.data.synthetic",
+    "write_synthetic": "flower_focal.data.synthetic",
+    "GenerateSyntheticd": "flower_focal.data.transforms",
+    "build_transforms": "flower_focal.data.transforms",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,52 +18,23 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from monai.data import Dataset
+from torch.utils.data import Dataset
 
 from flower_focal.config import RunConfig
+from flower_focal.data import prepared
 from flower_focal.data.keys import IMAGE
 from flower_focal.data.loader import ImageTensorDataset, materialise
 from flower_focal.data.partition import histogram, partition_train_val
+from flower_focal.data.prepared import InstitutionData
 from flower_focal.data.sources import SourceData, load_source
-from flower_focal.data.transforms import (
-    BATCH_AUGMENT,
-    ImageDataError,
-    build_transforms,
-    find_data_error,
-    first_random,
-    load_image,
-    pixel_chain,
-)
 
 logger = logging.getLogger("flower_focal.data")
 
 DATA_FIELDS: tuple[str, ...] = RunConfig.settings("data")
 """The RunConfig fields that determine the data (the per-process cache key; ``setting(data=True)``)."""
-
-
-@dataclass(frozen=True)
-class InstitutionData:
-    """The train and val datasets of one institution (partition).
-
-    ``train`` / ``val`` yield ``{"image": float32 tensor (in_channels, S, S), "label":
-    torch.long scalar}``; ``train`` applies random flips/rotations, ``val`` does not.
-    ``val`` may be empty (``n_val == 0``): skip local evaluation then.
-    """
-
-    partition_id: int
-    train: Dataset
-    val: Dataset
-    num_classes: int
-    in_channels: int
-    n_train: int
-    n_val: int
-    train_histogram: list[int]
-    val_histogram: list[int]
-    class_names: tuple[str, ...] = ()
 
 
 def _data_config(cfg: RunConfig) -> RunConfig:
@@ -110,6 +81,15 @@ def make_dataset(items: Sequence[dict[str, Any]], transform: Any, from_files: bo
     automatic, see :func:`~flower_focal.data.loader.build_workers`). A bad image raises
     ``ValueError`` naming the file instead of MONAI's wrapped ``RuntimeError``.
     """
+    from flower_focal.data.transforms import (
+        BATCH_AUGMENT,
+        ImageDataError,
+        find_data_error,
+        first_random,
+        load_image,
+        pixel_chain,
+    )
+
     first = first_random(transform)
     prefix = functools.partial(transform, end=first) if first is not None else transform
     arrays = (image_size is not None and not from_files and len(items) > 0
@@ -221,20 +201,28 @@ class _InstitutionCache:
             self.builds = 0
 
 
-def _build_institution(key: RunConfig, partition_id: int, num_partitions: int, *,
-                       num_workers: int | None = None) -> InstitutionData:
+def _train_transforms(key: RunConfig, src: SourceData, partition_id: int) -> dict[str, Any]:
+    """``build_transforms`` kwargs of institution ``partition_id``'s training chain."""
+    return {"image_size": key.image_size, "train": True, "from_files": src.from_files,
+            "synthetic_items": src.synthetic, "in_channels": src.in_channels,
+            "seed": key.seed + partition_id}
+
+
+def _transform_institution(key: RunConfig, partition_id: int, num_partitions: int, *,
+                           num_workers: int | None = None) -> InstitutionData:
+    from flower_focal.data.transforms import build_transforms
+
     src = _source(key)
     train_parts, val_parts = _partitions(key, num_partitions)
     tr, va = train_parts[partition_id], val_parts[partition_id]
-    kw = {"from_files": src.from_files, "synthetic_items": src.synthetic,
-          "in_channels": src.in_channels}
     build = _dataset_options(key, src, num_workers)
     train = make_dataset([src.train[i] for i in tr],
-                         build_transforms(key.image_size, True, seed=key.seed + partition_id,
-                                          **kw),
+                         build_transforms(**_train_transforms(key, src, partition_id)),
                          src.from_files, **build)
     val = make_dataset([src.val[i] for i in va],
-                       build_transforms(key.image_size, False, **kw), src.from_files, **build)
+                       build_transforms(key.image_size, False, src.from_files,
+                                        synthetic_items=src.synthetic, in_channels=src.in_channels),
+                       src.from_files, **build)
     tr_hist, va_hist = _histograms(src, tr, va)
     logger.info(
         "institution %d/%d (%s, %s): %d train, %d val; train histogram %s; val histogram %s",
@@ -246,6 +234,40 @@ def _build_institution(key: RunConfig, partition_id: int, num_partitions: int, *
         in_channels=src.in_channels, n_train=len(tr), n_val=len(va),
         train_histogram=tr_hist, val_histogram=va_hist, class_names=src.class_names,
     )
+
+
+def _build_institution(key: RunConfig, partition_id: int, num_partitions: int, *,
+                       num_workers: int | None = None) -> InstitutionData:
+    """Institution ``partition_id``: from its prepared file when one is stored for exactly
+    this data (:mod:`.prepared`), else read, partitioned and transformed, then stored."""
+    store = prepared.store_dir()
+    path = skey = None
+    if store is not None:
+        skey = prepared.store_key(key, partition_id, num_partitions)
+        path = prepared.store_path(store, skey)
+        if path.exists():
+            try:
+                inst = prepared.load_institution_file(path, skey)
+                logger.info(
+                    "institution %d/%d (%s, %s): %d train, %d val; train histogram %s; val "
+                    "histogram %s (prepared file %s)", partition_id, num_partitions, key.dataset,
+                    key.partitioner, inst.n_train, inst.n_val, inst.train_histogram,
+                    inst.val_histogram, path.name)
+                return inst
+            except ValueError as err:
+                logger.warning("prepared data not used, rebuilding it: %s", err)
+    inst = _transform_institution(key, partition_id, num_partitions, num_workers=num_workers)
+    if path is not None and skey is not None:
+        if dataset_nbytes(inst.train) + dataset_nbytes(inst.val) > _InstitutionCache.budget_bytes():
+            return inst  # larger than the in-memory budget: not worth a disk copy either
+        try:
+            src = _source(key)
+            prepared.save_institution(inst, path, skey,
+                                      train_transforms=_train_transforms(key, src, partition_id))
+        except OSError as err:
+            logger.warning("could not store prepared data at %s (%s); later messages rebuild it",
+                           path, err)
+    return inst
 
 
 _institution = _InstitutionCache(_build_institution)
@@ -271,6 +293,8 @@ def load_institution_train_eval(cfg: RunConfig, partition_id: int, num_partition
     store.
     """
     _check_partition(partition_id, num_partitions)
+    from flower_focal.data.transforms import build_transforms
+
     key = _data_config(cfg)
     src = _source(key)
     train_parts, _ = _partitions(key, num_partitions)
@@ -282,6 +306,8 @@ def load_institution_train_eval(cfg: RunConfig, partition_id: int, num_partition
 
 @functools.lru_cache(maxsize=4)
 def _split(key: RunConfig, role: str, num_workers: int) -> Dataset:
+    from flower_focal.data.transforms import build_transforms
+
     src = _source(key)
     items = src.train if role == "train" else src.val
     transform = build_transforms(key.image_size, False, src.from_files,

@@ -117,19 +117,14 @@ def data_key_parts(
 ) -> dict[str, Any]:
     """Data identity of one institution's split for :func:`cached_embeddings`.
 
-    Takes every data field of a ``RunConfig`` (``DATA_FIELDS``: dataset, path, image size,
-    partitioner, seed, ...), the data file's size and mtime, the split and the partition.
+    :func:`flower_focal.data.prepared.data_identity` (every data setting, the data file's
+    path, size and mtime, every image file's for folders and CSV manifests), the split and
+    the partition.
     """
-    from flower_focal.data.institution import DATA_FIELDS
+    from flower_focal.data.prepared import data_identity
 
-    parts: dict[str, Any] = {name: getattr(cfg, name) for name in DATA_FIELDS}
+    parts = data_identity(cfg)
     parts.update(split=split, partition_id=partition_id, num_partitions=num_partitions)
-    if cfg.data_path:
-        path = Path(cfg.data_path).expanduser()
-        parts["data_path"] = str(path.resolve())
-        if path.exists():
-            stat = path.stat()
-            parts["data_size"], parts["data_mtime_ns"] = stat.st_size, stat.st_mtime_ns
     return parts
 
 
