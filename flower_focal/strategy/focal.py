@@ -289,7 +289,7 @@ class Focal(FedAvg):
         """The final model is the frozen backbone plus the linear head."""
         name, weights, size = self.backbone
         return spec.replace(model="focal-linear", backbone=name, backbone_weights=weights,
-                            backbone_input_size=size)
+                            backbone_input_size=size, fedbn=False)  # a frozen backbone: no FedBN
 
     # ------------------------------------------------------------------ setup
     def _base_config(self, server_round: int) -> ConfigRecord:
