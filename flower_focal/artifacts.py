@@ -42,6 +42,24 @@ class ModelSpec:
     backbone: str = ""  # FOCAL: frozen backbone + linear head (model "focal-linear")
     backbone_weights: str = ""
     backbone_input_size: int = 0
+    fedbn: bool = False
+    """FedBN run: the normalisation layers below were never aggregated; in ``model.pt`` they
+    hold the *initial* (untrained) values, each institution's own stay in its node state."""
+    local_layers: tuple[str, ...] = ()
+    """FedBN: the modules (BatchNorm, GroupNorm, LayerNorm) that stayed at the institutions."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "local_layers", tuple(self.local_layers))  # a list from JSON
+
+    @property
+    def norm_warning(self) -> str:
+        """FedBN: what ``model.pt``'s normalisation layers are (empty for other runs)."""
+        if not self.fedbn:
+            return ""
+        return (f"this is a FedBN run: the global model's {len(self.local_layers)} normalisation "
+                "layer(s) were never aggregated and hold their initial (untrained) values; each "
+                "institution's trained ones stay in its own node state, so this model is not what "
+                "any institution uses (the run's federated metrics in metrics.json are)")
 
     def build(self) -> nn.Module:
         """A freshly initialised network of this spec."""
@@ -70,6 +88,10 @@ def save_model(run_dir: Path, arrays: ArrayRecord, spec: ModelSpec) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     model = spec.build()
     arrays_into_model(model, arrays)
+    if spec.fedbn and not spec.local_layers:
+        from flower_focal.models import norm_layers
+
+        spec = spec.replace(local_layers=tuple(norm_layers(model)))
     path = run_dir / MODEL_FILE
     tmp = path.with_suffix(".pt.tmp")
     torch.save(model.state_dict(), tmp)

@@ -60,6 +60,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=128,
                    help="images per forward pass; default: %(default)s")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]; default: %(default)s")
+    p.add_argument("--initial-norm-layers", action="store_true",
+                   help="FedBN runs: evaluate the global model although its normalisation layers "
+                   "hold their initial (untrained) values (refused without this flag; each "
+                   "institution's trained layers stay at the institution)")
     p.set_defaults(handler=_evaluate)
 
 
@@ -86,6 +90,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     if not data.exists():
         raise FileNotFoundError(f"--data {data} does not exist")
     model, spec = load_model(args.run_dir)
+    if spec.fedbn and not args.initial_norm_layers:
+        raise ValueError(
+            f"{spec.norm_warning}. Its scores would describe no trained model: use the federated "
+            "evaluation of the run instead, or pass --initial-norm-layers to evaluate it anyway")
+    if spec.fedbn:
+        print(f"flower-focal evaluate: warning: {spec.norm_warning}", file=sys.stderr)
     cfg = RunConfig(
         dataset=args.dataset or _infer_dataset(data),
         data_path=str(data),
@@ -135,6 +145,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         "per_class": detail["per_class"],
         "confusion_matrix": detail["confusion_matrix"],
         "confusion_matrix_axes": detail["confusion_matrix_axes"],
+        **({"warning": spec.norm_warning, "fedbn_local_layers": list(spec.local_layers)}
+           if spec.fedbn else {}),
     }))
     return 0
 

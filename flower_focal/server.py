@@ -12,7 +12,7 @@ plaintext), ``config.json`` (the run config).
 from __future__ import annotations
 
 import traceback
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
@@ -147,8 +147,12 @@ def _write_final_model(cfg: RunConfig, strategy, shape, result: Result, run_dir:
         strategy=cfg.strategy,
         seed=cfg.seed,
         rounds=cfg.num_server_rounds,
+        fedbn=cfg.fedbn,
     )
     spec = strategy.final_spec(spec)
+    if spec.fedbn:
+        log(WARNING, "flower-focal: %s (flower-focal evaluate refuses model.pt unless given "
+            "--initial-norm-layers)", spec.norm_warning)
     final = strategy.final_model(result)
     encrypted = strategy.final_ciphertext(result)
     if final is not None:

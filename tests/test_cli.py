@@ -65,14 +65,14 @@ def test_unknown_run_config_key_is_named(capsys):
 
 
 # ----------------------------------------------------------------------------- evaluate
-def _run_dir(path: Path, num_classes: int = 5, in_channels: int = 3) -> Path:
+def _run_dir(path: Path, num_classes: int = 5, in_channels: int = 3, **spec_kw) -> Path:
     import torch
 
     from flower_focal.artifacts import ModelSpec, save_model
     from flower_focal.models import model_to_arrays
 
     spec = ModelSpec(model="small-cnn", in_channels=in_channels, num_classes=num_classes,
-                     image_size=28, dataset="medmnist", strategy="fedavg", seed=0, rounds=1)
+                     image_size=28, dataset="medmnist", strategy="fedavg", seed=0, rounds=1, **spec_kw)
     torch.manual_seed(0)
     save_model(path, model_to_arrays(spec.build()), spec)
     return path
@@ -111,6 +111,31 @@ def test_evaluating_a_5_class_model_on_9_class_data_is_a_clear_error(tmp_path, c
     err = capsys.readouterr().err
     assert "has 9 classes (labels up to 8)" in err and "trained on 5 classes" in err
     assert "IndexError" not in err
+
+
+def test_evaluate_refuses_a_fedbn_global_model_unless_told(tmp_path, capsys):
+    """FedBN's model.pt holds the initial normalisation layers: evaluating it silently would
+    report the scores of a model nobody trained or uses."""
+    from flower_focal.models import build_model, norm_layers
+
+    run = _run_dir(tmp_path / "run", fedbn=True)
+    spec = json.loads((run / "model.json").read_text())
+    layers = norm_layers(build_model("small-cnn", 3, 5, 28))
+    assert spec["fedbn"] is True and spec["local_layers"] == layers and len(layers) == 4
+    data = _test_only_npz(tmp_path / "external_test.npz")
+    argv = ["evaluate", "--run-dir", str(run), "--data", str(data), "--device", "cpu"]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert not captured.out and "FedBN run" in captured.err and "initial (untrained)" in captured.err
+    assert "--initial-norm-layers" in captured.err
+    assert main([*argv, "--initial-norm-layers"]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert "warning: this is a FedBN run" in captured.err
+    assert "initial (untrained)" in out["warning"] and out["fedbn_local_layers"] == layers
+    assert out["n"] == 30
+    plain = _evaluate(capsys, "--run-dir", str(_run_dir(tmp_path / "plain")), "--data", str(data))
+    assert "warning" not in plain  # a run without FedBN: nothing to say
 
 
 def test_evaluate_a_test_only_folder_and_csv(tmp_path, capsys):

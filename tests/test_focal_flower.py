@@ -18,7 +18,7 @@ from sklearn.metrics import roc_auc_score
 from clients.client_app import app as client_app
 from flower_focal import keys
 from flower_focal.artifacts import decrypt_model, load_model
-from flower_focal.checkpoint import load_checkpoint
+from flower_focal.checkpoint import load_checkpoint, save_checkpoint
 from flower_focal.client.focal import site_embeddings
 from flower_focal.client.handlers import site_from_context
 from flower_focal.config import RunConfig
@@ -198,6 +198,11 @@ def test_focal_matches_plaintext_twin_and_server_sees_only_ciphertext(
     assert metrics["info"]["final_train_loss"] == pytest.approx(plain.final_loss, abs=1e-4)
     assert metrics["info"]["model_parameters"] == (train[0].x.shape[1] + 1) * k  # the head only
     _rounds_match_twin(metrics, plain, steps)
+    # the updates that stand: the twin's applied ones less those its guard rolled back (a step not
+    # applied undoes the one before it; the final check may undo the last)
+    applied = [h["applied"] for h in plain.history]
+    undone = applied.count(0.0) + any("head before the last update is kept" in x for x in plain.guard_log)
+    assert metrics["info"]["focal_guard_state"]["standing"] == applied.count(1.0) - undone > 0
     for rnd in metrics["rounds"]:
         assert sorted(rnd["train_institutions"]) == ["0", "1", "2"]
         assert 0.0 <= rnd["evaluate"]["auroc"] <= 1.0 and not rnd["failures"]
@@ -220,6 +225,59 @@ def test_focal_stops_a_diverging_run_with_a_clear_message(tmp_path, npz, key_dir
     assert len(metrics["rounds"]) == 2 and "train" not in metrics["rounds"][1] or not metrics["rounds"][1].get("train")
 
 
+def test_focal_run_whose_every_update_rolled_back_fails_instead_of_completing(tmp_path, npz, key_dir):
+    """One round with a step far too large: the final check rolls its only update back, so the
+    head is the initial one; the run must fail saying so, not complete with an untrained head."""
+    from flower_focal.focal import FocalDiverged
+
+    cfg = _cfg(tmp_path, npz, key_dir, "all-rolled-back", num_server_rounds=1, focal_step_scale=1e4)
+    with pytest.raises(FocalDiverged, match="every head update of this run was rolled back"):
+        _run(cfg)
+    run_dir = Path(cfg.run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and "nothing was trained" in metrics["info"]["error"]
+    assert metrics["info"]["focal_guard_state"]["standing"] == 0
+    assert any("head before it is kept" in line for line in metrics["info"]["focal_guard"])
+    assert not (run_dir / "model.he").exists() and not (run_dir / "model.json").exists()
+    assert "failed" in (run_dir / "summary.md").read_text()
+
+
+class DyingAtRound2(DyingGrid):
+    DIE_AT = 2
+
+
+def test_focal_resumed_run_rolls_back_to_the_checkpointed_head_and_goes_on(tmp_path, npz, key_dir):
+    """The checkpointed head's loss rose (here: the checkpoint's reference losses are lowered):
+    the resumed run keeps that head (its setup snapshot), halves the step, compares from the
+    head's loss on and trains, instead of rejecting the same head until the run fails."""
+    cfg = _cfg(tmp_path, npz, key_dir, "resumed-rise", num_server_rounds=3)
+    run_dir = Path(cfg.run_dir)
+    with pytest.raises(ServerKilled):
+        _run(cfg, grid_class=DyingAtRound2)
+    ckpt = load_checkpoint(run_dir)
+    assert ckpt is not None and ckpt.server_round == 1
+    state = ckpt.history["info"]["focal_guard_state"]
+    assert state["standing"] == 1  # round 1's update, not yet checked by a loss
+    lr = state["lr"]
+    state["prev"] = state["first"] = state["prev"] / 4  # as if the last update had raised the loss
+    save_checkpoint(run_dir, ckpt)
+
+    grid = _run(cfg.replace(resume=True))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
+    guard = metrics["info"]["focal_guard"]
+    assert len(guard) == 1 and "resumed checkpoint's head rose" in guard[0], guard
+    loss2, loss3 = (metrics["rounds"][i]["train"]["train-loss"] for i in (1, 2))
+    assert loss3 == pytest.approx(loss2, rel=1e-5)  # round 3 measured the kept (checkpointed) head
+    state = metrics["info"]["focal_guard_state"]
+    assert state["lr"] == pytest.approx(lr / 2) and state["prev"] == pytest.approx(loss3)
+    assert state["standing"] == 2  # the checkpoint's update and round 3's
+    assert metrics["info"]["final_train_loss"] < loss3  # round 3's update was applied and kept
+    fwd = [m for m in grid.sent if m.metadata.message_type == keys.ACTION_FOCAL
+           and not m.content[keys.CONFIG][keys.FOCAL_CHECK_ONLY]]
+    assert [m.content[keys.CONFIG][keys.SERVER_ROUND] for m in fwd] == [2, 2, 2, 3, 3, 3]
+
+
 @pytest.mark.parametrize("min_replies", [1, pytest.param(3, marks=pytest.mark.slow)])
 def test_institution_crashing_mid_training_is_left_out(tmp_path, npz, key_dir, min_replies):
     # also: fraction-evaluate 0.5 evaluates 2 of the 3 institutions (min-evaluate-nodes 2)
@@ -231,6 +289,10 @@ def test_institution_crashing_mid_training_is_left_out(tmp_path, npz, key_dir, m
     grid = _run(cfg, crash_pid2)
     metrics = json.loads((Path(cfg.run_dir) / "metrics.json").read_text())
     assert metrics["status"] == "completed"
+    # only round 1's update stands: with min-train-replies 3 rounds 2 and 3 update nothing; with 1,
+    # round 3's loss rose (the twin's guard does the same) and round 2's update was rolled back
+    assert metrics["info"]["focal_guard_state"]["standing"] == 1
+    assert len(metrics["info"].get("focal_guard", [])) == (1 if min_replies == 1 else 0)
     assert [sorted(r["train_institutions"]) for r in metrics["rounds"]] == [
         ["0", "1", "2"], ["0", "1"], ["0", "1"]]
     assert any("institution 2" in f for f in metrics["rounds"][1]["failures"])

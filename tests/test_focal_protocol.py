@@ -33,7 +33,9 @@ from flower_focal.focal import (
     server_backward_update,
     server_export_head,
     server_forward,
+    server_restore,
     server_setup,
+    server_snapshot,
     softmax,
     train_encrypted,
     train_plaintext,
@@ -325,3 +327,57 @@ def test_loss_guard_limits_halvings_without_progress_not_isolated_rises() -> Non
     assert not g.accept(1.2, ["a"])  # an isolated later rise is one more halving, not the end
     with pytest.raises(FocalDiverged, match="without progress"):
         g.accept(1.2, ["a"])  # two halvings in a row without progress
+
+
+def test_loss_guard_after_resume_compares_from_the_checkpointed_head() -> None:
+    """A resumed run's rollback point is its checkpointed head: a rise there keeps that head,
+    halves the step and restarts the comparison from its loss (else the same head is rejected
+    again and again until the halving limit ends the run)."""
+    def saved() -> LossGuard:
+        g = LossGuard(lr=1.0, max_backoffs=1)
+        assert g.accept(2.0, ["a", "b"]) and g.accept(1.0, ["a", "b"])  # first 2.0, prev 1.0
+        return g
+
+    g = saved()
+    g.resume()
+    assert not g.accept(3.0, ["a", "b"])  # the checkpointed head's loss: above prev and first
+    assert g.lr == 0.5 and g.restarts == 1 and "resumed checkpoint's head" in g.log_line()
+    assert g.accept(3.0, ["b", "a"])  # the same (kept) head again: the new reference
+    assert (g.prev, g.first) == (3.0, 3.0)
+    assert g.accept(2.5, ["a", "b"]) and not g.accept(2.6, ["a", "b"])  # then the usual rule
+    assert "head restored" in g.log_line()
+
+    g = saved()  # without resume(): the kept head is a rise every time, the run would end
+    assert not g.accept(3.0, ["a", "b"])
+    with pytest.raises(FocalDiverged):
+        g.accept(3.0, ["a", "b"])
+
+    g = saved()  # a checkpointed head that did not raise the loss: nothing changes
+    g.resume()
+    assert g.accept(0.9, ["a", "b"]) and (g.prev, g.first, g.lr) == (0.9, 2.0, 1.0)
+
+
+def test_server_restore_goes_back_to_the_setup_head_before_any_snapshot(secret: SecretContext) -> None:
+    """The head a server is set up with (initial or a resumed checkpoint's) is its first rollback
+    point: a restore before any snapshot undoes the updates since setup (real CKKS)."""
+    insts, _ = _data(5, (12,), d=4, k=2)
+    lay = FocalLayout(4, 2)
+    holder, server = _setup(secret, insts, lay)
+    with server:
+        start = decrypt_head(holder, lay, server_export_head(server))
+
+        def update() -> None:
+            up = institution_error(holder, lay, server_forward(server, "h0"), insts[0].y, lr=1.0,
+                                   n_total=12)
+            server_backward_update(server, {"h0": up.message})
+
+        update()
+        moved = decrypt_head(holder, lay, server_export_head(server))
+        assert np.abs(moved - start).max() > 1e-3
+        server_restore(server)
+        assert np.abs(decrypt_head(holder, lay, server_export_head(server)) - start).max() < 1e-5
+        update()
+        server_snapshot(server)
+        update()
+        server_restore(server)  # back to the snapshot, not to the setup head
+        assert np.abs(decrypt_head(holder, lay, server_export_head(server)) - moved).max() < 1e-4

@@ -12,7 +12,7 @@ from flower_focal.artifacts import decrypt_model
 from flower_focal.client.handlers import _LOCAL_NORM
 from flower_focal.config import RunConfig
 from flower_focal.crypto import keygen
-from flower_focal.models import build_model, norm_keys
+from flower_focal.models import build_model, norm_keys, norm_layers
 from flower_focal.server import run_server
 from tests.conftest import LoopbackGrid
 
@@ -58,6 +58,11 @@ def test_fedbn_keeps_normalisation_local_and_he_fedavg_equals_fedavg(tmp_path, k
     mean = "features.1.running_mean"
     assert not torch.equal(held[0][mean], held[1][mean])  # each institution's own statistics
     assert not torch.equal(held[0][mean], initial[mean])
+    # model.json says so: evaluate refuses it unless told (tests/test_cli.py)
+    layers = norm_layers(build_model("small-cnn", 3, 2, 32))
+    for run in (plain, enc):
+        spec = json.loads((run / "model.json").read_text())
+        assert spec["fedbn"] is True and spec["local_layers"] == layers, run
 
 
 def test_personal_metrics_are_reported_next_to_the_global_ones(tmp_path, key_dir):

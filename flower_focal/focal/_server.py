@@ -47,6 +47,8 @@ class Shard:
                 f"block {layout.block} needs rotations by {list(steps)}; the keys lack {missing} "
                 "(pick a block the preset's galois_steps support)"
             )
+        self._saved: list[Raw] = []
+        self.snapshot()  # the head it starts from (initial or resumed) is the first rollback point
 
     def add_x(self, inst: str, raw: Sequence[Raw]) -> None:
         """Register an institution's embedding ciphertexts (``[chunk][group]`` order)."""
@@ -109,12 +111,9 @@ class Shard:
         self._saved = self.ev.dump_raw([ct for row in self.w for ct in row])
 
     def restore(self) -> None:
-        """Back to the last :meth:`snapshot` (no-op without one)."""
-        saved = getattr(self, "_saved", None)
-        if saved is None:
-            return
+        """Back to the last :meth:`snapshot` (the head the shard was made with, before any)."""
         plan, lp = self.ev.plan, len(self.pairs)
-        cts = self.ev.load_many(saved, plan.w_level, plan.w_scale)
+        cts = self.ev.load_many(self._saved, plan.w_level, plan.w_scale)
         self.w = [cts[i * lp : (i + 1) * lp] for i in range(self.layout.n_groups)]
 
     def head(self) -> list[Raw]:

@@ -277,6 +277,9 @@ class LossGuard:
     :class:`~flower_focal.focal.errors.FocalDiverged`. Losses are only
     compared over the same institutions (a step with another set present starts a new
     comparison). So every accepted loss is at most the first one.
+
+    A resumed run calls :meth:`resume`: its head comes from a checkpoint, whose last update was
+    never checked, and no earlier head is kept (the server's rollback point is that head).
     """
 
     lr: float
@@ -290,18 +293,32 @@ class LossGuard:
     restarts: int = 0
     log: list[str] | None = None
     first_members: tuple[str, ...] | None = None
+    resumed: bool = False
+
+    def resume(self) -> None:
+        """The next loss is measured at a checkpointed head that is also the only rollback point.
+
+        It is still compared with the saved reference: a rise halves the step and restarts
+        momentum as usual, but "restoring" gives back that same head, so the comparison then
+        restarts from its loss (``first`` raised to it if needed) instead of rejecting the same
+        head step after step until the halving limit stops the run.
+        """
+        self.resumed = True
 
     def accept(self, loss: float, members: Sequence[str]) -> bool:
         """``True``: apply this step; ``False``: roll back (``lr`` halved, ``restarts`` + 1)."""
         from flower_focal.focal.errors import FocalDiverged
 
         present = tuple(sorted(members))
+        resumed, self.resumed = self.resumed, False
         if not np.isfinite(loss):
             rose = True
         elif self.prev is None or present != self.members:
             self.members, self.prev = present, loss
             if self.first is None or present != self.first_members:
                 self.first, self.first_members = loss, present
+            elif resumed:  # the resumed head is the reference now, even above the first loss
+                self.first = max(self.first, loss)
             return True
         else:
             rose = loss > self.prev * (1 + self.tol) or loss > self.first
@@ -322,6 +339,12 @@ class LossGuard:
         self._last = (f"training loss rose {_fmt(self.prev)} -> {_fmt(loss)}: head restored, step "
                       f"halved to {self.lr:.3g}, momentum restarted (lower `{self.setting}` if "
                       "this repeats)")
+        if resumed and np.isfinite(loss):  # no head before the checkpointed one: compare from it on
+            self._last = (f"training loss at the resumed checkpoint's head rose {_fmt(self.prev)} -> "
+                          f"{_fmt(loss)}: that head is kept (there is no earlier one), step halved to "
+                          f"{self.lr:.3g}, momentum restarted; its loss is the new reference")
+            self.prev, self.members = None, None
+            self.resumed = True  # the next (same-head) loss starts the comparison, first raised to it
         if self.log is not None:
             self.log.append(self._last)
         return False
@@ -690,7 +713,8 @@ def server_snapshot(server: FocalServer) -> None:
 
 
 def server_restore(server: FocalServer) -> None:
-    """Put back the head of the last :func:`server_snapshot` (ciphertexts only)."""
+    """Put back the head of the last :func:`server_snapshot` (ciphertexts only); before any,
+    the head the server was set up with (initial, or a resumed run's checkpointed head)."""
     server._broadcast("restore", [()] * len(server._shards))
 
 

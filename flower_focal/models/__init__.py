@@ -28,6 +28,7 @@ __all__ = [
     "count_parameters",
     "model_to_arrays",
     "norm_keys",
+    "norm_layers",
 ]
 
 
@@ -226,6 +227,11 @@ def norm_keys(model: nn.Module) -> list[str]:
             prefix = f"{name}." if name else ""
             out += [prefix + key for key in module.state_dict()]
     return out
+
+
+def norm_layers(model: nn.Module) -> list[str]:
+    """Module names of ``model``'s normalisation layers (those :func:`norm_keys` covers)."""
+    return [name for name, module in model.named_modules() if isinstance(module, _NORM_LAYERS)]
 
 
 def model_to_arrays(model: nn.Module) -> ArrayRecord:

@@ -22,7 +22,10 @@ Flower rounds; the protocol itself and all HE live there and in :mod:`flower_foc
   reads the institutions' reported training loss: when it rises the server restores the head
   before the last update, halves the step and restarts momentum; the last round ends with a
   loss-only check of the final update; it stops the run with
-  :class:`~flower_focal.focal.FocalDiverged` when halving does not help.
+  :class:`~flower_focal.focal.FocalDiverged` when halving does not help, and a run in which no
+  update stands (every one rolled back) ends with that error too instead of reporting the
+  initial head as trained. A resumed run's rollback point is the checkpointed head: a rise at
+  its first step keeps that head, halves the step and compares from its loss on.
 * **Evaluation is federated** (:data:`~flower_focal.keys.ACTION_FOCAL_EVALUATE`): institutions
   decrypt ``W`` and report loss / accuracy / macro AUROC on their own validation embeddings.
 
@@ -69,7 +72,7 @@ from flower_focal.focal import (
     server_snapshot,
     server_sum,
 )
-from flower_focal.focal.errors import InstitutionUploadError
+from flower_focal.focal.errors import FocalDiverged, InstitutionUploadError
 from flower_focal.history import metric_dict, reply_bytes
 from flower_focal.keys import he_array, he_bytes
 from flower_focal.strategy.fedavg import FedAvg
@@ -207,6 +210,9 @@ class Focal(FedAvg):
         self._grid: Grid | None = None
         self._step = 0
         self._rolled_back = False
+        self._standing = 0  # head updates in the current head (applied and not rolled back)
+        self._applied = 0  # head updates applied by this process (rolled back or not)
+        self._pending = False  # the last update is not yet checked (the rollback point is before it)
 
     # ------------------------------------------------------------------ hooks
     def summary(self) -> None:
@@ -283,7 +289,7 @@ class Focal(FedAvg):
         """The final model is the frozen backbone plus the linear head."""
         name, weights, size = self.backbone
         return spec.replace(model="focal-linear", backbone=name, backbone_weights=weights,
-                            backbone_input_size=size)
+                            backbone_input_size=size, fedbn=False)  # a frozen backbone: no FedBN
 
     # ------------------------------------------------------------------ setup
     def _base_config(self, server_round: int) -> ConfigRecord:
@@ -384,6 +390,9 @@ class Focal(FedAvg):
             for name in ("members", "first_members"):
                 setattr(self.guard, name, tuple(saved[name]) if saved[name] is not None else None)
             self.guard.restarts += 1  # ... but momentum restarts (institution state is not kept)
+            self.guard.resume()  # the checkpointed head is the rollback point (server_setup's snapshot)
+        # updates already in the checkpointed head (a checkpoint without the count: assume some)
+        self._standing = int(saved.get("standing", 1)) if saved else int(resumed)
         self.history.info["model_parameters"] = self.layout.d1 * num_classes  # the head W
         log(INFO, "focal: %d institutions, N=%d samples, layout d=%d K=%d block %d%s",
             len(self._members), self._n_total, dim, num_classes, self.block,
@@ -494,7 +503,7 @@ class Focal(FedAvg):
         if overflow and self.guard is not None:  # the head's logits left the safe range: a rise
             self.guard.accept(float("inf"), [self._members[r.metadata.src_node_id] for r in replies
                                              if not r.has_error() and r.metadata.src_node_id in self._members])
-            server_restore(server)
+            self._restore()
             message = self.guard.log_line()
             self.history.info.setdefault("focal_guard", []).append(f"step {self._step}: {message}")
             log(WARNING, "focal round %d step %d: %s", server_round, self._step, message)
@@ -517,7 +526,7 @@ class Focal(FedAvg):
                 record.train_institutions.pop(pid, None)
         if errors and self.guard_on and self.guard is not None:
             if not self.guard.accept(self._mean_loss(contents), list(errors)):
-                server_restore(server)  # the loss rose: no update; halved step, momentum restarts
+                self._restore()  # the loss rose: no update; halved step, momentum restarts
                 message = self.guard.log_line()
                 self.history.info.setdefault("focal_guard", []).append(f"step {self._step}: {message}")
                 log(WARNING, "focal round %d step %d: %s", server_round, self._step, message)
@@ -525,12 +534,16 @@ class Focal(FedAvg):
                 self._rolled_back = True
                 return list(contents.values())
             server_snapshot(server)
+            self._pending = False  # the last update stands: its loss was accepted
         while errors:
             if len(errors) < self.min_train_replies:
                 self._enough_replies(server_round, len(errors))  # records why
                 return []
             try:
                 server_backward_update(server, errors)
+                self._standing += 1
+                self._applied += 1
+                self._pending = True
                 break
             except InstitutionUploadError as exc:
                 bad = [exc.institution] if exc.institution in errors else []
@@ -553,7 +566,43 @@ class Focal(FedAvg):
             self.history.info["focal_guard_state"] = {
                 "lr": g.lr, "first": g.first, "prev": g.prev, "backoffs": g.backoffs,
                 "restarts": g.restarts, "members": list(g.members) if g.members else None,
-                "first_members": list(g.first_members) if g.first_members else None}
+                "first_members": list(g.first_members) if g.first_members else None,
+                "standing": self._standing}
+
+    def _restore(self) -> None:
+        """The loss guard's rollback: the head before the last update (if one was applied since
+        the last snapshot, that update no longer stands)."""
+        if self._server is None:
+            raise RuntimeError("focal: the server state is not set up")
+        server_restore(self._server)
+        if self._pending:
+            self._standing -= 1
+            self._pending = False
+
+    def require_progress(self, num_rounds: int) -> None:
+        """FedAvg's check, then: refuse a run in which no head update stands.
+
+        Raises
+        ------
+        NothingAggregated
+            No round aggregated a training reply.
+        FocalDiverged
+            Rounds ran, but the loss guard rolled back every update they applied: the head is
+            still the one the run started from (the initial head, or a checkpoint's that had
+            no standing update either), so nothing was trained.
+        """
+        super().require_progress(num_rounds)
+        if num_rounds <= 0 or self.layout is None or self._standing > 0:
+            return
+        guard = self.guard
+        lines = self.history.info.get("focal_guard", [])
+        raise FocalDiverged(
+            f"focal: every head update of this run was rolled back ({self._applied} applied, none "
+            "stands): the institutions' decrypted training loss rose after each, so the head is "
+            "still the initial one and nothing was trained"
+            + (f" (step now {guard.lr:.3g}; lower `{guard.setting}` or run more rounds, and check "
+               "the embeddings)" if guard is not None else "")
+            + (f". Loss guard: {'; '.join(lines[:2])}" if lines else ""))
 
     @staticmethod
     def _mean_loss(contents: dict[str, RecordDict]) -> float:
@@ -580,12 +629,15 @@ class Focal(FedAvg):
         loss = float("inf") if over else self._mean_loss(contents)
         self.history.info["final_train_loss"] = loss
         if not self.guard.final_ok(loss, list(contents)):
-            server_restore(self._server)
+            self._restore()
             self.history.info["final_train_loss"] = self.guard.prev
             message = (f"the last update raised the training loss to {loss:.4g}: the head before it "
                        "is kept")
             self.history.info.setdefault("focal_guard", []).append(message)
             log(WARNING, "focal: %s", message)
+        else:
+            self._pending = False  # the last update stands
+        self._save_guard_state()
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
