@@ -8,6 +8,7 @@ need ``../shared/data`` are skipped without it (the rest still run).
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import json
 import subprocess
@@ -26,12 +27,10 @@ spec.loader.exec_module(readme_tables)
 def test_every_marked_table_equals_its_rendering():
     text = (ROOT / "README.md").read_text()
     new, status = readme_tables.regenerate(text, sorted(readme_tables.TABLES))
-    assert set(status) == set(readme_tables.TABLES), status  # every renderer has its README section
+    assert "missing from the README" not in status.values(), status  # every renderer has its section
     rendered = [name for name, what in status.items() if what == "rendered"]
     assert {n for n, t in readme_tables.TABLES.items() if t.kind in ("results", "code")} <= set(rendered), status
     if new != text:
-        import difflib
-
         diff = "".join(difflib.unified_diff(text.splitlines(True), new.splitlines(True), "README.md", "rendered"))
         raise AssertionError("README tables differ from their renderings; run "
                              "`python benchmarks/readme_tables.py --write`:\n" + diff)
