@@ -21,6 +21,7 @@ from flower_focal.simulation import repo_root
 ROOT = repo_root()
 spec = importlib.util.spec_from_file_location("readme_tables", ROOT / "benchmarks" / "readme_tables.py")
 readme_tables = importlib.util.module_from_spec(spec)
+sys.modules["readme_tables"] = readme_tables  # its dataclass looks itself up there
 spec.loader.exec_module(readme_tables)
 
 
