@@ -8,6 +8,8 @@ library's ClientApp handlers, then the attack). Leakage rule: a sample leaks whe
 reconstruction reaches SSIM >= 0.6 to the true image. Real images from ../shared/data
 (PathMNIST, RetinaMNIST; the synthetic stand-ins when absent, flagged in each case's "data").
 Prints one JSON object; timings carry the load average because the machine is shared.
+The README's audit table is rendered from ``benchmarks/results/audit.json`` by
+``python benchmarks/readme_tables.py --write``.
 """
 
 from __future__ import annotations

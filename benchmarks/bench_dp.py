@@ -18,6 +18,8 @@ split), as a user would. The privacy figure is client-level (one institution's w
 epsilon at ``--delta`` from :mod:`flower_focal.privacy` (RDP, no subsampling amplification),
 both for the configured z and for the effective multiplier of the largest institution given
 the actual training-set sizes (the calibration assumes equal weights). Prints one JSON object.
+The README's DP table is rendered from ``benchmarks/results/dp.json`` by
+``python benchmarks/readme_tables.py --write`` (epsilon recomputed by the accountant).
 """
 
 from __future__ import annotations

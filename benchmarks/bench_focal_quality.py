@@ -21,7 +21,9 @@ Methods, on the same embeddings, for each seed:
 Per (dataset, partition): mean and spread (max - min) over seeds of validation macro AUROC and
 accuracy; ``focal_minus_logreg``; ``loss_rose`` (a run whose last training loss is above its
 first). Prints one JSON object. :func:`quality` is importable (``benchmarks/bench_quality.py``).
-Needs ../shared/data (skips a dataset that is absent).
+The README's FOCAL convergence table is rendered from this JSON
+(``benchmarks/results/focal_quality-*.json``) by ``python benchmarks/readme_tables.py --write``;
+save a new run's output there to update it.
 """
 
 from __future__ import annotations

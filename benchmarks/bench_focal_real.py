@@ -37,6 +37,8 @@ Wall-time ratio: ``training`` = (key generation + encrypt + all steps + decrypt 
 (plaintext twin); ``end_to_end`` adds the embedding of the training images (same backbone,
 same for both) to numerator and denominator. ``os.getloadavg()`` is recorded next to every
 timing (the machine is shared). Needs ../shared/data; prints one JSON object.
+The README's table of (a)-(d) is rendered from ``benchmarks/results/focal_real.json`` by
+``python benchmarks/readme_tables.py --write``.
 """
 
 from __future__ import annotations

@@ -28,7 +28,9 @@ Part 3 (optional): PathMNIST macro AUROC / accuracy of he-fedavg next to fedavg,
 institutions, val split, via `flower-focal evaluate`, and of a control: fedavg with the
 learning rate changed by 1e-7 (relative), which shows how much this training regime alone
 moves after many rounds from a perturbation as small as CKKS's error.
-Prints one JSON object.
+Prints one JSON object. The README's HE-FedAvg tables are rendered from
+``benchmarks/results/he_fedavg-*.json`` by ``python benchmarks/readme_tables.py --write``
+(today a transcription: the original output was not kept); store a new run's figures there.
 """
 
 from __future__ import annotations

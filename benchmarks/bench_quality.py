@@ -35,7 +35,10 @@ Methods, for each seed:
 
 Per (dataset, partition, method): mean, std and spread (max - min) over seeds. Prints one JSON
 object (also written to ``--out`` after every run, so a long sweep keeps partial results).
-Needs ../shared/data (skips a dataset that is absent); nothing is downloaded.
+The README's training-quality table is rendered from this JSON (the files
+``benchmarks/results/quality-*.json`` that ``readme_tables.QUALITY_FILES`` lists, one per dataset
+and partition today) by ``python benchmarks/readme_tables.py --write``; save a new run's output
+there to update it.
 """
 
 from __future__ import annotations

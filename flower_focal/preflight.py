@@ -93,6 +93,11 @@ class PreflightReport:
         return dict(self.__dict__)
 
 
+def failure_line(exc: PreflightError) -> str:
+    """The one line a launcher prints when the preflight refuses a run (no traceback)."""
+    return f"flower-focal: preflight failed, nothing was started: {exc}"
+
+
 def _fail(message: str, cause: BaseException | None = None) -> PreflightError:
     err = PreflightError(message)
     err.__cause__ = cause
@@ -331,4 +336,4 @@ def _check_data(cfg: RunConfig, num_institutions: int, decode_images: bool, key_
 
 
 __all__ = ["KEY_ROLES", "PreflightError", "PreflightReport", "check_keys", "check_settings",
-           "preflight"]
+           "failure_line", "preflight"]

@@ -27,7 +27,7 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from flower_focal.config import RunConfig
-from flower_focal.preflight import PreflightError
+from flower_focal.preflight import PreflightError, failure_line
 from flower_focal.simulation import Federation, simulate
 
 log = logging.getLogger("flower_focal.launcher")
@@ -104,7 +104,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         result = simulate(run_cfg, to_federation(cfg), timeout_s=cfg.federation.timeout_s)
     except PreflightError as exc:  # nothing was started: one line, no traceback
-        sys.exit(f"flower-focal: preflight failed, nothing was started: {exc}")
+        sys.exit(failure_line(exc))
     metrics = result.metrics()
     final = metrics["rounds"][-1]["evaluate"] if metrics["rounds"] else {}
     log.info("run %d finished in %.1f s: %s", result.run_id, result.wall_time_s, json.dumps(final))

@@ -96,6 +96,7 @@ PLANS = [
     Plan(r"flwr ls --format json$", "flwr_ls"),
     Plan(r"flower-focal ", "cli"),
     Plan(r"python benchmarks/bench_dp\.py", "bench_dp"),
+    Plan(r"python benchmarks/readme_tables\.py", "readme_tables"),
 ]
 
 
@@ -289,6 +290,9 @@ def run_cli(s: Session, command: str) -> None:
         result = json.loads(s.sh(["flower-focal", "evaluate", "--run-dir", str(run), "--data", data,
                                   "--split", args[args.index("--split") + 1]]).stdout)
         assert 0.0 <= result["accuracy"] <= 1.0 and 0.0 <= result["auroc_macro"] <= 1.0, result
+        shown, shown_class = readme_evaluate_keys()  # the README's sketch of this output
+        assert shown <= set(result) and shown_class <= set(result["per_class"][0]), (shown, result)
+        assert result["confusion_matrix_axes"] in README.read_text()
         return
     if sub == "audit":
         out = s.out("audit")
@@ -337,8 +341,31 @@ def run_bench_dp(s: Session, command: str) -> None:
     assert result
 
 
+def readme_evaluate_keys() -> tuple[set[str], set[str]]:
+    """The keys the README's ``# {...}`` sketch of ``flower-focal evaluate``'s output names:
+    top level, and those of a ``per_class`` entry."""
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", README.read_text(), re.DOTALL)
+                 if "flower-focal evaluate" in b)
+    sketch = "\n".join(line.lstrip("# ") for line in block.splitlines() if line.startswith("#"))
+    per_class = re.search(r'"per_class": \[(\{.*?\})', sketch)
+    top = re.sub(r'"per_class": \[\{.*?\}', '"per_class": [', sketch)
+    assert per_class, sketch
+    return set(re.findall(r'"(\w+)":', top)), set(re.findall(r'"(\w+)":', per_class[1]))
+
+
+def run_readme_tables(s: Session, command: str) -> None:
+    args = shlex.split(command)
+    if "--write" in args:  # on a copy: the README itself must already be what --write makes
+        copy = s.out("README.md")
+        copy.write_text(README.read_text())
+        s.sh([*args, "--readme", str(copy)])
+        assert copy.read_text() == README.read_text(), "README tables differ from their renderings"
+    else:
+        s.sh(args)  # --check exits 1 on a difference
+
+
 RUNNERS = {"hydra": run_hydra, "export": run_export, "flwr_run": run_flwr, "flwr_ls": run_flwr_ls,
-           "cli": run_cli, "bench_dp": run_bench_dp}
+           "cli": run_cli, "bench_dp": run_bench_dp, "readme_tables": run_readme_tables}
 
 
 @pytest.mark.slow

@@ -1,0 +1,405 @@
+"""The README's generated tables: rendered from stored benchmark JSON or from the code, never typed.
+
+    python benchmarks/readme_tables.py --check            # exit 1 with a diff if the README differs
+    python benchmarks/readme_tables.py --write            # rewrite the marked sections
+    python benchmarks/readme_tables.py --list             # every table, its kind and its sources
+
+A generated section of ``README.md`` sits between two marker lines::
+
+    <!-- table:NAME -->
+    ...generated markdown...
+    <!-- /table:NAME -->
+
+and ``NAME`` has a renderer in :data:`TABLES` of one of three kinds:
+
+* ``results``: a measured figure, rendered from the JSON a benchmark printed, stored under
+  ``benchmarks/results/`` (``benchmarks/results/README.md`` lists each file with the command
+  that produced it; a file that holds a transcription instead says so in its ``source``).
+  To update such a table, rerun the benchmark, store its JSON there and ``--write``.
+* ``code``: documentation derived from the code (a run-config table: key and default columns
+  come from :class:`flower_focal.config.RunConfig`, the meaning column stays as written).
+* ``run``: an example output of a project command, produced by running the code (fixed
+  settings, the shared MedMNIST data; skipped without it). Only cheap ones (seconds): they run
+  in the fast test too.
+
+``tests/test_readme_tables.py`` runs the same comparison in the fast tier, so a figure edited
+by hand fails the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import difflib
+import json
+import re
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import shared_npz  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+RESULTS = ROOT / "benchmarks" / "results"
+MARKER = re.compile(r"^<!-- table:(?P<name>[\w-]+) -->\n(?P<body>.*?)^<!-- /table:(?P=name) -->\n",
+                    re.DOTALL | re.MULTILINE)
+
+
+def load(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------ results: quality
+QUALITY_FILES = ["quality-pathmnist-iid.json", "quality-pathmnist-dirichlet.json",
+                 "quality-retinamnist-iid.json", "quality-retinamnist-dirichlet.json"]
+QUALITY_METHODS = {"central": "centralised bound (pooled)", "fedavg": "fedavg",
+                   "he-fedavg": "he-fedavg (`compact`)", "fedprox": "fedprox (mu 0.01)", "fedbn": "fedbn"}
+
+
+def _mean_std(method: dict, key: str) -> str:
+    """``mean ± std`` over seeds, or the one seed's value marked as such."""
+    if f"{key}_mean" not in method:
+        return "–"
+    per_seed = method[f"{key}_per_seed"]
+    if len(per_seed) == 1:
+        return f"{per_seed[0]:.3f} (1 seed)"
+    return f"{method[f'{key}_mean']:.3f} ± {method[f'{key}_std']:.3f}"
+
+
+def render_quality() -> str:
+    """``bench_quality.py``, one run per dataset and partition. The centralised bound does not
+    depend on the partition: it was trained in the IID run and is shown in both rows."""
+    cells = [cell for name in QUALITY_FILES for cell in load(name)["cells"]]
+    central = {c["dataset"]: c["methods"]["central"] for c in cells if "central" in c["methods"]}
+    rows = []
+    for cell in cells:
+        methods = {"central": central.get(cell["dataset"], {}), **cell["methods"]}
+        part = "IID" if cell["partition"] == "iid" else "Dirichlet 0.5"
+        for key, label in QUALITY_METHODS.items():
+            m = methods.get(key)
+            if not m or "runs" not in m:
+                continue
+            rows.append([f"{cell['dataset']}, {part}", label, _mean_std(m, "val_auroc"),
+                         _mean_std(m, "val_accuracy"), _mean_std(m, "val_fed_auroc"),
+                         _mean_std(m, "val_personal_auroc")])
+    return md_table(["data, partition", "method", "val macro AUROC (final global model)", "val accuracy",
+                     "federated AUROC", "personalised AUROC (1 epoch fine-tuning)"], rows)
+
+
+# ------------------------------------------------------------------ results: FOCAL quality
+FOCAL_NAMES = {"pathmnist": "PathMNIST (9 classes, 701 / 100)", "retinamnist": "RetinaMNIST (5 classes, 1080 / 120)"}
+
+
+def _mean_spread(values: list[float]) -> str:
+    return f"{statistics.mean(values):.3f} ± {max(values) - min(values):.3f}"
+
+
+def focal_encrypted_runs() -> dict[tuple[str, str], list[tuple[int, dict]]]:
+    """(dataset, partition) -> [(seed, run)] from the stored per-seed stderr lines."""
+    runs: dict[tuple[str, str], list[tuple[int, dict]]] = {}
+    for line in load("focal_quality-encrypted-iid.json")["stderr"]:
+        m = re.fullmatch(r"(\w+) (\w+) seed (\d+): (\{.*\})", line)
+        if m:
+            runs.setdefault((m[1], m[2]), []).append((int(m[3]), ast.literal_eval(m[4])))
+    return runs
+
+
+def render_focal_quality() -> str:
+    """``bench_focal_quality.py``: the twin over every cell (``--twin``), the encrypted IID runs."""
+    twin = load("focal_quality-twin.json")["results"]
+    encrypted = focal_encrypted_runs()
+    rows = []
+    for dataset, name in FOCAL_NAMES.items():
+        for part in ("iid", "dirichlet"):
+            enc = encrypted.get((dataset, part), [])
+            enc_cell = (f"{_mean_spread([r['val_auroc_macro'] for _, r in enc])} "
+                        f"(seeds {', '.join(str(s) for s, _ in enc)})") if enc else "not run (time)"
+            pooled = (f"{twin[dataset]['logreg_pooled']['val_auroc_macro']:.3f} / "
+                      f"{twin[dataset]['logreg_pooled_C0.01']['val_auroc_macro']:.3f}")
+            rows.append([name, "IID" if part == "iid" else "Dirichlet 0.5", enc_cell,
+                         _mean_spread(twin[dataset][part]["focal_val_auroc_macro"]["values"]), pooled])
+    return md_table(["dataset", "partition", "FOCAL, encrypted (CKKS)", "FOCAL, plaintext twin",
+                     "logistic regression, pooled (C = 0.1 / 0.01)"], rows)
+
+
+def render_focal_real() -> str:
+    """``bench_focal_real.py``: four ways to train the head, macro AUROC / accuracy."""
+    names = {"pathmnist": "PathMNIST", "retinamnist": "RetinaMNIST"}
+    rows = []
+    for dataset, r in load("focal_real.json")["results"].items():
+        rows.append([f"{names[dataset]} ({r['classes']} classes)"]
+                    + [f"{r[m]['val_auroc_macro']:.3f} / {r[m]['val_accuracy']:.3f}"
+                       for m in ("focal", "plaintext_split", "he_fedavg", "logreg_pooled")])
+    return md_table(["dataset", "(a) FOCAL, encrypted", "(b) plaintext split training", "(c) HE-FedAvg, linear head",
+                     "(d) logistic regression, pooled"], rows)
+
+
+# ------------------------------------------------------------------- results: HE-FedAvg
+def _s(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:.{digits}f} s"
+
+
+def render_he_fedavg_micro() -> str:
+    presets = load("he_fedavg-micro.json")["presets"]
+    rows = []
+    for preset, sizes in presets.items():
+        row = [f"`{preset}`"]
+        for size in ("1M", "11M"):
+            t = sizes[size]
+            row += [_s(t["encrypt_s"], 2), _s(t["server_10_uploads_s"], 2 if size == "1M" else 1),
+                    _s(t["decrypt_s"], 2)]
+        rows.append(row)
+    return md_table(["preset", "1 M: encrypt", "server, 10 uploads", "decrypt", "11 M: encrypt",
+                     "server, 10 uploads", "decrypt"], rows)
+
+
+def render_he_fedavg_rounds() -> str:
+    rows, seen = [], set()
+    for r in load("he_fedavg-rounds.json")["rows"]:
+        label = r["params_label"] if r["model"] in seen else f"{r['params_label']} ({r['model']})"
+        seen.add(r["model"])
+        ratio = f"{r['ratio_vs_fedavg']:.2f}; {r['ratio_of_medians']:.2f}"
+        rows.append([label, str(r["images_per_institution"]), _s(r["fedavg_round_wall_s"]), _s(r["round_wall_s"]),
+                     f"**{ratio}**" if r.get("headline") else ratio, _s(r["overhead_s_per_round"]),
+                     f"{r['cpu_ratio_vs_fedavg']:.2f}"])
+    return md_table(["model", "images per institution", "FedAvg round", "HE round", "ratio mean; of medians",
+                     "HE overhead per round", "CPU ratio (whole run)"], rows)
+
+
+def render_he_fedavg_runs() -> str:
+    rows = []
+    for r in load("he_fedavg-rounds.json")["runs_11m_1000"]["runs"]:
+        crypto = r["he_cpu_s_per_round_total"]
+        rows.append([r["label"], _s(r["fedavg_round_wall_s"]), _s(r["round_wall_s"]),
+                     f"{r['ratio_vs_fedavg']:.2f}; {r['ratio_of_medians']:.2f}", f"{r['cpu_ratio_vs_fedavg']:.2f}",
+                     "–" if crypto is None else f"{crypto:.1f}"])
+    return md_table(["run", "FedAvg round", "HE round", "ratio mean; of medians", "CPU ratio",
+                     "HE crypto, CPU s per round"], rows)
+
+
+def render_he_fedavg_time_split() -> str:
+    t = load("he_fedavg-rounds.json")["he_cpu_s_per_round_run1"]
+    return md_table(
+        ["institutions encrypt (10 uploads)", "institutions decrypt", "server sum", "server serialise", "total",
+         "run's CPU overhead"],
+        [[f"{_s(t['institutions_encrypt'])} ({_s(t['encrypt_wall_s_per_upload'], 2)} wall per upload)",
+          _s(t["institutions_decrypt"]), _s(t["server_sum"]), _s(t["server_serialize"]), _s(t["total"]),
+          _s(t["cpu_overhead_s_per_round"])]])
+
+
+# --------------------------------------------------------------- results: privacy
+def _epsilon_text(eps: float) -> str:
+    if eps == float("inf"):
+        return "∞"
+    return f"{round(eps):,}".replace(",", " ") if eps >= 100 else f"{eps:.1f}"
+
+
+def render_dp() -> str:
+    """``bench_dp.py``: quality per noise level; epsilon computed here by the library's
+    accountant (client level, the benchmark's rounds and delta), not stored."""
+    from flower_focal.privacy import client_level_epsilon
+
+    doc = load("dp.json")
+    rounds, delta = doc["settings"]["rounds"], doc["settings"]["delta"]
+    rows = []
+    for r in doc["results"]:
+        z, clip = r["noise_multiplier"], r["clip_norm"]
+        if clip is None:
+            label = f"{r['strategy']}, no DP"
+        elif z == 0:
+            label = f"{r['strategy']}, clip only"
+        else:
+            label = "fedavg + Flower DP" if r["strategy"] == "fedavg" else r["strategy"]
+        eps = client_level_epsilon(z, rounds, delta).epsilon if z else float("inf")
+        note = f" ({r['note']})" if r.get("note") else ""
+        rows.append([label, "–" if clip is None else str(z), "–" if clip is None else str(clip), _epsilon_text(eps),
+                     f"{r['val_auroc_macro']:.3f}{note}", f"{r['val_accuracy']:.2f}"])
+    return md_table(["strategy", "z", "S", f"ε (δ = {delta:.0e}, {rounds} rounds)".replace("e-0", "e-"), "val macro AUROC",
+                     "val accuracy"], rows)
+
+
+def render_audit() -> str:
+    def both(value: float | list[float], digits: int) -> str:
+        values = value if isinstance(value, list) else [value]
+        return " / ".join(f"{v:.{digits}f}" for v in values)
+
+    rows = []
+    for c in load("audit.json")["cases"]:
+        if c.get("attackable") is False:
+            rows.append([c["case"], str(c["attacked"]), "**0** (not attackable)", "–", "–", "–"])
+            continue
+        rate = both(c["leakage_rate"], 2)
+        rows.append([c["case"], str(c["attacked"]), f"**{rate}**" if c.get("headline") else rate,
+                     both(c["ssim_median"], 2), both(c["psnr_median"], 1), f"{c['label_accuracy']:.2f}"])
+    return md_table(["case", "attacked", "leakage rate (server)", "SSIM median", "PSNR median (dB)", "labels right"],
+                    rows)
+
+
+# --------------------------------------------------------------- code: run-config tables
+def _default_text(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f"`{value}`"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def settings_renderer(name: str) -> Callable[[str], str]:
+    """Key and default columns from :class:`RunConfig`; the README's meaning column is kept.
+
+    The first column names one or more run-config keys (```key```, comma-separated); the
+    default column is regenerated from the dataclass (a trailing ``(note)`` in it is kept). A
+    key that is not a run-config setting fails the render.
+    """
+    def render(current: str) -> str:
+        from flower_focal.config import RunConfig
+
+        defaults = RunConfig()
+        lines = [line for line in current.splitlines() if line.startswith("|")]
+        if len(lines) < 3:
+            raise ValueError(f"table:{name}: the README section holds no table to keep the meanings of")
+        rows = []
+        for line in lines[2:]:
+            cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+            keys = re.findall(r"`([\w-]+)`", cells[0])
+            unknown = [k for k in keys if k.replace("-", "_") not in RunConfig.settings()]
+            if not keys or unknown:
+                raise ValueError(f"table:{name}: not run-config keys: {unknown or cells[0]}")
+            note = re.search(r" (\(.*\))$", cells[1])
+            default = ", ".join(_default_text(getattr(defaults, k.replace("-", "_"))) for k in keys)
+            rows.append([", ".join(f"`{k}`" for k in keys), default + (f" {note[1]}" if note else ""),
+                         *cells[2:]])
+        header = [c.strip() for c in lines[0].strip().strip("|").split(" | ")]
+        return md_table(header, rows)
+    return render
+
+
+# ------------------------------------------------------------------- run: example outputs
+def render_preflight_example() -> str | None:
+    """What ``python -m simulations.run`` prints when the partition cannot be made: 400
+    Dirichlet institutions on PathMNIST's 701 training images (the data path shortened)."""
+    data = shared_npz("pathmnist")
+    if data is None:
+        return None
+    from flower_focal.config import RunConfig
+    from flower_focal.preflight import PreflightError, failure_line, preflight
+
+    try:
+        preflight(RunConfig(dataset="medmnist", data_path=str(data), partitioner="dirichlet"), 400)
+    except PreflightError as exc:
+        line = failure_line(exc).replace(str(data.parent), "...")
+        return f"```text\n{line}\n```\n"
+    raise AssertionError("preflight accepted 400 Dirichlet institutions on PathMNIST")
+
+
+# ------------------------------------------------------------------------------ registry
+@dataclass(frozen=True)
+class Table:
+    kind: str  # "results" | "code" | "run"
+    render: Callable[..., str | None]  # () -> text, or (current text) -> text for "code"; None = skipped
+    sources: tuple[str, ...] = ()  # results files (benchmarks/results/) or the code it reads
+
+
+TABLES: dict[str, Table] = {
+    "he-fedavg-micro": Table("results", render_he_fedavg_micro, ("he_fedavg-micro.json",)),
+    "he-fedavg-rounds": Table("results", render_he_fedavg_rounds, ("he_fedavg-rounds.json",)),
+    "he-fedavg-runs": Table("results", render_he_fedavg_runs, ("he_fedavg-rounds.json",)),
+    "he-fedavg-time-split": Table("results", render_he_fedavg_time_split, ("he_fedavg-rounds.json",)),
+    "focal-quality": Table("results", render_focal_quality,
+                           ("focal_quality-twin.json", "focal_quality-encrypted-iid.json")),
+    "focal-real": Table("results", render_focal_real, ("focal_real.json",)),
+    "quality": Table("results", render_quality, tuple(QUALITY_FILES)),
+    "dp": Table("results", render_dp, ("dp.json", "flower_focal/privacy.py")),
+    "audit": Table("results", render_audit, ("audit.json",)),
+    "settings-training": Table("code", settings_renderer("settings-training"), ("flower_focal/config.py",)),
+    "settings-gpu": Table("code", settings_renderer("settings-gpu"), ("flower_focal/config.py",)),
+    "preflight-example": Table("run", render_preflight_example, ("flower_focal/preflight.py",)),
+}
+
+
+def sections(text: str) -> dict[str, re.Match]:
+    found: dict[str, re.Match] = {}
+    for m in MARKER.finditer(text):
+        if m["name"] in found:
+            raise ValueError(f"table:{m['name']} appears twice in the README")
+        found[m["name"]] = m
+    opened = set(re.findall(r"^<!-- table:([\w-]+) -->$", text, re.MULTILINE))
+    if opened - set(found):
+        raise ValueError(f"table markers without their closing marker: {sorted(opened - set(found))}")
+    return found
+
+
+def regenerate(text: str, names: list[str]) -> tuple[str, dict[str, str]]:
+    """The README with every named section re-rendered, and what happened to each table."""
+    found = sections(text)
+    unknown = sorted(set(found) - set(TABLES))
+    if unknown:
+        raise ValueError(f"README tables without a renderer in benchmarks/readme_tables.py: {unknown}")
+    status: dict[str, str] = {}
+    out, pos = [], 0
+    for m in sorted(found.values(), key=lambda m: m.start()):
+        name, body = m["name"], m["body"]
+        table = TABLES[name]
+        new = body
+        if name not in names:
+            status[name] = "not selected"
+        else:
+            rendered = table.render(body) if table.kind == "code" else table.render()
+            if rendered is None:
+                status[name] = "skipped (needs ../shared/data)"
+            else:
+                new, status[name] = rendered, "rendered"
+        out += [text[pos:m.start()], f"<!-- table:{name} -->\n{new}<!-- /table:{name} -->\n"]
+        pos = m.end()
+    out.append(text[pos:])
+    missing = sorted(set(names) - set(found))
+    for name in missing:
+        status[name] = "missing from the README"
+    return "".join(out), status
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--check", action="store_true", help="exit 1 with a diff if the README differs")
+    mode.add_argument("--write", action="store_true", help="rewrite the README's marked sections")
+    mode.add_argument("--list", action="store_true", help="list the tables")
+    p.add_argument("--tables", nargs="+", default=sorted(TABLES), choices=sorted(TABLES), metavar="NAME")
+    p.add_argument("--readme", type=Path, default=README)
+    args = p.parse_args(argv)
+    if args.list:
+        for name, t in TABLES.items():
+            print(f"{name:22} {t.kind:8} {', '.join(t.sources)}")
+        return 0
+    text = args.readme.read_text()
+    new, status = regenerate(text, args.tables)
+    for name, what in status.items():
+        print(f"table:{name}: {what}", file=sys.stderr)
+    if any(what == "missing from the README" for what in status.values()):
+        return 1
+    if args.write:
+        if new != text:
+            args.readme.write_text(new)
+        return 0
+    if new != text:
+        sys.stdout.writelines(difflib.unified_diff(text.splitlines(True), new.splitlines(True),
+                                                   "README.md", "README.md (regenerated)"))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))  # flower_focal from this checkout when it is not installed
+    raise SystemExit(main())
