@@ -59,12 +59,10 @@ from flower_focal.data.partition import histogram, partition_indices
 from flower_focal.data.transforms import build_transforms
 from flower_focal.focal import (
     FocalLayout,
-    Institution,
     predict_logits,
     softmax,
-    train_encrypted,
-    train_plaintext,
 )
+from flower_focal.testing import InstitutionEmbeddings as Institution, train_encrypted, train_plaintext
 from flower_focal.metrics import accuracy, macro_auroc
 from flower_focal.models.backbones import build_backbone
 from flower_focal.models.embeddings import cached_embeddings, extract_embeddings

@@ -25,17 +25,16 @@ from flower_focal.config import RunConfig
 from flower_focal.crypto import keygen
 from flower_focal.focal import (
     FocalLayout,
-    Institution,
     balanced_class_weights,
     predict_logits,
     softmax,
-    train_plaintext,
 )
 from flower_focal.server import run_server
 from flower_focal.simulation import repo_root
 from flower_focal.strategy import build_strategy
 from flower_focal.strategy.focal import Focal
-from tests.conftest import LoopbackGrid, write_synthetic_npz
+from flower_focal.testing import InstitutionEmbeddings, LoopbackGrid, train_plaintext
+from tests.conftest import write_synthetic_npz
 
 ROUNDS, LR = 3, 0.5
 
@@ -86,12 +85,12 @@ class DyingGrid(LoopbackGrid):
         return super().push_messages(messages)
 
 
-def _institutions(grid: LoopbackGrid, split: str) -> list[Institution]:
+def _institutions(grid: LoopbackGrid, split: str) -> list[InstitutionEmbeddings]:
     out = []
     for nid in grid.node_ids:
         site = site_from_context(grid.contexts[nid])
         x, y = site_embeddings(site, split)
-        out.append(Institution(str(site.partition_id), x, y))
+        out.append(InstitutionEmbeddings(str(site.partition_id), x, y))
     return sorted(out, key=lambda i: int(i.name))
 
 
@@ -103,7 +102,7 @@ def _head(run_dir: Path, key_dir: Path) -> np.ndarray:
     return np.vstack([w, model.head.bias.detach().double().numpy()[None, :]])
 
 
-def _auroc(head: np.ndarray, val: list[Institution]) -> float:
+def _auroc(head: np.ndarray, val: list[InstitutionEmbeddings]) -> float:
     x = np.vstack([i.x for i in val])
     y = np.concatenate([i.y for i in val])
     lay = FocalLayout(x.shape[1], head.shape[1])
@@ -113,7 +112,7 @@ def _auroc(head: np.ndarray, val: list[Institution]) -> float:
                                multi_class="ovr", average="macro", labels=present))
 
 
-def _dlogits(a: np.ndarray, b: np.ndarray, insts: list[Institution]) -> float:
+def _dlogits(a: np.ndarray, b: np.ndarray, insts: list[InstitutionEmbeddings]) -> float:
     """Largest logit difference of two heads on the institutions' embeddings (heads for raw
     embeddings have the standardisation folded in: compare what they compute, not their rows,
     which 1 / std scales up for near-constant features)."""

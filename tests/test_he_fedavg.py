@@ -21,7 +21,8 @@ from flower_focal.server import run_server
 from flower_focal.strategy import build_strategy
 from flower_focal.strategy.he_fedavg import HEFedAvg
 from flower_focal.strategy.roster import Institution, InstitutionRoster
-from tests.conftest import LoopbackGrid, make_reply
+from flower_focal.testing import LoopbackGrid
+from tests.conftest import make_reply
 
 
 @pytest.fixture(scope="module")

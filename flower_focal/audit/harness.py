@@ -41,6 +41,7 @@ from flower_focal.audit import attacks, federation, metrics
 from flower_focal.strategy.specs import strategy_spec
 from flower_focal.audit.config import REAL_SETS, AuditConfig, default_real_data
 from flower_focal.config import RunConfig
+from flower_focal.testing.grid import LoopbackGrid
 
 GRADIENT_ESTIMATE = (
     "g = (w_global - w_returned) / (lr * local_steps) for every trainable parameter "
@@ -113,7 +114,7 @@ def _federation_config(cfg: AuditConfig, npz: Path, num_institutions: int, run_d
 
 
 # ------------------------------------------------------------------------------ attack
-def _global_model(grid: federation.AuditGrid, partition_id: int, cfg: AuditConfig):
+def _global_model(grid: LoopbackGrid, partition_id: int, cfg: AuditConfig):
     """The plaintext global model the server sent to ``partition_id`` (round 1)."""
     from flower_focal.models import arrays_into_model, build_model
 
