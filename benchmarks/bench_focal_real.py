@@ -220,11 +220,11 @@ def run_fedavg_head(data: dict[str, Any], args: argparse.Namespace, encrypted: b
     from torch import nn
     from torch.utils.data import TensorDataset
 
-    from flower_focal import keys
+    from flower_focal import wire as keys
     from flower_focal.client.handlers import local_seed
     from flower_focal.client.he_mod import decrypt_record, encrypt_record
     from flower_focal.crypto import Accumulator, SecretContext
-    from flower_focal.packing import ArrayLayout
+    from flower_focal.flatten import ArrayLayout
     from flower_focal.training import train_local
 
     insts, k = data["institutions"], data["k"]

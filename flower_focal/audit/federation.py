@@ -45,7 +45,7 @@ class AuditData:
 
 def _render(item: dict[str, Any]) -> np.ndarray:
     """An ``HxWxC`` uint8 image from a source item (synthetic recipes are rendered)."""
-    from flower_focal.data.keys import IMAGE
+    from flower_focal.data.fields import IMAGE
     from flower_focal.data.synthetic import GENERATOR
     from flower_focal.data.transforms import GenerateSyntheticd, load_image
 
@@ -69,7 +69,7 @@ def write_audit_npz(cfg: RunConfig, path: Path, num_images: int, seed: int, star
     partitioner will group them into institutions of equal size), ``val_*`` one image of every
     class (so the label space is the source's) taken from its validation split.
     """
-    from flower_focal.data.keys import LABEL
+    from flower_focal.data.fields import LABEL
     from flower_focal.data.sources import load_source
 
     src = load_source(cfg)
@@ -112,7 +112,7 @@ def run_round(cfg: RunConfig, num_institutions: int) -> tuple[LoopbackGrid, Any]
 def institution_truth(cfg: RunConfig, partition_id: int, num_partitions: int) -> torch.Tensor:
     """The institution's training images as the model sees them before augmentation ``(B, C, H, W)``."""
     from flower_focal.data.institution import load_institution_train_eval
-    from flower_focal.data.keys import IMAGE
+    from flower_focal.data.fields import IMAGE
 
     ds = load_institution_train_eval(cfg, partition_id, num_partitions)
     return torch.stack([torch.as_tensor(ds[i][IMAGE]).as_subclass(torch.Tensor).float()
@@ -122,7 +122,7 @@ def institution_truth(cfg: RunConfig, partition_id: int, num_partitions: int) ->
 def partition_labels(cfg: RunConfig, partition_id: int, num_partitions: int) -> list[int]:
     """The institution's training labels (for scoring label recovery)."""
     from flower_focal.data.institution import load_institution_train_eval
-    from flower_focal.data.keys import LABEL
+    from flower_focal.data.fields import LABEL
 
     ds = load_institution_train_eval(cfg, partition_id, num_partitions)
     return [int(ds[i][LABEL]) for i in range(len(ds))]

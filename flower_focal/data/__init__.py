@@ -24,7 +24,7 @@ from flower_focal.data.institution import (
     load_split,
     source_info,
 )
-from flower_focal.data.keys import IMAGE, LABEL, SITE
+from flower_focal.data.fields import IMAGE, LABEL, SITE
 from flower_focal.data.partition import PARTITIONERS, partition_indices, partition_train_val
 from flower_focal.data.sources import (
     SOURCES,

@@ -17,7 +17,7 @@ from typing import Any
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from flower_focal import keys
+from flower_focal import wire
 
 __all__ = ["LoopbackGrid", "ensure_task_identity"]
 
@@ -62,7 +62,7 @@ class LoopbackGrid:
             nid: Context(
                 run_id=1, node_id=nid,
                 node_config=(dict(node_configs[i]) if node_configs else
-                             {keys.NODE_PARTITION_ID: i, keys.NODE_NUM_PARTITIONS: num_nodes}),
+                             {wire.NODE_PARTITION_ID: i, wire.NODE_NUM_PARTITIONS: num_nodes}),
                 state=RecordDict(), run_config=dict(run_config),
             )
             for i, nid in enumerate(self.node_ids)
@@ -88,9 +88,9 @@ class LoopbackGrid:
             if dst in self.down:
                 continue  # a dead node never answers
             self.sent.append(copy.deepcopy(msg))  # the content object is reused by later rounds
-            config = msg.content.config_records.get(keys.CONFIG, {})
+            config = msg.content.config_records.get(wire.CONFIG, {})
             try:
-                if config.get(keys.SERVER_ROUND, 0) >= self.crash_from_round.get(dst, 10**9):
+                if config.get(wire.SERVER_ROUND, 0) >= self.crash_from_round.get(dst, 10**9):
                     raise RuntimeError(f"node {dst} crashed")
                 # a copy, as if serialised: handlers and mods must not touch the server's object
                 reply = self.app(copy.deepcopy(msg), self.contexts[dst])
