@@ -26,12 +26,10 @@ from sklearn.metrics import roc_auc_score
 from flower_focal.crypto import SecretContext
 from flower_focal.focal import (
     FocalLayout,
-    Institution,
     predict_logits,
     softmax,
-    train_encrypted,
-    train_plaintext,
 )
+from flower_focal.testing import InstitutionEmbeddings as Institution, train_encrypted, train_plaintext
 
 BASELINE_MS_PER_WEIGHT = 22.0  # he-measurements.md Part 2, design (a), N=8192, 1 core
 

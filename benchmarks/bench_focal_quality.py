@@ -91,8 +91,8 @@ def focal_run(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.nd
               encrypted: bool = True, secret: Any = None) -> dict[str, Any]:
     """FOCAL at its defaults on ``train`` split over institutions; scores on ``val``."""
     from flower_focal.data.partition import partition_indices
-    from flower_focal.focal import FocalLayout, Institution, predict_logits, softmax
-    from flower_focal.focal import train_encrypted, train_plaintext
+    from flower_focal.focal import FocalLayout, predict_logits, softmax
+    from flower_focal.testing import InstitutionEmbeddings as Institution, train_encrypted, train_plaintext
     from flower_focal.metrics import accuracy, macro_auroc
 
     x, y = train

@@ -61,12 +61,10 @@ from flower_focal.data.partition import histogram, partition_indices
 from flower_focal.data.transforms import build_transforms
 from flower_focal.focal import (
     FocalLayout,
-    Institution,
     predict_logits,
     softmax,
-    train_encrypted,
-    train_plaintext,
 )
+from flower_focal.testing import InstitutionEmbeddings as Institution, train_encrypted, train_plaintext
 from flower_focal.metrics import accuracy, macro_auroc
 from flower_focal.models.backbones import build_backbone
 from flower_focal.models.embeddings import cached_embeddings, extract_embeddings
@@ -224,11 +222,11 @@ def run_fedavg_head(data: dict[str, Any], args: argparse.Namespace, encrypted: b
     from torch import nn
     from torch.utils.data import TensorDataset
 
-    from flower_focal import keys
+    from flower_focal import wire as keys
     from flower_focal.client.handlers import local_seed
     from flower_focal.client.he_mod import decrypt_record, encrypt_record
     from flower_focal.crypto import Accumulator, SecretContext
-    from flower_focal.packing import ArrayLayout
+    from flower_focal.flatten import ArrayLayout
     from flower_focal.training import train_local
 
     insts, k = data["institutions"], data["k"]

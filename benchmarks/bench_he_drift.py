@@ -24,7 +24,7 @@ import torch
 from _common import emit, machine
 
 from flower_focal.artifacts import decrypt_model
-from flower_focal.audit.federation import AuditGrid
+from flower_focal.testing import LoopbackGrid as AuditGrid
 from flower_focal.client.app import build_client_app
 from flower_focal.config import RunConfig
 from flower_focal.crypto import keygen

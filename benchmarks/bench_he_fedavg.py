@@ -46,7 +46,7 @@ from pathlib import Path
 from _common import emit, loadavg, machine, machine_cpu_s, shared_npz
 from bench_crypto import bench_preset
 
-from flower_focal import keys
+from flower_focal import wire as keys
 from flower_focal.config import RunConfig
 from flower_focal.crypto import PRESETS
 from flower_focal.models import build_model, count_parameters

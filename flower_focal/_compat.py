@@ -19,7 +19,7 @@ def stamp_message_id(message: Message) -> Message:
 def set_task_identity(run_id: int, node_id: int = 0) -> None:
     """Set the run/node identity Flower stamps on new messages (done by Flower in a real run).
 
-    Needed only to drive a strategy in-process, e.g. the tests' loopback grid.
+    Needed only to drive a strategy in-process, e.g. :class:`flower_focal.testing.LoopbackGrid`.
     """
     from flwr.supercore.task_identity import TaskIdentity
 

@@ -15,11 +15,11 @@ import torch
 from flwr.app import ArrayRecord
 from torch import nn
 
-from flower_focal import keys
+from flower_focal import wire
 from flower_focal.encrypted_model import EncryptedModel, decrypt_file
 from flower_focal.history import write_json_atomic
 from flower_focal.models import arrays_into_model, build_model
-from flower_focal.packing import ArrayLayout
+from flower_focal.flatten import ArrayLayout
 
 MODEL_FILE = "model.pt"
 SPEC_FILE = "model.json"
@@ -105,7 +105,7 @@ def save_encrypted_model(run_dir: Path, arrays: ArrayRecord, layout: Any, spec: 
 
     The server can write this: it is ciphertext plus public facts (layout, weights). Turn it
     into ``model.pt`` with :func:`decrypt_model` where the secret key lives. ``layout`` is an
-    :class:`~flower_focal.packing.ArrayLayout` (HE-FedAvg) or a
+    :class:`~flower_focal.flatten.ArrayLayout` (HE-FedAvg) or a
     :class:`~flower_focal.focal.FocalLayout` (FOCAL: ``arrays`` holds the encrypted head).
     """
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -117,9 +117,9 @@ def save_encrypted_model(run_dir: Path, arrays: ArrayRecord, layout: Any, spec: 
             raise ValueError(f"unknown layout type {type(layout).__name__}")
         from flower_focal.encrypted_model import save_focal_head
 
-        moments = arrays[keys.FOCAL_MOMENTS].data if keys.FOCAL_MOMENTS in arrays else None
-        stats_n = int(arrays[keys.FOCAL_STATS_N].numpy()[0]) if keys.FOCAL_STATS_N in arrays else 0
-        save_focal_head(arrays[keys.FOCAL_HEAD].data, layout, path, moments=moments, stats_n=stats_n)
+        moments = arrays[wire.FOCAL_MOMENTS].data if wire.FOCAL_MOMENTS in arrays else None
+        stats_n = int(arrays[wire.FOCAL_STATS_N].numpy()[0]) if wire.FOCAL_STATS_N in arrays else 0
+        save_focal_head(arrays[wire.FOCAL_HEAD].data, layout, path, moments=moments, stats_n=stats_n)
         save_spec(run_dir, spec)
         return path
     EncryptedModel.from_record(arrays, layout).save(path)

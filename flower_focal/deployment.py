@@ -3,8 +3,8 @@
 :class:`LoopbackDeployment` starts ``flower-superlink`` and ``flower-supernode`` exactly as a
 consortium would (no simulation engine), each with its own node config (data path, secret key
 path, partition), submits runs with ``flwr run . <connection>``, reads their final status with
-``flwr ls`` and stops every process by PID. Used by the deployment tests and benchmarks, and a
-quick way to try a deployment on one machine.
+``flwr ls`` and stops every process by PID. ``flower-focal deploy-local`` (a quick way to try a
+deployment on one machine) is built on it; the deployment tests and benchmarks use it too.
 
 Secure by default: a throw-away consortium PKI (:mod:`flower_focal.pki`) is made and handed out
 as a real consortium would hand it out (``superlink-tls/``: CA certificate, SuperLink
@@ -13,7 +13,7 @@ node I's private key; the CA key is discarded). The SuperLink serves HTTPS with
 ``--enable-supernode-auth``; every SuperNode's public key is registered with
 ``flwr supernode register`` before it starts with ``--root-certificates`` and
 ``--auth-supernode-private-key``; the ``flwr`` CLI connection uses ``root-certificates``.
-``insecure=True`` gives the old plaintext, open-registration deployment (an explicit opt-out)::
+``insecure=True`` gives a plaintext, open-registration deployment (an explicit opt-out)::
 
     with LoopbackDeployment(node_configs=[{"data-path": "/data/a.npz"}, {"data-path": "/data/b.npz"}]) as dep:
         result = dep.run(RunConfig(strategy="fedavg", dataset="medmnist", run_dir="/tmp/run"))

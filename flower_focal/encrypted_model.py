@@ -2,7 +2,7 @@
 
 The server of an encrypted strategy never holds a plaintext model, so the final model of a run
 is an :class:`EncryptedModel`: the encrypted weighted sum, the ``[C, W]`` pair that rescales
-it, and the :class:`~flower_focal.packing.ArrayLayout` (names, shapes, dtypes: the
+it, and the :class:`~flower_focal.flatten.ArrayLayout` (names, shapes, dtypes: the
 architecture, public). It is saved as two files, ``<name>.he`` (ciphertext) and
 ``<name>.he.json`` (layout and weights), and turned back into arrays only where the secret key
 lives::
@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from flower_focal import keys
-from flower_focal.packing import ArrayLayout
+from flower_focal import wire
+from flower_focal.flatten import ArrayLayout
 
 KIND = "he-fedavg"
 
@@ -48,16 +48,16 @@ class EncryptedModel:
     @classmethod
     def from_record(cls, arrays: ArrayRecord, layout: ArrayLayout) -> EncryptedModel:
         """From the strategy's encrypted aggregate (``Result.arrays`` of an HE-FedAvg run)."""
-        if keys.HE_CIPHERTEXT not in arrays or keys.HE_WEIGHTS not in arrays:
+        if wire.HE_CIPHERTEXT not in arrays or wire.HE_WEIGHTS not in arrays:
             raise ValueError(f"not an encrypted aggregate: arrays {list(arrays.keys())}")
-        norm, total = (float(x) for x in arrays[keys.HE_WEIGHTS].numpy())
-        return cls(bytes(arrays[keys.HE_CIPHERTEXT].data), (norm, total), layout)
+        norm, total = (float(x) for x in arrays[wire.HE_WEIGHTS].numpy())
+        return cls(bytes(arrays[wire.HE_CIPHERTEXT].data), (norm, total), layout)
 
     def to_record(self) -> ArrayRecord:
         """The encrypted aggregate as Flower sends it (ciphertext Array + ``[C, W]``)."""
         return ArrayRecord({
-            keys.HE_CIPHERTEXT: keys.he_array(self.ciphertext),
-            keys.HE_WEIGHTS: Array(np.array(self.weights, dtype=np.float64)),
+            wire.HE_CIPHERTEXT: wire.he_array(self.ciphertext),
+            wire.HE_WEIGHTS: Array(np.array(self.weights, dtype=np.float64)),
         })
 
     def meta(self) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """A Flower :class:`~flwr.serverapp.Grid` that collects replies as soon as they arrive.
 
-Flower 1.41's ``HttpGrid.send_and_receive`` (the grid a ServerApp gets from the SuperLink,
+Flower's ``HttpGrid.send_and_receive`` (1.41, 1.42) (the grid a ServerApp gets from the SuperLink,
 in simulation and deployment alike) pushes the messages and then pulls replies every
 **3 seconds**. Every exchange therefore ends on a 3 s tick: a training phase that takes
 3.1 s costs 6 s, and FOCAL, which has several exchanges per round, pays the tick on each.

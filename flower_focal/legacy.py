@@ -36,10 +36,10 @@ from flwr.common import FitIns, Parameters, ndarrays_to_parameters, parameters_t
 from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.supercore import log
 
-from flower_focal import keys
+from flower_focal import wire
 from flower_focal.client.he_mod import hold_update, prepare_update, seal_held_update, secret_context
 from flower_focal.encrypted_model import EncryptedModel
-from flower_focal.packing import ArrayLayout
+from flower_focal.flatten import ArrayLayout
 
 HE_LAYOUT = "he-layout"  # legacy config: the layout as one JSON string (legacy configs hold scalars)
 HE_ENCRYPTED = "he-encrypted"  # legacy config: the parameters are [ciphertext, [C, W]]
@@ -82,9 +82,9 @@ class HENumPyClient(NumPyClient):
 
     def _secret(self, config: dict[str, Any]):
         secret = secret_context(self.he_context)
-        if secret.fingerprint.hex() != config[keys.HE_FINGERPRINT]:
+        if secret.fingerprint.hex() != config[wire.HE_FINGERPRINT]:
             raise ValueError("this institution's HE key set differs from the server's (fingerprint "
-                             f"{secret.fingerprint.hex()} != {config[keys.HE_FINGERPRINT]})")
+                             f"{secret.fingerprint.hex()} != {config[wire.HE_FINGERPRINT]})")
         return secret
 
     def _plain(self, parameters: list[np.ndarray], config: dict[str, Any], secret, layout: ArrayLayout
@@ -99,23 +99,23 @@ class HENumPyClient(NumPyClient):
         return [model[n].numpy() for n in layout.names]
 
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]):
-        if keys.HE_FINGERPRINT not in config:
+        if wire.HE_FINGERPRINT not in config:
             return self.client.fit(parameters, config)
         secret = self._secret(config)
         layout = _layout_from_json(str(config[HE_LAYOUT]))
-        if config.get(keys.HE_SEAL):
+        if config.get(wire.HE_SEAL):
             encrypted, n_examples, _ = seal_held_update(self.he_context, config, secret)
-            return [np.frombuffer(encrypted[keys.HE_CIPHERTEXT].data, dtype=np.uint8)], int(n_examples), {}
+            return [np.frombuffer(encrypted[wire.HE_CIPHERTEXT].data, dtype=np.uint8)], int(n_examples), {}
         plain = self._plain(parameters, config, secret, layout)
         trained, n_examples, metrics = self.client.fit(plain, config)
         flat = prepare_update(_record(layout, trained), secret, layout, reference=_record(layout, plain),
-                              clip_norm=float(config.get(keys.HE_CLIP_NORM, 0.0)),
-                              noise_std=float(config.get(keys.HE_NOISE_STD, 0.0)))
+                              clip_norm=float(config.get(wire.HE_CLIP_NORM, 0.0)),
+                              noise_std=float(config.get(wire.HE_NOISE_STD, 0.0)))
         hold_update(self.he_context, flat, n_examples, config)
-        return [], n_examples, {**metrics, keys.HE_PENDING: 1}
+        return [], n_examples, {**metrics, wire.HE_PENDING: 1}
 
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]):
-        if keys.HE_FINGERPRINT not in config:
+        if wire.HE_FINGERPRINT not in config:
             return self.client.evaluate(parameters, config)
         secret = self._secret(config)
         layout = _layout_from_json(str(config[HE_LAYOUT]))
@@ -174,17 +174,17 @@ class HEFedAvgLegacy(LegacyFedAvg):
         return cls(he_public=PublicContext.from_key_dir(key_dir), **kwargs)
 
     def _he_config(self, config: dict[str, Any], encrypted: bool) -> dict[str, Any]:
-        return {**config, keys.HE_FINGERPRINT: self.he_public.fingerprint.hex(),
+        return {**config, wire.HE_FINGERPRINT: self.he_public.fingerprint.hex(),
                 HE_LAYOUT: _layout_json(self.layout), HE_ENCRYPTED: encrypted,
-                keys.HE_CLIP_NORM: float(self.clip_norm)}
+                wire.HE_CLIP_NORM: float(self.clip_norm)}
 
     def configure_fit(self, server_round, parameters, client_manager):
         pairs = super().configure_fit(server_round, parameters, client_manager)
         encrypted = self.final is not None
         std = self.noise_multiplier * self.clip_norm / max(len(pairs), 1) ** 0.5
         for _, ins in pairs:  # Flower's FedAvg shares one FitIns among the clients
-            ins.config = self._he_config({**ins.config, keys.SERVER_ROUND: server_round,
-                                          keys.HE_NOISE_STD: std}, encrypted)
+            ins.config = self._he_config({**ins.config, wire.SERVER_ROUND: server_round,
+                                          wire.HE_NOISE_STD: std}, encrypted)
         return pairs
 
     def configure_evaluate(self, server_round, parameters, client_manager):
@@ -215,12 +215,12 @@ class HEFedAvgLegacy(LegacyFedAvg):
     def _aggregate_fit(self, server_round, results):
         from flower_focal.crypto import Accumulator, CiphertextError
 
-        pending = [(proxy, res) for proxy, res in results if res.metrics.get(keys.HE_PENDING)]
+        pending = [(proxy, res) for proxy, res in results if res.metrics.get(wire.HE_PENDING)]
         if not pending:
             return None, {}
         total = float(sum(res.num_examples for _, res in pending))
         seal = FitIns(Parameters(tensors=[], tensor_type=""), self._he_config(
-            {keys.SERVER_ROUND: server_round, keys.HE_SEAL: True, keys.HE_WEIGHT_NORM: total},
+            {wire.SERVER_ROUND: server_round, wire.HE_SEAL: True, wire.HE_WEIGHT_NORM: total},
             self.final is not None))
         with ThreadPoolExecutor(max_workers=len(pending)) as pool:
             futures = [pool.submit(proxy.fit, seal, self.exchange_timeout, server_round) for proxy, _ in pending]
@@ -248,7 +248,7 @@ class HEFedAvgLegacy(LegacyFedAvg):
         metrics: dict[str, Any] = {}
         if self.fit_metrics_aggregation_fn:
             metrics = self.fit_metrics_aggregation_fn(
-                [(r.num_examples, {k: v for k, v in r.metrics.items() if k != keys.HE_PENDING}) for r in used])
+                [(r.num_examples, {k: v for k, v in r.metrics.items() if k != wire.HE_PENDING}) for r in used])
         return ndarrays_to_parameters([np.frombuffer(blob, dtype=np.uint8),
                                        np.array([total, weight], dtype=np.float64)]), metrics
 

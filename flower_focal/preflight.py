@@ -1,9 +1,9 @@
 """Check a run's settings, data and keys in this process, before Flower or Ray starts.
 
 A mistake in a run config (a missing data file, an ``.npz`` without the expected keys, a
-corrupt image, more institutions than the data can feed, an unknown strategy) used to surface
-only after ``flwr run`` had started a SuperLink, Ray and every ClientApp: a minute later, as
-the same error repeated by every institution. :func:`preflight` finds those mistakes in a few
+corrupt image, more institutions than the data can feed, an unknown strategy) otherwise
+surfaces only after ``flwr run`` has started a SuperLink, Ray and every ClientApp: a minute
+later, as the same error repeated by every institution. :func:`preflight` finds those mistakes in a few
 seconds and raises one :class:`PreflightError` whose message names the file or value.
 
 It loads the data source exactly as the institutions will (:func:`flower_focal.data.

@@ -21,7 +21,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 from flwr.supercore import log
 
-from flower_focal import keys
+from flower_focal import wire
 from flower_focal.checkpoint import CHECKPOINT_FILE, RoundOffset, check_compatible, load_checkpoint
 from flower_focal.artifacts import ModelSpec, save_encrypted_model, save_model
 from flower_focal.config import RunConfig
@@ -114,7 +114,7 @@ def _run_rounds(cfg: RunConfig, driver, strategy, grid: Grid, shape, initial: Ar
                 checkpoint) -> Result:
     """Flower's round loop for the rounds left (after a resumed checkpoint's); raises
     :class:`~flower_focal.strategy.NothingAggregated` when no round trained anything."""
-    shared = ConfigRecord({keys.NUM_CLASSES: shape.num_classes, keys.IN_CHANNELS: shape.in_channels})
+    shared = ConfigRecord({wire.NUM_CLASSES: shape.num_classes, wire.IN_CHANNELS: shape.in_channels})
     done = checkpoint.server_round if checkpoint is not None else 0
     if done:
         log(INFO, "flower-focal: resuming after round %d from %s", done, CHECKPOINT_FILE)

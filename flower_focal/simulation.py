@@ -319,37 +319,55 @@ def simulate(
     """
     if not cfg.run_dir:
         raise ValueError("simulate() needs cfg.run_dir (where the run directory goes)")
-    from flower_focal.preflight import preflight
-
     if check:
-        report = preflight(cfg, federation.num_supernodes)  # PreflightError before Flower starts
-        if echo:
-            print(f"flower-focal: {report.summary()}\n{report.institutions_table()}")
+        _preflight(cfg, federation, echo)
     run_dir = Path(cfg.run_dir).expanduser().resolve()
     cfg = cfg.replace(run_dir=str(run_dir))
     app_dir = app_dir or repo_root()
-    key_dir: Path | None = None
-    if cfg.strategy in KEYED_STRATEGIES and not cfg.he_key_dir:
-        # In a simulation this process plays the institutions' key holder: a fresh key set
-        # lives in a private temporary directory for the run only (never in run_dir).
-        from flower_focal.crypto import keygen
-
-        key_dir = keygen(Path(tempfile.mkdtemp(prefix="flower-focal-keys-")), key_preset(cfg))
-        cfg = cfg.replace(he_key_dir=str(key_dir))
+    cfg, key_dir = _with_run_keys(cfg)
     toml_path = write_run_config(cfg, run_dir / "run_config.toml")
     try:
         run_id, status, wall = run_app(app_dir, toml_path, federation, run_dir / "flwr.log",
                                        timeout_s=timeout_s, echo=echo, flwr_home=flwr_home,
                                        superlink_log=run_dir / "superlink.log")
-        if (run_dir / ENCRYPTED_FILE).exists() and cfg.he_key_dir:
-            decrypt_model(run_dir, cfg.he_key_dir)
-            if echo:
-                print(f"flower-focal: decrypted the final global model with the institutions' key "
-                      f"into {run_dir / MODEL_FILE} (the server only ever held {ENCRYPTED_FILE})")
+        _decrypt_final_model(cfg, run_dir, echo)
         return SimulationResult(run_id, status, run_dir, wall, run_dir / "flwr.log")
     finally:
         if key_dir is not None:
             shutil.rmtree(key_dir, ignore_errors=True)
+
+
+def _preflight(cfg: RunConfig, federation: Federation, echo: bool) -> None:
+    """:func:`flower_focal.preflight.preflight` (``PreflightError`` before Flower starts)."""
+    from flower_focal.preflight import preflight
+
+    report = preflight(cfg, federation.num_supernodes)
+    if echo:
+        print(f"flower-focal: {report.summary()}\n{report.institutions_table()}")
+
+
+def _with_run_keys(cfg: RunConfig) -> tuple[RunConfig, Path | None]:
+    """A keyed strategy without ``he-key-dir``: a fresh key set for this run only.
+
+    In a simulation this process plays the institutions' key holder; the keys live in a private
+    temporary directory (never in the run directory), returned so the caller removes it.
+    """
+    if cfg.strategy not in KEYED_STRATEGIES or cfg.he_key_dir:
+        return cfg, None
+    from flower_focal.crypto import keygen
+
+    key_dir = keygen(Path(tempfile.mkdtemp(prefix="flower-focal-keys-")), key_preset(cfg))
+    return cfg.replace(he_key_dir=str(key_dir)), key_dir
+
+
+def _decrypt_final_model(cfg: RunConfig, run_dir: Path, echo: bool) -> None:
+    """Decrypt the server's ``model.he`` into ``model.pt`` with the institutions' key."""
+    if not ((run_dir / ENCRYPTED_FILE).exists() and cfg.he_key_dir):
+        return
+    decrypt_model(run_dir, cfg.he_key_dir)
+    if echo:
+        print(f"flower-focal: decrypted the final global model with the institutions' key "
+              f"into {run_dir / MODEL_FILE} (the server only ever held {ENCRYPTED_FILE})")
 
 
 def run_app(
@@ -386,30 +404,43 @@ def run_app(
            *(["--run-config", str(run_config)] if run_config else []),
            "--federation-config", federation.to_flower()]
     start = time.time()
-    run_id: int | None = None
     try:
-        with open(log_path, "w") as log_file:
-            proc = subprocess.Popen(
-                cmd, cwd=app_dir, env=env, stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, text=True, bufsize=1,
-            )
-            for line in proc.stdout or ():
-                log_file.write(line)
-                if echo and not any(noise in line for noise in NOISE):
-                    sys.stdout.write(line)
-                if run_id is None and (m := re.search(r"run (\d+)", line)):
-                    run_id = int(m.group(1))
-                if timeout_s is not None and time.time() - start > timeout_s:
-                    proc.kill()
-                    raise SimulationFailed(f"simulation exceeded {timeout_s:.0f} s; log: {log_path}")
-            proc.wait()
+        run_id, returncode = _stream_run(cmd, app_dir, env, log_path, echo, timeout_s, start)
         wall = time.time() - start
         if run_id is None:
-            raise SimulationFailed(f"`flwr run` did not start a run (exit {proc.returncode}); log: {log_path}")
+            raise SimulationFailed(f"`flwr run` did not start a run (exit {returncode}); log: {log_path}")
         return run_id, require_completed(run_id, env, log_path), wall
     finally:
-        stop_processes_under(flwr_home)
-        link_log = flwr_home / "local-superlink" / "superlink.log"
-        if superlink_log is not None and link_log.exists():
-            shutil.copy(link_log, superlink_log)
-        shutil.rmtree(flwr_home, ignore_errors=True)
+        _stop_flower_home(flwr_home, superlink_log)
+
+
+def _stream_run(cmd: list[str], app_dir: Path, env: dict[str, str], log_path: Path, echo: bool,
+                timeout_s: float | None, start: float) -> tuple[int | None, int]:
+    """Run ``flwr run --stream``, copying its output to ``log_path`` (and, without Flower's
+    noise, to stdout); return the run ID it announced (None: none) and its exit code."""
+    run_id: int | None = None
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(
+            cmd, cwd=app_dir, env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, bufsize=1,
+        )
+        for line in proc.stdout or ():
+            log_file.write(line)
+            if echo and not any(noise in line for noise in NOISE):
+                sys.stdout.write(line)
+            if run_id is None and (m := re.search(r"run (\d+)", line)):
+                run_id = int(m.group(1))
+            if timeout_s is not None and time.time() - start > timeout_s:
+                proc.kill()
+                raise SimulationFailed(f"simulation exceeded {timeout_s:.0f} s; log: {log_path}")
+        proc.wait()
+    return run_id, proc.returncode
+
+
+def _stop_flower_home(flwr_home: Path, superlink_log: Path | None) -> None:
+    """Stop every process of ``flwr_home``, keep the SuperLink's log, remove the directory."""
+    stop_processes_under(flwr_home)
+    link_log = flwr_home / "local-superlink" / "superlink.log"
+    if superlink_log is not None and link_log.exists():
+        shutil.copy(link_log, superlink_log)
+    shutil.rmtree(flwr_home, ignore_errors=True)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from flower_focal import keys
+from flower_focal import wire as keys
 from flower_focal.data.loader import batch_loader, device_batches, to_device_async
 from flower_focal.metrics import accuracy, macro_auroc
 

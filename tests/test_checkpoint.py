@@ -13,7 +13,7 @@ from flower_focal.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from flower_focal.config import RunConfig
 from flower_focal.crypto import keygen
 from flower_focal.server import run_server
-from tests.conftest import LoopbackGrid
+from flower_focal.testing import LoopbackGrid
 
 
 class ServerKilled(Exception):

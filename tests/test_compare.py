@@ -33,7 +33,7 @@ from flower_focal.compare import (
 from flower_focal.config import RunConfig
 from flower_focal.crypto import keygen
 from flower_focal.server import run_server
-from tests.conftest import LoopbackGrid
+from flower_focal.testing import LoopbackGrid
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

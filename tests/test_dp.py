@@ -12,7 +12,7 @@ from flower_focal.config import RunConfig
 from flower_focal.server import run_server
 from flower_focal.strategy import FedAvg, build_strategy
 from flower_focal.strategy.registry import core_strategy
-from tests.conftest import LoopbackGrid
+from flower_focal.testing import LoopbackGrid
 
 
 def _run(tmp_path, name, **kw):

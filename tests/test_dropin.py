@@ -16,7 +16,7 @@ from flwr.clientapp import ClientApp
 from flower_focal.client.he_mod import he_fedavg_mod
 from flower_focal.crypto import PublicContext, keygen
 from flower_focal.strategy import FedAvg, HEFedAvg, NothingAggregated
-from tests.conftest import LoopbackGrid
+from flower_focal.testing import LoopbackGrid
 
 RUN_CONFIG = {"learning-rate": 0.5, "he-key-dir": ""}  # the app's own key next to the mod's
 

@@ -27,9 +27,9 @@ from flower_focal.client.focal import (
 )
 from flower_focal.crypto import keygen
 from flower_focal.encrypted_model import decrypt_file
-from flower_focal.focal import Institution, train_plaintext
+from flower_focal.testing import InstitutionEmbeddings, train_plaintext
 from flower_focal.strategy.focal import Focal, MixedBackbones
-from tests.conftest import LoopbackGrid
+from flower_focal.testing import LoopbackGrid
 
 NODES, CLASSES, ROUNDS, LR = 3, 3, 2, 2.0
 
@@ -124,7 +124,7 @@ def test_focal_on_the_apps_network_equals_its_plaintext_twin(key_dir, tmp_path):
         train, _ = load_data(pid)
         with torch.no_grad():
             x = torch.cat([backbone(images) for images, _ in DataLoader(train.dataset, batch_size=5)])
-        institutions.append(Institution(str(pid), x.double().numpy(), train.dataset.tensors[1].numpy()))
+        institutions.append(InstitutionEmbeddings(str(pid), x.double().numpy(), train.dataset.tensors[1].numpy()))
     twin = train_plaintext(institutions, CLASSES, epochs=ROUNDS, lr=LR, init_seed=0)
     encrypted = np.vstack([weights["weight"].numpy().T, weights["bias"].numpy()[None, :]])
     assert float(np.abs(encrypted - twin.head).max()) <= 1e-4 * max(1.0, float(np.abs(twin.head).max()))

@@ -16,7 +16,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from clients.client_app import app as client_app
-from flower_focal import keys
+from flower_focal import wire
 from flower_focal.artifacts import decrypt_model, load_model
 from flower_focal.checkpoint import load_checkpoint, save_checkpoint
 from flower_focal.client.focal import site_embeddings
@@ -25,17 +25,16 @@ from flower_focal.config import RunConfig
 from flower_focal.crypto import keygen
 from flower_focal.focal import (
     FocalLayout,
-    Institution,
     balanced_class_weights,
     predict_logits,
     softmax,
-    train_plaintext,
 )
 from flower_focal.server import run_server
 from flower_focal.simulation import repo_root
 from flower_focal.strategy import build_strategy
 from flower_focal.strategy.focal import Focal
-from tests.conftest import LoopbackGrid, write_synthetic_npz
+from flower_focal.testing import InstitutionEmbeddings, LoopbackGrid, train_plaintext
+from tests.conftest import write_synthetic_npz
 
 ROUNDS, LR = 3, 0.5
 
@@ -80,18 +79,18 @@ class DyingGrid(LoopbackGrid):
     def push_messages(self, messages):
         messages = list(messages)
         for m in messages:
-            if (m.metadata.message_type == keys.ACTION_FOCAL
-                    and m.content[keys.CONFIG][keys.SERVER_ROUND] >= self.DIE_AT):
+            if (m.metadata.message_type == wire.ACTION_FOCAL
+                    and m.content[wire.CONFIG][wire.SERVER_ROUND] >= self.DIE_AT):
                 raise ServerKilled()
         return super().push_messages(messages)
 
 
-def _institutions(grid: LoopbackGrid, split: str) -> list[Institution]:
+def _institutions(grid: LoopbackGrid, split: str) -> list[InstitutionEmbeddings]:
     out = []
     for nid in grid.node_ids:
         site = site_from_context(grid.contexts[nid])
         x, y = site_embeddings(site, split)
-        out.append(Institution(str(site.partition_id), x, y))
+        out.append(InstitutionEmbeddings(str(site.partition_id), x, y))
     return sorted(out, key=lambda i: int(i.name))
 
 
@@ -103,7 +102,7 @@ def _head(run_dir: Path, key_dir: Path) -> np.ndarray:
     return np.vstack([w, model.head.bias.detach().double().numpy()[None, :]])
 
 
-def _auroc(head: np.ndarray, val: list[Institution]) -> float:
+def _auroc(head: np.ndarray, val: list[InstitutionEmbeddings]) -> float:
     x = np.vstack([i.x for i in val])
     y = np.concatenate([i.y for i in val])
     lay = FocalLayout(x.shape[1], head.shape[1])
@@ -113,7 +112,7 @@ def _auroc(head: np.ndarray, val: list[Institution]) -> float:
                                multi_class="ovr", average="macro", labels=present))
 
 
-def _dlogits(a: np.ndarray, b: np.ndarray, insts: list[Institution]) -> float:
+def _dlogits(a: np.ndarray, b: np.ndarray, insts: list[InstitutionEmbeddings]) -> float:
     """Largest logit difference of two heads on the institutions' embeddings (heads for raw
     embeddings have the standardisation folded in: compare what they compute, not their rows,
     which 1 / std scales up for near-constant features)."""
@@ -159,22 +158,22 @@ def test_focal_matches_plaintext_twin_and_server_sees_only_ciphertext(
         actions.add(reply.metadata.message_type)
         for record in reply.content.array_records.values():
             for name, arr in record.items():
-                assert arr.stype == keys.HE_STYPE, (reply.metadata.message_type, name)
-    assert {keys.ACTION_EMBED, keys.ACTION_FOCAL, keys.ACTION_FOCAL_EVALUATE} <= actions
+                assert arr.stype == wire.HE_STYPE, (reply.metadata.message_type, name)
+    assert {wire.ACTION_EMBED, wire.ACTION_FOCAL, wire.ACTION_FOCAL_EVALUATE} <= actions
     # each forward message carries one institution's logits only (+ the encrypted class total)
-    fwd = [m for m in grid.sent if m.metadata.message_type == keys.ACTION_FOCAL]
-    check = [m for m in fwd if m.content[keys.CONFIG][keys.FOCAL_CHECK_ONLY]]
-    fwd = [m for m in fwd if not m.content[keys.CONFIG][keys.FOCAL_CHECK_ONLY]]
+    fwd = [m for m in grid.sent if m.metadata.message_type == wire.ACTION_FOCAL]
+    check = [m for m in fwd if m.content[wire.CONFIG][wire.FOCAL_CHECK_ONLY]]
+    fwd = [m for m in fwd if not m.content[wire.CONFIG][wire.FOCAL_CHECK_ONLY]]
     assert len(fwd) == 3 * rounds * steps and len(check) == 3  # + the guard's final check
     # the statistics exchange, then the embeddings; the server only ever adds the moments
-    embeds = [m for m in grid.sent if m.metadata.message_type == keys.ACTION_EMBED]
-    assert [bool(m.content[keys.CONFIG].get(keys.FOCAL_STATS_ONLY, False)) for m in embeds] == [True] * 3 + [False] * 3
-    assert all(keys.FOCAL_MOMENTS in m.content[keys.ARRAYS] for m in embeds[3:])
-    expected = [keys.FOCAL_LOGITS] + ([keys.FOCAL_CLASS_COUNTS] if class_weights == "balanced" else [])
+    embeds = [m for m in grid.sent if m.metadata.message_type == wire.ACTION_EMBED]
+    assert [bool(m.content[wire.CONFIG].get(wire.FOCAL_STATS_ONLY, False)) for m in embeds] == [True] * 3 + [False] * 3
+    assert all(wire.FOCAL_MOMENTS in m.content[wire.ARRAYS] for m in embeds[3:])
+    expected = [wire.FOCAL_LOGITS] + ([wire.FOCAL_CLASS_COUNTS] if class_weights == "balanced" else [])
     for m in fwd:
-        assert list(m.content[keys.ARRAYS].keys()) == expected
-        assert all(a.stype == keys.HE_STYPE for a in m.content[keys.ARRAYS].values())
-    assert [m.content[keys.CONFIG][keys.FOCAL_STEP] for m in fwd[::3]] == list(range(1, rounds * steps + 1))
+        assert list(m.content[wire.ARRAYS].keys()) == expected
+        assert all(a.stype == wire.HE_STYPE for a in m.content[wire.ARRAYS].values())
+    assert [m.content[wire.CONFIG][wire.FOCAL_STEP] for m in fwd[::3]] == list(range(1, rounds * steps + 1))
 
     train, val = _institutions(grid, "train"), _institutions(grid, "val")
     k = int(json.loads((run_dir / "model.json").read_text())["num_classes"])
@@ -296,7 +295,7 @@ def test_institution_crashing_mid_training_is_left_out(tmp_path, npz, key_dir, m
     assert [sorted(r["train_institutions"]) for r in metrics["rounds"]] == [
         ["0", "1", "2"], ["0", "1"], ["0", "1"]]
     assert any("institution 2" in f for f in metrics["rounds"][1]["failures"])
-    evaluated = [m for m in grid.sent if m.metadata.message_type == keys.ACTION_FOCAL_EVALUATE]
+    evaluated = [m for m in grid.sent if m.metadata.message_type == wire.ACTION_FOCAL_EVALUATE]
     assert len(evaluated) == 2 * ROUNDS
     train = _institutions(grid, "train")
     k = int(json.loads((Path(cfg.run_dir) / "model.json").read_text())["num_classes"])
@@ -320,22 +319,22 @@ def test_focal_resumes_a_killed_server_to_the_uninterrupted_result(tmp_path, npz
         _run(cfg, grid_class=DyingGrid)
     ckpt = load_checkpoint(run_dir)
     assert ckpt is not None and ckpt.server_round == DyingGrid.DIE_AT - 1
-    assert list(ckpt.arrays.keys()) == [keys.FOCAL_HEAD]  # the server checkpoints the encrypted head
-    assert ckpt.arrays[keys.FOCAL_HEAD].stype == keys.HE_STYPE
+    assert list(ckpt.arrays.keys()) == [wire.FOCAL_HEAD]  # the server checkpoints the encrypted head
+    assert ckpt.arrays[wire.FOCAL_HEAD].stype == wire.HE_STYPE
 
     grid = _run(cfg.replace(resume=True))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "completed" and [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
     assert metrics["info"]["resumed_after_round"] == 2
     # the resumed server re-collected the embeddings, kept the checkpointed head, ran round 3 only
-    embed = [m for m in grid.sent if m.metadata.message_type == keys.ACTION_EMBED
-             and not m.content[keys.CONFIG].get(keys.FOCAL_STATS_ONLY, False)]  # (+ 3 statistics)
-    assert len(embed) == 3 and not any(m.content[keys.CONFIG][keys.FOCAL_INIT_HEAD] for m in embed)
-    fwd = [m for m in grid.sent if m.metadata.message_type == keys.ACTION_FOCAL
-           and not m.content[keys.CONFIG][keys.FOCAL_CHECK_ONLY]]  # (+ 3 final loss checks)
-    assert [m.content[keys.CONFIG][keys.SERVER_ROUND] for m in fwd] == [3, 3, 3]
+    embed = [m for m in grid.sent if m.metadata.message_type == wire.ACTION_EMBED
+             and not m.content[wire.CONFIG].get(wire.FOCAL_STATS_ONLY, False)]  # (+ 3 statistics)
+    assert len(embed) == 3 and not any(m.content[wire.CONFIG][wire.FOCAL_INIT_HEAD] for m in embed)
+    fwd = [m for m in grid.sent if m.metadata.message_type == wire.ACTION_FOCAL
+           and not m.content[wire.CONFIG][wire.FOCAL_CHECK_ONLY]]  # (+ 3 final loss checks)
+    assert [m.content[wire.CONFIG][wire.SERVER_ROUND] for m in fwd] == [3, 3, 3]
     assert metrics["info"]["focal_guard_state"]["first"] == pytest.approx(plain_first_loss(metrics), abs=1e-4)
-    assert {m.content[keys.CONFIG][keys.FOCAL_STEP] for m in fwd} == {3}
+    assert {m.content[wire.CONFIG][wire.FOCAL_STEP] for m in fwd} == {3}
     # same head as an uninterrupted run (its twin; fresh CKKS noise per encryption)
     train = _institutions(grid, "train")
     k = int(json.loads((run_dir / "model.json").read_text())["num_classes"])

@@ -14,7 +14,7 @@ from flower_focal.focal.packing import (
     unpack_logits,
     with_bias,
 )
-from flower_focal.focal.plaintext import PlainEvaluator
+from flower_focal.testing import PlainEvaluator
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,6 @@ from flower_focal.focal import (
     STEP_SCALE,
     FocalDiverged,
     FocalLayout,
-    Institution,
     LossGuard,
     balanced_class_weights,
     encrypt_feature_moments,
@@ -37,9 +36,8 @@ from flower_focal.focal import (
     server_setup,
     server_snapshot,
     softmax,
-    train_encrypted,
-    train_plaintext,
 )
+from flower_focal.testing import InstitutionEmbeddings, train_encrypted, train_plaintext
 from flower_focal.focal.errors import LogitOverflow
 from flower_focal.focal.packing import with_bias
 
@@ -54,7 +52,7 @@ def _data(seed: int, sizes: tuple[int, ...], d: int = D, k: int = K, sep: float 
         y = rng.integers(0, k, n)
         return means[y] + rng.normal(0, 1, (n, d)), y
 
-    insts = [Institution(f"h{i}", *make(n)) for i, n in enumerate(sizes)]
+    insts = [InstitutionEmbeddings(f"h{i}", *make(n)) for i, n in enumerate(sizes)]
     return insts, make(1500)
 
 
@@ -148,7 +146,7 @@ def test_server_holds_no_secret_key(secret: SecretContext) -> None:
         server_setup(ev, lay, init_head(holder, lay))
 
 
-def _setup(secret: SecretContext, insts: list[Institution], lay: FocalLayout):
+def _setup(secret: SecretContext, insts: list[InstitutionEmbeddings], lay: FocalLayout):
     holder, ev = CkksKeyHolder(secret), CkksEvaluator(secret.public_context())
     server = server_setup(ev, lay, init_head(holder, lay))
     for inst in insts:
@@ -204,7 +202,7 @@ def test_bad_inputs_and_malformed_ciphertexts(secret: SecretContext) -> None:
 def test_out_of_range_logits_are_refused(secret: SecretContext) -> None:
     insts, _ = _data(3, (10,), d=4, k=2)
     lay = FocalLayout(4, 2)
-    holder, server = _setup(secret, [Institution("a", insts[0].x * 500, insts[0].y)], lay)
+    holder, server = _setup(secret, [InstitutionEmbeddings("a", insts[0].x * 500, insts[0].y)], lay)
     with pytest.raises(ValueError, match="safe range"):
         for _ in range(5):
             up = institution_error(holder, lay, server_forward(server, "a"), insts[0].y,

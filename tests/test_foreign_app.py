@@ -159,7 +159,7 @@ def test_he_fedavg_swap_equals_fedavg_and_the_server_holds_only_ciphertext(tmp, 
 
 def test_focal_trains_with_the_apps_own_network_as_backbone(tmp):
     """FOCAL on the app's own Net (1 channel) and DataLoaders equals its plaintext twin."""
-    from flower_focal.focal import Institution, train_plaintext
+    from flower_focal.testing import InstitutionEmbeddings, train_plaintext
 
     keys = keygen(tmp / "keys-focal", "focal")
     app = app_with(tmp, "focal")
@@ -177,7 +177,7 @@ def test_focal_trains_with_the_apps_own_network_as_backbone(tmp):
         with torch.no_grad():
             x = torch.cat([backbone(images) for images, _ in
                            torch.utils.data.DataLoader(train.dataset, batch_size=16)]).double().numpy()
-        institutions.append(Institution(str(pid), x, train.dataset.tensors[1].numpy()))
+        institutions.append(InstitutionEmbeddings(str(pid), x, train.dataset.tensors[1].numpy()))
     twin = train_plaintext(institutions, 3, epochs=rounds, init_seed=0)  # the defaults, like the app
     encrypted = np.vstack([head["weight"].numpy().T, head["bias"].numpy()[None, :]])
     x1 = np.vstack([np.hstack([i.x, np.ones((len(i.y), 1))]) for i in institutions])

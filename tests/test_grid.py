@@ -10,7 +10,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from clients.client_app import app as client_app
 from flower_focal.config import RunConfig
 from flower_focal.grid import PromptGrid
-from tests.conftest import LoopbackGrid
+from flower_focal.testing import LoopbackGrid
 
 
 class SlowGrid(LoopbackGrid):

@@ -11,17 +11,18 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from clients.client_app import app as client_app
-from flower_focal import keys
+from flower_focal import wire
 from flower_focal.artifacts import decrypt_model
 from flower_focal.client.he_mod import DECRYPTED, decrypt_record, encrypt_record
 from flower_focal.config import RunConfig
 from flower_focal.crypto import Accumulator, PublicContext, SecretContext, keygen
-from flower_focal.packing import ArrayLayout
+from flower_focal.flatten import ArrayLayout
 from flower_focal.server import run_server
 from flower_focal.strategy import build_strategy
 from flower_focal.strategy.he_fedavg import HEFedAvg
 from flower_focal.strategy.roster import Institution, InstitutionRoster
-from tests.conftest import LoopbackGrid, make_reply
+from flower_focal.testing import LoopbackGrid
+from tests.conftest import make_reply
 
 
 @pytest.fixture(scope="module")
@@ -82,21 +83,21 @@ def test_institutions_and_server_report_the_seconds_they_spend_on_he(tmp_path, k
     assert len(rounds) == 3
     for r in rounds:
         t = r["timings"]
-        assert t[keys.HE_SUM_S] >= t[keys.HE_SUM_CPU_S] * 0.5 > 0  # three uploads checked and added
-        assert t[keys.HE_SERIALIZE_S] > 0 and t[keys.HE_SERIALIZE_CPU_S] > 0
-        assert r["train"][keys.HE_ENCRYPT_S] > 0  # the weighted mean over institutions
+        assert t[wire.HE_SUM_S] >= t[wire.HE_SUM_CPU_S] * 0.5 > 0  # three uploads checked and added
+        assert t[wire.HE_SERIALIZE_S] > 0 and t[wire.HE_SERIALIZE_CPU_S] > 0
+        assert r["train"][wire.HE_ENCRYPT_S] > 0  # the weighted mean over institutions
         for m in r["train_institutions"].values():
-            assert m[keys.HE_ENCRYPT_S] > 0 and m[keys.HE_ENCRYPT_CPU_S] > 0
+            assert m[wire.HE_ENCRYPT_S] > 0 and m[wire.HE_ENCRYPT_CPU_S] > 0
     # Round 1 starts from the plaintext initial model: nothing to decrypt.
-    assert all(m[keys.HE_DECRYPT_S] == 0.0 for m in rounds[0]["train_institutions"].values())
+    assert all(m[wire.HE_DECRYPT_S] == 0.0 for m in rounds[0]["train_institutions"].values())
     # One process plays every institution here: the first evaluation of an aggregate decrypts
     # it, and every later use of it (the other evaluations, next round's training) reuses that
     # and costs less (what is left is rebuilding the arrays).
     for prev, r in zip(rounds, rounds[1:] + [None]):
-        evaluated = sorted(m[keys.HE_DECRYPT_CPU_S] for m in prev["evaluate_institutions"].values())
+        evaluated = sorted(m[wire.HE_DECRYPT_CPU_S] for m in prev["evaluate_institutions"].values())
         assert len(evaluated) == 3 and evaluated[-1] > evaluated[-2]
         if r is not None:
-            assert all(m[keys.HE_DECRYPT_CPU_S] < evaluated[-1] for m in r["train_institutions"].values())
+            assert all(m[wire.HE_DECRYPT_CPU_S] < evaluated[-1] for m in r["train_institutions"].values())
 
 
 def test_server_sees_only_ciphertext_and_never_the_secret_key(tmp_path, key_dir):
@@ -113,11 +114,11 @@ def test_server_sees_only_ciphertext_and_never_the_secret_key(tmp_path, key_dir)
             for name, arr in record.items():
                 assert probe not in arr.data
                 if reply.metadata.message_type == "train":
-                    assert (name, arr.stype) == (keys.HE_CIPHERTEXT, keys.HE_STYPE)
+                    assert (name, arr.stype) == (wire.HE_CIPHERTEXT, wire.HE_STYPE)
     # later rounds send the model encrypted too; round 1 sends the public initial weights
     later = [m for m in grid.sent if m.metadata.message_type == "train"
              and m.content["config"]["server-round"] > 1]
-    assert later and all(keys.HE_CIPHERTEXT in m.content["arrays"] for m in later)
+    assert later and all(wire.HE_CIPHERTEXT in m.content["arrays"] for m in later)
     for path in run_dir.iterdir():
         assert probe not in path.read_bytes(), path
 
@@ -185,9 +186,9 @@ def test_malformed_foreign_and_plaintext_replies_are_excluded_and_the_rest_aggre
     good = [(_plain(rng), n) for n in (20, 50, 80)]
     replies = [_enc_reply(100 + i, rec, n, he_secret, norm) for i, (rec, n) in enumerate(good)]
     truncated = _enc_reply(103, _plain(rng), 40, he_secret, norm)
-    blob = truncated.content["arrays"][keys.HE_CIPHERTEXT]
-    truncated.content["arrays"] = ArrayRecord({keys.HE_CIPHERTEXT: Array(
-        dtype="float64", shape=blob.shape, stype=keys.HE_STYPE, data=blob.data[: len(blob.data) // 2])})
+    blob = truncated.content["arrays"][wire.HE_CIPHERTEXT]
+    truncated.content["arrays"] = ArrayRecord({wire.HE_CIPHERTEXT: Array(
+        dtype="float64", shape=blob.shape, stype=wire.HE_STYPE, data=blob.data[: len(blob.data) // 2])})
     foreign = _enc_reply(104, _plain(rng), 40, other, norm)
     plaintext = make_reply(105, RecordDict({"arrays": _plain(rng), "metrics": MetricRecord({"num-examples": 40})}))
     arrays, metrics = strategy.aggregate_train(1, replies + [truncated, foreign, plaintext])
@@ -232,7 +233,7 @@ def test_an_aggregate_is_decrypted_once_per_process_and_callers_get_independent_
 
     def aggregate(record, weights):
         enc = encrypt_record(record, he_secret, LAYOUT, weight=1.0)
-        return ArrayRecord({**dict(enc.items()), keys.HE_WEIGHTS: Array(np.array(weights, dtype=np.float64))})
+        return ArrayRecord({**dict(enc.items()), wire.HE_WEIGHTS: Array(np.array(weights, dtype=np.float64))})
 
     calls = []
     real = SecretContext.decrypt
@@ -287,11 +288,11 @@ def test_replies_added_on_arrival_give_the_same_sum_bytes_and_failures_as_adding
     from flower_focal.strategy.he_fedavg import _RoundSum
     stream._sum = _RoundSum(Accumulator(stream.he_public))
     arrived = [stream._absorb(r) for r in reversed(replies())]  # what PromptGrid does, other order
-    assert sum(keys.HE_CIPHERTEXT not in r.content.array_records.get("arrays", {}) for r in arrived) == 4
+    assert sum(wire.HE_CIPHERTEXT not in r.content.array_records.get("arrays", {}) for r in arrived) == 4
     arrays_s, metrics_s = stream.aggregate_train(1, arrived)
 
-    assert arrays_s[keys.HE_CIPHERTEXT].data == arrays_b[keys.HE_CIPHERTEXT].data  # exact modular sums
-    np.testing.assert_array_equal(arrays_s[keys.HE_WEIGHTS].numpy(), [350.0, 160.0])
+    assert arrays_s[wire.HE_CIPHERTEXT].data == arrays_b[wire.HE_CIPHERTEXT].data  # exact modular sums
+    np.testing.assert_array_equal(arrays_s[wire.HE_WEIGHTS].numpy(), [350.0, 160.0])
     assert dict(metrics_s) == dict(metrics_b)
     rb, rs = batch.history.rounds[0], stream.history.rounds[0]
     assert rs.bytes_up == rb.bytes_up > 0 and rs.failures == rb.failures and len(rs.failures) == 1
@@ -327,7 +328,7 @@ def test_a_model_beyond_the_range_is_refused_even_when_its_weighted_values_fit(k
     rec = ArrayRecord({"w": Array(np.zeros((3, 4), np.float32)), "b": Array(var)})
     acc = Accumulator(PublicContext.load(key_dir))
     for _ in range(10):
-        acc.add(encrypt_record(rec, he_secret, LAYOUT, weight=0.1)[keys.HE_CIPHERTEXT].data)
+        acc.add(encrypt_record(rec, he_secret, LAYOUT, weight=0.1)[wire.HE_CIPHERTEXT].data)
     total = he_secret.decrypt(acc.to_bytes())
     np.testing.assert_allclose(total[12:], var, rtol=1e-6)
 
@@ -343,7 +344,7 @@ def test_a_pretrained_model_fits_the_default_range_and_round_trips(key_dir):
     assert 128 < np.abs(flat).max() <= 8192  # beyond the former 46-bit compact's +-128
     he_secret = SecretContext.load(key_dir)
     enc = encrypt_record(rec, he_secret, layout, weight=1.0)
-    out = he_secret.decrypt(enc[keys.HE_CIPHERTEXT].data)
+    out = he_secret.decrypt(enc[wire.HE_CIPHERTEXT].data)
     assert np.abs(out - flat).max() <= 1e-6 * np.abs(flat).max()
 
 
@@ -352,7 +353,7 @@ def test_clip_before_encrypt_bounds_the_update(key_dir):
     rng = np.random.default_rng(1)
     ref, local = _plain(rng), _plain(rng)
     enc = encrypt_record(local, he_secret, LAYOUT, weight=1.0, reference=ref, clip_norm=0.1)
-    enc = ArrayRecord({**{k: v for k, v in enc.items()}, keys.HE_WEIGHTS: Array(np.array([1.0, 1.0]))})
+    enc = ArrayRecord({**{k: v for k, v in enc.items()}, wire.HE_WEIGHTS: Array(np.array([1.0, 1.0]))})
     out = LAYOUT.flatten(decrypt_record(enc, he_secret, LAYOUT))
     assert np.linalg.norm(out - LAYOUT.flatten(ref)) == pytest.approx(0.1, rel=1e-4)
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from flower_focal import keys
+from flower_focal import wire
 from flower_focal.client.he_mod import decrypt_record, encrypt_record
 from flower_focal.crypto import PublicContext, SecretContext, keygen
-from flower_focal.packing import ArrayLayout
+from flower_focal.flatten import ArrayLayout
 from flower_focal.strategy.he_fedavg import HEFedAvg
 from flower_focal.strategy.roster import Institution, InstitutionRoster
 
@@ -23,7 +23,7 @@ def key_dir(tmp_path_factory):
 
 def _noised(he_secret, local, ref):
     enc = encrypt_record(local, he_secret, LAYOUT, weight=1.0, reference=ref, clip_norm=1.0, noise_std=0.05)
-    enc = ArrayRecord({**dict(enc.items()), keys.HE_WEIGHTS: Array(np.array([1.0, 1.0]))})
+    enc = ArrayRecord({**dict(enc.items()), wire.HE_WEIGHTS: Array(np.array([1.0, 1.0]))})
     return LAYOUT.flatten(decrypt_record(enc, he_secret, LAYOUT))
 
 
@@ -65,4 +65,4 @@ def test_server_calibrates_the_noise_to_the_number_of_sampled_institutions(key_d
     messages = list(strategy.configure_train(1, initial, ConfigRecord(), _Grid([10, 11, 12, 13])))
     assert len(messages) == 4
     for m in messages:
-        assert m.content["config"][keys.HE_NOISE_STD] == pytest.approx(1.5 * 2.0 / 2.0)
+        assert m.content["config"][wire.HE_NOISE_STD] == pytest.approx(1.5 * 2.0 / 2.0)

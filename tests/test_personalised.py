@@ -14,7 +14,7 @@ from flower_focal.config import RunConfig
 from flower_focal.crypto import keygen
 from flower_focal.models import build_model, norm_keys, norm_layers
 from flower_focal.server import run_server
-from tests.conftest import LoopbackGrid
+from flower_focal.testing import LoopbackGrid
 
 
 @pytest.fixture(scope="module")

@@ -4,40 +4,27 @@ The audit does not re-implement any client: it writes the attacked institutions'
 a MedMNIST-format ``.npz``, and runs :func:`flower_focal.server.run_server` (the real
 strategy from the registry, Flower's DP wrappers included) against a real Flower
 ``ClientApp`` whose handlers and mods are the library's own, wired like
-``clients/client_app.py``. :class:`AuditGrid` delivers the messages in-process and records
-every message the server sent and every reply it received.
+``clients/client_app.py``. :class:`~flower_focal.testing.LoopbackGrid` delivers the messages
+in-process and records every message the server sent and every reply it received.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Message
 from flwr.clientapp import ClientApp
 
-from flower_focal import keys
 from flower_focal.config import RunConfig
+from flower_focal.testing.grid import LoopbackGrid
 
 logger = logging.getLogger("flower_focal.audit")
-
-
-def _ensure_task_identity() -> None:
-    """Let this process build Flower messages (Flower sets this itself in a ServerApp)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    from flower_focal._compat import set_task_identity
-
-    try:
-        TaskIdentity.run_id  # noqa: B018 - raises RuntimeError when unset
-    except RuntimeError:
-        set_task_identity(run_id=1, node_id=0)
 
 
 def build_client_app() -> ClientApp:
@@ -45,77 +32,6 @@ def build_client_app() -> ClientApp:
     from flower_focal.client.app import build_client_app as build
 
     return build()
-
-
-class AuditGrid:
-    """A Flower Grid that runs a real ClientApp per node in this process and records traffic.
-
-    Node ``i`` has node config ``{"partition-id": i, "num-partitions": n}`` as in Flower's
-    simulation engine. ``sent`` holds a copy of every message the server sent, ``received`` a
-    copy of every reply the server got, as it arrived.
-    """
-
-    def __init__(self, app: ClientApp, num_nodes: int, run_config: dict[str, Any]) -> None:
-        from flower_focal._compat import stamp_message_id
-
-        _ensure_task_identity()
-        self._stamp = stamp_message_id
-        self.app = app
-        self.node_ids = [10_000 + 7 * i for i in range(num_nodes)]
-        self.partition = {nid: i for i, nid in enumerate(self.node_ids)}
-        self.contexts = {
-            nid: Context(run_id=1, node_id=nid,
-                         node_config={keys.NODE_PARTITION_ID: i, keys.NODE_NUM_PARTITIONS: num_nodes},
-                         state=RecordDict(), run_config=dict(run_config))
-            for i, nid in enumerate(self.node_ids)
-        }
-        self.sent: list[Message] = []
-        self.received: list[Message] = []
-        self._outbox: dict[str, Message] = {}
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.node_ids)
-
-    def push_messages(self, messages: Iterable[Message]) -> list[str]:
-        """Run the ClientApp on every message now; replies wait until pulled."""
-        ids = []
-        for message in messages:
-            self._stamp(message)
-            ids.append(message.metadata.message_id)
-            self.sent.append(copy.deepcopy(message))
-            dst = message.metadata.dst_node_id
-            try:  # a copy, as if serialised: the ClientApp never touches the server's object
-                reply = self.app(copy.deepcopy(message), self.contexts[dst])
-            except Exception as exc:  # what Flower's engine does with a ClientApp exception
-                reply = Message(Error(code=1, reason=repr(exc)), reply_to=message)
-            self._outbox[message.metadata.message_id] = reply
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
-        """The waiting replies to ``message_ids`` (recorded as received by the server)."""
-        replies = [self._outbox.pop(mid) for mid in message_ids if mid in self._outbox]
-        # a copy as it arrived: a strategy may consume a reply (HE-FedAvg adds the ciphertext
-        # into its running sum and drops it from the message)
-        self.received.extend(copy.deepcopy(r) for r in replies)
-        return replies
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        ids = self.push_messages(messages)
-        return self.pull_messages(ids)
-
-    def replies(self, message_type: str) -> dict[int, Message]:
-        """Replies of one message type, by partition id (the last one per partition)."""
-        out = {}
-        for reply in self.received:
-            if reply.metadata.message_type == message_type:
-                out[self.partition[reply.metadata.src_node_id]] = reply
-        return out
-
-    def sent_to(self, partition_id: int, message_type: str) -> list[Message]:
-        """Messages of one type the server sent to a partition, in order."""
-        nid = self.node_ids[partition_id]
-        return [m for m in self.sent
-                if m.metadata.dst_node_id == nid and m.metadata.message_type == message_type]
 
 
 @dataclass
@@ -129,7 +45,7 @@ class AuditData:
 
 def _render(item: dict[str, Any]) -> np.ndarray:
     """An ``HxWxC`` uint8 image from a source item (synthetic recipes are rendered)."""
-    from flower_focal.data.keys import IMAGE
+    from flower_focal.data.fields import IMAGE
     from flower_focal.data.synthetic import GENERATOR
     from flower_focal.data.transforms import GenerateSyntheticd, load_image
 
@@ -153,7 +69,7 @@ def write_audit_npz(cfg: RunConfig, path: Path, num_images: int, seed: int, star
     partitioner will group them into institutions of equal size), ``val_*`` one image of every
     class (so the label space is the source's) taken from its validation split.
     """
-    from flower_focal.data.keys import LABEL
+    from flower_focal.data.fields import LABEL
     from flower_focal.data.sources import load_source
 
     src = load_source(cfg)
@@ -184,11 +100,11 @@ def write_audit_npz(cfg: RunConfig, path: Path, num_images: int, seed: int, star
     return AuditData(npz=path, num_classes=src.num_classes, in_channels=src.in_channels)
 
 
-def run_round(cfg: RunConfig, num_institutions: int) -> tuple[AuditGrid, Any]:
+def run_round(cfg: RunConfig, num_institutions: int) -> tuple[LoopbackGrid, Any]:
     """Run ``cfg`` (one round) with ``num_institutions`` real ClientApps; return grid and result."""
     from flower_focal.server import run_server
 
-    grid = AuditGrid(build_client_app(), num_institutions, cfg.to_flower())
+    grid = LoopbackGrid(build_client_app(), num_institutions, cfg.to_flower())
     result = run_server(grid, cfg)
     return grid, result
 
@@ -196,7 +112,7 @@ def run_round(cfg: RunConfig, num_institutions: int) -> tuple[AuditGrid, Any]:
 def institution_truth(cfg: RunConfig, partition_id: int, num_partitions: int) -> torch.Tensor:
     """The institution's training images as the model sees them before augmentation ``(B, C, H, W)``."""
     from flower_focal.data.institution import load_institution_train_eval
-    from flower_focal.data.keys import IMAGE
+    from flower_focal.data.fields import IMAGE
 
     ds = load_institution_train_eval(cfg, partition_id, num_partitions)
     return torch.stack([torch.as_tensor(ds[i][IMAGE]).as_subclass(torch.Tensor).float()
@@ -206,7 +122,7 @@ def institution_truth(cfg: RunConfig, partition_id: int, num_partitions: int) ->
 def partition_labels(cfg: RunConfig, partition_id: int, num_partitions: int) -> list[int]:
     """The institution's training labels (for scoring label recovery)."""
     from flower_focal.data.institution import load_institution_train_eval
-    from flower_focal.data.keys import LABEL
+    from flower_focal.data.fields import LABEL
 
     ds = load_institution_train_eval(cfg, partition_id, num_partitions)
     return [int(ds[i][LABEL]) for i in range(len(ds))]

@@ -36,11 +36,12 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
-from flower_focal import keys
+from flower_focal import wire
 from flower_focal.audit import attacks, federation, metrics
 from flower_focal.strategy.specs import strategy_spec
 from flower_focal.audit.config import REAL_SETS, AuditConfig, default_real_data
 from flower_focal.config import RunConfig
+from flower_focal.testing.grid import LoopbackGrid
 
 GRADIENT_ESTIMATE = (
     "g = (w_global - w_returned) / (lr * local_steps) for every trainable parameter "
@@ -113,16 +114,16 @@ def _federation_config(cfg: AuditConfig, npz: Path, num_institutions: int, run_d
 
 
 # ------------------------------------------------------------------------------ attack
-def _global_model(grid: federation.AuditGrid, partition_id: int, cfg: AuditConfig):
+def _global_model(grid: LoopbackGrid, partition_id: int, cfg: AuditConfig):
     """The plaintext global model the server sent to ``partition_id`` (round 1)."""
     from flower_focal.models import arrays_into_model, build_model
 
     msg = grid.sent_to(partition_id, "train")[0]
-    config = msg.content[keys.CONFIG]
-    model = build_model(cfg.model, int(config[keys.IN_CHANNELS]), int(config[keys.NUM_CLASSES]),
+    config = msg.content[wire.CONFIG]
+    model = build_model(cfg.model, int(config[wire.IN_CHANNELS]), int(config[wire.NUM_CLASSES]),
                         cfg.image_size)
-    arrays_into_model(model, msg.content[keys.ARRAYS])
-    return model, msg.content[keys.ARRAYS]
+    arrays_into_model(model, msg.content[wire.ARRAYS])
+    return model, msg.content[wire.ARRAYS]
 
 
 def _state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -220,7 +221,7 @@ def _audit_fedavg(cfg: AuditConfig, src: RunConfig, work: Path) -> dict[str, Any
     target = _Attacked([], [], [], [])
     norms = []
     for p in range(n_inst):
-        returned = _state(replies[p].content[keys.ARRAYS])
+        returned = _state(replies[p].content[wire.ARRAYS])
         target.gradients.append(_gradient(model, global_arrays, returned, cfg))
         target.truths.append(federation.institution_truth(rc, p, n_inst))
         target.true_labels.append(federation.partition_labels(rc, p, n_inst))
@@ -244,7 +245,7 @@ def _audit_fedavg(cfg: AuditConfig, src: RunConfig, work: Path) -> dict[str, Any
         rng = np.random.default_rng(cfg.seed + 99991)
         noised = _Attacked([], [], target.truths, target.true_labels)
         for p in range(n_inst):
-            returned = _state(replies[p].content[keys.ARRAYS])
+            returned = _state(replies[p].content[wire.ARRAYS])
             returned = {k: v + torch.as_tensor(rng.normal(0.0, std, tuple(v.shape)), dtype=v.dtype)
                         if v.is_floating_point() else v for k, v in returned.items()}
             noised.gradients.append(_gradient(model, global_arrays, returned, cfg))
@@ -276,12 +277,12 @@ def _ciphertext_checks(replies: list, public_bytes: bytes, param_shapes: set[tup
     checks: list[dict[str, str]] = []
     arrays = [(n, a) for r in replies if not r.has_error()
               for rec in r.content.array_records.values() for n, a in rec.items()]
-    plain = [(n, a) for n, a in arrays if a.stype != keys.HE_STYPE]
+    plain = [(n, a) for n, a in arrays if a.stype != wire.HE_STYPE]
     shaped = [n for n, a in plain if tuple(a.shape) in param_shapes]
     checks.append({
         "check": "float tensors of the model's parameter shapes in the replies",
         "outcome": f"{len(shaped)} found; {len(arrays)} Arrays in {len(replies)} replies, "
-                   f"{len(arrays) - len(plain)} of them stype {keys.HE_STYPE!r} (ciphertext bytes), "
+                   f"{len(arrays) - len(plain)} of them stype {wire.HE_STYPE!r} (ciphertext bytes), "
                    f"{len(plain)} plaintext",
     })
     readable = 0
@@ -348,7 +349,7 @@ def _keys(cfg: AuditConfig, work: Path, preset: str) -> Path:
 
 def _audit_he_fedavg(cfg: AuditConfig, src: RunConfig, work: Path) -> dict[str, Any]:
     from flower_focal.crypto import PUBLIC_FILE, SecretContext
-    from flower_focal.packing import ArrayLayout
+    from flower_focal.flatten import ArrayLayout
 
     key_dir = _keys(cfg, work, cfg.he_preset or "compact")
     secret = SecretContext.load(key_dir)
@@ -376,12 +377,12 @@ def _audit_he_fedavg(cfg: AuditConfig, src: RunConfig, work: Path) -> dict[str, 
         model, global_arrays = _global_model(grid, 0, cfg)
         # --- the curious institution (partition 0): what it legitimately holds
         evaluate_msg = grid.sent_to(0, "evaluate")[0]  # the encrypted aggregate, as it receives it
-        agg = evaluate_msg.content[keys.ARRAYS]
-        layout = ArrayLayout.from_config(evaluate_msg.content[keys.CONFIG])
-        total = secret.decrypt(agg[keys.HE_CIPHERTEXT].data)  # sum_i (n_i / C) w_i
-        norm, weight = (float(x) for x in agg[keys.HE_WEIGHTS].numpy())
-        own = secret.decrypt(replies[0].content[keys.ARRAYS][keys.HE_CIPHERTEXT].data)
-        n_own = float(replies[0].content[keys.METRICS][keys.NUM_EXAMPLES])
+        agg = evaluate_msg.content[wire.ARRAYS]
+        layout = ArrayLayout.from_config(evaluate_msg.content[wire.CONFIG])
+        total = secret.decrypt(agg[wire.HE_CIPHERTEXT].data)  # sum_i (n_i / C) w_i
+        norm, weight = (float(x) for x in agg[wire.HE_WEIGHTS].numpy())
+        own = secret.decrypt(replies[0].content[wire.ARRAYS][wire.HE_CIPHERTEXT].data)
+        n_own = float(replies[0].content[wire.METRICS][wire.NUM_EXAMPLES])
         others = layout.unflatten((total - own) * (norm / (weight - n_own)))
         target.gradients.append(_gradient(model, global_arrays, _state(others), cfg))
         target.truths.append(torch.cat([federation.institution_truth(rc, p, n_inst)
@@ -434,13 +435,13 @@ def _audit_focal(cfg: AuditConfig, src: RunConfig, work: Path) -> dict[str, Any]
     grid, _ = federation.run_round(rc, n_inst)
     federation_s = time.time() - t0
     replies = [r for r in grid.received
-               if r.metadata.message_type in (keys.ACTION_EMBED, keys.ACTION_FOCAL)]
+               if r.metadata.message_type in (wire.ACTION_EMBED, wire.ACTION_FOCAL)]
     errors = [r.error.reason for r in replies if r.has_error()]
     if errors:
         raise RuntimeError(f"institutions failed: {errors[:3]}")
-    steps = grid.sent_to(0, keys.ACTION_FOCAL)
-    config = (steps or grid.sent_to(0, keys.ACTION_EMBED))[0].content[keys.CONFIG]
-    d, k = int(config.get(keys.FOCAL_N_FEATURES, 0)), int(config[keys.NUM_CLASSES])
+    steps = grid.sent_to(0, wire.ACTION_FOCAL)
+    config = (steps or grid.sent_to(0, wire.ACTION_EMBED))[0].content[wire.CONFIG]
+    d, k = int(config.get(wire.FOCAL_N_FEATURES, 0)), int(config[wire.NUM_CLASSES])
     shapes = {(d + 1, k), (k, d), (d,), (k,)} if d else {(k,)}
     checks, broken = _ciphertext_checks(replies, (key_dir / PUBLIC_FILE).read_bytes(), shapes,
                                         focal=True)

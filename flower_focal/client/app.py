@@ -12,7 +12,7 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from flower_focal import keys
+from flower_focal import wire
 from flower_focal.client import focal, handlers
 from flower_focal.client.dp import dp_clipping_mod
 from flower_focal.client.he_mod import he_fedavg_mod
@@ -23,7 +23,7 @@ def build_client_app() -> ClientApp:
     """A new ``ClientApp`` with flower-focal's handlers and mods."""
     app = ClientApp(mods=[message_timing_mod])
 
-    @app.query(keys.ACTION_DESCRIBE)
+    @app.query(wire.ACTION_DESCRIBE)
     def describe(message: Message, context: Context) -> Message:
         """Tell the server this institution's partition id and data shape."""
         return handlers.describe(message, context)

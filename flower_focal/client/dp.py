@@ -12,13 +12,13 @@ from flwr.app import Context, Message
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 
-from flower_focal import keys
+from flower_focal import wire
 from flower_focal._compat import KEY_CLIPPING_NORM
 
 
 def dp_clipping_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Clip the update with Flower's ``fixedclipping_mod`` when the server asked for DP."""
-    config = message.content.config_records.get(keys.CONFIG)
+    config = message.content.config_records.get(wire.CONFIG)
     if config is not None and KEY_CLIPPING_NORM in config:
         return fixedclipping_mod(message, context, call_next)
     return call_next(message, context)

@@ -45,7 +45,7 @@ from flwr.app import (
 )
 from flwr.supercore import log
 
-from flower_focal import keys
+from flower_focal import wire as keys
 from flower_focal.client.he_mod import secret_context
 from flower_focal.crypto import CkksKeyHolder
 from flower_focal.focal import (
@@ -63,7 +63,7 @@ from flower_focal.focal import (
     softmax,
 )
 from flower_focal.focal.errors import LogitOverflow
-from flower_focal.keys import he_array, he_bytes
+from flower_focal.wire import he_array, he_bytes
 from flower_focal.metrics import accuracy, macro_auroc
 
 if TYPE_CHECKING:  # torch, MONAI: imported only where a message needs them (see module doc)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.supercore import log
 
-from flower_focal import keys
+from flower_focal import wire as keys
 from flower_focal.config import RunConfig
 
 if TYPE_CHECKING:  # torch and MONAI are imported by the handlers that need them

@@ -3,7 +3,7 @@
 Placed around the ordinary train/evaluate handlers (``@app.train(mods=[he_fedavg_mod])``),
 it makes them run unchanged under HE-FedAvg:
 
-* incoming: a ciphertext global model (Array with stype :data:`~flower_focal.keys.HE_STYPE`)
+* incoming: a ciphertext global model (Array with stype :data:`~flower_focal.wire.HE_STYPE`)
   is decrypted with the shared secret key and rescaled by ``C / W`` (the weights that travel
   with the aggregate); a plaintext model (round 1) passes through;
 * outgoing (train only): the trained model is checked for NaN/Inf, optionally clipped
@@ -12,7 +12,7 @@ it makes them run unchanged under HE-FedAvg:
   range, which bounds the aggregate (a refusal names the arrays that do not fit); the reply
   carries one ciphertext Array and the metrics;
 * every reply's metrics gain the seconds this institution spent decrypting and encrypting
-  (:data:`~flower_focal.keys.HE_DECRYPT_S` and the others next to it).
+  (:data:`~flower_focal.wire.HE_DECRYPT_S` and the others next to it).
 
 Messages without the HE config key pass through untouched, so the same ClientApp serves
 every strategy. The mod reads only its own keys: the secret key comes from the node config
@@ -38,10 +38,10 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
-from flower_focal import keys
+from flower_focal import wire
 from flower_focal.crypto import PRESETS, SECRET_FILE, SecretContext
 from flower_focal.timing import Stopwatch
-from flower_focal.packing import ArrayLayout
+from flower_focal.flatten import ArrayLayout
 
 
 @functools.lru_cache(maxsize=4)
@@ -57,18 +57,18 @@ def secret_context(context: Context) -> SecretContext:
     FileNotFoundError
         When no key is configured or the file is missing (the message says how to make one).
     """
-    node_path = context.node_config.get(keys.NODE_HE_SECRET_KEY)
+    node_path = context.node_config.get(wire.NODE_HE_SECRET_KEY)
     if node_path:
-        path, source = Path(str(node_path)), f"node config {keys.NODE_HE_SECRET_KEY}"
+        path, source = Path(str(node_path)), f"node config {wire.NODE_HE_SECRET_KEY}"
     else:
-        key_dir = context.run_config.get(keys.RUN_HE_KEY_DIR, "")
+        key_dir = context.run_config.get(wire.RUN_HE_KEY_DIR, "")
         if not key_dir:
             raise FileNotFoundError(
                 "this institution has no HE secret key: run `flower-focal keygen --out DIR` once, "
                 f"copy DIR/secret.ctx to every institution and set node config "
-                f"{keys.NODE_HE_SECRET_KEY}=/path/secret.ctx (or run config {keys.RUN_HE_KEY_DIR}=DIR)"
+                f"{wire.NODE_HE_SECRET_KEY}=/path/secret.ctx (or run config {wire.RUN_HE_KEY_DIR}=DIR)"
             )
-        path, source = Path(str(key_dir)), f"run config {keys.RUN_HE_KEY_DIR}"
+        path, source = Path(str(key_dir)), f"run config {wire.RUN_HE_KEY_DIR}"
     if path.is_dir():
         path = path / SECRET_FILE
     if not path.is_file():
@@ -78,16 +78,16 @@ def secret_context(context: Context) -> SecretContext:
 
 def he_workers(context: Context) -> int:
     """Encryption processes of this institution (run config ``he-workers``, default 1)."""
-    value = context.run_config.get(keys.RUN_HE_WORKERS, 1)
+    value = context.run_config.get(wire.RUN_HE_WORKERS, 1)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"run config {keys.RUN_HE_WORKERS} must be an integer >= 1, got {value!r}")
+        raise ValueError(f"run config {wire.RUN_HE_WORKERS} must be an integer >= 1, got {value!r}")
     return value
 
 
 def is_encrypted(record: ArrayRecord) -> bool:
     """Whether an ArrayRecord holds an HE ciphertext rather than plaintext arrays."""
-    arr = record.get(keys.HE_CIPHERTEXT)
-    return arr is not None and arr.stype == keys.HE_STYPE
+    arr = record.get(wire.HE_CIPHERTEXT)
+    return arr is not None and arr.stype == wire.HE_STYPE
 
 
 class _DecryptCache:
@@ -112,8 +112,8 @@ class _DecryptCache:
         self.misses = 0
 
     def get(self, record: ArrayRecord, he_secret: SecretContext) -> np.ndarray:
-        blob = bytes(record[keys.HE_CIPHERTEXT].data)  # Array.data is bytes: no copy
-        weights = record[keys.HE_WEIGHTS].numpy()
+        blob = bytes(record[wire.HE_CIPHERTEXT].data)  # Array.data is bytes: no copy
+        weights = record[wire.HE_WEIGHTS].numpy()
         key = (he_secret.fingerprint, np.ascontiguousarray(weights, dtype=np.float64).tobytes(), blob)
         with self._lock:
             if key == self._key and self._flat is not None:  # tuple ==: exact byte comparison
@@ -215,7 +215,7 @@ def encrypt_flat(flat: np.ndarray, he_secret: SecretContext, weight: float, *, w
     flat *= weight
     blob = he_secret.encrypt(flat, workers=workers).to_bytes()
     return ArrayRecord(
-        {keys.HE_CIPHERTEXT: keys.he_array(blob)}
+        {wire.HE_CIPHERTEXT: wire.he_array(blob)}
     )
 
 
@@ -258,17 +258,17 @@ def _single(records: dict, what: str, message_kind: str) -> tuple[str, object]:
 
 def he_fedavg_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Decrypt the incoming global model; encrypt the weighted outgoing one (see module doc)."""
-    config = next((c for c in message.content.config_records.values() if keys.HE_FINGERPRINT in c), None)
+    config = next((c for c in message.content.config_records.values() if wire.HE_FINGERPRINT in c), None)
     if config is None:
         return call_next(message, context)
 
     he_secret = secret_context(context)
-    if he_secret.fingerprint.hex() != config[keys.HE_FINGERPRINT]:
+    if he_secret.fingerprint.hex() != config[wire.HE_FINGERPRINT]:
         raise ValueError(
             "this institution's HE key set differs from the server's (fingerprint "
-            f"{he_secret.fingerprint.hex()} != {config[keys.HE_FINGERPRINT]}); use the same keygen output"
+            f"{he_secret.fingerprint.hex()} != {config[wire.HE_FINGERPRINT]}); use the same keygen output"
         )
-    if bool(config.get(keys.HE_SEAL, False)):
+    if bool(config.get(wire.HE_SEAL, False)):
         return _seal(message, context, config, he_secret)
     layout = ArrayLayout.from_config(config)
     arrays_name, incoming = _single(message.content.array_records, "ArrayRecord", "server's message")
@@ -287,14 +287,14 @@ def he_fedavg_mod(message: Message, context: Context, call_next: ClientAppCallab
         return reply
     metrics_name, metrics = next(iter(reply.content.metric_records.items()), (None, None))
     if metrics is not None:
-        metrics[keys.HE_DECRYPT_S] = decrypting.wall_s
-        metrics[keys.HE_DECRYPT_CPU_S] = decrypting.cpu_s
+        metrics[wire.HE_DECRYPT_S] = decrypting.wall_s
+        metrics[wire.HE_DECRYPT_CPU_S] = decrypting.cpu_s
     if message.metadata.message_type != MessageType.TRAIN:
         return reply
     if metrics is None:  # never send the trained model back unencrypted
         raise ValueError("the train handler's reply has no MetricRecord (with the example count "
                          "FedAvg weights by); nothing is sent")
-    weighted_by = str(config.get(keys.HE_WEIGHTED_BY, keys.NUM_EXAMPLES))
+    weighted_by = str(config.get(wire.HE_WEIGHTED_BY, wire.NUM_EXAMPLES))
     if weighted_by not in metrics:
         raise ValueError(f"the train handler's reply metrics have no {weighted_by!r} (the example "
                          "count FedAvg weights by); nothing is sent")
@@ -302,21 +302,21 @@ def he_fedavg_mod(message: Message, context: Context, call_next: ClientAppCallab
     _, trained = _single(reply.content.array_records, "ArrayRecord", "train handler's reply")
     flat = prepare_update(
         trained, he_secret, layout, reference=global_model,
-        clip_norm=float(config.get(keys.HE_CLIP_NORM, 0.0)),
-        noise_std=float(config.get(keys.HE_NOISE_STD, 0.0)),
+        clip_norm=float(config.get(wire.HE_CLIP_NORM, 0.0)),
+        noise_std=float(config.get(wire.HE_NOISE_STD, 0.0)),
     )
-    norm = float(config[keys.HE_WEIGHT_NORM])
+    norm = float(config[wire.HE_WEIGHT_NORM])
     if norm <= 0:  # the server does not know C yet: hold the update here until it says
         hold_update(context, flat, n_examples, config)
-        metrics[keys.HE_PENDING] = 1
+        metrics[wire.HE_PENDING] = 1
         reply.content = RecordDict({metrics_name: metrics})
         return reply
     encrypting = Stopwatch()
     with encrypting:
         encrypted = encrypt_flat(flat, he_secret, n_examples / norm, workers=he_workers(context))
-    metrics[keys.HE_ENCRYPT_S] = encrypting.wall_s
-    metrics[keys.HE_ENCRYPT_CPU_S] = encrypting.cpu_s
-    reply.content = RecordDict({keys.ARRAYS: encrypted, metrics_name: metrics})
+    metrics[wire.HE_ENCRYPT_S] = encrypting.wall_s
+    metrics[wire.HE_ENCRYPT_CPU_S] = encrypting.cpu_s
+    reply.content = RecordDict({wire.ARRAYS: encrypted, metrics_name: metrics})
     return reply
 
 
@@ -328,8 +328,8 @@ def hold_update(context: Context, flat: np.ndarray, n_examples: float, config) -
     """Keep a prepared update in the node's ``context.state`` until the server announces C."""
     context.state[_HELD] = ArrayRecord({_HELD: Array(flat)})
     context.state[_HELD_META] = ConfigRecord({
-        keys.SERVER_ROUND: int(config.get(keys.SERVER_ROUND, 0)), "n": float(n_examples),
-        keys.HE_FINGERPRINT: str(config[keys.HE_FINGERPRINT])})
+        wire.SERVER_ROUND: int(config.get(wire.SERVER_ROUND, 0)), "n": float(n_examples),
+        wire.HE_FINGERPRINT: str(config[wire.HE_FINGERPRINT])})
 
 
 def seal_held_update(context: Context, config, he_secret: SecretContext) -> tuple[ArrayRecord, float, Stopwatch]:
@@ -340,9 +340,9 @@ def seal_held_update(context: Context, config, he_secret: SecretContext) -> tupl
     """
     held = context.state.array_records.get(_HELD)
     meta = context.state.config_records.get(_HELD_META)
-    server_round = int(config.get(keys.SERVER_ROUND, 0))
-    if held is None or meta is None or int(meta[keys.SERVER_ROUND]) != server_round \
-            or meta[keys.HE_FINGERPRINT] != config[keys.HE_FINGERPRINT]:
+    server_round = int(config.get(wire.SERVER_ROUND, 0))
+    if held is None or meta is None or int(meta[wire.SERVER_ROUND]) != server_round \
+            or meta[wire.HE_FINGERPRINT] != config[wire.HE_FINGERPRINT]:
         raise ValueError(f"asked to seal the round-{server_round} update, but this institution holds "
                          "none for that round (its train reply failed or its state was lost)")
     flat = np.array(held[_HELD].numpy(), dtype=np.float64)
@@ -351,7 +351,7 @@ def seal_held_update(context: Context, config, he_secret: SecretContext) -> tupl
     del context.state[_HELD_META]
     encrypting = Stopwatch()
     with encrypting:
-        encrypted = encrypt_flat(flat, he_secret, n_examples / float(config[keys.HE_WEIGHT_NORM]),
+        encrypted = encrypt_flat(flat, he_secret, n_examples / float(config[wire.HE_WEIGHT_NORM]),
                                  workers=he_workers(context))
     return encrypted, n_examples, encrypting
 
@@ -359,7 +359,7 @@ def seal_held_update(context: Context, config, he_secret: SecretContext) -> tupl
 def _seal(message: Message, context: Context, config, he_secret: SecretContext) -> Message:
     """Second exchange of a round whose sizes were unknown: encrypt the held update by n_i / C."""
     encrypted, n_examples, encrypting = seal_held_update(context, config, he_secret)
-    weighted_by = str(config.get(keys.HE_WEIGHTED_BY, keys.NUM_EXAMPLES))
-    metrics = MetricRecord({weighted_by: n_examples, keys.HE_ENCRYPT_S: encrypting.wall_s,
-                            keys.HE_ENCRYPT_CPU_S: encrypting.cpu_s})
-    return Message(RecordDict({keys.ARRAYS: encrypted, keys.METRICS: metrics}), reply_to=message)
+    weighted_by = str(config.get(wire.HE_WEIGHTED_BY, wire.NUM_EXAMPLES))
+    metrics = MetricRecord({weighted_by: n_examples, wire.HE_ENCRYPT_S: encrypting.wall_s,
+                            wire.HE_ENCRYPT_CPU_S: encrypting.cpu_s})
+    return Message(RecordDict({wire.ARRAYS: encrypted, wire.METRICS: metrics}), reply_to=message)

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 from flower_focal.config import RunConfig
 from flower_focal.data import prepared
-from flower_focal.data.keys import IMAGE
+from flower_focal.data.fields import IMAGE
 from flower_focal.data.loader import ImageTensorDataset, materialise
 from flower_focal.data.partition import histogram, partition_train_val
 from flower_focal.data.prepared import InstitutionData

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from flower_focal.data.keys import IMAGE, LABEL
+from flower_focal.data.fields import IMAGE, LABEL
 
 __all__ = [
     "BatchAugment",

@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import Dataset
 
 from flower_focal.config import RunConfig
-from flower_focal.data.keys import IMAGE
+from flower_focal.data.fields import IMAGE
 from flower_focal.data.loader import BatchAugment, ImageTensorDataset
 
 STORE_FORMAT = 1

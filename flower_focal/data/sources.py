@@ -2,7 +2,7 @@
 
 This module owns *where images come from* and nothing else: it reads MedMNIST ``.npz``
 files, scans image folders, parses CSV manifests and lists synthetic images, and returns
-MONAI datalists (lists of dicts keyed by :mod:`flower_focal.data.keys`). It never decodes an
+MONAI datalists (lists of dicts keyed by :mod:`flower_focal.data.fields`). It never decodes an
 image file (MONAI's ``LoadImaged`` does that in :mod:`flower_focal.data.transforms`); the
 only image it opens is the first one of a file source, through MONAI, to learn the number of
 channels.
@@ -27,7 +27,7 @@ import numpy as np
 
 from flower_focal.config import RunConfig
 from flower_focal.data import synthetic
-from flower_focal.data.keys import IMAGE, LABEL, SITE
+from flower_focal.data.fields import IMAGE, LABEL, SITE
 
 logger = logging.getLogger("flower_focal.data")
 

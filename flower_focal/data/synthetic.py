@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from flower_focal.data.keys import LABEL
+from flower_focal.data.fields import LABEL
 
 if TYPE_CHECKING:
     from flower_focal.config import RunConfig

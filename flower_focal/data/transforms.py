@@ -32,7 +32,7 @@ from monai.transforms import (
 )
 
 from flower_focal.data import synthetic
-from flower_focal.data.keys import IMAGE, LABEL
+from flower_focal.data.fields import IMAGE, LABEL
 from flower_focal.data.loader import BatchAugment
 
 # PIL modes normalised before MONAI sees the pixels: alpha and palettes are dropped so every

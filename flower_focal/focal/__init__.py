@@ -1,21 +1,17 @@
 """FOCAL split training: a linear head trained by the server on encrypted embeddings.
 
-Pure step functions (:mod:`.protocol`), the slot layout (:mod:`.packing`), a numpy twin of
-the same algorithm (:mod:`.plaintext`) and an in-process driver (:mod:`.driver`). No Flower
-imports; HE goes through :mod:`flower_focal.crypto` only.
+Pure step functions (:mod:`.protocol`) and the slot layout (:mod:`.packing`). No Flower
+imports; HE goes through :mod:`flower_focal.crypto` only. The numpy twin of the same algorithm
+and the in-process driver (``train_encrypted``, ``train_plaintext``) are harness:
+:mod:`flower_focal.testing`.
 """
 
 from __future__ import annotations
 
-from flower_focal.focal.driver import (
-    Institution,
-    TrainResult,
-    he_evaluator_factory,
-    train_encrypted,
-    train_plaintext,
-)
+import warnings
+from typing import Any
+
 from flower_focal.focal.packing import DEFAULT_BLOCK, FocalLayout
-from flower_focal.focal.plaintext import PlainEvaluator, PlainKeyHolder
 from flower_focal.focal.errors import FocalDiverged
 from flower_focal.focal.protocol import (
     MOMENTUM,
@@ -64,14 +60,9 @@ __all__ = [
     "server_sum",
     "FocalLayout",
     "FocalServer",
-    "Institution",
-    "PlainEvaluator",
-    "PlainKeyHolder",
-    "TrainResult",
     "balanced_class_weights",
     "decrypt_head",
     "encrypt_embeddings",
-    "he_evaluator_factory",
     "init_head",
     "institution_error",
     "predict_logits",
@@ -81,6 +72,25 @@ __all__ = [
     "server_forward",
     "server_setup",
     "softmax",
-    "train_encrypted",
-    "train_plaintext",
 ]
+
+
+_MOVED = {  # old name here -> name in flower_focal.testing (deprecated aliases)
+    "Institution": "InstitutionEmbeddings",
+    "PlainEvaluator": "PlainEvaluator",
+    "PlainKeyHolder": "PlainKeyHolder",
+    "TrainResult": "TrainResult",
+    "he_evaluator_factory": "he_evaluator_factory",
+    "train_encrypted": "train_encrypted",
+    "train_plaintext": "train_plaintext",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        import flower_focal.testing as testing
+
+        warnings.warn(f"flower_focal.focal.{name} moved to flower_focal.testing.{_MOVED[name]}",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(testing, _MOVED[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,7 +8,7 @@ With ``workers == 1`` one in-process shard owns all pairs; with ``k > 1`` up to
 ``min(k, n_pairs)`` spawned processes each own the pairs ``p = w (mod k)``.
 
 The arithmetic object (``ev``) is either :class:`flower_focal.crypto.ckks.CkksEvaluator`
-or the numpy twin :class:`flower_focal.focal.plaintext.PlainEvaluator`; the loops below are
+or the numpy twin :class:`flower_focal.testing.plaintext.PlainEvaluator`; the loops below are
 the same for both.
 """
 

@@ -17,7 +17,7 @@ imports, no TenSEAL import). One training step over full batch::
 
 Who holds what: institutions share the CKKS secret key (``holder`` is a
 :class:`~flower_focal.crypto.ckks.CkksKeyHolder`, or the twin's
-:class:`~flower_focal.focal.plaintext.PlainKeyHolder`); the server holds a
+:class:`~flower_focal.testing.plaintext.PlainKeyHolder`); the server holds a
 :class:`~flower_focal.crypto.ckks.CkksEvaluator` built from the *public* context (relin +
 Galois keys, no secret key). Messages are bytes (envelopes) on the encrypted path.
 
@@ -617,7 +617,7 @@ def server_setup(
         ``1``: everything in this process. ``k > 1``: ``min(k, n_pairs)`` spawned worker
         processes, each owning the class pairs ``p = w (mod k)`` (needs
         ``evaluator_factory``, a picklable zero-argument callable building ``ev`` in the
-        worker, e.g. :func:`flower_focal.focal.driver.he_evaluator_factory`). Scripts must
+        worker, e.g. :func:`flower_focal.testing.he_evaluator_factory`). Scripts must
         guard their entry point with ``if __name__ == "__main__":``.
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:

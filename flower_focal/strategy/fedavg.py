@@ -29,7 +29,7 @@ from flower_focal.artifacts import ModelSpec
 from flower_focal.checkpoint import Checkpoint, save_checkpoint
 from flower_focal.history import RunHistory, array_bytes, metric_dict, reply_bytes
 from flower_focal.metrics import nan_weighted_average
-from flower_focal.packing import ArrayLayout
+from flower_focal.flatten import ArrayLayout
 from flower_focal.strategy.roster import InstitutionRoster, OrderedGrid, seeded_random, short_reason
 
 

@@ -47,7 +47,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 from flwr.supercore import log
 
-from flower_focal import keys
+from flower_focal import wire as keys
 from flower_focal.artifacts import ModelSpec
 from flower_focal.crypto import (
     FOCAL_PRESETS,
@@ -74,7 +74,7 @@ from flower_focal.focal import (
 )
 from flower_focal.focal.errors import FocalDiverged, InstitutionUploadError
 from flower_focal.history import metric_dict, reply_bytes
-from flower_focal.keys import he_array, he_bytes
+from flower_focal.wire import he_array, he_bytes
 from flower_focal.strategy.fedavg import FedAvg
 from flower_focal.strategy.roster import OrderedGrid, seeded_random
 

@@ -13,7 +13,7 @@ checked, added into the running sum and dropped, so the sum is ready when the la
 lands and the server holds about one model, not one per institution. Ciphertext addition is
 exact modular arithmetic, so the sum is bit-identical in any arrival order. The seconds spent
 summing and serialising the sum go into the round's ``timings`` in ``metrics.json``
-(:data:`~flower_focal.keys.HE_SUM_S` and the others next to it); institutions report their own
+(:data:`~flower_focal.wire.HE_SUM_S` and the others next to it); institutions report their own
 in their reply metrics.
 
 When some sampled institution never described its training-set size (its ClientApp does not
@@ -44,13 +44,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 from flwr.supercore import log
 
-from flower_focal import keys
+from flower_focal import wire
 from flower_focal.crypto import Accumulator, CiphertextError, PublicContext
 from flower_focal.encrypted_model import EncryptedModel
 from flower_focal.grid import PromptGrid
 from flower_focal.history import metric_dict, reply_bytes
 from flower_focal.timing import Stopwatch
-from flower_focal.packing import ArrayLayout
+from flower_focal.flatten import ArrayLayout
 from flower_focal.strategy.fedavg import FedAvg
 
 
@@ -196,19 +196,19 @@ class HEFedAvg(FedAvg):
 
     def final_ciphertext(self, result: Result) -> tuple[ArrayRecord, ArrayLayout] | None:
         """The encrypted final global model (ciphertext Array + ``[C, W]``) and its layout."""
-        if self._layout is None or keys.HE_CIPHERTEXT not in result.arrays:
+        if self._layout is None or wire.HE_CIPHERTEXT not in result.arrays:
             return None
         return result.arrays, self._layout
 
     # ------------------------------------------------------------------ configure
     def _he_config(self, arrays: ArrayRecord, config: ConfigRecord) -> None:
         if self._layout is None:
-            if keys.HE_CIPHERTEXT in arrays:
+            if wire.HE_CIPHERTEXT in arrays:
                 raise ValueError("HEFedAvg must start from a plaintext model (the public initial weights)")
             self._layout = ArrayLayout.of(arrays)
         self._layout.to_config(config)
-        config[keys.HE_FINGERPRINT] = self.he_public.fingerprint.hex()
-        config[keys.HE_CLIP_NORM] = float(self.clip_norm)
+        config[wire.HE_FINGERPRINT] = self.he_public.fingerprint.hex()
+        config[wire.HE_CLIP_NORM] = float(self.clip_norm)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -221,9 +221,9 @@ class HEFedAvg(FedAvg):
         self.roster.refresh(grid)
         self._grid = grid
         self._he_config(arrays, config)
-        config[keys.HE_WEIGHTED_BY] = self.weighted_by_key
-        config[keys.HE_NOISE_STD] = 0.0
-        config[keys.HE_WEIGHT_NORM] = 0.0
+        config[wire.HE_WEIGHTED_BY] = self.weighted_by_key
+        config[wire.HE_NOISE_STD] = 0.0
+        config[wire.HE_WEIGHT_NORM] = 0.0
         messages = list(super().configure_train(server_round, arrays, config, grid))
         if messages and self.roster.sizes_known(m.metadata.dst_node_id for m in messages):
             self._weight_norm = float(max(self.roster.total_train_examples(), 1))
@@ -231,10 +231,10 @@ class HEFedAvg(FedAvg):
             self._weight_norm = 0.0  # learnt from the replies, then sealed
         for message in messages:  # Flower's FedAvg shares one config among the messages
             message_config = message.content[self.configrecord_key]
-            message_config[keys.HE_WEIGHT_NORM] = self._weight_norm
+            message_config[wire.HE_WEIGHT_NORM] = self._weight_norm
             if self.noise_multiplier > 0:
                 # m = sampled institutions
-                message_config[keys.HE_NOISE_STD] = self.noise_multiplier * self.clip_norm / len(messages) ** 0.5
+                message_config[wire.HE_NOISE_STD] = self.noise_multiplier * self.clip_norm / len(messages) ** 0.5
         self._sum = _RoundSum(Accumulator(self.he_public, workers=self.server_workers)) if self._weight_norm > 0 else None
         if isinstance(grid, PromptGrid):
             grid.reply_hook = self._absorb  # add each ciphertext as it arrives
@@ -254,7 +254,7 @@ class HEFedAvg(FedAvg):
             metrics = next(iter(reply.content.metric_records.values()), None)
             weight = metrics.get(self.weighted_by_key) if metrics is not None else None
             problem = None
-            if metrics is None or not metrics.get(keys.HE_PENDING):
+            if metrics is None or not metrics.get(wire.HE_PENDING):
                 problem = "the reply holds no pending update (is he_fedavg_mod on the ClientApp's train?)"
             elif not isinstance(weight, int | float) or not np.isfinite(weight) or weight <= 0:
                 problem = f"invalid {self.weighted_by_key} {weight!r}"
@@ -267,8 +267,8 @@ class HEFedAvg(FedAvg):
             return [], held
         total = sum(float(next(iter(c.metric_records.values()))[self.weighted_by_key]) for c in held.values())
         self._weight_norm = total
-        config = ConfigRecord({keys.SERVER_ROUND: server_round, keys.HE_SEAL: True,
-                               keys.HE_WEIGHT_NORM: total, keys.HE_WEIGHTED_BY: self.weighted_by_key})
+        config = ConfigRecord({wire.SERVER_ROUND: server_round, wire.HE_SEAL: True,
+                               wire.HE_WEIGHT_NORM: total, wire.HE_WEIGHTED_BY: self.weighted_by_key})
         self._he_config(ArrayRecord(), config)
         messages = [Message(RecordDict({self.configrecord_key: config}), dst_node_id=node,
                             message_type=MessageType.TRAIN) for node in held]
@@ -293,7 +293,7 @@ class HEFedAvg(FedAvg):
             stream.seen[reply_key(reply)] = (reply, str(exc), size)
             return reply
         metrics = next(iter(reply.content.metric_records.values()))
-        reply.content = RecordDict({keys.METRICS: metrics})  # the sum holds the ciphertext now
+        reply.content = RecordDict({wire.METRICS: metrics})  # the sum holds the ciphertext now
         stream.seen[reply_key(reply)] = (reply, None, size)
         return reply
 
@@ -356,12 +356,12 @@ class HEFedAvg(FedAvg):
         with serializing:
             blob = acc.to_bytes()
         record.timings.update({
-            keys.HE_SUM_S: stream.summing.wall_s, keys.HE_SUM_CPU_S: stream.summing.cpu_s,
-            keys.HE_SERIALIZE_S: serializing.wall_s, keys.HE_SERIALIZE_CPU_S: serializing.cpu_s,
+            wire.HE_SUM_S: stream.summing.wall_s, wire.HE_SUM_CPU_S: stream.summing.cpu_s,
+            wire.HE_SERIALIZE_S: serializing.wall_s, wire.HE_SERIALIZE_CPU_S: serializing.cpu_s,
         })
         arrays = ArrayRecord({
-            keys.HE_CIPHERTEXT: keys.he_array(blob),
-            keys.HE_WEIGHTS: Array(np.array([norm, total_weight], dtype=np.float64)),
+            wire.HE_CIPHERTEXT: wire.he_array(blob),
+            wire.HE_WEIGHTS: Array(np.array([norm, total_weight], dtype=np.float64)),
         })
         metrics = self.train_metrics_aggr_fn(accepted, self.weighted_by_key)
         self.history.round(server_round).train = metric_dict(metrics)
@@ -390,11 +390,11 @@ class HEFedAvg(FedAvg):
         if len(content.array_records) != 1 or len(content.metric_records) != 1:
             raise RejectedReply("expected exactly one ArrayRecord and one MetricRecord")
         arrays = next(iter(content.array_records.values()))
-        arr = arrays.get(keys.HE_CIPHERTEXT)
+        arr = arrays.get(wire.HE_CIPHERTEXT)
         if arr is None or len(arrays) != 1:
-            raise RejectedReply(f"expected one {keys.HE_CIPHERTEXT!r} array, got {list(arrays.keys())}")
-        if arr.stype != keys.HE_STYPE:
-            raise RejectedReply(f"wrong array stype {arr.stype!r} (expected {keys.HE_STYPE!r}): a plaintext reply?")
+            raise RejectedReply(f"expected one {wire.HE_CIPHERTEXT!r} array, got {list(arrays.keys())}")
+        if arr.stype != wire.HE_STYPE:
+            raise RejectedReply(f"wrong array stype {arr.stype!r} (expected {wire.HE_STYPE!r}): a plaintext reply?")
         metrics = next(iter(content.metric_records.values()))
         if self.weighted_by_key not in metrics:
             raise RejectedReply(f"reply metrics have no {self.weighted_by_key!r}")

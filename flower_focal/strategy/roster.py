@@ -21,7 +21,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from flower_focal import keys
+from flower_focal import wire
 
 
 def short_reason(reason: str, limit: int = 300) -> str:
@@ -74,8 +74,8 @@ class InstitutionRoster:
             return
         messages = [
             Message(
-                content=RecordDict({keys.CONFIG: ConfigRecord({"action": keys.ACTION_DESCRIBE})}),
-                message_type=f"{MessageType.QUERY}.{keys.ACTION_DESCRIBE}",
+                content=RecordDict({wire.CONFIG: ConfigRecord({"action": wire.ACTION_DESCRIBE})}),
+                message_type=f"{MessageType.QUERY}.{wire.ACTION_DESCRIBE}",
                 dst_node_id=node_id,
             )
             for node_id in unknown
@@ -88,13 +88,13 @@ class InstitutionRoster:
                 self._undescribed[node_id] = short_reason(reply.error.reason)
                 continue
             try:
-                info = reply.content[keys.CONFIG]
+                info = reply.content[wire.CONFIG]
                 institution = Institution(
                     node_id=node_id,
-                    partition_id=int(info[keys.PARTITION_ID]),
-                    num_classes=int(info[keys.NUM_CLASSES]),
-                    in_channels=int(info[keys.IN_CHANNELS]),
-                    num_train=int(info.get(keys.NUM_TRAIN, 0)),
+                    partition_id=int(info[wire.PARTITION_ID]),
+                    num_classes=int(info[wire.NUM_CLASSES]),
+                    in_channels=int(info[wire.IN_CHANNELS]),
+                    num_train=int(info.get(wire.NUM_TRAIN, 0)),
                 )
             except (KeyError, TypeError, ValueError) as exc:
                 self._undescribed[node_id] = f"unexpected describe reply ({exc!r})"

@@ -1,4 +1,4 @@
-"""Datalist keys shared by every data source, transform and consumer.
+"""Datalist field names shared by every data source, transform and consumer.
 
 This module owns the names of the fields of a datalist item (a ``dict``) and of a batch
 produced by the datasets of :mod:`flower_focal.data`. Import these constants instead of

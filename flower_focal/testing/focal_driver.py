@@ -1,7 +1,7 @@
 """In-process FOCAL training over a list of institutions (encrypted, or the plaintext twin).
 
-This module owns the epoch loop a Flower strategy will later run message by message: it
-calls the step functions of :mod:`flower_focal.focal.protocol` in order, passes each message
+The epoch loop that :class:`flower_focal.strategy.focal.Focal` runs message by message, in one
+process: it calls the step functions of :mod:`flower_focal.focal.protocol` in order, passes each message
 as the real wire bytes, and records time and bytes per role. Full batch, so one epoch is one
 step. Callers must give every institution the same embedding dimension and a label range
 ``0..n_classes-1``.
@@ -19,7 +19,7 @@ import numpy as np
 
 from flower_focal.focal.errors import LogitOverflow
 from flower_focal.focal.packing import DEFAULT_BLOCK, FocalLayout
-from flower_focal.focal.plaintext import PlainEvaluator, PlainKeyHolder
+from flower_focal.testing.plaintext import PlainEvaluator, PlainKeyHolder
 from flower_focal.focal.protocol import (
     MOMENTUM,
     STEP_SCALE,
@@ -46,7 +46,7 @@ from flower_focal.focal.protocol import (
 
 
 @dataclass(frozen=True)
-class Institution:
+class InstitutionEmbeddings:
     """One institution's embeddings ``x`` (n x d) and labels ``y`` (n,)."""
 
     name: str
@@ -111,7 +111,7 @@ def _size(message: Any) -> int:
     return int(sum(np.asarray(v).nbytes for v in message))
 
 
-def _check_institutions(institutions: Sequence[Institution]) -> None:
+def _check_institutions(institutions: Sequence[InstitutionEmbeddings]) -> None:
     if not institutions:
         raise ValueError("need at least one institution")
     names = [i.name for i in institutions]
@@ -123,7 +123,7 @@ def _train(
     holder: Any,
     ev: Any,
     factory: Any | None,
-    institutions: Sequence[Institution],
+    institutions: Sequence[InstitutionEmbeddings],
     layout: FocalLayout,
     *,
     epochs: int,
@@ -273,7 +273,7 @@ def _train(
 
 
 def train_encrypted(
-    institutions: Sequence[Institution],
+    institutions: Sequence[InstitutionEmbeddings],
     n_classes: int,
     *,
     secret: Any,
@@ -345,7 +345,7 @@ def train_encrypted(
 
 
 def train_plaintext(
-    institutions: Sequence[Institution],
+    institutions: Sequence[InstitutionEmbeddings],
     n_classes: int,
     *,
     epochs: int,

@@ -1,6 +1,9 @@
-"""Names of the records and fields exchanged between the ServerApp and the ClientApps.
+"""The wire vocabulary: names of the records and fields the ServerApp and ClientApps exchange.
 
-One place for every string that crosses the wire, so the server and client sides cannot drift.
+One place for every string that crosses the wire, so the server and client sides cannot drift,
+and the one way a ciphertext becomes a Flower ``Array`` and back (:func:`he_array`,
+:func:`he_bytes`). Key *material* is :mod:`flower_focal.crypto.keys`; datalist field names are
+:mod:`flower_focal.data.fields`.
 """
 
 from __future__ import annotations
