@@ -29,7 +29,6 @@ save a new run's output there to update it.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import tempfile
 import time

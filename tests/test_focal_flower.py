@@ -272,9 +272,9 @@ def test_focal_resumed_run_rolls_back_to_the_checkpointed_head_and_goes_on(tmp_p
     assert state["lr"] == pytest.approx(lr / 2) and state["prev"] == pytest.approx(loss3)
     assert state["standing"] == 2  # the checkpoint's update and round 3's
     assert metrics["info"]["final_train_loss"] < loss3  # round 3's update was applied and kept
-    fwd = [m for m in grid.sent if m.metadata.message_type == keys.ACTION_FOCAL
-           and not m.content[keys.CONFIG][keys.FOCAL_CHECK_ONLY]]
-    assert [m.content[keys.CONFIG][keys.SERVER_ROUND] for m in fwd] == [2, 2, 2, 3, 3, 3]
+    fwd = [m for m in grid.sent if m.metadata.message_type == wire.ACTION_FOCAL
+           and not m.content[wire.CONFIG][wire.FOCAL_CHECK_ONLY]]
+    assert [m.content[wire.CONFIG][wire.SERVER_ROUND] for m in fwd] == [2, 2, 2, 3, 3, 3]
 
 
 @pytest.mark.parametrize("min_replies", [1, pytest.param(3, marks=pytest.mark.slow)])
