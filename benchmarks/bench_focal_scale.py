@@ -9,8 +9,12 @@ fundus images (5 classes, IID, ``--images-per-institution`` training images each
 default frozen backbone (EfficientNet-Lite0, ImageNet weights) at ``--input-size`` px. Round 1
 includes the one-off embed exchange (every institution embeds, encrypts and uploads its
 embeddings); every round then takes ``--steps-per-round`` FOCAL steps with all institutions
-and a federated evaluation on ``--fraction-evaluate`` of them. Reported per round: wall time,
-replies, bytes, federated validation AUROC / accuracy; peak RSS of the whole process tree
+and a federated evaluation on ``--fraction-evaluate`` of them (each evaluated institution gets
+only its own encrypted validation logits, computed by the server on the encrypted validation
+embeddings uploaded with the embed exchange). Reported per round: wall time, replies, bytes
+(up, down, and evaluation's share of down, in all and per evaluated institution), the
+server's seconds for the evaluation forward passes, federated validation AUROC / accuracy;
+peak RSS of the whole process tree
 (SuperLink, Ray workers, ServerApp: an upper bound, shared pages counted per process); the
 load average before and after. Prints one JSON object.
 """
@@ -24,8 +28,12 @@ from pathlib import Path
 
 from _common import TreeMemorySampler, emit, loadavg, machine
 
+from flower_focal import keys
 from flower_focal.config import RunConfig
 from flower_focal.simulation import Federation, simulate
+
+# getattr: the script also measures the code from before the key existed (its bytes_down_evaluate too)
+FORWARD_S = getattr(keys, "FOCAL_EVALUATE_FORWARD_S", "focal-evaluate-forward-s")
 
 
 def one(n: int, args: argparse.Namespace, out: Path) -> dict:
@@ -65,6 +73,14 @@ def one(n: int, args: argparse.Namespace, out: Path) -> dict:
         "failures": len(r["failures"]),
         "bytes_up_mib": round(r["bytes_up"] / 2**20, 1),
         "bytes_down_mib": round(r["bytes_down"] / 2**20, 1),
+        # evaluation's share of bytes_down (absent in metrics.json before it was recorded)
+        "evaluate_bytes_down_mib": (round(r["bytes_down_evaluate"] / 2**20, 2)
+                                    if "bytes_down_evaluate" in r else None),
+        "evaluate_bytes_down_per_institution_kib": (
+            round(r["bytes_down_evaluate"] / 2**10 / len(r["evaluate_institutions"]), 1)
+            if r.get("bytes_down_evaluate") and r["evaluate_institutions"] else None),
+        "evaluate_server_forward_s": (round(r["timings"][FORWARD_S], 2)
+                                      if FORWARD_S in r.get("timings", {}) else None),
         "train_loss": r["train"].get("train-loss"),
         "val_auroc": r["evaluate"].get("auroc"),
         "val_accuracy": r["evaluate"].get("accuracy"),
@@ -109,7 +125,8 @@ def main() -> None:
         "settings": vars(args),
         "note": "round wall_s from metrics.json (configure_train to aggregate_evaluate); round 1 "
                 "adds the embed exchange (embedding, encryption and upload of every institution's "
-                "images); simulation_wall_s adds SuperLink/Ray start-up and the describe query; "
+                "training and validation images); evaluate_bytes_down_* is what evaluation sends "
+                "(each institution's encrypted validation logits); simulation_wall_s adds SuperLink/Ray start-up and the describe query; "
                 "peak_rss_gib sums RSS over the process tree (upper bound)",
         "machine": machine(),
         "results": rows,

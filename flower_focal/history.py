@@ -53,6 +53,7 @@ class RoundRecord:
     wall_time_s: float | None = None
     bytes_down: int = 0
     bytes_up: int = 0
+    bytes_down_evaluate: int = 0  # the part of bytes_down sent for evaluation
     train: dict[str, Any] = field(default_factory=dict)
     train_institutions: dict[int, dict[str, Any]] = field(default_factory=dict)
     evaluate: dict[str, Any] = field(default_factory=dict)
@@ -68,6 +69,7 @@ class RoundRecord:
             wall_time_s=data.get("wall_time_s"),
             bytes_down=int(data.get("bytes_down", 0)),
             bytes_up=int(data.get("bytes_up", 0)),
+            bytes_down_evaluate=int(data.get("bytes_down_evaluate", 0)),
             train=dict(data.get("train", {})),
             train_institutions={int(k): v for k, v in data.get("train_institutions", {}).items()},
             evaluate=dict(data.get("evaluate", {})),
@@ -83,6 +85,7 @@ class RoundRecord:
             "wall_time_s": self.wall_time_s,
             "bytes_down": self.bytes_down,
             "bytes_up": self.bytes_up,
+            "bytes_down_evaluate": self.bytes_down_evaluate,
             "train": self.train,
             "evaluate": self.evaluate,
             "train_institutions": {str(k): v for k, v in sorted(self.train_institutions.items())},

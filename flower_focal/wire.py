@@ -67,14 +67,19 @@ HE_SUM_S = "he-sum-s"  # checking and adding the round's ciphertexts
 HE_SUM_CPU_S = "he-sum-cpu-s"
 HE_SERIALIZE_S = "he-serialize-s"  # serialising the encrypted sum for the institutions
 HE_SERIALIZE_CPU_S = "he-serialize-cpu-s"
+# RoundRecord.timings of the FOCAL server: the forward passes on the validation embeddings.
+FOCAL_EVALUATE_FORWARD_S = "focal-evaluate-forward-s"
+FOCAL_EVALUATE_FORWARD_CPU_S = "focal-evaluate-forward-cpu-s"
 
 # FOCAL split training (see flower_focal/strategy/focal.py and flower_focal/client/focal.py).
 # Every Array below is a ciphertext envelope with stype HE_STYPE; the server holds no plaintext.
 ACTION_EMBED = "train.embed"  # round 1: encrypted embeddings (+ the initial head from one institution)
 ACTION_FOCAL = "train.focal"  # every step: encrypted logits down, encrypted error up
-ACTION_FOCAL_EVALUATE = "evaluate.focal"  # encrypted head down, plaintext metrics up
+ACTION_FOCAL_EVALUATE = "evaluate.focal"  # its encrypted validation logits down, plaintext metrics up
 FOCAL_EMBEDDINGS = "focal-embeddings"  # Array: Enc([x, 1]) packed by FocalLayout
 FOCAL_HEAD = "focal-head"  # Array: Enc(W), the linear head
+FOCAL_VAL_EMBEDDINGS = "focal-val-embeddings"  # Array: Enc([x, 1]) of the validation split, packed like X
+FOCAL_VALIDATION = "focal-validation"  # config bool: train.embed also uploads the validation embeddings
 FOCAL_LOGITS = "focal-logits"  # Array: Enc(lane partial sums of [x, 1] W), one institution's
 FOCAL_ERROR = "focal-error"  # Array: Enc(-lr * c_y * (softmax - onehot) / N)
 FOCAL_CLASS_COUNTS = "focal-class-counts"  # Array: Enc(per-class counts), summed by the server

@@ -19,7 +19,7 @@ from clients.client_app import app as client_app
 from flower_focal import wire
 from flower_focal.artifacts import decrypt_model, load_model
 from flower_focal.checkpoint import load_checkpoint, save_checkpoint
-from flower_focal.client.focal import site_embeddings
+from flower_focal.client.focal import site_embeddings, validation_metrics
 from flower_focal.client.handlers import site_from_context
 from flower_focal.config import RunConfig
 from flower_focal.crypto import keygen
@@ -205,6 +205,72 @@ def test_focal_matches_plaintext_twin_and_server_sees_only_ciphertext(
     for rnd in metrics["rounds"]:
         assert sorted(rnd["train_institutions"]) == ["0", "1", "2"]
         assert 0.0 <= rnd["evaluate"]["auroc"] <= 1.0 and not rnd["failures"]
+    # the last evaluation (the server's forward on the encrypted validation embeddings) is the
+    # twin's final head on the raw validation embeddings
+    lay = FocalLayout(train[0].x.shape[1], k, block=cfg.focal_block)
+    for inst in val:
+        want = validation_metrics(predict_logits(plain.head, lay, inst.x), inst.y, k)
+        got = metrics["rounds"][-1]["evaluate_institutions"][inst.name]
+        assert got["loss"] == pytest.approx(want["loss"], abs=1e-3) and got["num-examples"] == len(inst.y)
+
+
+def test_focal_evaluation_sends_each_institution_only_its_validation_logits(tmp_path, npz, key_dir,
+                                                                            monkeypatch):
+    """evaluate.focal: the server's forward pass on each institution's encrypted validation
+    embeddings (uploaded with its training ones), only its logits down; the metrics are the
+    plaintext twin's at every round; the message is >= 10x smaller than the head it replaces
+    (block 128: the head is 17 x 5 ciphertexts, 15 validation images 1 x 5); an institution
+    without a validation split gets no evaluation message and still trains."""
+    from flower_focal.client import focal as client_focal
+
+    real = client_focal.site_embeddings
+
+    def no_val_at_2(site, split, *, where=None):
+        if split == "val" and site.partition_id == 2:
+            x, y = real(site, split)
+            return x[:0], y[:0]
+        return real(site, split, where=where)
+
+    monkeypatch.setattr(client_focal, "site_embeddings", no_val_at_2)
+    rounds = 2
+    cfg = _cfg(tmp_path, npz, key_dir, "eval", num_server_rounds=rounds, focal_block=128)
+    grid = _run(cfg)
+    run_dir = Path(cfg.run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "completed"
+    evals = [m for m in grid.sent if m.metadata.message_type == keys.ACTION_FOCAL_EVALUATE]
+    pid_of = {nid: i for i, nid in enumerate(grid.node_ids)}
+    assert sorted(pid_of[m.metadata.dst_node_id] for m in evals) == [0, 0, 1, 1]  # never 2
+    head_bytes = (run_dir / "model.he").stat().st_size  # what each evaluation message used to carry
+    lay = FocalLayout(512, 9, block=128)
+    ev = build_strategy(cfg).evaluator  # the server's key-less evaluator
+    assert len(ev.open_envelope((run_dir / "model.he").read_bytes())) == lay.n_groups * lay.n_pairs == 85
+    for m in evals:
+        assert list(m.content[keys.ARRAYS].keys()) == [keys.FOCAL_LOGITS]  # no head, no moments
+        logits = m.content[keys.ARRAYS][keys.FOCAL_LOGITS].data
+        assert len(ev.open_envelope(logits)) == lay.n_chunks(15) * lay.n_pairs == 5
+        assert 10 * len(logits) <= head_bytes, (len(logits), head_bytes)
+    # the embed exchange carried the validation embeddings of 0 and 1 only
+    embeds = [r for r in grid.received if r.metadata.message_type == keys.ACTION_EMBED
+              and keys.FOCAL_EMBEDDINGS in r.content.array_records.get(keys.ARRAYS, {})]
+    assert sorted(pid_of[r.metadata.src_node_id] for r in embeds
+                  if keys.FOCAL_VAL_EMBEDDINGS in r.content[keys.ARRAYS]) == [0, 1]
+
+    train = _institutions(grid, "train")
+    val = [i for i in _institutions(grid, "val") if i.name != "2"]
+    k = int(json.loads((run_dir / "model.json").read_text())["num_classes"])
+    assert k == 9 and train[0].x.shape[1] == 512
+    for rnd in metrics["rounds"]:
+        assert sorted(rnd["train_institutions"]) == ["0", "1", "2"]
+        assert sorted(rnd["evaluate_institutions"]) == ["0", "1"] and not rnd["failures"]
+        plain = train_plaintext(train, k, epochs=rnd["round"], init_seed=cfg.seed, block=128)
+        for inst in val:
+            want = validation_metrics(predict_logits(plain.head, lay, inst.x), inst.y, k)
+            got = rnd["evaluate_institutions"][inst.name]
+            assert got["num-examples"] == want["num-examples"] == len(inst.y) > 0
+            assert got["loss"] == pytest.approx(want["loss"], abs=1e-3), (rnd["round"], inst.name)
+            assert got["accuracy"] == pytest.approx(want["accuracy"], abs=1.01 / len(inst.y))
+            assert got["auroc"] == pytest.approx(want["auroc"], abs=0.02)
 
 
 def test_focal_stops_a_diverging_run_with_a_clear_message(tmp_path, npz, key_dir, monkeypatch):

@@ -379,3 +379,64 @@ def test_server_restore_goes_back_to_the_setup_head_before_any_snapshot(secret: 
         update()
         server_restore(server)  # back to the snapshot, not to the setup head
         assert np.abs(decrypt_head(holder, lay, server_export_head(server)) - moved).max() < 1e-4
+
+
+def test_validation_logits_match_the_twin_and_are_far_smaller_than_the_head(secret: SecretContext) -> None:
+    """Evaluation: the server's forward pass on an institution's encrypted validation embeddings
+    (standardised like its training ones) gives the twin's logits and metrics up to CKKS noise;
+    at the README's sizes (EfficientNet-Lite0 d = 1280, K = 5, block 64, 16 validation images)
+    that message is 3 ciphertexts against the 63 (+ the moments) of the head it replaces. The
+    validation embeddings never enter a backward pass."""
+    from flower_focal.client.focal import validation_metrics
+    from flower_focal.focal import (
+        decrypt_logits,
+        server_add_validation,
+        server_forward_validation,
+    )
+    from flower_focal.focal.plaintext import PlainEvaluator, PlainKeyHolder
+
+    d, k, n_val = 1280, 5, 16
+    rng = np.random.default_rng(11)
+    lay = FocalLayout(d, k)
+    x_tr, y_tr = rng.normal(0, 1, (20, d)), rng.integers(0, k, 20)
+    x_val, y_val = rng.normal(0.3, 2, (n_val, d)), np.arange(n_val) % k
+    scale, shift = rng.uniform(0.5, 1.5, d), rng.normal(0, 0.3, d)  # a global standardisation
+    out = {}
+    for name, holder, ev in (("he", CkksKeyHolder(secret), CkksEvaluator(secret.public_context())),
+                             ("twin", PlainKeyHolder(), PlainEvaluator())):
+        server = server_setup(ev, lay, init_head(holder, lay, seed=5, std=0.05))
+        server_add_embeddings(server, "a", encrypt_embeddings(holder, lay, x_tr, feature_scale=scale,
+                                                              feature_shift=shift))
+        up = institution_error(holder, lay, server_forward(server, "a"), y_tr, lr=0.5, n_total=20)
+        server_backward_update(server, {"a": up.message})  # evaluate a trained head, not the initial one
+        server_add_validation(server, "a", encrypt_embeddings(holder, lay, x_val, feature_scale=scale,
+                                                              feature_shift=shift))
+        message = server_forward_validation(server, "a")
+        logits = decrypt_logits(holder, lay, message, n_val)
+        head = server_export_head(server)
+        w = decrypt_head(holder, lay, head)
+        out[name] = logits, message, head, w, validation_metrics(logits, y_val, k)
+        if name == "twin":  # the validation embeddings never touch the head
+            again = server_setup(ev, lay, init_head(holder, lay, seed=5, std=0.05))
+            server_add_embeddings(again, "a", encrypt_embeddings(holder, lay, x_tr, feature_scale=scale,
+                                                                 feature_shift=shift))
+            server_backward_update(again, {"a": institution_error(
+                holder, lay, server_forward(again, "a"), y_tr, lr=0.5, n_total=20).message})
+            assert np.array_equal(decrypt_head(holder, lay, server_export_head(again)), w)
+            # ... and the logits are the head applied to the standardised validation embeddings
+            ref = predict_logits(fold_standardization(w, scale, shift), lay, x_val)
+            np.testing.assert_allclose(logits, ref, atol=1e-9)
+    (l_he, msg, head, _, m_he), (l_pl, _, _, _, m_pl) = out["he"], out["twin"]
+    assert np.abs(l_pl).max() > 0.5  # a head that separates: the comparison means something
+    assert np.abs(l_he - l_pl).max() < 1e-3
+    assert m_he["accuracy"] == m_pl["accuracy"] and m_he["num-examples"] == n_val
+    assert m_he["loss"] == pytest.approx(m_pl["loss"], abs=1e-4)
+    # rank-based: CKKS noise may swap two near-equal probabilities, 1/39 of one class of five
+    assert m_he["auroc"] == pytest.approx(m_pl["auroc"], abs=0.006)
+    ev = CkksEvaluator(secret.public_context())
+    assert len(ev.open_envelope(msg)) == lay.n_chunks(n_val) * lay.n_pairs == 3
+    assert len(ev.open_envelope(head)) == lay.n_groups * lay.n_pairs == 63
+    print(f"evaluation message {len(msg)} B vs head {len(head)} B ({len(head) / len(msg):.1f}x)")
+    assert 10 * len(msg) <= len(head)
+    with pytest.raises(ValueError, match="no validation embeddings"):
+        server_forward_validation(server_setup(ev, lay, init_head(CkksKeyHolder(secret), lay)), "a")

@@ -9,14 +9,16 @@ handlers ``(Message, Context) -> Message`` (registered in ``clients/client_app.p
   and in this process); first (``focal-stats-only``) only their encrypted per-feature sums
   and sums of squares, then, given the server's encrypted totals, the embeddings standardised
   with the global mean / std it decrypts, encrypted; the institution asked for it also makes
-  the initial encrypted head; with balanced class weights, its encrypted class counts;
+  the initial encrypted head; with balanced class weights, its encrypted class counts; when
+  asked (``focal-validation``), its validation embeddings too, standardised and packed alike;
 * :func:`step` - decrypt its own logits, softmax against its own labels, encrypt the error
   (with Nesterov momentum: its velocity lives in ``context.state``); or only report the loss
   (``focal-check-only``, the server's final guard check);
-* :func:`evaluate` - decrypt the head (and the global statistics), evaluate on its own
-  validation embeddings.
+* :func:`evaluate` - decrypt its own validation logits (the server's forward pass on the
+  encrypted validation embeddings it uploaded with :func:`embed`, standardised like the
+  training ones), score them against its own labels. The head itself is never sent.
 
-Labels, embeddings, logits and the decrypted head never leave the institution; every Array
+Labels, embeddings and logits never leave the institution; every Array
 it sends is a ciphertext envelope. The secret key comes from
 :func:`flower_focal.client.he_mod.secret_context` (node config ``he-secret-key`` or run
 config ``he-key-dir``).
@@ -51,15 +53,13 @@ from flower_focal.crypto import CkksKeyHolder
 from flower_focal.focal import (
     FocalLayout,
     balanced_class_weights,
-    decrypt_head,
+    decrypt_logits,
     encrypt_embeddings,
     encrypt_feature_moments,
     feature_standardization,
-    fold_standardization,
     init_head,
     institution_error,
     institution_loss,
-    predict_logits,
     softmax,
 )
 from flower_focal.focal.errors import LogitOverflow
@@ -291,6 +291,12 @@ def embed(message: Message, context: Context, source: EmbeddingSource = _site_so
                                     layout)
     arrays = ArrayRecord({keys.FOCAL_EMBEDDINGS: he_array(
         encrypt_embeddings(holder, layout, x, feature_scale=scale, feature_shift=shift))})
+    if bool(config.get(keys.FOCAL_VALIDATION, False)):  # evaluate.focal: the server's forward on them
+        xv, yv = source(context, "val")
+        _checked_labels(yv, num_classes, "validation")
+        if yv.size:  # none: this institution is not evaluated
+            arrays[keys.FOCAL_VAL_EMBEDDINGS] = he_array(
+                encrypt_embeddings(holder, layout, xv, feature_scale=scale, feature_shift=shift))
     if bool(config.get(keys.FOCAL_INIT_HEAD, False)):
         seed = int(config.get(keys.FOCAL_INIT_SEED, -1))
         arrays[keys.FOCAL_HEAD] = he_array(init_head(holder, layout, seed=None if seed < 0 else seed))
@@ -349,25 +355,30 @@ def step(message: Message, context: Context, source: EmbeddingSource = _site_sou
     return Message(content, reply_to=message)
 
 
+def validation_metrics(logits: np.ndarray, y: np.ndarray, num_classes: int) -> dict[str, float | int]:
+    """Loss (mean cross-entropy), accuracy, macro AUROC and count of validation logits (n x K)."""
+    if y.size == 0:
+        nan = float("nan")
+        return {keys.LOSS: nan, keys.ACCURACY: nan, keys.AUROC: nan, keys.NUM_EXAMPLES: 0}
+    probs = softmax(np.asarray(logits, dtype=np.float64))
+    loss = float(-np.log(np.clip(probs[np.arange(y.size), y], 1e-12, None)).mean())
+    return {keys.LOSS: loss, keys.ACCURACY: accuracy(probs, y),
+            keys.AUROC: macro_auroc(probs, y, num_classes), keys.NUM_EXAMPLES: int(y.size)}
+
+
 def evaluate(message: Message, context: Context, source: EmbeddingSource = _site_source) -> Message:
-    """``evaluate.focal``: decrypt the head, evaluate on own validation embeddings."""
+    """``evaluate.focal``: decrypt own validation logits (the server's forward pass on the
+    validation embeddings uploaded with :func:`embed`), score them against own labels."""
     config = message.content[keys.CONFIG]
     holder = _holder(context, config)
     x, y = source(context, "val")
     layout = _layout(config, x)
     _checked_labels(y, layout.n_classes, "validation")
-    if y.size == 0:
-        nan = float("nan")
-        metrics = {keys.LOSS: nan, keys.ACCURACY: nan, keys.AUROC: nan, keys.NUM_EXAMPLES: 0}
-    else:
-        arrays = message.content[keys.ARRAYS]
-        head = fold_standardization(decrypt_head(holder, layout, he_bytes(arrays, keys.FOCAL_HEAD)),
-                                    *_standardization(holder, arrays, config, layout))
-        probs = softmax(predict_logits(head, layout, x))
-        loss = float(-np.log(np.clip(probs[np.arange(y.size), y], 1e-12, None)).mean())
-        metrics = {keys.LOSS: loss, keys.ACCURACY: accuracy(probs, y),
-                   keys.AUROC: macro_auroc(probs, y, layout.n_classes),
-                   keys.NUM_EXAMPLES: int(y.size)}
+    logits = np.zeros((0, layout.n_classes))
+    if y.size:
+        logits = decrypt_logits(holder, layout, he_bytes(message.content[keys.ARRAYS], keys.FOCAL_LOGITS),
+                                int(y.size))
+    metrics = validation_metrics(logits, y, layout.n_classes)
     return Message(RecordDict({keys.METRICS: MetricRecord(metrics)}), reply_to=message)
 
 
@@ -523,7 +534,11 @@ class LoaderSource:
                 x, y = f["x"], f["y"]
         else:
             train, val = self.data(context)
-            x, y = embed_loader(self.backbone, train if split == "train" else val, self.device)
+            loader = train if split == "train" else val
+            if loader is None:  # no such split (an app without validation data)
+                x, y = np.zeros((0, 0)), np.zeros((0,), np.int64)
+            else:
+                x, y = embed_loader(self.backbone, loader, self.device)
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_name(path.name + ".tmp.npz")

@@ -39,6 +39,7 @@ class Shard:
         self.w = [cts[i * lp : (i + 1) * lp] for i in range(g)]  # [group][local pair]
         self.x1: dict[str, list[list[Any]]] = {}  # [chunk][group], level of X uploads
         self.x0: dict[str, list[list[Any]]] = {}  # the same, mod-switched to W's level
+        self.v0: dict[str, list[list[Any]]] = {}  # validation X, W's level only (forward only)
         self._staged: dict[str, list[list[Any]]] | None = None
         steps = layout.lane_sum_steps()
         missing = sorted(set(steps) - set(ev.rotation_steps))
@@ -58,10 +59,19 @@ class Shard:
         self.x1[inst] = rows
         self.x0[inst] = [[self.ev.mod_switch(ct) for ct in row] for row in rows]
 
-    def forward(self, inst: str) -> list[Raw]:
-        """``sum_g X0[c,g] * W[g,p]`` per (chunk, local pair), relinearised once each."""
+    def add_val(self, inst: str, raw: Sequence[Raw]) -> None:
+        """Register an institution's validation embedding ciphertexts (``[chunk][group]``);
+        only the copy at W's level is kept: they are never in a backward pass."""
+        plan, g = self.ev.plan, self.layout.n_groups
+        cts = self.ev.load_many(raw, plan.x_level, plan.x_scale)
+        self.v0[inst] = [[self.ev.mod_switch(ct) for ct in cts[i * g : (i + 1) * g]]
+                         for i in range(len(cts) // g)]
+
+    def forward(self, inst: str, validation: bool = False) -> list[Raw]:
+        """``sum_g X0[c,g] * W[g,p]`` per (chunk, local pair), relinearised once each
+        (``validation``: on the institution's validation embeddings)."""
         ev, out = self.ev, []
-        for row in self.x0[inst]:
+        for row in (self.v0 if validation else self.x0)[inst]:
             for lp in range(len(self.pairs)):
                 acc = ev.multiply(row[0], self.w[0][lp])
                 for g in range(1, len(row)):

@@ -12,7 +12,9 @@ imports, no TenSEAL import). One training step over full batch::
               err[inst] = institution_error(holder_i, layout, logits, y_i,
                                              lr=lr, n_total=N).message       # upload
     server_backward_update(server, err)       # W += lane_sum(sum X*E), additions only
-    # at the end (or to evaluate)
+    # to evaluate (once: server_add_validation(server, inst, encrypt_embeddings(holder_i, layout, V_i)))
+    for inst: logits = decrypt_logits(holder_i, layout, server_forward_validation(server, inst), n_val_i)
+    # at the end
     W = decrypt_head(holder, layout, server_export_head(server))
 
 Who holds what: institutions share the CKKS secret key (``holder`` is a
@@ -34,8 +36,9 @@ Choices (and what callers must do):
   none.
 * **Dropout.** An institution absent in a step is simply left out of that step's sum; its
   error would have been divided by the same public ``N``, so the others need no change.
-* **Leakage.** An institution decrypts lane partial sums of its own logits; it could decrypt
-  W itself (shared key), so this reveals nothing new to it. The server never decrypts.
+* **Leakage.** An institution decrypts lane partial sums of its own logits (training and
+  validation); it could decrypt W itself (shared key) if it were sent, so this reveals nothing
+  new to it. During training W is sent to no institution. The server never decrypts.
 """
 
 from __future__ import annotations
@@ -523,6 +526,20 @@ def institution_loss(
     return loss, int((logits.argmax(axis=1) == y).sum())
 
 
+def decrypt_logits(holder: Any, layout: FocalLayout, logits_message: Envelope, n: int) -> np.ndarray:
+    """The logits (n x K) of ``n`` samples from a forward message (:func:`server_forward` or
+    :func:`server_forward_validation`): decrypt, add the lanes.
+
+    Raises
+    ------
+    CiphertextError
+        Malformed/foreign message, or not ``ceil(n / block) * n_pairs`` ciphertexts.
+    LogitOverflow
+        Partial sums beyond the level plan's safe range (the values may have wrapped).
+    """
+    return _decrypt_logits(holder, layout, logits_message, n)
+
+
 def _decrypt_logits(holder: Any, layout: FocalLayout, logits_message: Envelope, n: int) -> np.ndarray:
     plan, chunks = holder.plan, layout.n_chunks(n)
     z = np.stack(
@@ -559,6 +576,7 @@ class FocalServer:
         self.ev, self.layout = ev, layout
         self._shards, self._pairs = shards, pairs
         self.chunks: dict[str, int] = {}
+        self.val_chunks: dict[str, int] = {}  # institutions with validation embeddings
 
     def close(self) -> None:
         """Stop worker processes (idempotent)."""
@@ -673,6 +691,39 @@ def server_forward(server: FocalServer, institution: str) -> Envelope:
     parts = server._broadcast("forward", [(institution,)] * len(server._shards))
     rows = server.chunks[institution]
     return server.ev.seal_envelope(server._merge(parts, rows))
+
+
+def server_add_validation(server: FocalServer, institution: str, x_message: Envelope) -> None:
+    """Evaluation, once: keep an institution's encrypted *validation* embeddings
+    (:func:`encrypt_embeddings` of its validation split, standardised like its training one).
+
+    They only ever enter :func:`server_forward_validation`, never a backward pass.
+
+    Raises
+    ------
+    CiphertextError
+        Malformed/foreign upload or not a whole number of sample chunks; nothing is kept.
+    """
+    raw = server.ev.open_envelope(x_message)
+    g = server.layout.n_groups
+    if not raw or len(raw) % g:
+        raise CiphertextError(
+            f"institution {institution!r} sent {len(raw)} validation embedding ciphertexts, not a "
+            f"positive multiple of the layout's {g} feature groups (wrong embedding dimension?)"
+        )
+    server._broadcast("add_val", [(institution, raw)] * len(server._shards))
+    server.val_chunks[institution] = len(raw) // g
+
+
+def server_forward_validation(server: FocalServer, institution: str) -> Envelope:
+    """Evaluation, each round: the encrypted logit partial sums of the current head on one
+    institution's validation embeddings (the forward pass of a training step; send to it only:
+    ``ceil(n_val / block) * n_pairs`` ciphertexts instead of the head's ``n_groups * n_pairs``).
+    The institution reads them with :func:`decrypt_logits`."""
+    if institution not in server.val_chunks:
+        raise ValueError(f"institution {institution!r} has no validation embeddings on the server")
+    parts = server._broadcast("forward", [(institution, True)] * len(server._shards))
+    return server.ev.seal_envelope(server._merge(parts, server.val_chunks[institution]))
 
 
 def server_backward_update(server: FocalServer, errors: Mapping[str, Envelope]) -> None:

@@ -192,7 +192,7 @@ class FedAvg(FlowerFedAvg):
                     server_round, arrays, config, OrderedGrid(grid, self.roster)
                 )
             )
-        return self._count_sent(server_round, messages)
+        return self._count_sent(server_round, messages, phase="evaluate")
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Record each institution's metrics and the federation's weighted mean."""
@@ -216,10 +216,13 @@ class FedAvg(FlowerFedAvg):
         self.history.round(server_round).failures.append(msg)
         return False
 
-    def _count_sent(self, server_round: int, messages: list[Message]) -> list[Message]:
+    def _count_sent(self, server_round: int, messages: list[Message], phase: str = "train") -> list[Message]:
         record = self.history.round(server_round)
         for message in messages:
-            record.bytes_down += sum(array_bytes(a) for a in message.content.array_records.values())
+            sent = sum(array_bytes(a) for a in message.content.array_records.values())
+            record.bytes_down += sent
+            if phase == "evaluate":
+                record.bytes_down_evaluate += sent
         return messages
 
     def _record_replies(self, server_round: int, replies: list[Message], phase: str) -> None:

@@ -4,7 +4,7 @@ This module owns the mapping of the step functions of :mod:`flower_focal.focal.p
 Flower rounds; the protocol itself and all HE live there and in :mod:`flower_focal.crypto`.
 
 * **Setup (inside round 1's** ``configure_train`` **).** With ``standardize`` (default) a
-  first :data:`~flower_focal.keys.ACTION_EMBED` exchange collects every institution's
+  first :data:`~flower_focal.wire.ACTION_EMBED` exchange collects every institution's
   encrypted per-feature sums and sums of squares; the server adds them and sends the encrypted
   totals back, institutions decrypt them (global mean / std; the server learns nothing).
   Then the embed exchange: every institution uploads ``Enc([(x - mean) / std, 1])`` of its
@@ -12,7 +12,7 @@ Flower rounds; the protocol itself and all HE live there and in :mod:`flower_foc
   (keys are symmetric, the server cannot encrypt); with ``class_weights="balanced"`` each
   also uploads ``Enc(class counts)``, which the server only adds.
 * **Every round = one step** (or ``steps_per_round``, the extra ones exchanged inside
-  ``aggregate_train``): server forward, one :data:`~flower_focal.keys.ACTION_FOCAL` message per
+  ``aggregate_train``): server forward, one :data:`~flower_focal.wire.ACTION_FOCAL` message per
   institution carrying only *its* encrypted logits, institutions answer with their encrypted
   error, the server sums over institutions and updates ``W`` (additions and one
   multiply/rotate pass on ciphertexts). A failed or missing institution is left out of that
@@ -26,8 +26,11 @@ Flower rounds; the protocol itself and all HE live there and in :mod:`flower_foc
   update stands (every one rolled back) ends with that error too instead of reporting the
   initial head as trained. A resumed run's rollback point is the checkpointed head: a rise at
   its first step keeps that head, halves the step and compares from its loss on.
-* **Evaluation is federated** (:data:`~flower_focal.keys.ACTION_FOCAL_EVALUATE`): institutions
-  decrypt ``W`` and report loss / accuracy / macro AUROC on their own validation embeddings.
+* **Evaluation is federated** (:data:`~flower_focal.wire.ACTION_FOCAL_EVALUATE`): with the
+  embeddings, institutions upload their validation embeddings encrypted the same way; each
+  evaluation the server runs the forward pass on them and sends each sampled institution only
+  its own encrypted validation logits; it decrypts them and reports loss / accuracy / macro
+  AUROC. No institution receives ``W`` during training.
 
 Every strategy-level concern (roster, deterministic order, per-institution history, bytes,
 checkpoints) is :class:`~flower_focal.strategy.fedavg.FedAvg`'s. The server never holds a
@@ -64,9 +67,11 @@ from flower_focal.focal import (
     derived_step,
     moment_count,
     server_add_embeddings,
+    server_add_validation,
     server_backward_update,
     server_export_head,
     server_forward,
+    server_forward_validation,
     server_restore,
     server_setup,
     server_snapshot,
@@ -77,6 +82,7 @@ from flower_focal.history import metric_dict, reply_bytes
 from flower_focal.wire import he_array, he_bytes
 from flower_focal.strategy.fedavg import FedAvg
 from flower_focal.strategy.roster import OrderedGrid, seeded_random
+from flower_focal.timing import Stopwatch
 
 CLASS_WEIGHTS = ("none", "balanced")
 
@@ -331,6 +337,7 @@ class Focal(FedAvg):
             config[keys.NUM_CLASSES] = num_classes
             config[keys.FOCAL_INIT_HEAD] = i == 0 and not resumed
             config[keys.FOCAL_INIT_SEED] = self.seed
+            config[keys.FOCAL_VALIDATION] = self.fraction_evaluate > 0  # evaluation needs them
             content = RecordDict({keys.CONFIG: config})
             if self._moments is not None:
                 content[keys.ARRAYS] = ArrayRecord({keys.FOCAL_MOMENTS: he_array(self._moments)})
@@ -376,6 +383,7 @@ class Focal(FedAvg):
                 continue
             self._members[node] = name
             self._n_total += int(content[keys.METRICS][keys.NUM_EXAMPLES])
+            self._add_validation(pid, name, content, record)
         if not self._members:
             raise RuntimeError("focal: no institution uploaded usable embeddings")
         if counts:
@@ -669,27 +677,49 @@ class Focal(FedAvg):
         return self._aggregated(server_round, arrays), metrics
 
     # ------------------------------------------------------------------ evaluate
+    def _add_validation(self, pid: int, name: str, content: RecordDict, record: Any) -> None:
+        """Keep a member's encrypted validation embeddings from its embed reply, if it sent
+        any (an institution without a validation split sends none and is not evaluated)."""
+        arrays = content.array_records.get(keys.ARRAYS)
+        if self._server is None or arrays is None or keys.FOCAL_VAL_EMBEDDINGS not in arrays:
+            return
+        try:
+            server_add_validation(self._server, name, he_bytes(arrays, keys.FOCAL_VAL_EMBEDDINGS))
+        except (CiphertextError, ValueError) as exc:  # it still trains; it is not evaluated
+            record.failures.append(f"validation institution {pid}: rejected ({exc})")
+            log(WARNING, "focal: rejected the validation embeddings of institution %d: %s", pid, exc)
+
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """The encrypted head to the sampled institutions; they decrypt and evaluate locally.
+        """Each sampled institution gets only its own encrypted validation logits.
 
-        Sampling is FedAvg's (``fraction_evaluate`` of the known institutions, at least
-        ``min_evaluate_nodes``; seeded by round, so the same seed evaluates the same ones).
+        The server runs a training step's forward pass (current head) on the encrypted
+        validation embeddings the institution uploaded with its training ones; the institution
+        decrypts and scores them (``ceil(n_val / block) * n_pairs`` ciphertexts instead of the
+        head's ``n_groups * n_pairs``; no institution receives the head during training).
+        Sampling is FedAvg's (``fraction_evaluate`` of the institutions with validation
+        embeddings, at least ``min_evaluate_nodes``; seeded by round, so the same seed
+        evaluates the same ones). Institutions without a validation split get no message.
         """
-        if self._server is None or self.layout is None or self.fraction_evaluate <= 0:
+        server = self._server
+        if server is None or self.layout is None or self.fraction_evaluate <= 0:
             return []
-        head = (he_bytes(arrays, keys.FOCAL_HEAD) if keys.FOCAL_HEAD in arrays
-                else server_export_head(self._server))
-        down = ArrayRecord({keys.FOCAL_HEAD: he_array(head)})
-        if self._moments is not None:  # institutions evaluate on their own standardised features
-            down[keys.FOCAL_MOMENTS] = he_array(self._moments)
-        content = RecordDict({keys.ARRAYS: down, keys.CONFIG: self._base_config(server_round)})
         known = OrderedGrid(grid, self.roster).get_node_ids()
-        size = min(max(int(len(known) * self.fraction_evaluate), self.min_evaluate_nodes), len(known))
+        eligible = [node for node in known if self._members.get(node) in server.val_chunks]
+        size = min(max(int(len(eligible) * self.fraction_evaluate), self.min_evaluate_nodes),
+                   len(eligible))
         with seeded_random(self.seed, server_round, "evaluate"):
-            sampled = random.sample(known, size)  # Flower's sample_nodes, without its wait
-        log(INFO, "focal: evaluating on %d of %d institutions", len(sampled), len(known))
-        messages = [Message(content, dst_node_id=node, message_type=keys.ACTION_FOCAL_EVALUATE)
-                    for node in self.roster.ordered_node_ids(sampled)]
-        return self._count_sent(server_round, messages)
+            sampled = random.sample(eligible, size)  # Flower's sample_nodes, without its wait
+        log(INFO, "focal: evaluating on %d of %d institutions (%d with validation embeddings)",
+            len(sampled), len(known), len(eligible))
+        messages, forward = [], Stopwatch()
+        for node in self.roster.ordered_node_ids(sampled):
+            with forward:
+                logits = server_forward_validation(server, self._members[node])
+            down = ArrayRecord({keys.FOCAL_LOGITS: he_array(logits)})
+            messages.append(Message(RecordDict({keys.ARRAYS: down, keys.CONFIG: self._base_config(server_round)}),
+                                    dst_node_id=node, message_type=keys.ACTION_FOCAL_EVALUATE))
+        self.history.round(server_round).timings.update(
+            {keys.FOCAL_EVALUATE_FORWARD_S: forward.wall_s, keys.FOCAL_EVALUATE_FORWARD_CPU_S: forward.cpu_s})
+        return self._count_sent(server_round, messages, phase="evaluate")
