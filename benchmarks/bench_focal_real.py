@@ -222,7 +222,7 @@ def run_fedavg_head(data: dict[str, Any], args: argparse.Namespace, encrypted: b
     from torch import nn
     from torch.utils.data import TensorDataset
 
-    from flower_focal import wire as keys
+    from flower_focal import wire
     from flower_focal.client.handlers import local_seed
     from flower_focal.client.he_mod import decrypt_record, encrypt_record
     from flower_focal.crypto import Accumulator, SecretContext
@@ -259,9 +259,9 @@ def run_fedavg_head(data: dict[str, Any], args: argparse.Namespace, encrypted: b
                                       weight_decay=0.0, optimizer="sgd", device="cpu",
                                       seed=local_seed(args.seed, pid, rnd))
                 trained = ArrayRecord(local.state_dict())
-                n_i = float(metrics[keys.NUM_EXAMPLES])
+                n_i = float(metrics[wire.NUM_EXAMPLES])
                 if acc is not None:
-                    blob = encrypt_record(trained, secret, layout, weight=n_i / c_total)[keys.HE_CIPHERTEXT].data
+                    blob = encrypt_record(trained, secret, layout, weight=n_i / c_total)[wire.HE_CIPHERTEXT].data
                     upload_bytes += len(blob)
                     acc.add(blob)
                 else:
@@ -270,9 +270,9 @@ def run_fedavg_head(data: dict[str, Any], args: argparse.Namespace, encrypted: b
                 weight_sum += n_i
             if acc is not None:
                 agg = ArrayRecord({
-                    keys.HE_CIPHERTEXT: Array(dtype="float64", shape=(acc.length,), stype=keys.HE_STYPE,
+                    wire.HE_CIPHERTEXT: Array(dtype="float64", shape=(acc.length,), stype=wire.HE_STYPE,
                                               data=acc.to_bytes()),
-                    keys.HE_WEIGHTS: Array(np.array([c_total, weight_sum], dtype=np.float64)),
+                    wire.HE_WEIGHTS: Array(np.array([c_total, weight_sum], dtype=np.float64)),
                 })
                 global_model = decrypt_record(agg, secret, layout)  # what every institution does
             else:

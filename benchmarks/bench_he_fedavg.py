@@ -46,7 +46,7 @@ from pathlib import Path
 from _common import emit, loadavg, machine, machine_cpu_s, shared_npz
 from bench_crypto import bench_preset
 
-from flower_focal import wire as keys
+from flower_focal import wire
 from flower_focal.config import RunConfig
 from flower_focal.crypto import PRESETS
 from flower_focal.models import build_model, count_parameters
@@ -83,16 +83,16 @@ def he_cpu_breakdown(rounds: list[dict]) -> dict:
         return sum(m.get(key, 0.0) for m in r[f"{phase}_institutions"].values())
 
     parts = {
-        "institutions_encrypt": [inst(r, "train", keys.HE_ENCRYPT_CPU_S) for r in rounds],
-        "institutions_decrypt": [inst(r, "train", keys.HE_DECRYPT_CPU_S) + inst(r, "evaluate", keys.HE_DECRYPT_CPU_S)
+        "institutions_encrypt": [inst(r, "train", wire.HE_ENCRYPT_CPU_S) for r in rounds],
+        "institutions_decrypt": [inst(r, "train", wire.HE_DECRYPT_CPU_S) + inst(r, "evaluate", wire.HE_DECRYPT_CPU_S)
                                  for r in rounds],
-        "server_sum": [r["timings"].get(keys.HE_SUM_CPU_S, 0.0) for r in rounds],
-        "server_serialize": [r["timings"].get(keys.HE_SERIALIZE_CPU_S, 0.0) for r in rounds],
+        "server_sum": [r["timings"].get(wire.HE_SUM_CPU_S, 0.0) for r in rounds],
+        "server_serialize": [r["timings"].get(wire.HE_SERIALIZE_CPU_S, 0.0) for r in rounds],
     }
     out = {k: round(statistics.mean(v), 2) for k, v in parts.items()}
     out["total"] = round(sum(out.values()), 2)
-    encrypt_walls = [m[keys.HE_ENCRYPT_S] for r in rounds for m in r["train_institutions"].values()
-                     if keys.HE_ENCRYPT_S in m]
+    encrypt_walls = [m[wire.HE_ENCRYPT_S] for r in rounds for m in r["train_institutions"].values()
+                     if wire.HE_ENCRYPT_S in m]
     out["encrypt_wall_s_per_upload"] = round(statistics.mean(encrypt_walls), 2) if encrypt_walls else None
     return out
 

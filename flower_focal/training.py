@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from flower_focal import wire as keys
+from flower_focal import wire
 from flower_focal.data.loader import batch_loader, device_batches, to_device_async
 from flower_focal.metrics import accuracy, macro_auroc
 
@@ -245,7 +245,7 @@ def train_local(
             buffer.copy_(received)
     if channels_last:
         model.to(memory_format=torch.contiguous_format)
-    return {keys.TRAIN_LOSS: epoch_loss, keys.NUM_EXAMPLES: num_examples}
+    return {wire.TRAIN_LOSS: epoch_loss, wire.NUM_EXAMPLES: num_examples}
 
 
 def _check_finite(value: float, epoch: int, step: int | None, lr: float) -> None:
@@ -284,17 +284,17 @@ def evaluate_model(
     """
     if _length(dataset) == 0:
         nan = math.nan
-        return {keys.LOSS: nan, keys.ACCURACY: nan, keys.AUROC: nan, keys.NUM_EXAMPLES: 0}
+        return {wire.LOSS: nan, wire.ACCURACY: nan, wire.AUROC: nan, wire.NUM_EXAMPLES: 0}
     logits, labels = _logits(model, dataset, batch_size, device)
     if logits.shape[1] != num_classes:
         raise ValueError(f"model outputs {logits.shape[1]} classes but num_classes={num_classes}")
     probs = torch.softmax(logits, dim=1).numpy()
     y = labels.numpy()
     return {
-        keys.LOSS: float(F.cross_entropy(logits, labels)),
-        keys.ACCURACY: accuracy(probs, y),
-        keys.AUROC: macro_auroc(probs, y, num_classes),
-        keys.NUM_EXAMPLES: len(y),
+        wire.LOSS: float(F.cross_entropy(logits, labels)),
+        wire.ACCURACY: accuracy(probs, y),
+        wire.AUROC: macro_auroc(probs, y, num_classes),
+        wire.NUM_EXAMPLES: len(y),
     }
 
 

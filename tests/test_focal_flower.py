@@ -238,7 +238,7 @@ def test_focal_evaluation_sends_each_institution_only_its_validation_logits(tmp_
     run_dir = Path(cfg.run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "completed"
-    evals = [m for m in grid.sent if m.metadata.message_type == keys.ACTION_FOCAL_EVALUATE]
+    evals = [m for m in grid.sent if m.metadata.message_type == wire.ACTION_FOCAL_EVALUATE]
     pid_of = {nid: i for i, nid in enumerate(grid.node_ids)}
     assert sorted(pid_of[m.metadata.dst_node_id] for m in evals) == [0, 0, 1, 1]  # never 2
     head_bytes = (run_dir / "model.he").stat().st_size  # what each evaluation message used to carry
@@ -246,15 +246,15 @@ def test_focal_evaluation_sends_each_institution_only_its_validation_logits(tmp_
     ev = build_strategy(cfg).evaluator  # the server's key-less evaluator
     assert len(ev.open_envelope((run_dir / "model.he").read_bytes())) == lay.n_groups * lay.n_pairs == 85
     for m in evals:
-        assert list(m.content[keys.ARRAYS].keys()) == [keys.FOCAL_LOGITS]  # no head, no moments
-        logits = m.content[keys.ARRAYS][keys.FOCAL_LOGITS].data
+        assert list(m.content[wire.ARRAYS].keys()) == [wire.FOCAL_LOGITS]  # no head, no moments
+        logits = m.content[wire.ARRAYS][wire.FOCAL_LOGITS].data
         assert len(ev.open_envelope(logits)) == lay.n_chunks(15) * lay.n_pairs == 5
         assert 10 * len(logits) <= head_bytes, (len(logits), head_bytes)
     # the embed exchange carried the validation embeddings of 0 and 1 only
-    embeds = [r for r in grid.received if r.metadata.message_type == keys.ACTION_EMBED
-              and keys.FOCAL_EMBEDDINGS in r.content.array_records.get(keys.ARRAYS, {})]
+    embeds = [r for r in grid.received if r.metadata.message_type == wire.ACTION_EMBED
+              and wire.FOCAL_EMBEDDINGS in r.content.array_records.get(wire.ARRAYS, {})]
     assert sorted(pid_of[r.metadata.src_node_id] for r in embeds
-                  if keys.FOCAL_VAL_EMBEDDINGS in r.content[keys.ARRAYS]) == [0, 1]
+                  if wire.FOCAL_VAL_EMBEDDINGS in r.content[wire.ARRAYS]) == [0, 1]
 
     train = _institutions(grid, "train")
     val = [i for i in _institutions(grid, "val") if i.name != "2"]

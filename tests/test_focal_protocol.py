@@ -393,7 +393,7 @@ def test_validation_logits_match_the_twin_and_are_far_smaller_than_the_head(secr
         server_add_validation,
         server_forward_validation,
     )
-    from flower_focal.focal.plaintext import PlainEvaluator, PlainKeyHolder
+    from flower_focal.testing import PlainEvaluator, PlainKeyHolder
 
     d, k, n_val = 1280, 5, 16
     rng = np.random.default_rng(11)

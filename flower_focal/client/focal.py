@@ -47,7 +47,7 @@ from flwr.app import (
 )
 from flwr.supercore import log
 
-from flower_focal import wire as keys
+from flower_focal import wire
 from flower_focal.client.he_mod import secret_context
 from flower_focal.crypto import CkksKeyHolder
 from flower_focal.focal import (
@@ -63,8 +63,8 @@ from flower_focal.focal import (
     softmax,
 )
 from flower_focal.focal.errors import LogitOverflow
-from flower_focal.wire import he_array, he_bytes
 from flower_focal.metrics import accuracy, macro_auroc
+from flower_focal.wire import he_array, he_bytes
 
 if TYPE_CHECKING:  # torch, MONAI: imported only where a message needs them (see module doc)
     from flower_focal.client.handlers import Site
@@ -143,10 +143,10 @@ def _holder(context: Context, config: ConfigRecord) -> CkksKeyHolder:
     """This institution's key holder, checked against the server's key fingerprint."""
     secret = secret_context(context)
     fp = secret.fingerprint.hex()
-    if fp != config[keys.HE_FINGERPRINT]:
+    if fp != config[wire.HE_FINGERPRINT]:
         raise ValueError(
             f"this institution's HE key set differs from the server's (fingerprint {fp} != "
-            f"{config[keys.HE_FINGERPRINT]}); use the same `flower-focal keygen --preset focal` output"
+            f"{config[wire.HE_FINGERPRINT]}); use the same `flower-focal keygen --preset focal` output"
         )
     if fp not in _HOLDERS:
         _HOLDERS[fp] = CkksKeyHolder(secret)
@@ -164,8 +164,8 @@ def _checked_labels(y: np.ndarray, num_classes: int, split: str) -> np.ndarray:
 
 def _layout(config: ConfigRecord, x: np.ndarray) -> FocalLayout:
     """The run's layout from the server's config; the embeddings must match it."""
-    layout = FocalLayout(int(config[keys.FOCAL_N_FEATURES]), int(config[keys.NUM_CLASSES]),
-                         int(config[keys.FOCAL_SLOTS]), int(config[keys.FOCAL_BLOCK]))
+    layout = FocalLayout(int(config[wire.FOCAL_N_FEATURES]), int(config[wire.NUM_CLASSES]),
+                         int(config[wire.FOCAL_SLOTS]), int(config[wire.FOCAL_BLOCK]))
     if x.shape[1] != layout.n_features:
         raise ValueError(
             f"this institution's embeddings have dimension {x.shape[1]} but the run's layout "
@@ -175,10 +175,10 @@ def _layout(config: ConfigRecord, x: np.ndarray) -> FocalLayout:
 
 
 def _class_weights(holder: CkksKeyHolder, arrays: ArrayRecord, num_classes: int) -> np.ndarray | None:
-    if keys.FOCAL_CLASS_COUNTS not in arrays:
+    if wire.FOCAL_CLASS_COUNTS not in arrays:
         return None
     plan = holder.plan
-    (z,) = holder.decrypt(he_bytes(arrays, keys.FOCAL_CLASS_COUNTS), plan.w_level, plan.w_scale, 1)
+    (z,) = holder.decrypt(he_bytes(arrays, wire.FOCAL_CLASS_COUNTS), plan.w_level, plan.w_scale, 1)
     counts = np.rint(z.real[:num_classes]).astype(np.int64)
     if np.any(counts <= 0):
         raise ValueError(f"balanced class weights need every class in the federation; counts {counts}")
@@ -188,10 +188,10 @@ def _class_weights(holder: CkksKeyHolder, arrays: ArrayRecord, num_classes: int)
 def _standardization(holder: CkksKeyHolder, arrays: ArrayRecord | None, config: ConfigRecord,
                      layout: FocalLayout) -> tuple[np.ndarray | None, np.ndarray | None]:
     """``(scale, shift)`` from the server's encrypted moment totals, or ``(None, None)``."""
-    if arrays is None or keys.FOCAL_MOMENTS not in arrays:
+    if arrays is None or wire.FOCAL_MOMENTS not in arrays:
         return None, None
-    return feature_standardization(holder, layout, he_bytes(arrays, keys.FOCAL_MOMENTS),
-                                   int(config[keys.FOCAL_STATS_N]))
+    return feature_standardization(holder, layout, he_bytes(arrays, wire.FOCAL_MOMENTS),
+                                   int(config[wire.FOCAL_STATS_N]))
 
 
 _VELOCITY = "flower-focal.focal-velocity"  # context.state: this institution's momentum state
@@ -274,84 +274,84 @@ def _read_noted(path: str, key: str) -> tuple[np.ndarray, np.ndarray]:
 
 def embed(message: Message, context: Context, source: EmbeddingSource = _site_source) -> Message:
     """``train.embed``: upload encrypted embeddings (and the initial head, class counts)."""
-    config = message.content[keys.CONFIG]
+    config = message.content[wire.CONFIG]
     holder = _holder(context, config)
-    num_classes = int(config[keys.NUM_CLASSES])
+    num_classes = int(config[wire.NUM_CLASSES])
     x, y = source(context, "train")
     if x.shape[0] < 1:
         raise ValueError("this institution has no training images to embed")
     _checked_labels(y, num_classes, "training")
-    layout = FocalLayout(int(x.shape[1]), num_classes, int(config[keys.FOCAL_SLOTS]),
-                         int(config[keys.FOCAL_BLOCK]))
-    if bool(config.get(keys.FOCAL_STATS_ONLY, False)):  # global statistics first
-        moments = ArrayRecord({keys.FOCAL_MOMENTS: he_array(encrypt_feature_moments(holder, layout, x))})
-        metrics = MetricRecord({keys.NUM_EXAMPLES: int(x.shape[0]), keys.EMBED_DIM: int(x.shape[1])})
-        return Message(RecordDict({keys.ARRAYS: moments, keys.METRICS: metrics}), reply_to=message)
-    scale, shift = _standardization(holder, message.content.array_records.get(keys.ARRAYS), config,
+    layout = FocalLayout(int(x.shape[1]), num_classes, int(config[wire.FOCAL_SLOTS]),
+                         int(config[wire.FOCAL_BLOCK]))
+    if bool(config.get(wire.FOCAL_STATS_ONLY, False)):  # global statistics first
+        moments = ArrayRecord({wire.FOCAL_MOMENTS: he_array(encrypt_feature_moments(holder, layout, x))})
+        metrics = MetricRecord({wire.NUM_EXAMPLES: int(x.shape[0]), wire.EMBED_DIM: int(x.shape[1])})
+        return Message(RecordDict({wire.ARRAYS: moments, wire.METRICS: metrics}), reply_to=message)
+    scale, shift = _standardization(holder, message.content.array_records.get(wire.ARRAYS), config,
                                     layout)
-    arrays = ArrayRecord({keys.FOCAL_EMBEDDINGS: he_array(
+    arrays = ArrayRecord({wire.FOCAL_EMBEDDINGS: he_array(
         encrypt_embeddings(holder, layout, x, feature_scale=scale, feature_shift=shift))})
-    if bool(config.get(keys.FOCAL_VALIDATION, False)):  # evaluate.focal: the server's forward on them
+    if bool(config.get(wire.FOCAL_VALIDATION, False)):  # evaluate.focal: the server's forward on them
         xv, yv = source(context, "val")
         _checked_labels(yv, num_classes, "validation")
         if yv.size:  # none: this institution is not evaluated
-            arrays[keys.FOCAL_VAL_EMBEDDINGS] = he_array(
+            arrays[wire.FOCAL_VAL_EMBEDDINGS] = he_array(
                 encrypt_embeddings(holder, layout, xv, feature_scale=scale, feature_shift=shift))
-    if bool(config.get(keys.FOCAL_INIT_HEAD, False)):
-        seed = int(config.get(keys.FOCAL_INIT_SEED, -1))
-        arrays[keys.FOCAL_HEAD] = he_array(init_head(holder, layout, seed=None if seed < 0 else seed))
-    if config.get(keys.FOCAL_CLASS_WEIGHTS, "none") == "balanced":
+    if bool(config.get(wire.FOCAL_INIT_HEAD, False)):
+        seed = int(config.get(wire.FOCAL_INIT_SEED, -1))
+        arrays[wire.FOCAL_HEAD] = he_array(init_head(holder, layout, seed=None if seed < 0 else seed))
+    if config.get(wire.FOCAL_CLASS_WEIGHTS, "none") == "balanced":
         vec = np.zeros(holder.slots)
         vec[:num_classes] = np.bincount(y, minlength=num_classes)
         plan = holder.plan
-        arrays[keys.FOCAL_CLASS_COUNTS] = he_array(holder.encrypt([vec], plan.w_level, plan.w_scale))
-    metrics = MetricRecord({keys.NUM_EXAMPLES: int(x.shape[0]), keys.EMBED_DIM: int(x.shape[1])})
-    content = RecordDict({keys.ARRAYS: arrays, keys.METRICS: metrics})
+        arrays[wire.FOCAL_CLASS_COUNTS] = he_array(holder.encrypt([vec], plan.w_level, plan.w_scale))
+    metrics = MetricRecord({wire.NUM_EXAMPLES: int(x.shape[0]), wire.EMBED_DIM: int(x.shape[1])})
+    content = RecordDict({wire.ARRAYS: arrays, wire.METRICS: metrics})
     fingerprint = getattr(source, "fingerprint", None)
     fp = fingerprint(context) if fingerprint is not None else None
     if fp:  # the server checks that every institution embeds with the same backbone
-        content[keys.CONFIG] = ConfigRecord({keys.BACKBONE_FINGERPRINT: fp})
+        content[wire.CONFIG] = ConfigRecord({wire.BACKBONE_FINGERPRINT: fp})
     return Message(content, reply_to=message)
 
 
 def step(message: Message, context: Context, source: EmbeddingSource = _site_source) -> Message:
     """``train.focal``: decrypt own logits, encrypt ``-lr * c_y * (softmax - onehot) / N``."""
-    config = message.content[keys.CONFIG]
-    arrays = message.content[keys.ARRAYS]
+    config = message.content[wire.CONFIG]
+    arrays = message.content[wire.ARRAYS]
     holder = _holder(context, config)
     x, y = source(context, "train")
     layout = _layout(config, x)
     _checked_labels(y, layout.n_classes, "training")
     n = int(y.shape[0])
     weights = _class_weights(holder, arrays, layout.n_classes)
-    overflow = MetricRecord({keys.FOCAL_OVERFLOW: 1, keys.NUM_EXAMPLES: n})
-    if bool(config.get(keys.FOCAL_CHECK_ONLY, False)):  # the guard's final check: loss only
+    overflow = MetricRecord({wire.FOCAL_OVERFLOW: 1, wire.NUM_EXAMPLES: n})
+    if bool(config.get(wire.FOCAL_CHECK_ONLY, False)):  # the guard's final check: loss only
         try:
-            loss, correct = institution_loss(holder, layout, he_bytes(arrays, keys.FOCAL_LOGITS), y,
+            loss, correct = institution_loss(holder, layout, he_bytes(arrays, wire.FOCAL_LOGITS), y,
                                              class_weights=weights)
         except LogitOverflow:
-            return Message(RecordDict({keys.METRICS: overflow}), reply_to=message)
-        metrics = MetricRecord({keys.TRAIN_LOSS: loss / n, keys.ACCURACY: correct / n,
-                                keys.NUM_EXAMPLES: n})
-        return Message(RecordDict({keys.METRICS: metrics}), reply_to=message)
-    momentum = float(config.get(keys.FOCAL_MOMENTUM, 0.0))
-    restart, at = int(config.get(keys.FOCAL_RESTART, 0)), int(config.get(keys.FOCAL_STEP, 0))
+            return Message(RecordDict({wire.METRICS: overflow}), reply_to=message)
+        metrics = MetricRecord({wire.TRAIN_LOSS: loss / n, wire.ACCURACY: correct / n,
+                                wire.NUM_EXAMPLES: n})
+        return Message(RecordDict({wire.METRICS: metrics}), reply_to=message)
+    momentum = float(config.get(wire.FOCAL_MOMENTUM, 0.0))
+    restart, at = int(config.get(wire.FOCAL_RESTART, 0)), int(config.get(wire.FOCAL_STEP, 0))
     try:
         up = institution_error(
-            holder, layout, he_bytes(arrays, keys.FOCAL_LOGITS), y,
-            lr=float(config[keys.FOCAL_LR]), n_total=int(config[keys.FOCAL_N_TOTAL]),
+            holder, layout, he_bytes(arrays, wire.FOCAL_LOGITS), y,
+            lr=float(config[wire.FOCAL_LR]), n_total=int(config[wire.FOCAL_N_TOTAL]),
             class_weights=weights, momentum=momentum,
             velocity=_velocity(context, restart, at, (n, layout.n_classes)) if momentum > 0 else None,
         )
     except LogitOverflow:
-        if not bool(config.get(keys.FOCAL_GUARD, False)):
+        if not bool(config.get(wire.FOCAL_GUARD, False)):
             raise  # no guard to act on it: the step fails for this institution, as before
-        return Message(RecordDict({keys.METRICS: overflow}), reply_to=message)
+        return Message(RecordDict({wire.METRICS: overflow}), reply_to=message)
     _keep_velocity(context, restart, at, up.velocity)
-    metrics = MetricRecord({keys.TRAIN_LOSS: up.loss / n, keys.ACCURACY: up.n_correct / n,
-                            keys.NUM_EXAMPLES: n})
-    content = RecordDict({keys.ARRAYS: ArrayRecord({keys.FOCAL_ERROR: he_array(up.message)}),
-                          keys.METRICS: metrics})
+    metrics = MetricRecord({wire.TRAIN_LOSS: up.loss / n, wire.ACCURACY: up.n_correct / n,
+                            wire.NUM_EXAMPLES: n})
+    content = RecordDict({wire.ARRAYS: ArrayRecord({wire.FOCAL_ERROR: he_array(up.message)}),
+                          wire.METRICS: metrics})
     return Message(content, reply_to=message)
 
 
@@ -359,27 +359,27 @@ def validation_metrics(logits: np.ndarray, y: np.ndarray, num_classes: int) -> d
     """Loss (mean cross-entropy), accuracy, macro AUROC and count of validation logits (n x K)."""
     if y.size == 0:
         nan = float("nan")
-        return {keys.LOSS: nan, keys.ACCURACY: nan, keys.AUROC: nan, keys.NUM_EXAMPLES: 0}
+        return {wire.LOSS: nan, wire.ACCURACY: nan, wire.AUROC: nan, wire.NUM_EXAMPLES: 0}
     probs = softmax(np.asarray(logits, dtype=np.float64))
     loss = float(-np.log(np.clip(probs[np.arange(y.size), y], 1e-12, None)).mean())
-    return {keys.LOSS: loss, keys.ACCURACY: accuracy(probs, y),
-            keys.AUROC: macro_auroc(probs, y, num_classes), keys.NUM_EXAMPLES: int(y.size)}
+    return {wire.LOSS: loss, wire.ACCURACY: accuracy(probs, y),
+            wire.AUROC: macro_auroc(probs, y, num_classes), wire.NUM_EXAMPLES: int(y.size)}
 
 
 def evaluate(message: Message, context: Context, source: EmbeddingSource = _site_source) -> Message:
     """``evaluate.focal``: decrypt own validation logits (the server's forward pass on the
     validation embeddings uploaded with :func:`embed`), score them against own labels."""
-    config = message.content[keys.CONFIG]
+    config = message.content[wire.CONFIG]
     holder = _holder(context, config)
     x, y = source(context, "val")
     layout = _layout(config, x)
     _checked_labels(y, layout.n_classes, "validation")
     logits = np.zeros((0, layout.n_classes))
     if y.size:
-        logits = decrypt_logits(holder, layout, he_bytes(message.content[keys.ARRAYS], keys.FOCAL_LOGITS),
+        logits = decrypt_logits(holder, layout, he_bytes(message.content[wire.ARRAYS], wire.FOCAL_LOGITS),
                                 int(y.size))
     metrics = validation_metrics(logits, y, layout.n_classes)
-    return Message(RecordDict({keys.METRICS: MetricRecord(metrics)}), reply_to=message)
+    return Message(RecordDict({wire.METRICS: MetricRecord(metrics)}), reply_to=message)
 
 
 # ---------------------------------------------------------------------- any app's FOCAL

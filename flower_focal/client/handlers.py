@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.supercore import log
 
-from flower_focal import wire as keys
+from flower_focal import wire
 from flower_focal.config import RunConfig
 
 if TYPE_CHECKING:  # torch and MONAI are imported by the handlers that need them
@@ -44,12 +44,12 @@ def site_from_context(context: Context) -> Site:
 
     cfg = RunConfig.from_mapping(context.run_config, others="ignore")  # the app's keys are its own
     node = context.node_config
-    if keys.NODE_DATA_PATH in node:
-        cfg = cfg.replace(data_path=str(node[keys.NODE_DATA_PATH]))
-    if keys.NODE_DEVICE in node:
-        cfg = cfg.replace(device=str(node[keys.NODE_DEVICE]))
-    partition_id = int(node.get(keys.NODE_PARTITION_ID, 0))
-    num_partitions = int(node.get(keys.NODE_NUM_PARTITIONS, 1))
+    if wire.NODE_DATA_PATH in node:
+        cfg = cfg.replace(data_path=str(node[wire.NODE_DATA_PATH]))
+    if wire.NODE_DEVICE in node:
+        cfg = cfg.replace(device=str(node[wire.NODE_DEVICE]))
+    partition_id = int(node.get(wire.NODE_PARTITION_ID, 0))
+    num_partitions = int(node.get(wire.NODE_NUM_PARTITIONS, 1))
     data = load_institution(cfg, partition_id, num_partitions)
     return Site(cfg, partition_id, num_partitions, data)
 
@@ -64,13 +64,13 @@ def describe(message: Message, context: Context) -> Message:
     site = site_from_context(context)
     info = ConfigRecord(
         {
-            keys.PARTITION_ID: site.partition_id,
-            keys.NUM_CLASSES: site.data.num_classes,
-            keys.IN_CHANNELS: site.data.in_channels,
-            keys.NUM_TRAIN: site.data.n_train,
+            wire.PARTITION_ID: site.partition_id,
+            wire.NUM_CLASSES: site.data.num_classes,
+            wire.IN_CHANNELS: site.data.in_channels,
+            wire.NUM_TRAIN: site.data.n_train,
         }
     )
-    return Message(RecordDict({keys.CONFIG: info}), reply_to=message)
+    return Message(RecordDict({wire.CONFIG: info}), reply_to=message)
 
 
 def describe_handler(num_train: Callable[[Context], int]) -> Callable[[Message, Context], Message]:
@@ -84,10 +84,10 @@ def describe_handler(num_train: Callable[[Context], int]) -> Callable[[Message, 
     """
 
     def describe(message: Message, context: Context) -> Message:
-        partition = context.node_config.get(keys.NODE_PARTITION_ID, context.node_id)
-        info = ConfigRecord({keys.PARTITION_ID: int(partition), keys.NUM_CLASSES: 0,
-                             keys.IN_CHANNELS: 0, keys.NUM_TRAIN: int(num_train(context))})
-        return Message(RecordDict({keys.CONFIG: info}), reply_to=message)
+        partition = context.node_config.get(wire.NODE_PARTITION_ID, context.node_id)
+        info = ConfigRecord({wire.PARTITION_ID: int(partition), wire.NUM_CLASSES: 0,
+                             wire.IN_CHANNELS: 0, wire.NUM_TRAIN: int(num_train(context))})
+        return Message(RecordDict({wire.CONFIG: info}), reply_to=message)
 
     return describe
 
@@ -95,15 +95,15 @@ def describe_handler(num_train: Callable[[Context], int]) -> Callable[[Message, 
 def _global_model(site: Site, message: Message):
     from flower_focal.models import arrays_into_model, build_model
 
-    config = message.content[keys.CONFIG]
+    config = message.content[wire.CONFIG]
     model = build_model(
         site.cfg.model,
-        int(config[keys.IN_CHANNELS]),
-        int(config[keys.NUM_CLASSES]),
+        int(config[wire.IN_CHANNELS]),
+        int(config[wire.NUM_CLASSES]),
         site.cfg.image_size,
     )
-    arrays_into_model(model, message.content[keys.ARRAYS])
-    return model, int(config[keys.NUM_CLASSES]), int(config[keys.SERVER_ROUND])
+    arrays_into_model(model, message.content[wire.ARRAYS])
+    return model, int(config[wire.NUM_CLASSES]), int(config[wire.SERVER_ROUND])
 
 
 _LOCAL_NORM = "flower-focal.local-norm"
@@ -166,11 +166,11 @@ def train(message: Message, context: Context) -> Message:
     arrays = model_to_arrays(model)
     if cfg.fedbn:
         _keep_local_norm(model, context)
-        received = message.content[keys.ARRAYS]
+        received = message.content[wire.ARRAYS]
         for key in norm_keys(model):
             arrays[key] = received[key]
     content = RecordDict(
-        {keys.ARRAYS: arrays, keys.METRICS: MetricRecord(metrics)}
+        {wire.ARRAYS: arrays, wire.METRICS: MetricRecord(metrics)}
     )
     return Message(content, reply_to=message)
 
@@ -195,7 +195,7 @@ def evaluate(message: Message, context: Context) -> Message:
     device = resolve_device(cfg.device)
     metrics = evaluate_model(model, site.data.val, batch_size=cfg.batch_size, device=device,
                              num_classes=num_classes)
-    if cfg.personal_epochs > 0 and metrics[keys.NUM_EXAMPLES] > 0:
+    if cfg.personal_epochs > 0 and metrics[wire.NUM_EXAMPLES] > 0:
         tuned = copy.deepcopy(model)
         train_local(tuned, site.data.train, epochs=cfg.personal_epochs, lr=cfg.personal_lr,
                     batch_size=cfg.batch_size, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
@@ -205,6 +205,6 @@ def evaluate(message: Message, context: Context) -> Message:
                     precision=cfg.precision)
         personal = evaluate_model(tuned, site.data.val, batch_size=cfg.batch_size, device=device,
                                   num_classes=num_classes)
-        for key in (keys.LOSS, keys.ACCURACY, keys.AUROC):
-            metrics[keys.PERSONAL_PREFIX + key] = personal[key]
-    return Message(RecordDict({keys.METRICS: MetricRecord(metrics)}), reply_to=message)
+        for key in (wire.LOSS, wire.ACCURACY, wire.AUROC):
+            metrics[wire.PERSONAL_PREFIX + key] = personal[key]
+    return Message(RecordDict({wire.METRICS: MetricRecord(metrics)}), reply_to=message)

@@ -50,7 +50,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 from flwr.supercore import log
 
-from flower_focal import wire as keys
+from flower_focal import wire
 from flower_focal.artifacts import ModelSpec
 from flower_focal.crypto import (
     FOCAL_PRESETS,
@@ -79,10 +79,10 @@ from flower_focal.focal import (
 )
 from flower_focal.focal.errors import FocalDiverged, InstitutionUploadError
 from flower_focal.history import metric_dict, reply_bytes
-from flower_focal.wire import he_array, he_bytes
 from flower_focal.strategy.fedavg import FedAvg
 from flower_focal.strategy.roster import OrderedGrid, seeded_random
 from flower_focal.timing import Stopwatch
+from flower_focal.wire import he_array, he_bytes
 
 CLASS_WEIGHTS = ("none", "balanced")
 
@@ -96,8 +96,8 @@ def check_same_backbone(contents: dict[int, RecordDict]) -> None:
     an arbitrary callable backbone, cannot be checked and are let through)."""
     groups: dict[str, list[int]] = {}
     for pid, content in contents.items():
-        config = content.config_records.get(keys.CONFIG)
-        fp = config.get(keys.BACKBONE_FINGERPRINT) if config is not None else None
+        config = content.config_records.get(wire.CONFIG)
+        fp = config.get(wire.BACKBONE_FINGERPRINT) if config is not None else None
         if fp:
             groups.setdefault(str(fp), []).append(pid)
     if len(groups) > 1:
@@ -265,7 +265,7 @@ class Focal(FedAvg):
             raise RuntimeError("focal: the run has no encrypted head (no round aggregated)")
         from flower_focal.encrypted_model import save_focal_head
 
-        return save_focal_head(final[0][keys.FOCAL_HEAD].data, final[1], path,
+        return save_focal_head(final[0][wire.FOCAL_HEAD].data, final[1], path,
                                moments=self._moments, stats_n=self._stats_n)  # type: ignore[arg-type]
 
     def close(self) -> None:
@@ -279,7 +279,7 @@ class Focal(FedAvg):
 
     def final_ciphertext(self, result: Result) -> tuple[ArrayRecord, Any] | None:
         """The encrypted head and its :class:`~flower_focal.focal.FocalLayout`."""
-        if self.layout is None or keys.FOCAL_HEAD not in result.arrays:
+        if self.layout is None or wire.FOCAL_HEAD not in result.arrays:
             return None
         if self._moments is None:
             return result.arrays, self.layout
@@ -287,9 +287,9 @@ class Focal(FedAvg):
         import numpy as np
         from flwr.app import Array
 
-        return ArrayRecord({keys.FOCAL_HEAD: result.arrays[keys.FOCAL_HEAD],
-                            keys.FOCAL_MOMENTS: he_array(self._moments),
-                            keys.FOCAL_STATS_N: Array(np.array([self._stats_n], np.int64))}), self.layout
+        return ArrayRecord({wire.FOCAL_HEAD: result.arrays[wire.FOCAL_HEAD],
+                            wire.FOCAL_MOMENTS: he_array(self._moments),
+                            wire.FOCAL_STATS_N: Array(np.array([self._stats_n], np.int64))}), self.layout
 
     def final_spec(self, spec: ModelSpec) -> ModelSpec:
         """The final model is the frozen backbone plus the linear head."""
@@ -300,17 +300,17 @@ class Focal(FedAvg):
     # ------------------------------------------------------------------ setup
     def _base_config(self, server_round: int) -> ConfigRecord:
         cfg = ConfigRecord({
-            keys.SERVER_ROUND: server_round,
-            keys.HE_FINGERPRINT: self.he_public.fingerprint.hex(),
-            keys.FOCAL_SLOTS: self.evaluator.slots,
-            keys.FOCAL_BLOCK: self.block,
-            keys.FOCAL_CLASS_WEIGHTS: self.class_weights,
+            wire.SERVER_ROUND: server_round,
+            wire.HE_FINGERPRINT: self.he_public.fingerprint.hex(),
+            wire.FOCAL_SLOTS: self.evaluator.slots,
+            wire.FOCAL_BLOCK: self.block,
+            wire.FOCAL_CLASS_WEIGHTS: self.class_weights,
         })
         if self.layout is not None:
-            cfg[keys.FOCAL_N_FEATURES] = self.layout.n_features
-            cfg[keys.NUM_CLASSES] = self.layout.n_classes
+            cfg[wire.FOCAL_N_FEATURES] = self.layout.n_features
+            cfg[wire.NUM_CLASSES] = self.layout.n_classes
         if self._moments is not None:
-            cfg[keys.FOCAL_STATS_N] = self._stats_n
+            cfg[wire.FOCAL_STATS_N] = self._stats_n
         return cfg
 
     def _setup(self, server_round: int, arrays: ArrayRecord, grid: Grid) -> None:
@@ -327,21 +327,21 @@ class Focal(FedAvg):
         nodes = self.roster.ordered_node_ids(grid.get_node_ids())
         if not nodes:
             raise RuntimeError("focal: no institution is known; nothing to train on")
-        resumed = keys.FOCAL_HEAD in arrays and arrays[keys.FOCAL_HEAD].stype == keys.HE_STYPE
+        resumed = wire.FOCAL_HEAD in arrays and arrays[wire.FOCAL_HEAD].stype == wire.HE_STYPE
         record = self.history.round(server_round)
         if self.standardize:
             self._collect_moments(server_round, nodes, num_classes, grid)
         messages = []
         for i, node in enumerate(nodes):
             config = self._base_config(server_round)
-            config[keys.NUM_CLASSES] = num_classes
-            config[keys.FOCAL_INIT_HEAD] = i == 0 and not resumed
-            config[keys.FOCAL_INIT_SEED] = self.seed
-            config[keys.FOCAL_VALIDATION] = self.fraction_evaluate > 0  # evaluation needs them
-            content = RecordDict({keys.CONFIG: config})
+            config[wire.NUM_CLASSES] = num_classes
+            config[wire.FOCAL_INIT_HEAD] = i == 0 and not resumed
+            config[wire.FOCAL_INIT_SEED] = self.seed
+            config[wire.FOCAL_VALIDATION] = self.fraction_evaluate > 0  # evaluation needs them
+            content = RecordDict({wire.CONFIG: config})
             if self._moments is not None:
-                content[keys.ARRAYS] = ArrayRecord({keys.FOCAL_MOMENTS: he_array(self._moments)})
-            messages.append(Message(content, dst_node_id=node, message_type=keys.ACTION_EMBED))
+                content[wire.ARRAYS] = ArrayRecord({wire.FOCAL_MOMENTS: he_array(self._moments)})
+            messages.append(Message(content, dst_node_id=node, message_type=wire.ACTION_EMBED))
         replies = self.roster.sort_replies(
             grid.send_and_receive(self._count_sent(server_round, messages), timeout=self.exchange_timeout))
         ok: list[tuple[int, int, RecordDict]] = []
@@ -353,17 +353,17 @@ class Focal(FedAvg):
                 log(WARNING, "focal: institution %d failed to upload embeddings: %s", pid, reply.error.reason)
                 continue
             ok.append((reply.metadata.src_node_id, pid, reply.content))
-        head = arrays[keys.FOCAL_HEAD].data if resumed else None
+        head = arrays[wire.FOCAL_HEAD].data if resumed else None
         if head is None:
             first = [c for n, _, c in ok if n == nodes[0]]
             if not first:
                 raise RuntimeError(
                     f"focal: institution {self.roster.label_of(nodes[0])} (lowest partition id) "
                     "did not upload the initial head; see its ClientApp log")
-            head = he_bytes(first[0][keys.ARRAYS], keys.FOCAL_HEAD)
-            dim = int(first[0][keys.METRICS][keys.EMBED_DIM])
+            head = he_bytes(first[0][wire.ARRAYS], wire.FOCAL_HEAD)
+            dim = int(first[0][wire.METRICS][wire.EMBED_DIM])
         else:
-            dim = int(ok[0][2][keys.METRICS][keys.EMBED_DIM]) if ok else 0
+            dim = int(ok[0][2][wire.METRICS][wire.EMBED_DIM]) if ok else 0
         self.layout = FocalLayout(dim, num_classes, self.evaluator.slots, self.block)
         self._server = server_setup(self.evaluator, self.layout, bytes(head))
         check_same_backbone({pid: content for _, pid, content in ok})
@@ -371,18 +371,18 @@ class Focal(FedAvg):
         for node, pid, content in ok:
             name = str(pid)
             try:
-                got = int(content[keys.METRICS][keys.EMBED_DIM])
+                got = int(content[wire.METRICS][wire.EMBED_DIM])
                 if got != dim:
                     raise ValueError(f"embedding dimension {got} != {dim} of the others (another backbone?)")
-                server_add_embeddings(self._server, name, he_bytes(content[keys.ARRAYS], keys.FOCAL_EMBEDDINGS))
+                server_add_embeddings(self._server, name, he_bytes(content[wire.ARRAYS], wire.FOCAL_EMBEDDINGS))
                 if self.class_weights == "balanced":
-                    counts.append(he_bytes(content[keys.ARRAYS], keys.FOCAL_CLASS_COUNTS))
+                    counts.append(he_bytes(content[wire.ARRAYS], wire.FOCAL_CLASS_COUNTS))
             except (CiphertextError, ValueError, KeyError) as exc:
                 record.failures.append(f"embed institution {pid}: rejected ({exc})")
                 log(WARNING, "focal: rejected the embeddings of institution %d: %s", pid, exc)
                 continue
             self._members[node] = name
-            self._n_total += int(content[keys.METRICS][keys.NUM_EXAMPLES])
+            self._n_total += int(content[wire.METRICS][wire.NUM_EXAMPLES])
             self._add_validation(pid, name, content, record)
         if not self._members:
             raise RuntimeError("focal: no institution uploaded usable embeddings")
@@ -412,10 +412,10 @@ class Focal(FedAvg):
         messages = []
         for node in nodes:
             config = self._base_config(server_round)
-            config[keys.NUM_CLASSES] = num_classes
-            config[keys.FOCAL_STATS_ONLY] = True
-            messages.append(Message(RecordDict({keys.CONFIG: config}), dst_node_id=node,
-                                    message_type=keys.ACTION_EMBED))
+            config[wire.NUM_CLASSES] = num_classes
+            config[wire.FOCAL_STATS_ONLY] = True
+            messages.append(Message(RecordDict({wire.CONFIG: config}), dst_node_id=node,
+                                    message_type=wire.ACTION_EMBED))
         replies = self.roster.sort_replies(
             grid.send_and_receive(self._count_sent(server_round, messages), timeout=self.exchange_timeout))
         blobs, n, dims = [], 0, set()
@@ -426,9 +426,9 @@ class Focal(FedAvg):
                 record.failures.append(f"statistics institution {pid}: {reply.error.reason}")
                 continue
             try:
-                blobs.append(he_bytes(reply.content[keys.ARRAYS], keys.FOCAL_MOMENTS))
-                n += int(reply.content[keys.METRICS][keys.NUM_EXAMPLES])
-                dims.add(int(reply.content[keys.METRICS][keys.EMBED_DIM]))
+                blobs.append(he_bytes(reply.content[wire.ARRAYS], wire.FOCAL_MOMENTS))
+                n += int(reply.content[wire.METRICS][wire.NUM_EXAMPLES])
+                dims.add(int(reply.content[wire.METRICS][wire.EMBED_DIM]))
             except (KeyError, ValueError) as exc:
                 record.failures.append(f"statistics institution {pid}: rejected ({exc})")
         if not blobs or len(dims) != 1:
@@ -470,18 +470,18 @@ class Focal(FedAvg):
             if node not in online:
                 continue
             config = self._base_config(server_round)
-            config[keys.FOCAL_STEP] = self._step
-            config[keys.FOCAL_N_TOTAL] = self._n_total
-            config[keys.FOCAL_LR] = self.guard.lr
-            config[keys.FOCAL_MOMENTUM] = self.momentum
-            config[keys.FOCAL_RESTART] = self.guard.restarts
-            config[keys.FOCAL_CHECK_ONLY] = check_only
-            config[keys.FOCAL_GUARD] = self.guard_on
-            arrays = ArrayRecord({keys.FOCAL_LOGITS: he_array(server_forward(self._server, name))})
+            config[wire.FOCAL_STEP] = self._step
+            config[wire.FOCAL_N_TOTAL] = self._n_total
+            config[wire.FOCAL_LR] = self.guard.lr
+            config[wire.FOCAL_MOMENTUM] = self.momentum
+            config[wire.FOCAL_RESTART] = self.guard.restarts
+            config[wire.FOCAL_CHECK_ONLY] = check_only
+            config[wire.FOCAL_GUARD] = self.guard_on
+            arrays = ArrayRecord({wire.FOCAL_LOGITS: he_array(server_forward(self._server, name))})
             if self._class_counts is not None:
-                arrays[keys.FOCAL_CLASS_COUNTS] = he_array(self._class_counts)
-            messages.append(Message(RecordDict({keys.ARRAYS: arrays, keys.CONFIG: config}),
-                                    dst_node_id=node, message_type=keys.ACTION_FOCAL))
+                arrays[wire.FOCAL_CLASS_COUNTS] = he_array(self._class_counts)
+            messages.append(Message(RecordDict({wire.ARRAYS: arrays, wire.CONFIG: config}),
+                                    dst_node_id=node, message_type=wire.ACTION_FOCAL))
         return self._count_sent(server_round, messages)
 
     def configure_train(
@@ -490,7 +490,7 @@ class Focal(FedAvg):
         """Round 1: the embed exchange first. Then one forward message per institution."""
         self.roster.refresh(grid)
         self._grid = grid
-        if keys.FOCAL_HEAD in arrays:
+        if wire.FOCAL_HEAD in arrays:
             self._global = arrays  # the encrypted head as the server holds it (checkpoints)
         if self._server is None:
             self._setup(server_round, arrays, grid)
@@ -507,7 +507,7 @@ class Focal(FedAvg):
         pids: dict[str, int] = {}
         overflow = [self._members[r.metadata.src_node_id] for r in replies
                     if not r.has_error() and r.metadata.src_node_id in self._members
-                    and keys.FOCAL_OVERFLOW in r.content.metric_records.get(keys.METRICS, {})]
+                    and wire.FOCAL_OVERFLOW in r.content.metric_records.get(wire.METRICS, {})]
         if overflow and self.guard is not None:  # the head's logits left the safe range: a rise
             self.guard.accept(float("inf"), [self._members[r.metadata.src_node_id] for r in replies
                                              if not r.has_error() and r.metadata.src_node_id in self._members])
@@ -527,7 +527,7 @@ class Focal(FedAvg):
             try:
                 if name is None:
                     raise ValueError("not a member of this FOCAL run (no embeddings)")
-                errors[name] = he_bytes(reply.content[keys.ARRAYS], keys.FOCAL_ERROR)
+                errors[name] = he_bytes(reply.content[wire.ARRAYS], wire.FOCAL_ERROR)
                 contents[name], pids[name] = reply.content, pid
             except (ValueError, KeyError) as exc:
                 record.failures.append(f"train institution {pid}: rejected ({exc})")
@@ -617,9 +617,9 @@ class Focal(FedAvg):
         """The institutions' training loss over all their samples (what the guard reads)."""
         total = n = 0.0
         for content in contents.values():
-            m = content[keys.METRICS]
-            total += float(m[keys.TRAIN_LOSS]) * float(m[keys.NUM_EXAMPLES])
-            n += float(m[keys.NUM_EXAMPLES])
+            m = content[wire.METRICS]
+            total += float(m[wire.TRAIN_LOSS]) * float(m[wire.NUM_EXAMPLES])
+            n += float(m[wire.NUM_EXAMPLES])
         return total / n if n else float("nan")
 
     def _final_check(self, server_round: int) -> None:
@@ -633,7 +633,7 @@ class Focal(FedAvg):
                     if not r.has_error() and r.metadata.src_node_id in self._members}
         if not contents:
             return
-        over = any(keys.FOCAL_OVERFLOW in c[keys.METRICS] for c in contents.values())
+        over = any(wire.FOCAL_OVERFLOW in c[wire.METRICS] for c in contents.values())
         loss = float("inf") if over else self._mean_loss(contents)
         self.history.info["final_train_loss"] = loss
         if not self.guard.final_ok(loss, list(contents)):
@@ -670,7 +670,7 @@ class Focal(FedAvg):
         server = self._server
         if server is None:
             return None, None
-        arrays = ArrayRecord({keys.FOCAL_HEAD: he_array(server_export_head(server))})
+        arrays = ArrayRecord({wire.FOCAL_HEAD: he_array(server_export_head(server))})
         metrics = (self.train_metrics_aggr_fn(accepted, self.weighted_by_key) if accepted
                    else MetricRecord({}))  # a rolled-back round: the restored head stands
         self.history.round(server_round).train = metric_dict(metrics)
@@ -680,11 +680,11 @@ class Focal(FedAvg):
     def _add_validation(self, pid: int, name: str, content: RecordDict, record: Any) -> None:
         """Keep a member's encrypted validation embeddings from its embed reply, if it sent
         any (an institution without a validation split sends none and is not evaluated)."""
-        arrays = content.array_records.get(keys.ARRAYS)
-        if self._server is None or arrays is None or keys.FOCAL_VAL_EMBEDDINGS not in arrays:
+        arrays = content.array_records.get(wire.ARRAYS)
+        if self._server is None or arrays is None or wire.FOCAL_VAL_EMBEDDINGS not in arrays:
             return
         try:
-            server_add_validation(self._server, name, he_bytes(arrays, keys.FOCAL_VAL_EMBEDDINGS))
+            server_add_validation(self._server, name, he_bytes(arrays, wire.FOCAL_VAL_EMBEDDINGS))
         except (CiphertextError, ValueError) as exc:  # it still trains; it is not evaluated
             record.failures.append(f"validation institution {pid}: rejected ({exc})")
             log(WARNING, "focal: rejected the validation embeddings of institution %d: %s", pid, exc)
@@ -717,9 +717,9 @@ class Focal(FedAvg):
         for node in self.roster.ordered_node_ids(sampled):
             with forward:
                 logits = server_forward_validation(server, self._members[node])
-            down = ArrayRecord({keys.FOCAL_LOGITS: he_array(logits)})
-            messages.append(Message(RecordDict({keys.ARRAYS: down, keys.CONFIG: self._base_config(server_round)}),
-                                    dst_node_id=node, message_type=keys.ACTION_FOCAL_EVALUATE))
+            down = ArrayRecord({wire.FOCAL_LOGITS: he_array(logits)})
+            messages.append(Message(RecordDict({wire.ARRAYS: down, wire.CONFIG: self._base_config(server_round)}),
+                                    dst_node_id=node, message_type=wire.ACTION_FOCAL_EVALUATE))
         self.history.round(server_round).timings.update(
-            {keys.FOCAL_EVALUATE_FORWARD_S: forward.wall_s, keys.FOCAL_EVALUATE_FORWARD_CPU_S: forward.cpu_s})
+            {wire.FOCAL_EVALUATE_FORWARD_S: forward.wall_s, wire.FOCAL_EVALUATE_FORWARD_CPU_S: forward.cpu_s})
         return self._count_sent(server_round, messages, phase="evaluate")
