@@ -430,7 +430,8 @@ def test_validation_logits_match_the_twin_and_are_far_smaller_than_the_head(secr
     assert np.abs(l_pl).max() > 0.5  # a head that separates: the comparison means something
     assert np.abs(l_he - l_pl).max() < 1e-3
     assert m_he["accuracy"] == m_pl["accuracy"] and m_he["num-examples"] == n_val
-    assert m_he["loss"] == pytest.approx(m_pl["loss"], abs=1e-4)
+    # cross-entropy moves by at most twice the largest logit error (< 1e-3 above)
+    assert m_he["loss"] == pytest.approx(m_pl["loss"], abs=2e-3)
     # rank-based: CKKS noise may swap two near-equal probabilities, 1/39 of one class of five
     assert m_he["auroc"] == pytest.approx(m_pl["auroc"], abs=0.006)
     ev = CkksEvaluator(secret.public_context())
