@@ -128,7 +128,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-recovery", action="store_true", help="skip the killed SuperNode / server parts")
     args = p.parse_args()
-    out: dict = {"benchmark": "deployment_vs_simulation", "machine": machine(), "strategies": {}}
+    out: dict = {"benchmark": "deployment_vs_simulation", "machine": machine(), "settings": vars(args),
+                 "strategies": {}}
     with tempfile.TemporaryDirectory(prefix="ff-deploy-") as tmp:
         tmp = Path(tmp)
         data = write_synthetic_npz(tmp / "site.npz", sizes=(200, 50, 50))

@@ -197,6 +197,37 @@ def render_he_fedavg_time_split() -> str:
           _s(t["cpu_overhead_s_per_round"])]])
 
 
+# ------------------------------------------------------------------ results: deployment
+def render_deployment() -> str:
+    """``bench_deployment.py --no-recovery``: a deployment round against its simulation round,
+    before (``deployment-before.json``) and after (``deployment.json``), with Flower's floor."""
+    before, after = load("deployment-before.json"), load("deployment.json")
+    floor = after["flower_exchange_floor"]["exchange_s"]
+    rows = []
+    for name in ("fedavg", "he-fedavg", "focal"):
+        b, a = before["strategies"][name], after["strategies"][name]
+        rows.append([name, f"{a['simulation_round_s']:.2f} s", f"{b['deployment_minus_simulation_s']:.1f} s",
+                     f"{a['deployment_minus_simulation_s']:.1f} s",
+                     f"{a['exchanges_per_round']:g} x {floor:.1f} s = {a['flower_floor_round_s']:.1f} s",
+                     f"{round(a['above_flower_floor_s'], 1) or 0.0:.1f} s"])  # no "-0.0"
+    return md_table(["strategy", "simulation round", "deployment - simulation, before", "after",
+                     "Flower's floor (exchanges x empty exchange)", "after, above the floor"], rows)
+
+
+def render_deployment_messages() -> str:
+    """Per message type, a SuperNode's ClientApp process: Flower's start, flower-focal's
+    imports, the work (means over the run's messages), before and after."""
+    before, after = load("deployment-before.json"), load("deployment.json")
+    rows = []
+    for name, kinds in (("fedavg", ("train", "evaluate")), ("he-fedavg", ("train", "evaluate")),
+                        ("focal", ("train.focal", "evaluate.focal"))):
+        for kind in kinds:
+            b, a = before["strategies"][name]["client_message_s"][kind], after["strategies"][name]["client_message_s"][kind]
+            rows.append([f"{name} `{kind}`"] + [f"{x['process_s']:.2f} / {x['imports_s']:.2f} / {x['work_s']:.2f} s"
+                                                 for x in (b, a)])
+    return md_table(["message", "before: process / imports / work", "after"], rows)
+
+
 # --------------------------------------------------------------- results: privacy
 def _epsilon_text(eps: float) -> str:
     if eps == float("inf"):
@@ -326,6 +357,9 @@ TABLES: dict[str, Table] = {
     "settings-training": Table("code", settings_renderer("settings-training"), ("flower_focal/config.py",)),
     "settings-gpu": Table("code", settings_renderer("settings-gpu"), ("flower_focal/config.py",)),
     "preflight-example": Table("run", render_preflight_example, ("flower_focal/preflight.py",)),
+    "deployment": Table("results", render_deployment, ("deployment-before.json", "deployment.json")),
+    "deployment-messages": Table("results", render_deployment_messages,
+                                 ("deployment-before.json", "deployment.json")),
 }
 
 
