@@ -673,15 +673,23 @@ def server_add_embeddings(server: FocalServer, institution: str, x_message: Enve
         Malformed/foreign upload, or a ciphertext count that is not a whole number of
         sample chunks; the server state is unchanged.
     """
+    raw, chunks = _sample_chunks(server, institution, x_message, "embedding")
+    server._broadcast("add_x", [(institution, raw)] * len(server._shards))
+    server.chunks[institution] = chunks
+
+
+def _sample_chunks(server: FocalServer, institution: str, x_message: Envelope, what: str
+                   ) -> tuple[list[Any], int]:
+    """Open an embeddings upload: its ciphertexts and how many sample chunks they make
+    (``CiphertextError`` unless a positive whole number of chunks of the layout's groups)."""
     raw = server.ev.open_envelope(x_message)
     g = server.layout.n_groups
-    if len(raw) % g:
+    if not raw or len(raw) % g:
         raise CiphertextError(
-            f"institution {institution!r} sent {len(raw)} embedding ciphertexts, not a multiple "
-            f"of the layout's {g} feature groups (wrong embedding dimension or layout?)"
+            f"institution {institution!r} sent {len(raw)} {what} ciphertexts, not a positive "
+            f"multiple of the layout's {g} feature groups (wrong embedding dimension or layout?)"
         )
-    server._broadcast("add_x", [(institution, raw)] * len(server._shards))
-    server.chunks[institution] = len(raw) // g
+    return raw, len(raw) // g
 
 
 def server_forward(server: FocalServer, institution: str) -> Envelope:
@@ -704,15 +712,9 @@ def server_add_validation(server: FocalServer, institution: str, x_message: Enve
     CiphertextError
         Malformed/foreign upload or not a whole number of sample chunks; nothing is kept.
     """
-    raw = server.ev.open_envelope(x_message)
-    g = server.layout.n_groups
-    if not raw or len(raw) % g:
-        raise CiphertextError(
-            f"institution {institution!r} sent {len(raw)} validation embedding ciphertexts, not a "
-            f"positive multiple of the layout's {g} feature groups (wrong embedding dimension?)"
-        )
+    raw, chunks = _sample_chunks(server, institution, x_message, "validation embedding")
     server._broadcast("add_val", [(institution, raw)] * len(server._shards))
-    server.val_chunks[institution] = len(raw) // g
+    server.val_chunks[institution] = chunks
 
 
 def server_forward_validation(server: FocalServer, institution: str) -> Envelope:
