@@ -10,10 +10,10 @@ under ``--cache-dir``), split over ``--institutions`` institutions IID or Dirich
 
 Methods, on the same embeddings, for each seed:
 
-* ``focal``: :func:`flower_focal.focal.train_encrypted` at its **defaults** (global
+* ``focal``: :func:`flower_focal.testing.train_encrypted` at its **defaults** (global
   standardisation under HE, derived step, Nesterov through the institutions, loss guard,
   CKKS preset ``focal``, a fresh key set per run), ``--steps`` full-batch steps. With
-  ``--twin`` the plaintext twin (:func:`flower_focal.focal.train_plaintext`, the same algorithm
+  ``--twin`` the plaintext twin (:func:`flower_focal.testing.train_plaintext`, the same algorithm
   on numpy) instead: minutes faster, equal up to CKKS noise (parity tests).
 * ``logreg_pooled``: scikit-learn ``StandardScaler`` + ``LogisticRegression(C=--C)`` on all
   training embeddings pooled (not federated: the reference).

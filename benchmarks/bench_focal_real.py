@@ -16,10 +16,10 @@ normalisation: an institution cannot know global statistics), the same for every
 Methods, all from the same embeddings, the same initial head ``N(0, 0.01^2)`` (seed
 ``--seed``) where they have one, evaluated on the same val embeddings:
 
-(a) ``focal``: :func:`flower_focal.focal.train_encrypted`, CKKS preset ``focal`` (a fresh key
+(a) ``focal``: :func:`flower_focal.testing.train_encrypted`, CKKS preset ``focal`` (a fresh key
     set), ``--steps`` full-batch gradient steps at ``--lr``; all roles in this process, every
     message passed as real ciphertext bytes (the Flower strategy runs the same step functions).
-(b) ``plaintext_split``: :func:`flower_focal.focal.train_plaintext`, the plaintext twin: same
+(b) ``plaintext_split``: :func:`flower_focal.testing.train_plaintext`, the plaintext twin: same
     algorithm, slot layout, initial head and steps, on numpy. Also timed: the same full-batch
     gradient descent written directly as ``X^T (softmax(XW) - Y)`` (``plaintext_direct``).
 (c) ``he_fedavg``: HE-FedAvg of the head ``nn.Linear(d, K)`` over the cached embeddings, with

@@ -28,12 +28,12 @@ from pathlib import Path
 
 from _common import TreeMemorySampler, emit, loadavg, machine
 
-from flower_focal import keys
+from flower_focal import wire
 from flower_focal.config import RunConfig
 from flower_focal.simulation import Federation, simulate
 
-# getattr: the script also measures the code from before the key existed (its bytes_down_evaluate too)
-FORWARD_S = getattr(keys, "FOCAL_EVALUATE_FORWARD_S", "focal-evaluate-forward-s")
+# what the server spent on evaluation forward passes per round
+FORWARD_S = wire.FOCAL_EVALUATE_FORWARD_S
 
 
 def one(n: int, args: argparse.Namespace, out: Path) -> dict:

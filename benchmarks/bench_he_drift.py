@@ -24,7 +24,7 @@ import torch
 from _common import emit, machine
 
 from flower_focal.artifacts import decrypt_model
-from flower_focal.testing import LoopbackGrid as AuditGrid
+from flower_focal.testing import LoopbackGrid
 from flower_focal.client.app import build_client_app
 from flower_focal.config import RunConfig
 from flower_focal.crypto import keygen
@@ -36,7 +36,7 @@ def _max_abs_diff(a: dict, b: dict) -> float:
 
 
 def _train(cfg: RunConfig, key_dir: Path, institutions: int) -> tuple[dict, float | None]:
-    run_server(AuditGrid(build_client_app(), institutions, cfg.to_flower()), cfg)
+    run_server(LoopbackGrid(build_client_app(), institutions, cfg.to_flower()), cfg)
     run_dir = Path(cfg.run_dir)
     if cfg.strategy == "he-fedavg":
         decrypt_model(run_dir, key_dir)

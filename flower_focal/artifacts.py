@@ -52,9 +52,23 @@ class ModelSpec:
         object.__setattr__(self, "local_layers", tuple(self.local_layers))  # a list from JSON
 
     @property
+    def untrained_norm(self) -> bool:
+        """FedBN with normalisation layers: ``model.pt``'s are the initial ones (a model without
+        any, e.g. ``lenet-sigmoid``, is fully trained even under FedBN)."""
+        return self.fedbn and bool(self.local_layers)
+
+    def with_local_layers(self) -> ModelSpec:
+        """FedBN: this spec with ``local_layers`` filled from the network it builds."""
+        if not self.fedbn or self.local_layers:
+            return self
+        from flower_focal.models import norm_layers
+
+        return self.replace(local_layers=tuple(norm_layers(self.build())))
+
+    @property
     def norm_warning(self) -> str:
         """FedBN: what ``model.pt``'s normalisation layers are (empty for other runs)."""
-        if not self.fedbn:
+        if not self.untrained_norm:
             return ""
         return (f"this is a FedBN run: the global model's {len(self.local_layers)} normalisation "
                 "layer(s) were never aggregated and hold their initial (untrained) values; each "
@@ -91,7 +105,7 @@ def save_model(run_dir: Path, arrays: ArrayRecord, spec: ModelSpec) -> Path:
     if spec.fedbn and not spec.local_layers:
         from flower_focal.models import norm_layers
 
-        spec = spec.replace(local_layers=tuple(norm_layers(model)))
+        spec = spec.replace(local_layers=tuple(norm_layers(model)))  # same as with_local_layers()
     path = run_dir / MODEL_FILE
     tmp = path.with_suffix(".pt.tmp")
     torch.save(model.state_dict(), tmp)

@@ -90,11 +90,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     if not data.exists():
         raise FileNotFoundError(f"--data {data} does not exist")
     model, spec = load_model(args.run_dir)
-    if spec.fedbn and not args.initial_norm_layers:
+    spec = spec.with_local_layers()  # a model.json written before local_layers existed
+    if spec.untrained_norm and not args.initial_norm_layers:
         raise ValueError(
             f"{spec.norm_warning}. Its scores would describe no trained model: use the federated "
             "evaluation of the run instead, or pass --initial-norm-layers to evaluate it anyway")
-    if spec.fedbn:
+    if spec.untrained_norm:
         print(f"flower-focal evaluate: warning: {spec.norm_warning}", file=sys.stderr)
     cfg = RunConfig(
         dataset=args.dataset or _infer_dataset(data),
@@ -146,7 +147,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         "confusion_matrix": detail["confusion_matrix"],
         "confusion_matrix_axes": detail["confusion_matrix_axes"],
         **({"warning": spec.norm_warning, "fedbn_local_layers": list(spec.local_layers)}
-           if spec.fedbn else {}),
+           if spec.untrained_norm else {}),
     }))
     return 0
 

@@ -149,8 +149,8 @@ def _write_final_model(cfg: RunConfig, strategy, shape, result: Result, run_dir:
         rounds=cfg.num_server_rounds,
         fedbn=cfg.fedbn,
     )
-    spec = strategy.final_spec(spec)
-    if spec.fedbn:
+    spec = strategy.final_spec(spec).with_local_layers()
+    if spec.untrained_norm:
         log(WARNING, "flower-focal: %s (flower-focal evaluate refuses model.pt unless given "
             "--initial-norm-layers)", spec.norm_warning)
     final = strategy.final_model(result)

@@ -138,6 +138,28 @@ def test_evaluate_refuses_a_fedbn_global_model_unless_told(tmp_path, capsys):
     assert "warning" not in plain  # a run without FedBN: nothing to say
 
 
+def test_fedbn_on_a_model_without_normalisation_layers_is_a_trained_model(tmp_path, capsys):
+    """lenet-sigmoid has no norm layer: under FedBN everything was aggregated, nothing to refuse."""
+    from flower_focal.artifacts import ModelSpec
+
+    spec = ModelSpec(model="lenet-sigmoid", in_channels=3, num_classes=5, image_size=28,
+                     dataset="medmnist", strategy="fedavg", seed=0, rounds=1, fedbn=True)
+    assert spec.with_local_layers().local_layers == () and not spec.with_local_layers().norm_warning
+    norm = ModelSpec(model="small-cnn", in_channels=3, num_classes=5, image_size=28,
+                     dataset="medmnist", strategy="fedavg", seed=0, rounds=1, fedbn=True)
+    assert "global model's 4 normalisation layer(s)" in norm.with_local_layers().norm_warning
+    run = tmp_path / "run"
+    import torch
+
+    from flower_focal.artifacts import save_model
+    from flower_focal.models import model_to_arrays
+
+    torch.manual_seed(0)
+    save_model(run, model_to_arrays(spec.build()), spec)
+    out = _evaluate(capsys, "--run-dir", str(run), "--data", str(_test_only_npz(tmp_path / "t.npz")))
+    assert "warning" not in out and out["n"] == 30
+
+
 def test_evaluate_a_test_only_folder_and_csv(tmp_path, capsys):
     from PIL import Image
 

@@ -145,3 +145,41 @@ def test_rewriting_one_image_of_a_folder_is_new_data(store: Path, tmp_path: Path
     assert prepared.store_key(cfg, 0, 1) != key and data_key_parts(cfg, split="train") != parts
     assert not torch.equal(load_institution(cfg, 0, 1).train.images, first)
     assert len(_files(store)) == 2
+
+
+def test_a_rewrite_that_keeps_size_and_mtime_is_still_new_data(store: Path, npz_cfg: RunConfig) -> None:
+    """cp -p / rsync -t / tar x restore a file's mtime; its inode and ctime still change."""
+    import os
+
+    path = Path(npz_cfg.data_path)
+    key = prepared.store_key(npz_cfg, 0, 2)
+    before = os.stat(path)
+    data = dict(np.load(path))
+    data["train_images"] = 255 - data["train_images"]  # other pixels, same size
+    tmp = path.with_suffix(".new.npz")
+    np.savez(tmp, **data)
+    os.replace(tmp, path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(path).st_size == before.st_size and os.stat(path).st_mtime_ns == before.st_mtime_ns
+    assert prepared.store_key(npz_cfg, 0, 2) != key
+
+
+def test_a_directory_others_can_write_to_is_not_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    npz_cfg: RunConfig, caplog: pytest.LogCaptureFixture) -> None:
+    shared = tmp_path / "shared-store"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)  # as if another user had made the name first, writable by all
+    monkeypatch.setenv(prepared.STORE_ENV, str(shared))
+    clear_caches()
+    assert not prepared.private_dir(shared)
+    with caplog.at_level(logging.WARNING, logger="flower_focal.data"):
+        load_institution(npz_cfg, 0, 2)
+    assert "not a private directory" in caplog.text and not list(shared.iterdir())
+    private = tmp_path / "mine"
+    monkeypatch.setenv(prepared.STORE_ENV, str(private))
+    clear_caches()
+    load_institution(npz_cfg, 0, 2)
+    (path,) = _files(private)
+    private.chmod(0o777)
+    with pytest.raises(ValueError, match="not a private directory"):
+        prepared.load_institution_file(path, prepared.store_key(npz_cfg, 0, 2))

@@ -241,6 +241,7 @@ def test_focal_evaluation_sends_each_institution_only_its_validation_logits(tmp_
     evals = [m for m in grid.sent if m.metadata.message_type == wire.ACTION_FOCAL_EVALUATE]
     pid_of = {nid: i for i, nid in enumerate(grid.node_ids)}
     assert sorted(pid_of[m.metadata.dst_node_id] for m in evals) == [0, 0, 1, 1]  # never 2
+    assert len(metrics["info"]["focal_unevaluated"]) == 1  # ... and the run says so
     head_bytes = (run_dir / "model.he").stat().st_size  # what each evaluation message used to carry
     lay = FocalLayout(512, 9, block=128)
     ev = build_strategy(cfg).evaluator  # the server's key-less evaluator
@@ -305,6 +306,11 @@ def test_focal_run_whose_every_update_rolled_back_fails_instead_of_completing(tm
     assert any("head before it is kept" in line for line in metrics["info"]["focal_guard"])
     assert not (run_dir / "model.he").exists() and not (run_dir / "model.json").exists()
     assert "failed" in (run_dir / "summary.md").read_text()
+    ckpt = load_checkpoint(run_dir)
+    assert ckpt is not None and ckpt.history["info"]["focal_guard_state"]["standing"] == 0
+    with pytest.raises(FocalDiverged, match="resumed checkpoint holds no head update"):
+        _run(cfg.replace(resume=True))  # nothing left to run must not turn into "completed"
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "failed"
 
 
 class DyingAtRound2(DyingGrid):

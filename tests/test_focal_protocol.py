@@ -420,6 +420,9 @@ def test_validation_logits_match_the_twin_and_are_far_smaller_than_the_head(secr
             again = server_setup(ev, lay, init_head(holder, lay, seed=5, std=0.05))
             server_add_embeddings(again, "a", encrypt_embeddings(holder, lay, x_tr, feature_scale=scale,
                                                                  feature_shift=shift))
+            # validation embeddings present during the update this time: the head must not change
+            server_add_validation(again, "a", encrypt_embeddings(holder, lay, x_val, feature_scale=scale,
+                                                                 feature_shift=shift))
             server_backward_update(again, {"a": institution_error(
                 holder, lay, server_forward(again, "a"), y_tr, lr=0.5, n_total=20).message})
             assert np.array_equal(decrypt_head(holder, lay, server_export_head(again)), w)

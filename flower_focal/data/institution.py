@@ -258,8 +258,6 @@ def _build_institution(key: RunConfig, partition_id: int, num_partitions: int, *
                 logger.warning("prepared data not used, rebuilding it: %s", err)
     inst = _transform_institution(key, partition_id, num_partitions, num_workers=num_workers)
     if path is not None and skey is not None:
-        if dataset_nbytes(inst.train) + dataset_nbytes(inst.val) > _InstitutionCache.budget_bytes():
-            return inst  # larger than the in-memory budget: not worth a disk copy either
         try:
             src = _source(key)
             prepared.save_institution(inst, path, skey,

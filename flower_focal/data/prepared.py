@@ -22,6 +22,7 @@ import functools
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -72,7 +73,43 @@ def store_dir() -> Path | None:
         return None
     if raw:
         return Path(raw).expanduser()
-    return Path(tempfile.gettempdir()) / f"flower-focal-data-{os.getuid()}"
+    return Path(tempfile.gettempdir()) / f"flower-focal-data-{_uid()}"
+
+
+def _uid() -> int:
+    return os.getuid() if hasattr(os, "getuid") else 0
+
+
+def private_dir(directory: Path) -> bool:
+    """Create ``directory`` (mode 0700) if needed; True only if it is a real directory of this
+    user that nobody else can write to (a name in a shared temp dir can be taken first)."""
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(directory)
+    except OSError:
+        return False
+    if not hasattr(os, "getuid"):
+        return stat.S_ISDIR(st.st_mode)
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == _uid() and not st.st_mode & 0o022
+
+
+def _versions() -> dict[str, str]:
+    """The libraries whose behaviour is inside a prepared file (read without importing them)."""
+    from importlib import metadata
+
+    out = {}
+    for name in ("torch", "monai", "numpy", "pillow"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def _file_identity(path: Path) -> str:
+    """Path, size, mtime, inode and ctime (which no tool can set back, unlike mtime)."""
+    st = os.stat(path)
+    return f"{path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}"
 
 
 @functools.lru_cache(maxsize=1)
@@ -99,8 +136,7 @@ def data_identity(cfg: RunConfig) -> dict[str, Any]:
         path = Path(cfg.data_path).expanduser()
         parts["data_path"] = str(path.resolve())
         if path.exists():
-            stat = path.stat()
-            parts["data_size"], parts["data_mtime_ns"] = stat.st_size, stat.st_mtime_ns
+            parts["data_file"] = _file_identity(path.resolve())
     if cfg.dataset in FILE_SOURCES and cfg.data_path:
         from flower_focal.data.institution import source_info
 
@@ -109,8 +145,7 @@ def data_identity(cfg: RunConfig) -> dict[str, Any]:
         for item in (*src.train, *src.val):
             file = str(item[IMAGE])
             try:
-                st = os.stat(file)
-                digest.update(f"{file}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+                digest.update(f"{_file_identity(Path(file))}\n".encode())
             except OSError:
                 digest.update(f"{file}|missing\n".encode())
         parts["files"] = digest.hexdigest()
@@ -120,8 +155,8 @@ def data_identity(cfg: RunConfig) -> dict[str, Any]:
 def store_key(cfg: RunConfig, partition_id: int, num_partitions: int) -> str:
     """SHA-256 over :func:`data_identity`, flower-focal's data code and the partition."""
     parts = data_identity(cfg)
-    parts.update(format=STORE_FORMAT, code=_code_fingerprint(), partition_id=partition_id,
-                 num_partitions=num_partitions)
+    parts.update(format=STORE_FORMAT, code=_code_fingerprint(), libraries=_versions(),
+                 partition_id=partition_id, num_partitions=num_partitions)
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -189,7 +224,8 @@ def save_institution(inst: InstitutionData, path: str | Path, key: str, *,
         "train_transforms": train_transforms, "checksum": _checksum(arrays),
     }
     path = Path(path)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not private_dir(path.parent):
+        raise OSError(f"{path.parent} is not a private directory of this user; not storing there")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -205,23 +241,29 @@ def save_institution(inst: InstitutionData, path: str | Path, key: str, *,
 def load_institution_file(path: str | Path, key: str) -> InstitutionData:
     """Read a file written by :func:`save_institution`; ``ValueError`` if it is not that file
     for ``key`` intact (unreadable, another key, checksum mismatch)."""
+    if not private_dir(Path(path).parent):
+        raise ValueError(f"{path}: its directory is not a private directory of this user")
     try:
-        owner = Path(path).stat().st_uid
-    except OSError as err:
-        raise ValueError(f"{path}: unreadable ({err})") from err
-    if owner != os.getuid():
-        raise ValueError(f"{path}: not written by this user")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = [data["train_images"], data["train_labels"], data["val_images"],
-                      data["val_labels"]]
-            meta = json.loads(str(data["meta"]))
-    except Exception as err:  # zip/CRC/missing-member/JSON errors all mean "not usable"
+        with open(path, "rb") as fh:  # checked and read through one descriptor
+            if hasattr(os, "getuid") and os.fstat(fh.fileno()).st_uid != _uid():
+                raise ValueError("not written by this user")
+            with np.load(fh, allow_pickle=False) as data:
+                arrays = [data["train_images"], data["train_labels"], data["val_images"],
+                          data["val_labels"]]
+                meta = json.loads(str(data["meta"]))
+    except Exception as err:  # I/O, zip/CRC, missing member, JSON: not usable
         raise ValueError(f"{path}: unreadable ({type(err).__name__}: {err})") from err
     if meta.get("key") != key:
         raise ValueError(f"{path}: written for another run configuration or partition")
     if meta.get("checksum") != _checksum(arrays):
         raise ValueError(f"{path}: checksum mismatch")
+    try:
+        return _institution_from(arrays, meta)
+    except Exception as err:  # a well-formed file of another shape: rebuild, never crash
+        raise ValueError(f"{path}: inconsistent contents ({type(err).__name__}: {err})") from err
+
+
+def _institution_from(arrays: list[np.ndarray], meta: dict[str, Any]) -> InstitutionData:
     augment = meta["batch_augment"]
     first = meta["augment_from"]
     train = ImageTensorDataset(
@@ -237,5 +279,6 @@ def load_institution_file(path: str | Path, key: str) -> InstitutionData:
         class_names=tuple(meta["class_names"]))
 
 
-__all__ = ["FILE_SOURCES", "STORE_ENV", "data_identity", "STORE_FORMAT", "DeferredTransforms", "InstitutionData", "store_dir",
-           "load_institution_file", "save_institution", "store_key", "store_path"]
+__all__ = ["FILE_SOURCES", "STORE_ENV", "STORE_FORMAT", "DeferredTransforms", "InstitutionData",
+           "data_identity", "load_institution_file", "private_dir", "save_institution", "store_dir",
+           "store_key", "store_path"]

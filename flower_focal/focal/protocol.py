@@ -37,8 +37,10 @@ Choices (and what callers must do):
 * **Dropout.** An institution absent in a step is simply left out of that step's sum; its
   error would have been divided by the same public ``N``, so the others need no change.
 * **Leakage.** An institution decrypts lane partial sums of its own logits (training and
-  validation); it could decrypt W itself (shared key) if it were sent, so this reveals nothing
-  new to it. During training W is sent to no institution. The server never decrypts.
+  validation): its own features times W, lane by lane, from which it can solve for W (it knows
+  its features). So every institution can know the current head, as under any shared key; W's
+  ciphertexts themselves are sent to no institution during training (bandwidth, not secrecy).
+  The server never decrypts.
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ Flower rounds; the protocol itself and all HE live there and in :mod:`flower_foc
   embeddings, institutions upload their validation embeddings encrypted the same way; each
   evaluation the server runs the forward pass on them and sends each sampled institution only
   its own encrypted validation logits; it decrypts them and reports loss / accuracy / macro
-  AUROC. No institution receives ``W`` during training.
+  AUROC. ``W``'s ciphertexts are sent to no institution during training (each can still solve
+  for ``W`` from its own logits and features: bandwidth, not secrecy).
 
 Every strategy-level concern (roster, deterministic order, per-institution history, bytes,
 checkpoints) is :class:`~flower_focal.strategy.fedavg.FedAvg`'s. The server never holds a
@@ -121,7 +122,7 @@ class Focal(FedAvg):
         Step size on the (standardised) features; ``None`` (default): derived,
         ``step_scale * K / (d + 1)`` (:func:`~flower_focal.focal.derived_step`).
     step_scale, momentum, standardize, guard
-        See :func:`~flower_focal.focal.train_encrypted` (the same algorithm).
+        See :func:`~flower_focal.testing.train_encrypted` (the same algorithm).
     block : int
         Sample positions per ciphertext (:class:`~flower_focal.focal.FocalLayout`).
     class_weights : str
@@ -600,7 +601,15 @@ class Focal(FedAvg):
             no standing update either), so nothing was trained.
         """
         super().require_progress(num_rounds)
-        if num_rounds <= 0 or self.layout is None or self._standing > 0:
+        if num_rounds <= 0:  # a resumed run with nothing left: its checkpoint must hold a trained head
+            saved = (self.history.info.get("focal_guard_state") or {}).get("standing")
+            if saved == 0:
+                raise FocalDiverged(
+                    "focal: the resumed checkpoint holds no head update that stands (that run "
+                    "rolled back every update and failed), and no round is left to run: nothing "
+                    "was trained. Start a new run with a lower step (`focal-step-scale`)")
+            return
+        if self.layout is None or self._standing > 0:
             return
         guard = self.guard
         lines = self.history.info.get("focal_guard", [])
@@ -697,7 +706,7 @@ class Focal(FedAvg):
         The server runs a training step's forward pass (current head) on the encrypted
         validation embeddings the institution uploaded with its training ones; the institution
         decrypts and scores them (``ceil(n_val / block) * n_pairs`` ciphertexts instead of the
-        head's ``n_groups * n_pairs``; no institution receives the head during training).
+        head's ``n_groups * n_pairs``; the head's ciphertexts are not sent during training).
         Sampling is FedAvg's (``fraction_evaluate`` of the institutions with validation
         embeddings, at least ``min_evaluate_nodes``; seeded by round, so the same seed
         evaluates the same ones). Institutions without a validation split get no message.
@@ -713,6 +722,12 @@ class Focal(FedAvg):
             sampled = random.sample(eligible, size)  # Flower's sample_nodes, without its wait
         log(INFO, "focal: evaluating on %d of %d institutions (%d with validation embeddings)",
             len(sampled), len(known), len(eligible))
+        if len(eligible) < len(known) and not self.history.info.get("focal_unevaluated"):
+            missing = [self._members.get(n, f"node {n}") for n in known if n not in eligible]
+            self.history.info["focal_unevaluated"] = [str(m) for m in missing]
+            log(WARNING, "focal: %d of %d institutions uploaded no validation embeddings (no "
+                "validation split, a rejected upload or joined after round 1) and are never "
+                "evaluated: %s", len(missing), len(known), ", ".join(map(str, missing[:10])))
         messages, forward = [], Stopwatch()
         for node in self.roster.ordered_node_ids(sampled):
             with forward:
