@@ -197,6 +197,22 @@ def render_he_fedavg_time_split() -> str:
           _s(t["cpu_overhead_s_per_round"])]])
 
 
+def render_server_sum() -> str:
+    """``bench_server_sum.py``: the server's check + add per 11 M upload against numpy's
+    weighted sum of the same update, by ``he-server-workers`` and institution count."""
+    d = load("server_sum.json")
+    rows = []
+    for r in d["rounds"]:
+        for key in sorted(k for k in r if k.startswith("workers_")):
+            w = r[key]
+            same = {None: "(reference)", True: "yes", False: "**no**"}[w["identical_to_serial"]]
+            rows.append([str(r["institutions"]), key.split("_")[1], f"{w['per_upload_s']:.3f} s",
+                         f"{r['numpy']['per_upload_s']:.3f} s", f"{w['ratio_to_numpy']:.1f}",
+                         f"{w['round_s']:.1f} s", same])
+    return md_table(["institutions", "he-server-workers", "check + add per upload", "numpy weighted sum",
+                     "ratio", "round (all adds)", "sum byte-identical to 1 worker"], rows)
+
+
 # ------------------------------------------------------------------ results: deployment
 def render_deployment() -> str:
     """``bench_deployment.py --no-recovery``: a deployment round against its simulation round,
@@ -357,6 +373,7 @@ TABLES: dict[str, Table] = {
     "settings-training": Table("code", settings_renderer("settings-training"), ("flower_focal/config.py",)),
     "settings-gpu": Table("code", settings_renderer("settings-gpu"), ("flower_focal/config.py",)),
     "preflight-example": Table("run", render_preflight_example, ("flower_focal/preflight.py",)),
+    "server-sum": Table("results", render_server_sum, ("server_sum.json",)),
     "deployment": Table("results", render_deployment, ("deployment-before.json", "deployment.json")),
     "deployment-messages": Table("results", render_deployment_messages,
                                  ("deployment-before.json", "deployment.json")),

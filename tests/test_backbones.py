@@ -382,7 +382,9 @@ def test_data_key_parts_follow_the_run_config(tmp_path: Path) -> None:
     cfg = RunConfig(dataset="medmnist", data_path=str(data), image_size=28)
     parts = data_key_parts(cfg, split="train", partition_id=1, num_partitions=3)
     assert parts["partition_id"] == 1 and parts["split"] == "train" and parts["seed"] == 42
-    assert parts["image_size"] == 28 and parts["data_size"] == 1 and "data_mtime_ns" in parts
+    size, mtime, inode = parts["data_file"].split("|")[1:4]
+    st = data.stat()
+    assert parts["image_size"] == 28 and (int(size), int(mtime), int(inode)) == (1, st.st_mtime_ns, st.st_ino)
     assert data_key_parts(cfg.replace(lr=0.5), split="train", partition_id=1,
                           num_partitions=3) == parts  # training knobs are not data identity
 
