@@ -10,10 +10,12 @@ with numpy and torch alone. MONAI is imported again only if something indexes th
 split item by item (the random tail of the MONAI chain is rebuilt on first use); flower-focal's
 own loops use the tensors and the batch augmentation directly.
 
-The file name and its stored key are a SHA-256 over every data setting of the run, the data
-file's path, size and mtime, and the partition; the images carry a checksum. A file that
-cannot be read, was written for another key or fails its checksum is never used (the data is
-built again and the file rewritten). This module imports no MONAI.
+The file name and its stored key are a SHA-256 over :func:`data_identity` (every data setting,
+the data file's and every image file's path, size, mtime, inode and ctime), the partition, the
+data package's source and the torch/MONAI/numpy/Pillow versions; the arrays carry a checksum.
+A file that cannot be read, was written for another key, fails its checksum or lies in a
+directory others can write to is never used (the data is built again and the file rewritten).
+This module imports no MONAI.
 """
 
 from __future__ import annotations
@@ -129,8 +131,8 @@ folder's or the manifest's alone (rewriting an image changes neither)."""
 
 def data_identity(cfg: RunConfig) -> dict[str, Any]:
     """Every data setting of ``cfg`` and the identity of the data on disk: the data file's
-    resolved path, size and mtime, and for image folders / CSV manifests a digest of every
-    image file's path, size and mtime. What a cache of anything derived from the data is keyed on."""
+    resolved path, size, mtime, inode and ctime, and for image folders / CSV manifests a digest
+    of every image file's. What a cache of anything derived from the data is keyed on."""
     parts: dict[str, Any] = {name: getattr(cfg, name) for name in RunConfig.settings("data")}
     if cfg.data_path:
         path = Path(cfg.data_path).expanduser()
