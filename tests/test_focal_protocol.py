@@ -431,16 +431,18 @@ def test_validation_logits_match_the_twin_and_are_far_smaller_than_the_head(secr
             np.testing.assert_allclose(logits, ref, atol=1e-9)
     (l_he, msg, head, _, m_he), (l_pl, _, _, _, m_pl) = out["he"], out["twin"]
     assert np.abs(l_pl).max() > 0.5  # a head that separates: the comparison means something
-    assert np.abs(l_he - l_pl).max() < 1e-3
+    # CKKS noise of a d = 1280 forward pass: up to about 1e-3 measured on logits of size ~27
+    assert np.abs(l_he - l_pl).max() < 3e-3
     assert m_he["accuracy"] == m_pl["accuracy"] and m_he["num-examples"] == n_val
-    # cross-entropy moves by at most twice the largest logit error (< 1e-3 above)
-    assert m_he["loss"] == pytest.approx(m_pl["loss"], abs=2e-3)
+    # cross-entropy moves by at most twice the largest logit error (< 3e-3 above)
+    assert m_he["loss"] == pytest.approx(m_pl["loss"], abs=6e-3)
     # rank-based: CKKS noise may swap two near-equal probabilities, 1/39 of one class of five
     assert m_he["auroc"] == pytest.approx(m_pl["auroc"], abs=0.006)
     ev = CkksEvaluator(secret.public_context())
     assert len(ev.open_envelope(msg)) == lay.n_chunks(n_val) * lay.n_pairs == 3
     assert len(ev.open_envelope(head)) == lay.n_groups * lay.n_pairs == 63
-    print(f"evaluation message {len(msg)} B vs head {len(head)} B ({len(head) / len(msg):.1f}x)")
+    print(f"evaluation message {len(msg)} B vs head {len(head)} B ({len(head) / len(msg):.1f}x); "
+          f"logit error {np.abs(l_he - l_pl).max():.2e}")
     assert 10 * len(msg) <= len(head)
     with pytest.raises(ValueError, match="no validation embeddings"):
         server_forward_validation(server_setup(ev, lay, init_head(CkksKeyHolder(secret), lay)), "a")
