@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from flwr.app import Message
 
@@ -32,3 +35,13 @@ try:  # the config key Flower's DP wrappers use for the clipping norm
     from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 except ImportError:  # pragma: no cover - moved in another Flower version
     KEY_CLIPPING_NORM = "clipping_norm"
+
+
+def lazy_exports(package: str, exports: Mapping[str, str]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` (PEP 562) that imports ``exports[name]`` on first use of ``name``."""
+    def __getattr__(name: str) -> Any:
+        if name in exports:
+            return getattr(importlib.import_module(exports[name]), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return __getattr__

@@ -57,13 +57,14 @@ class ModelSpec:
         any, e.g. ``lenet-sigmoid``, is fully trained even under FedBN)."""
         return self.fedbn and bool(self.local_layers)
 
-    def with_local_layers(self) -> ModelSpec:
-        """FedBN: this spec with ``local_layers`` filled from the network it builds."""
+    def with_local_layers(self, model: nn.Module | None = None) -> ModelSpec:
+        """FedBN: this spec with ``local_layers`` filled from ``model`` (this spec's network;
+        built when not given)."""
         if not self.fedbn or self.local_layers:
             return self
         from flower_focal.models import norm_layers
 
-        return self.replace(local_layers=tuple(norm_layers(self.build())))
+        return self.replace(local_layers=tuple(norm_layers(model if model is not None else self.build())))
 
     @property
     def norm_warning(self) -> str:
@@ -102,10 +103,7 @@ def save_model(run_dir: Path, arrays: ArrayRecord, spec: ModelSpec) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     model = spec.build()
     arrays_into_model(model, arrays)
-    if spec.fedbn and not spec.local_layers:
-        from flower_focal.models import norm_layers
-
-        spec = spec.replace(local_layers=tuple(norm_layers(model)))  # same as with_local_layers()
+    spec = spec.with_local_layers(model)
     path = run_dir / MODEL_FILE
     tmp = path.with_suffix(".pt.tmp")
     torch.save(model.state_dict(), tmp)

@@ -90,7 +90,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if not data.exists():
         raise FileNotFoundError(f"--data {data} does not exist")
     model, spec = load_model(args.run_dir)
-    spec = spec.with_local_layers()  # a model.json written before local_layers existed
+    spec = spec.with_local_layers(model)  # a model.json written before local_layers existed
     if spec.untrained_norm and not args.initial_norm_layers:
         raise ValueError(
             f"{spec.norm_warning}. Its scores would describe no trained model: use the federated "

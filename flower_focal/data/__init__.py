@@ -19,7 +19,7 @@ message of a deployed run reading its prepared file) does not import MONAI.
 
 from __future__ import annotations
 
-import importlib
+from flower_focal._compat import lazy_exports
 
 _EXPORTS = {
     "InstitutionData": "flower_focal.data.prepared",
@@ -48,8 +48,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -7,7 +7,7 @@ so reading :mod:`flower_focal.strategy.specs` costs nothing.
 
 from __future__ import annotations
 
-import importlib
+from flower_focal._compat import lazy_exports
 
 _EXPORTS = {
     "FedAvg": "flower_focal.strategy.fedavg",
@@ -21,8 +21,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
