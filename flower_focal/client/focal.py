@@ -30,6 +30,7 @@ import hashlib
 import re
 import tempfile
 import threading
+import uuid
 from collections.abc import Callable
 from logging import INFO
 from pathlib import Path
@@ -509,8 +510,10 @@ class LoaderSource:
 
     ``data(context) -> (train_loader, val_loader)`` is the app's own loading (its node config,
     its run-config keys). Embeddings are computed once per (run, node, split) in this process
+    (the ``embeddings`` region of :data:`~flower_focal.cache.CACHE`, keyed also by this source)
     and, with ``cache_dir``, kept on the institution's disk for later messages (a deployed
-    SuperNode starts a fresh process per message).
+    SuperNode starts a fresh process per message, and an entry the cache drops is read again
+    from there; without ``cache_dir`` it is computed again).
     """
 
     def __init__(self, backbone: Callable[[Any], Any], data: Callable[[Context], tuple[Any, Any]],
@@ -519,7 +522,7 @@ class LoaderSource:
         self.data = data
         self.device = device
         self.cache_dir = Path(cache_dir) if cache_dir else None
-        self._memo: dict[tuple[int, int, str], tuple[np.ndarray, np.ndarray]] = {}
+        self._token = uuid.uuid4().hex  # this source's part of its cache keys (kept by pickling)
         self._fingerprint: str | None = None
 
     def fingerprint(self, context: Context) -> str | None:
@@ -530,8 +533,12 @@ class LoaderSource:
 
     def __call__(self, context: Context, split: str) -> tuple[np.ndarray, np.ndarray]:
         key = (int(context.run_id), int(context.node_id), split)
-        if key in self._memo:
-            return self._memo[key]
+        return CACHE.get_or_build("embeddings", ("loader-source", self._token, *key),
+                                  lambda: self._embed(context, key),
+                                  nbytes=lambda xy: xy[0].nbytes + xy[1].nbytes)
+
+    def _embed(self, context: Context, key: tuple[int, int, str]) -> tuple[np.ndarray, np.ndarray]:
+        split = key[2]
         path = (self.cache_dir / f"run{key[0]}-node{key[1]}-{split}.npz") if self.cache_dir else None
         if path is not None and path.is_file():
             with np.load(path) as f:
@@ -549,7 +556,6 @@ class LoaderSource:
                 np.savez(tmp, x=x, y=y)
                 tmp.replace(path)
         log(INFO, "FOCAL: %s embeddings %s of node %d", split, x.shape, key[1])
-        self._memo[key] = (x, y)
         return x, y
 
 
