@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -103,7 +102,9 @@ class _Store:
 
     def __init__(self, region: Region) -> None:
         self.region = region
-        self.entries: OrderedDict[Hashable, tuple[Any, int | None]] = OrderedDict()
+        # a plain dict in use order (oldest first; a used entry is popped and re-inserted):
+        # OrderedDict compares a key more than once per lookup, and a key may be a 150 MB blob
+        self.entries: dict[Hashable, tuple[Any, int | None]] = {}
         self.override: float | None = None
         self.hits = self.misses = self.evictions = 0
 
@@ -147,10 +148,10 @@ class ProcessCache:
 
     @staticmethod
     def _lookup(store: _Store, key: Hashable) -> Any:
-        found = store.entries.get(key, _MISSING)
+        found = store.entries.pop(key, _MISSING)
         if found is _MISSING:
             return _MISSING
-        store.entries.move_to_end(key)
+        store.entries[key] = found
         store.hits += 1
         return found[0]
 
@@ -163,8 +164,8 @@ class ProcessCache:
             raise ValueError(f"cache region {region!r} is bounded by bytes: put() needs nbytes")
         limit = store.limit()
         with self._lock:
+            store.entries.pop(key, None)  # re-inserted last: the most recently used
             store.entries[key] = (value, None if nbytes is None else int(nbytes))
-            store.entries.move_to_end(key)
             self._evict(store, limit)
         return value
 
@@ -192,7 +193,7 @@ class ProcessCache:
         by_bytes = store.region.unit == "MiB"
         total = store.nbytes() if by_bytes else len(store.entries)
         while len(store.entries) > 1 and total > limit:
-            _, (_, n) = store.entries.popitem(last=False)
+            _, n = store.entries.pop(next(iter(store.entries)))
             total -= (n or 0) if by_bytes else 1
             store.evictions += 1
 
