@@ -201,7 +201,7 @@ class ProcessCache:
     def clear(self, region: str | None = None) -> None:
         """Forget every entry (and reset the counters) of ``region``, or of every region."""
         with self._lock:
-            for store in ([self._store(region)] if region else self._stores.values()):
+            for store in ([self._store(region)] if region is not None else self._stores.values()):
                 store.reset()
 
     def configure(self, region: str, limit: float | None) -> None:
