@@ -333,6 +333,14 @@ def settings_renderer(name: str) -> Callable[[str], str]:
     return render
 
 
+def render_cache_regions(current: str) -> str:
+    """Every region of :data:`flower_focal.cache.REGIONS`: name, bound, variable, what it holds."""
+    from flower_focal.cache import REGIONS
+
+    rows = [[f"`{r.name}`", f"{r.default:g} {r.unit}", f"`{r.env}`", r.holds] for r in REGIONS]
+    return md_table(["region", "default bound", "variable", "holds"], rows)
+
+
 # ------------------------------------------------------------------- run: example outputs
 def render_preflight_example() -> str | None:
     """What ``python -m simulations.run`` prints when the partition cannot be made: 400
@@ -373,6 +381,7 @@ TABLES: dict[str, Table] = {
     "settings-training": Table("code", settings_renderer("settings-training"), ("flower_focal/config.py",)),
     "settings-gpu": Table("code", settings_renderer("settings-gpu"), ("flower_focal/config.py",)),
     "preflight-example": Table("run", render_preflight_example, ("flower_focal/preflight.py",)),
+    "cache-regions": Table("code", render_cache_regions, ("flower_focal/cache.py",)),
     "server-sum": Table("results", render_server_sum, ("server_sum.json",)),
     "deployment": Table("results", render_deployment, ("deployment-before.json", "deployment.json")),
     "deployment-messages": Table("results", render_deployment_messages,

@@ -93,30 +93,34 @@ def test_cache_keyed_on_data_fields_only() -> None:
 def test_cache_keeps_every_institution_a_worker_serves_within_its_byte_budget(monkeypatch) -> None:
     """A Ray worker serving 10 institutions must not rebuild them every round (a count-bounded
     cache of 8 did); the bound is bytes, evicting least recently used, never the newest."""
-    from flower_focal.data.institution import CACHE_BUDGET_ENV, _institution, dataset_nbytes
+    from flower_focal.cache import CACHE
+    from flower_focal.data.institution import CACHE_BUDGET_ENV, dataset_nbytes
+
+    def builds() -> int:
+        return CACHE.stats("institutions")["misses"]
 
     cfg = SYNTH.replace(partitioner="iid", num_samples=200)
     first = [load_institution(cfg, k, 10) for k in range(10)]
     for _ in range(2):  # later rounds: every institution comes from the cache
         assert all(load_institution(cfg, k, 10) is first[k] for k in range(10))
-    assert _institution.builds == 10
+    assert builds() == 10
     one = dataset_nbytes(first[0].train) + dataset_nbytes(first[0].val)
     assert one >= 3 * 16 * 16 * 4 * first[0].n_train  # the cached float32 tiles are counted
 
     clear_caches()
     monkeypatch.setenv(CACHE_BUDGET_ENV, str(2.5 * one / 2**20))  # room for about two
     a = [load_institution(cfg, k, 10) for k in range(3)]
-    assert [k[1] for k in _institution.cached()] == [1, 2]  # 0 evicted (least recent)
+    assert [k[1] for k in CACHE.keys("institutions")] == [1, 2]  # 0 evicted (least recent)
     assert load_institution(cfg, 2, 10) is a[2]
-    assert load_institution(cfg, 0, 10) is not a[0] and _institution.builds == 4
+    assert load_institution(cfg, 0, 10) is not a[0] and builds() == 4
 
     monkeypatch.setenv(CACHE_BUDGET_ENV, "0")  # even no budget keeps the newest one
     b = load_institution(cfg, 5, 10)
-    assert [k[1] for k in _institution.cached()] == [5] and load_institution(cfg, 5, 10) is b
+    assert [k[1] for k in CACHE.keys("institutions")] == [5] and load_institution(cfg, 5, 10) is b
     monkeypatch.setenv(CACHE_BUDGET_ENV, "lots")
     with pytest.raises(ValueError, match=CACHE_BUDGET_ENV):
         load_institution(cfg, 6, 10)
-    assert _institution.builds == 5  # refused before building
+    assert builds() == 5  # refused before building
 
 
 def test_val_is_deterministic_train_augments() -> None:

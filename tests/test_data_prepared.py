@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+from flower_focal.cache import CACHE
 from flower_focal.config import RunConfig
 from flower_focal.data import IMAGE, LABEL, clear_caches, load_institution
 from flower_focal.data import prepared
-from flower_focal.data.institution import _institution
 
 from conftest import write_synthetic_npz
 
@@ -120,7 +120,7 @@ def test_off_stores_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setenv(prepared.STORE_ENV, "off")
     assert prepared.store_dir() is None
     load_institution(npz_cfg, 0, 2)
-    assert _institution.builds == 1
+    assert CACHE.stats("institutions")["misses"] == 1
     assert not list(tmp_path.rglob("institution-*.npz"))
 
 

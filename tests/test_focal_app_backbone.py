@@ -15,13 +15,15 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, Context, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from flower_focal.cache import CACHE
 from flower_focal.client.focal import (
     FrozenBackbone,
+    LoaderSource,
     backbone_fingerprint,
     register_focal,
 )
@@ -142,3 +144,20 @@ def test_institutions_with_different_backbones_stop_the_run_naming_them(key_dir)
         run_focal(key_dir, app, grid)
     assert f"institutions [{odd}]" in str(info.value)
     assert "FrozenBackbone(lambda: Net().features, seed=0)" in str(info.value)  # says what to do
+
+
+def test_loader_source_embeddings_live_in_the_process_cache_one_entry_set_per_source():
+    ctx = Context(run_id=1, node_id=5, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
+    a = LoaderSource(FrozenBackbone(lambda: Net().features, seed=0), lambda c: load_data(1))
+    b = LoaderSource(FrozenBackbone(lambda: Net().features, seed=1), lambda c: load_data(1))
+    CACHE.clear("embeddings")
+    xa = a(ctx, "train")
+    assert a(ctx, "train") is xa and CACHE.stats("embeddings")["hits"] == 1
+    xb = b(ctx, "train")  # same run, node and split, another source: its own entry
+    assert xb is not xa and not np.allclose(xa[0], xb[0])
+    assert CACHE.stats("embeddings")["bytes"] == sum(x.nbytes + y.nbytes for x, y in (xa, xb))
+    CACHE.clear("embeddings")  # dropped (budget, or a reset): computed again, identically
+    again = a(ctx, "train")
+    assert again is not xa
+    np.testing.assert_array_equal(again[0], xa[0])
+    np.testing.assert_array_equal(again[1], xa[1])

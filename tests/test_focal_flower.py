@@ -18,6 +18,7 @@ from sklearn.metrics import roc_auc_score
 from clients.client_app import app as client_app
 from flower_focal import wire
 from flower_focal.artifacts import decrypt_model, load_model
+from flower_focal.cache import CACHE
 from flower_focal.checkpoint import load_checkpoint, save_checkpoint
 from flower_focal.client.focal import site_embeddings, validation_metrics
 from flower_focal.client.handlers import site_from_context
@@ -146,9 +147,18 @@ def test_focal_matches_plaintext_twin_and_server_sees_only_ciphertext(
     assert isinstance(strategy, Focal) and not strategy.he_public.holds_secret_key
     assert not strategy.evaluator.holds_secret_key
 
+    for name in ("backbones", "embeddings", "key-holders"):
+        CACHE.clear(name)
     grid = _run(cfg)
     run_dir = Path(cfg.run_dir)
     assert not (run_dir / "model.pt").exists()  # the server only wrote model.he
+    # this process served the three institutions: one backbone, one key holder, each
+    # institution's train and val embeddings computed once and held in the process cache
+    stats = CACHE.stats()
+    assert (stats["backbones"]["entries"], stats["backbones"]["misses"]) == (1, 1)
+    assert (stats["key-holders"]["entries"], stats["key-holders"]["misses"]) == (1, 1)
+    assert (stats["embeddings"]["entries"], stats["embeddings"]["misses"]) == (6, 6)
+    assert stats["backbones"]["bytes"] > 10**6 and stats["embeddings"]["bytes"] > 0
     assert (run_dir / "model.he").is_file()
 
     # every Array that reached the server is a ciphertext envelope
@@ -176,6 +186,8 @@ def test_focal_matches_plaintext_twin_and_server_sees_only_ciphertext(
     assert [m.content[wire.CONFIG][wire.FOCAL_STEP] for m in fwd[::3]] == list(range(1, rounds * steps + 1))
 
     train, val = _institutions(grid, "train"), _institutions(grid, "val")
+    assert CACHE.stats("embeddings")["misses"] == 6  # read back from the cache
+    assert CACHE.stats("embeddings")["bytes"] == sum(i.x.nbytes + i.y.nbytes for i in train + val)
     k = int(json.loads((run_dir / "model.json").read_text())["num_classes"])
     weights = None
     if class_weights == "balanced":

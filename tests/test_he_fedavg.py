@@ -13,9 +13,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from clients.client_app import app as client_app
 from flower_focal import wire
 from flower_focal.artifacts import decrypt_model
-from flower_focal.client.he_mod import DECRYPTED, decrypt_record, encrypt_record
+from flower_focal.cache import CACHE
+from flower_focal.client.he_mod import decrypt_record, encrypt_record
 from flower_focal.config import RunConfig
-from flower_focal.crypto import Accumulator, PublicContext, SecretContext, keygen
+from flower_focal.crypto import Accumulator, CiphertextError, PublicContext, SecretContext, keygen
 from flower_focal.flatten import ArrayLayout
 from flower_focal.server import run_server
 from flower_focal.strategy import build_strategy
@@ -77,7 +78,7 @@ def test_fedprox_reaches_training_and_he_fedavg_equals_fedavg_with_it(tmp_path, 
 
 
 def test_institutions_and_server_report_the_seconds_they_spend_on_he(tmp_path, key_dir):
-    DECRYPTED.clear()
+    CACHE.clear("decrypted")
     _, enc = _run(tmp_path, "he-fedavg", key_dir)
     rounds = json.loads((enc / "metrics.json").read_text())["rounds"]
     assert len(rounds) == 3
@@ -238,20 +239,29 @@ def test_an_aggregate_is_decrypted_once_per_process_and_callers_get_independent_
     calls = []
     real = SecretContext.decrypt
     monkeypatch.setattr(SecretContext, "decrypt", lambda self, v: calls.append(1) or real(self, v))
-    DECRYPTED.clear()
+    CACHE.clear("decrypted")
     agg = aggregate(rec, [2.0, 1.0])
     first = decrypt_record(agg, he_secret, LAYOUT)
     first["w"].numpy()[...] = 0.0  # a handler that trains in place must not change the next caller's copy
     again = decrypt_record(agg, he_secret, LAYOUT)
-    assert len(calls) == 1 and (DECRYPTED.hits, DECRYPTED.misses) == (1, 1)
+    stats = CACHE.stats("decrypted")
+    assert len(calls) == 1 and (stats["hits"], stats["misses"], stats["entries"]) == (1, 1, 1)
     np.testing.assert_allclose(again["w"].numpy(), 2.0 * rec["w"].numpy(), atol=1e-6)
+    # The same key, [C, W], length and ends, one byte changed inside: decrypted (and refused),
+    # never served the cached model
+    tampered = bytearray(agg[wire.HE_CIPHERTEXT].data)
+    tampered[len(tampered) // 2] ^= 1
+    with pytest.raises(CiphertextError, match="checksum mismatch"):
+        decrypt_record(ArrayRecord({wire.HE_CIPHERTEXT: wire.he_array(bytes(tampered)),
+                                    wire.HE_WEIGHTS: agg[wire.HE_WEIGHTS]}), he_secret, LAYOUT)
+    assert len(calls) == 2 and CACHE.stats("decrypted")["hits"] == 1
     # Other weights, another ciphertext or another key: decrypted afresh, never served stale.
     np.testing.assert_allclose(decrypt_record(aggregate(rec, [1.0, 1.0]), he_secret, LAYOUT)["b"].numpy(),
                                rec["b"].numpy(), atol=1e-6)
     other_rec = _plain(rng)
     np.testing.assert_allclose(decrypt_record(aggregate(other_rec, [1.0, 1.0]), he_secret, LAYOUT)["w"].numpy(),
                                other_rec["w"].numpy(), atol=1e-6)
-    assert len(calls) == 3
+    assert len(calls) == 4
     with pytest.raises(Exception, match="(?i)key|fingerprint"):
         decrypt_record(agg, other, LAYOUT)
     with pytest.raises(ValueError, match="invalid weights"):

@@ -6,7 +6,7 @@ handlers ``(Message, Context) -> Message`` (registered in ``clients/client_app.p
 
 * :func:`embed` - embeddings of the institution's own training images with the configured
   frozen backbone (deterministic transforms; cached on disk under ``embedding-cache-dir``
-  and in this process); first (``focal-stats-only``) only their encrypted per-feature sums
+  and in this process's :data:`~flower_focal.cache.CACHE`); first (``focal-stats-only``) only their encrypted per-feature sums
   and sums of squares, then, given the server's encrypted totals, the embeddings standardised
   with the global mean / std it decrypts, encrypted; the institution asked for it also makes
   the initial encrypted head; with balanced class weights, its encrypted class counts; when
@@ -30,6 +30,7 @@ import hashlib
 import re
 import tempfile
 import threading
+import uuid
 from collections.abc import Callable
 from logging import INFO
 from pathlib import Path
@@ -48,6 +49,7 @@ from flwr.app import (
 from flwr.supercore import log
 
 from flower_focal import wire
+from flower_focal.cache import CACHE
 from flower_focal.client.he_mod import secret_context
 from flower_focal.crypto import CkksKeyHolder
 from flower_focal.focal import (
@@ -70,30 +72,31 @@ if TYPE_CHECKING:  # torch, MONAI: imported only where a message needs them (see
     from flower_focal.client.handlers import Site
     from flower_focal.models.backbones import Backbone
 
-_BACKBONES: dict[tuple[str, str, int, str, str], Backbone] = {}
-_EMBEDDINGS: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}
-_HOLDERS: dict[str, CkksKeyHolder] = {}
-
-
 def default_cache_dir() -> Path:
     """Where embeddings are cached when ``embedding-cache-dir`` is empty."""
     return Path(tempfile.gettempdir()) / "flower-focal-embeddings"
 
 
 def site_backbone(site: Site) -> Backbone:
-    """The run's frozen backbone (built once per process)."""
+    """The run's frozen backbone (built once per process: the ``backbones`` region of
+    :data:`~flower_focal.cache.CACHE`)."""
     from flower_focal.models.backbones import build_backbone
     from flower_focal.training import resolve_device
 
     cfg = site.cfg
     device = str(resolve_device(cfg.device))
     key = (cfg.backbone, cfg.backbone_weights, cfg.backbone_input_size, device, cfg.precision)
-    if key not in _BACKBONES:
-        _BACKBONES[key] = build_backbone(
-            cfg.backbone, weights_path=cfg.backbone_weights or None, device=device,
-            input_size=cfg.backbone_input_size or None, precision=cfg.precision,
-        )
-    return _BACKBONES[key]
+    return CACHE.get_or_build("backbones", key, lambda: build_backbone(
+        cfg.backbone, weights_path=cfg.backbone_weights or None, device=device,
+        input_size=cfg.backbone_input_size or None, precision=cfg.precision,
+    ), nbytes=_module_nbytes)
+
+
+def _module_nbytes(backbone: Backbone) -> int:
+    """Bytes of a backbone's parameters and buffers (what the ``backbones`` region reports)."""
+    module = backbone.module
+    return sum(t.element_size() * t.nelement()
+               for t in (*module.parameters(), *module.buffers()))
 
 
 def site_embeddings(site: Site, split: str, *, where: dict[str, str] | None = None
@@ -101,7 +104,9 @@ def site_embeddings(site: Site, split: str, *, where: dict[str, str] | None = No
     """``(X (n, d), y (n,))`` of this institution's ``"train"`` or ``"val"`` split.
 
     Computed once with the frozen backbone on deterministic transforms, cached on disk per
-    (backbone, data, partition, split) and in this process. ``where``, if given, receives
+    (backbone, data, partition, split) and in this process (the ``embeddings`` region of
+    :data:`~flower_focal.cache.CACHE`, bounded by ``FLOWER_FOCAL_EMBEDDING_CACHE_MB``; an
+    entry dropped from it is read again from disk). ``where``, if given, receives
     the cache file's path and key (``{"path": ..., "key": ...}``; empty for an empty split).
     """
     from flower_focal.data.institution import load_institution_train_eval
@@ -120,7 +125,8 @@ def site_embeddings(site: Site, split: str, *, where: dict[str, str] | None = No
                            num_partitions=site.num_partitions)
     cache_dir = Path(cfg.embedding_cache_dir) if cfg.embedding_cache_dir else default_cache_dir()
     memo = (str(cache_dir), repr(sorted(backbone.identity.items())), repr(sorted(parts.items())))
-    if memo not in _EMBEDDINGS:
+
+    def build() -> tuple[np.ndarray, np.ndarray]:
         dataset = (load_institution_train_eval(cfg, site.partition_id, site.num_partitions)
                    if split == "train" else site.data.val)
         if len(dataset) == 0:  # type: ignore[arg-type]
@@ -129,10 +135,11 @@ def site_embeddings(site: Site, split: str, *, where: dict[str, str] | None = No
             x, y = cached_embeddings(backbone, dataset, cache_dir, parts, batch_size=None,
                                      device=backbone.device,
                                      num_workers=None if cfg.num_workers < 0 else cfg.num_workers)
-        _EMBEDDINGS[memo] = (x, y)
         log(INFO, "institution %d: %s embeddings %s with %s", site.partition_id, split,
             x.shape, backbone.name)
-    x, y = _EMBEDDINGS[memo]
+        return x, y
+
+    x, y = CACHE.get_or_build("embeddings", memo, build, nbytes=lambda xy: xy[0].nbytes + xy[1].nbytes)
     if where is not None and len(y):
         full = {**parts, "n_items": len(y)}
         where.update(path=str(cache_path(backbone, cache_dir, full)), key=cache_key(backbone, full))
@@ -148,9 +155,7 @@ def _holder(context: Context, config: ConfigRecord) -> CkksKeyHolder:
             f"this institution's HE key set differs from the server's (fingerprint {fp} != "
             f"{config[wire.HE_FINGERPRINT]}); use the same `flower-focal keygen --preset focal` output"
         )
-    if fp not in _HOLDERS:
-        _HOLDERS[fp] = CkksKeyHolder(secret)
-    return _HOLDERS[fp]
+    return CACHE.get_or_build("key-holders", fp, lambda: CkksKeyHolder(secret))
 
 
 def _checked_labels(y: np.ndarray, num_classes: int, split: str) -> np.ndarray:
@@ -505,8 +510,10 @@ class LoaderSource:
 
     ``data(context) -> (train_loader, val_loader)`` is the app's own loading (its node config,
     its run-config keys). Embeddings are computed once per (run, node, split) in this process
+    (the ``embeddings`` region of :data:`~flower_focal.cache.CACHE`, keyed also by this source)
     and, with ``cache_dir``, kept on the institution's disk for later messages (a deployed
-    SuperNode starts a fresh process per message).
+    SuperNode starts a fresh process per message, and an entry the cache drops is read again
+    from there; without ``cache_dir`` it is computed again).
     """
 
     def __init__(self, backbone: Callable[[Any], Any], data: Callable[[Context], tuple[Any, Any]],
@@ -515,7 +522,7 @@ class LoaderSource:
         self.data = data
         self.device = device
         self.cache_dir = Path(cache_dir) if cache_dir else None
-        self._memo: dict[tuple[int, int, str], tuple[np.ndarray, np.ndarray]] = {}
+        self._token = uuid.uuid4().hex  # this source's part of its cache keys (kept by pickling)
         self._fingerprint: str | None = None
 
     def fingerprint(self, context: Context) -> str | None:
@@ -526,8 +533,12 @@ class LoaderSource:
 
     def __call__(self, context: Context, split: str) -> tuple[np.ndarray, np.ndarray]:
         key = (int(context.run_id), int(context.node_id), split)
-        if key in self._memo:
-            return self._memo[key]
+        return CACHE.get_or_build("embeddings", ("loader-source", self._token, *key),
+                                  lambda: self._embed(context, key),
+                                  nbytes=lambda xy: xy[0].nbytes + xy[1].nbytes)
+
+    def _embed(self, context: Context, key: tuple[int, int, str]) -> tuple[np.ndarray, np.ndarray]:
+        split = key[2]
         path = (self.cache_dir / f"run{key[0]}-node{key[1]}-{split}.npz") if self.cache_dir else None
         if path is not None and path.is_file():
             with np.load(path) as f:
@@ -545,7 +556,6 @@ class LoaderSource:
                 np.savez(tmp, x=x, y=y)
                 tmp.replace(path)
         log(INFO, "FOCAL: %s embeddings %s of node %d", split, x.shape, key[1])
-        self._memo[key] = (x, y)
         return x, y
 
 

@@ -29,9 +29,7 @@ and the mod encrypts the held update weighted by ``n_i / C``. Range guarantees a
 
 from __future__ import annotations
 
-import functools
 import secrets
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -39,14 +37,16 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.clientapp.typing import ClientAppCallable
 
 from flower_focal import wire
+from flower_focal.cache import CACHE, ExactBytes
 from flower_focal.crypto import PRESETS, SECRET_FILE, SecretContext
 from flower_focal.timing import Stopwatch
 from flower_focal.flatten import ArrayLayout
 
 
-@functools.lru_cache(maxsize=4)
 def _load_secret(path: str, mtime: float) -> SecretContext:
-    return SecretContext.load(path)
+    """The secret context in ``path``, loaded once per (path, mtime) in this process (the
+    ``secret-keys`` region of :data:`~flower_focal.cache.CACHE`)."""
+    return CACHE.get_or_build("secret-keys", (path, mtime), lambda: SecretContext.load(path))
 
 
 def secret_context(context: Context) -> SecretContext:
@@ -90,61 +90,44 @@ def is_encrypted(record: ArrayRecord) -> bool:
     return arr is not None and arr.stype == wire.HE_STYPE
 
 
-class _DecryptCache:
-    """The last decrypted aggregate of this process, keyed by a digest of what was decrypted.
+def _decrypted(record: ArrayRecord, he_secret: SecretContext) -> np.ndarray:
+    """The rescaled plaintext of an encrypted aggregate, decrypted at most once per process.
 
     Within a round every institution receives the same encrypted aggregate twice (evaluate
     of round ``r``, then train of round ``r + 1``), and in a simulation one worker process
     serves many institutions that hold the same key: decrypting once per process and round
-    is enough. A hit needs the same key fingerprint, the same ``[C, W]`` and byte-for-byte the
-    same ciphertext (compared exactly, at memory speed: no hash whose collisions could serve a
-    stale model, and cheaper than hashing 150 MB per message at 11 M parameters), so a
-    different aggregate or key never hits; the cached vector is read-only and every caller
-    gets freshly built arrays. One entry is kept: the plaintext global model (which this
-    process decrypts anyway) and a reference to the ciphertext bytes it came from.
+    is enough. The ``decrypted`` region of :data:`~flower_focal.cache.CACHE` keeps it (by
+    default the latest aggregate only). A hit needs the same key fingerprint, the same
+    ``[C, W]`` and byte-for-byte the same ciphertext (:class:`~flower_focal.cache.ExactBytes`:
+    compared exactly, at memory speed; no hash whose collisions could serve a stale model, and
+    cheaper than hashing 150 MB per message at 11 M parameters), so a different aggregate or
+    key never hits; the cached vector is read-only and every caller gets freshly built arrays.
+    An entry holds the plaintext global model (which this process decrypts anyway) and a
+    reference to the ciphertext bytes it came from; both are counted against the budget.
     """
+    blob = bytes(record[wire.HE_CIPHERTEXT].data)  # Array.data is bytes: no copy
+    weights = record[wire.HE_WEIGHTS].numpy()
+    key = (he_secret.fingerprint, np.ascontiguousarray(weights, dtype=np.float64).tobytes(),
+           ExactBytes(blob))
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._key: tuple[bytes, bytes, bytes] | None = None  # fingerprint, [C, W], ciphertext
-        self._flat: np.ndarray | None = None
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, record: ArrayRecord, he_secret: SecretContext) -> np.ndarray:
-        blob = bytes(record[wire.HE_CIPHERTEXT].data)  # Array.data is bytes: no copy
-        weights = record[wire.HE_WEIGHTS].numpy()
-        key = (he_secret.fingerprint, np.ascontiguousarray(weights, dtype=np.float64).tobytes(), blob)
-        with self._lock:
-            if key == self._key and self._flat is not None:  # tuple ==: exact byte comparison
-                self.hits += 1
-                return self._flat
+    def build() -> np.ndarray:
         norm, total = (float(x) for x in weights)
         if not (np.isfinite(total) and total > 0 and np.isfinite(norm) and norm > 0):
             raise ValueError(f"encrypted aggregate carries invalid weights [C, W] = [{norm}, {total}]")
         flat = he_secret.decrypt(blob)
         flat *= norm / total  # in place: decrypt returned a fresh array
         flat.setflags(write=False)
-        with self._lock:
-            self._key, self._flat = key, flat
-            self.misses += 1
         return flat
 
-    def clear(self) -> None:
-        with self._lock:
-            self._key, self._flat = None, None
-            self.hits = self.misses = 0
-
-
-DECRYPTED = _DecryptCache()
+    return CACHE.get_or_build("decrypted", key, build, nbytes=lambda flat: flat.nbytes + len(blob))
 
 
 def decrypt_record(record: ArrayRecord, he_secret: SecretContext, layout: ArrayLayout) -> ArrayRecord:
     """Plaintext global model from an encrypted aggregate (``C/W`` rescaling applied).
 
-    Decrypts at most once per distinct aggregate in this process (see :class:`_DecryptCache`).
+    Decrypts at most once per distinct aggregate in this process (see :func:`_decrypted`).
     """
-    return layout.unflatten(DECRYPTED.get(record, he_secret))
+    return layout.unflatten(_decrypted(record, he_secret))
 
 
 def encrypt_record(

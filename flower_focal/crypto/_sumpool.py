@@ -36,7 +36,7 @@ from typing import Any
 
 from flower_focal.crypto._scratch import scratch_base
 from flower_focal.crypto.envelope import check_chunk_crc
-from flower_focal.crypto.errors import CiphertextError
+from flower_focal.crypto.errors import ChunkChecksumError, CiphertextError
 
 #: (offset in the upload file, byte size, CRC-32, number of values) of one chunk
 Task = tuple[int, int, int, int]
@@ -125,8 +125,10 @@ def _add_range(
             for j in range(done):
                 backend.sub_inplace(total[j], load(j, tasks[j]))
         i = start + done
-        if isinstance(exc, CiphertextError):
-            msg = str(exc) if "checksum mismatch" in str(exc) else f"chunk {i}: {exc}"
+        if isinstance(exc, ChunkChecksumError):  # names its chunk already
+            msg = str(exc)
+        elif isinstance(exc, CiphertextError):
+            msg = f"chunk {i}: {exc}"
         else:
             msg = f"chunk {i} could not be added: {exc}"
         return ([] if first else total), (i, msg)

@@ -32,7 +32,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from flower_focal.crypto.errors import CiphertextError
+from flower_focal.crypto.errors import ChunkChecksumError, CiphertextError
 from flower_focal.crypto.params import ALL_PRESETS, HEPreset
 
 MAGIC = b"FFHE"
@@ -247,9 +247,10 @@ class EnvelopeLayout:
 
 
 def check_chunk_crc(index: int, chunk: bytes | memoryview, crc: int) -> None:
-    """Raise :class:`CiphertextError` unless ``chunk``'s CRC-32 is ``crc``."""
+    """Raise :class:`~flower_focal.crypto.errors.ChunkChecksumError` (a
+    :class:`CiphertextError`) unless ``chunk``'s CRC-32 is ``crc``."""
     if zlib.crc32(chunk) != crc:
-        raise CiphertextError(f"chunk {index} checksum mismatch (corrupted ciphertext)")
+        raise ChunkChecksumError(f"chunk {index} checksum mismatch (corrupted ciphertext)")
 
 
 def check_fingerprint(got: bytes, expected: bytes) -> None:

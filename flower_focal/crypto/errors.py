@@ -10,3 +10,8 @@ class CiphertextError(ValueError):
     wraps SEAL/TenSEAL load errors. A subclass of :class:`ValueError`, so callers that
     already reject bad input with ``except ValueError`` keep working.
     """
+
+
+class ChunkChecksumError(CiphertextError):
+    """One chunk of a ciphertext envelope does not match the CRC-32 its header announces
+    (the message names the chunk). A :class:`CiphertextError`."""

@@ -3,8 +3,10 @@
 This module owns the glue: source (:mod:`.sources`) -> partition (:mod:`.partition`) ->
 :class:`~flower_focal.data.loader.ImageTensorDataset` built with the transforms of
 :mod:`.transforms` (what a MONAI ``CacheDataset`` caches, as one tensor). Results are cached per
-process (Flower calls a client many times per process), keyed by the data fields of the
-:class:`~flower_focal.config.RunConfig` only, so changing e.g. ``lr`` reuses the cache.
+process (Flower calls a client many times per process) in the ``sources``, ``partitions``,
+``institutions`` and ``splits`` regions of :data:`flower_focal.cache.CACHE`, keyed by the data
+fields of the :class:`~flower_focal.config.RunConfig` only, so changing e.g. ``lr`` reuses the
+cache.
 
 Callers use :func:`load_institution` (client), :func:`load_split` (central evaluation) and
 :func:`describe_partitions` (logging; loads no image).
@@ -14,15 +16,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import threading
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from torch.utils.data import Dataset
 
+from flower_focal.cache import CACHE, region
 from flower_focal.config import RunConfig
 from flower_focal.data import prepared
 from flower_focal.data.fields import IMAGE
@@ -42,21 +42,22 @@ def _data_config(cfg: RunConfig) -> RunConfig:
     return RunConfig(**{name: getattr(cfg, name) for name in DATA_FIELDS})
 
 
-@functools.lru_cache(maxsize=4)
 def _source(key: RunConfig) -> SourceData:
-    return load_source(key)
+    return CACHE.get_or_build("sources", key, lambda: load_source(key))
 
 
-@functools.lru_cache(maxsize=16)
 def _partitions(
     key: RunConfig, num_partitions: int
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    src = _source(key)
-    return partition_train_val(
-        src.labels("train"), src.labels("val"), num_partitions, key.partitioner, key.seed,
-        alpha=key.dirichlet_alpha, train_sites=src.sites("train"),
-        val_sites=src.sites("val"), min_size=key.min_partition_size,
-    )
+    def build() -> tuple[list[np.ndarray], list[np.ndarray]]:
+        src = _source(key)
+        return partition_train_val(
+            src.labels("train"), src.labels("val"), num_partitions, key.partitioner, key.seed,
+            alpha=key.dirichlet_alpha, train_sites=src.sites("train"),
+            val_sites=src.sites("val"), min_size=key.min_partition_size,
+        )
+
+    return CACHE.get_or_build("partitions", (key, num_partitions), build, nbytes=_nbytes)
 
 
 def _check_partition(partition_id: int, num_partitions: int) -> None:
@@ -123,9 +124,10 @@ def _histograms(src: SourceData, tr: np.ndarray, va: np.ndarray) -> tuple[list[i
             histogram(src.labels("val")[va], src.num_classes))
 
 
-CACHE_BUDGET_ENV = "FLOWER_FOCAL_DATA_CACHE_MB"
-"""Environment variable: per-process budget (MiB) of cached institution datasets."""
-DEFAULT_CACHE_BUDGET_MB = 2048
+CACHE_BUDGET_ENV = region("institutions").env
+"""Environment variable (``FLOWER_FOCAL_DATA_CACHE_MB``): per-process budget (MiB) of cached
+institution datasets (the ``institutions`` region of :data:`flower_focal.cache.CACHE`)."""
+DEFAULT_CACHE_BUDGET_MB = region("institutions").default
 
 
 def _nbytes(value: Any) -> int:
@@ -144,61 +146,6 @@ def dataset_nbytes(ds: Dataset) -> int:
     if isinstance(ds, ImageTensorDataset):
         return ds.nbytes
     return _nbytes(getattr(ds, "_cache", None) or [])
-
-
-class _InstitutionCache:
-    """Per-process LRU of built institutions, bounded by the bytes their caches hold.
-
-    A simulation worker serves whichever institutions the engine hands it, round after
-    round; a cache bounded by a count smaller than that rebuilds (re-reads, re-transforms)
-    institutions every round, and one bounded by a count alone can exhaust memory on large
-    images. The budget is ``FLOWER_FOCAL_DATA_CACHE_MB`` (default 2048) per process; the
-    institution just built is always kept.
-    """
-
-    def __init__(self, build: Callable[..., InstitutionData]) -> None:
-        self._build = build
-        self._lock = threading.Lock()
-        self._entries: OrderedDict[tuple, tuple[InstitutionData, int]] = OrderedDict()
-        self.builds = 0
-
-    @staticmethod
-    def budget_bytes() -> int:
-        raw = os.environ.get(CACHE_BUDGET_ENV, "")
-        try:
-            mb = float(raw) if raw else DEFAULT_CACHE_BUDGET_MB
-        except ValueError:
-            raise ValueError(f"{CACHE_BUDGET_ENV}={raw!r} is not a number of MiB") from None
-        return int(max(mb, 0.0) * 2**20)
-
-    def __call__(self, key: RunConfig, partition_id: int, num_partitions: int,
-                 **build_options: Any) -> InstitutionData:
-        k = (key, partition_id, num_partitions)
-        with self._lock:
-            if k in self._entries:
-                self._entries.move_to_end(k)
-                return self._entries[k][0]
-        budget = self.budget_bytes()  # a malformed budget fails before any image is loaded
-        inst = self._build(key, partition_id, num_partitions, **build_options)
-        size = dataset_nbytes(inst.train) + dataset_nbytes(inst.val)
-        with self._lock:
-            self.builds += 1
-            self._entries[k] = (inst, size)
-            self._entries.move_to_end(k)
-            total = sum(n for _, n in self._entries.values())
-            while total > budget and len(self._entries) > 1:
-                _, (_, n) = self._entries.popitem(last=False)
-                total -= n
-        return inst
-
-    def cached(self) -> list[tuple]:
-        with self._lock:
-            return list(self._entries)
-
-    def cache_clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self.builds = 0
 
 
 def _train_transforms(key: RunConfig, src: SourceData, partition_id: int) -> dict[str, Any]:
@@ -268,19 +215,23 @@ def _build_institution(key: RunConfig, partition_id: int, num_partitions: int, *
     return inst
 
 
-_institution = _InstitutionCache(_build_institution)
-
-
 def load_institution(cfg: RunConfig, partition_id: int, num_partitions: int) -> InstitutionData:
     """Return institution ``partition_id`` of ``num_partitions`` (cached per process, within
-    the ``FLOWER_FOCAL_DATA_CACHE_MB`` budget; see :class:`_InstitutionCache`).
+    the ``FLOWER_FOCAL_DATA_CACHE_MB`` budget: the ``institutions`` region of
+    :data:`flower_focal.cache.CACHE`, least recently used dropped first, the newest always kept;
+    a simulation worker serves whichever institutions the engine hands it, round after round,
+    and a bound by count could either rebuild them every round or exhaust memory on large
+    images).
 
     Raises ``ValueError`` / ``FileNotFoundError`` for bad data, an impossible partition or
     an out-of-range ``partition_id``.
     """
     _check_partition(partition_id, num_partitions)
-    return _institution(_data_config(cfg), partition_id, num_partitions,
-                        num_workers=cfg.num_workers)
+    key = _data_config(cfg)
+    return CACHE.get_or_build(
+        "institutions", (key, partition_id, num_partitions),
+        lambda: _build_institution(key, partition_id, num_partitions, num_workers=cfg.num_workers),
+        nbytes=lambda inst: dataset_nbytes(inst.train) + dataset_nbytes(inst.val))
 
 
 def load_institution_train_eval(cfg: RunConfig, partition_id: int, num_partitions: int) -> Dataset:
@@ -302,16 +253,18 @@ def load_institution_train_eval(cfg: RunConfig, partition_id: int, num_partition
                         src.from_files, **_dataset_options(key, src, cfg.num_workers))
 
 
-@functools.lru_cache(maxsize=4)
 def _split(key: RunConfig, role: str, num_workers: int) -> Dataset:
-    from flower_focal.data.transforms import build_transforms
+    def build() -> Dataset:
+        from flower_focal.data.transforms import build_transforms
 
-    src = _source(key)
-    items = src.train if role == "train" else src.val
-    transform = build_transforms(key.image_size, False, src.from_files,
-                                 synthetic_items=src.synthetic, in_channels=src.in_channels)
-    return make_dataset(items, transform, src.from_files,
-                        **_dataset_options(key, src, num_workers))
+        src = _source(key)
+        items = src.train if role == "train" else src.val
+        transform = build_transforms(key.image_size, False, src.from_files,
+                                     synthetic_items=src.synthetic, in_channels=src.in_channels)
+        return make_dataset(items, transform, src.from_files,
+                            **_dataset_options(key, src, num_workers))
+
+    return CACHE.get_or_build("splits", (key, role, num_workers), build, nbytes=dataset_nbytes)
 
 
 def load_split(cfg: RunConfig, split: str) -> Dataset:
@@ -357,12 +310,14 @@ def describe_partitions(cfg: RunConfig, num_partitions: int) -> list[dict[str, A
     return out
 
 
+DATA_REGIONS = ("npz", "sources", "partitions", "institutions", "splits")
+"""The regions of :data:`flower_focal.cache.CACHE` that hold data (what :func:`clear_caches` forgets)."""
+
+
 def clear_caches() -> None:
     """Forget every cached source, partition and dataset of this process (tests, notebooks)."""
-    from flower_focal.data.sources import _read_npz  # noqa: PLC0415
-
-    for fn in (_source, _partitions, _institution, _split, _read_npz):
-        fn.cache_clear()
+    for name in DATA_REGIONS:
+        CACHE.clear(name)
 
 
 __all__ = [

@@ -14,7 +14,6 @@ Every malformed input raises ``ValueError`` / ``FileNotFoundError`` naming the f
 from __future__ import annotations
 
 import csv
-import functools
 import logging
 import os
 import re
@@ -25,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from flower_focal.cache import CACHE
 from flower_focal.config import RunConfig
 from flower_focal.data import synthetic
 from flower_focal.data.fields import IMAGE, LABEL, SITE
@@ -200,10 +200,14 @@ def _split_and_carve(
 # ------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=4)
 def _read_npz(path: str, mtime_ns: int) -> dict[str, np.ndarray]:
-    """Load every array of an ``.npz`` into memory; cached per (absolute path, mtime)."""
-    del mtime_ns  # part of the cache key only: a rewritten file is read again
+    """Load every array of an ``.npz`` into memory; cached per (absolute path, mtime) in the
+    ``npz`` region of :data:`flower_focal.cache.CACHE` (a rewritten file is read again)."""
+    return CACHE.get_or_build("npz", (path, mtime_ns), lambda: _load_npz(path),
+                              nbytes=lambda arrays: sum(a.nbytes for a in arrays.values()))
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
