@@ -79,7 +79,6 @@ from flower_focal.focal import (
     server_sum,
 )
 from flower_focal.focal.errors import FocalDiverged, InstitutionUploadError
-from flower_focal.history import metric_dict, reply_bytes
 from flower_focal.strategy.fedavg import FedAvg
 from flower_focal.strategy.roster import OrderedGrid, seeded_random
 from flower_focal.timing import Stopwatch
@@ -329,7 +328,6 @@ class Focal(FedAvg):
         if not nodes:
             raise RuntimeError("focal: no institution is known; nothing to train on")
         resumed = wire.FOCAL_HEAD in arrays and arrays[wire.FOCAL_HEAD].stype == wire.HE_STYPE
-        record = self.history.round(server_round)
         if self.standardize:
             self._collect_moments(server_round, nodes, num_classes, grid)
         messages = []
@@ -344,13 +342,13 @@ class Focal(FedAvg):
                 content[wire.ARRAYS] = ArrayRecord({wire.FOCAL_MOMENTS: he_array(self._moments)})
             messages.append(Message(content, dst_node_id=node, message_type=wire.ACTION_EMBED))
         replies = self.roster.sort_replies(
-            grid.send_and_receive(self._count_sent(server_round, messages), timeout=self.exchange_timeout))
+            grid.send_and_receive(self.recorder.count_sent(server_round, messages), timeout=self.exchange_timeout))
         ok: list[tuple[int, int, RecordDict]] = []
         for reply in replies:
             pid = self.roster.label_of(reply.metadata.src_node_id)
-            record.bytes_up += reply_bytes(reply)
+            self.recorder.count_received(server_round, [reply])
             if reply.has_error():
-                record.failures.append(f"embed institution {pid}: {reply.error.reason}")
+                self.recorder.failure(server_round, f"embed institution {pid}: {reply.error.reason}")
                 log(WARNING, "focal: institution %d failed to upload embeddings: %s", pid, reply.error.reason)
                 continue
             ok.append((reply.metadata.src_node_id, pid, reply.content))
@@ -379,12 +377,12 @@ class Focal(FedAvg):
                 if self.class_weights == "balanced":
                     counts.append(he_bytes(content[wire.ARRAYS], wire.FOCAL_CLASS_COUNTS))
             except (CiphertextError, ValueError, KeyError) as exc:
-                record.failures.append(f"embed institution {pid}: rejected ({exc})")
+                self.recorder.failure(server_round, f"embed institution {pid}: rejected ({exc})")
                 log(WARNING, "focal: rejected the embeddings of institution %d: %s", pid, exc)
                 continue
             self._members[node] = name
             self._n_total += int(content[wire.METRICS][wire.NUM_EXAMPLES])
-            self._add_validation(pid, name, content, record)
+            self._add_validation(server_round, pid, name, content)
         if not self._members:
             raise RuntimeError("focal: no institution uploaded usable embeddings")
         if counts:
@@ -392,7 +390,7 @@ class Focal(FedAvg):
         self._step = (server_round - 1) * self.steps_per_round  # continues after a resume
         base = derived_step(self.layout, self.step_scale) if self.lr is None else self.lr
         self.guard = LossGuard(lr=base, setting="focal-step-scale" if self.lr is None else "lr")
-        saved = self.history.info.get("focal_guard_state") if resumed else None
+        saved = self.recorder.info.get("focal_guard_state") if resumed else None
         if saved:  # a resumed run continues with the step, reference losses of the killed one;
             for name in ("lr", "first", "prev", "backoffs", "restarts"):
                 setattr(self.guard, name, saved[name])
@@ -402,14 +400,13 @@ class Focal(FedAvg):
             self.guard.resume()  # the checkpointed head is the rollback point (server_setup's snapshot)
         # updates already in the checkpointed head (a checkpoint without the count: assume some)
         self._standing = int(saved.get("standing", 1)) if saved else int(resumed)
-        self.history.info["model_parameters"] = self.layout.d1 * num_classes  # the head W
+        self.recorder.info["model_parameters"] = self.layout.d1 * num_classes  # the head W
         log(INFO, "focal: %d institutions, N=%d samples, layout d=%d K=%d block %d%s",
             len(self._members), self._n_total, dim, num_classes, self.block,
             ", head restored from the checkpoint" if resumed else "")
 
     def _collect_moments(self, server_round: int, nodes: list[int], num_classes: int, grid: Grid) -> None:
         """The statistics exchange: add every institution's encrypted feature moments."""
-        record = self.history.round(server_round)
         messages = []
         for node in nodes:
             config = self._base_config(server_round)
@@ -418,20 +415,20 @@ class Focal(FedAvg):
             messages.append(Message(RecordDict({wire.CONFIG: config}), dst_node_id=node,
                                     message_type=wire.ACTION_EMBED))
         replies = self.roster.sort_replies(
-            grid.send_and_receive(self._count_sent(server_round, messages), timeout=self.exchange_timeout))
+            grid.send_and_receive(self.recorder.count_sent(server_round, messages), timeout=self.exchange_timeout))
         blobs, n, dims = [], 0, set()
         for reply in replies:
             pid = self.roster.label_of(reply.metadata.src_node_id)
-            record.bytes_up += reply_bytes(reply)
+            self.recorder.count_received(server_round, [reply])
             if reply.has_error():
-                record.failures.append(f"statistics institution {pid}: {reply.error.reason}")
+                self.recorder.failure(server_round, f"statistics institution {pid}: {reply.error.reason}")
                 continue
             try:
                 blobs.append(he_bytes(reply.content[wire.ARRAYS], wire.FOCAL_MOMENTS))
                 n += int(reply.content[wire.METRICS][wire.NUM_EXAMPLES])
                 dims.add(int(reply.content[wire.METRICS][wire.EMBED_DIM]))
             except (KeyError, ValueError) as exc:
-                record.failures.append(f"statistics institution {pid}: rejected ({exc})")
+                self.recorder.failure(server_round, f"statistics institution {pid}: rejected ({exc})")
         if not blobs or len(dims) != 1:
             raise RuntimeError(f"focal: no usable feature statistics from the institutions (dimensions "
                                f"{sorted(dims)}; see their ClientApp logs)")
@@ -483,7 +480,7 @@ class Focal(FedAvg):
                 arrays[wire.FOCAL_CLASS_COUNTS] = he_array(self._class_counts)
             messages.append(Message(RecordDict({wire.ARRAYS: arrays, wire.CONFIG: config}),
                                     dst_node_id=node, message_type=wire.ACTION_FOCAL))
-        return self._count_sent(server_round, messages)
+        return self.recorder.count_sent(server_round, messages)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -492,7 +489,7 @@ class Focal(FedAvg):
         self.roster.refresh(grid)
         self._grid = grid
         if wire.FOCAL_HEAD in arrays:
-            self._global = arrays  # the encrypted head as the server holds it (checkpoints)
+            self.recorder.hold(arrays)  # the encrypted head as the server holds it (checkpoints)
         if self._server is None:
             self._setup(server_round, arrays, grid)
         return self._step_messages(server_round, grid)
@@ -502,7 +499,6 @@ class Focal(FedAvg):
         server = self._server
         if server is None:
             raise RuntimeError("focal: the server state is not set up")
-        record = self.history.round(server_round)
         errors: dict[str, bytes] = {}
         contents: dict[str, RecordDict] = {}
         pids: dict[str, int] = {}
@@ -514,7 +510,7 @@ class Focal(FedAvg):
                                              if not r.has_error() and r.metadata.src_node_id in self._members])
             self._restore()
             message = self.guard.log_line()
-            self.history.info.setdefault("focal_guard", []).append(f"step {self._step}: {message}")
+            self.recorder.info.setdefault("focal_guard", []).append(f"step {self._step}: {message}")
             log(WARNING, "focal round %d step %d: %s", server_round, self._step, message)
             self._save_guard_state()
             self._rolled_back = True
@@ -531,13 +527,12 @@ class Focal(FedAvg):
                 errors[name] = he_bytes(reply.content[wire.ARRAYS], wire.FOCAL_ERROR)
                 contents[name], pids[name] = reply.content, pid
             except (ValueError, KeyError) as exc:
-                record.failures.append(f"train institution {pid}: rejected ({exc})")
-                record.train_institutions.pop(pid, None)
+                self.recorder.reject(server_round, pid, f"rejected ({exc})")
         if errors and self.guard_on and self.guard is not None:
             if not self.guard.accept(self._mean_loss(contents), list(errors)):
                 self._restore()  # the loss rose: no update; halved step, momentum restarts
                 message = self.guard.log_line()
-                self.history.info.setdefault("focal_guard", []).append(f"step {self._step}: {message}")
+                self.recorder.info.setdefault("focal_guard", []).append(f"step {self._step}: {message}")
                 log(WARNING, "focal round %d step %d: %s", server_round, self._step, message)
                 self._save_guard_state()
                 self._rolled_back = True
@@ -546,7 +541,7 @@ class Focal(FedAvg):
             self._pending = False  # the last update stands: its loss was accepted
         while errors:
             if len(errors) < self.min_train_replies:
-                self._enough_replies(server_round, len(errors))  # records why
+                self.recorder.enough_replies(server_round, len(errors), self.min_train_replies)  # records why
                 return []
             try:
                 server_backward_update(server, errors)
@@ -561,8 +556,7 @@ class Focal(FedAvg):
                 for name in bad:
                     errors.pop(name)
                     contents.pop(name)
-                    record.failures.append(f"train institution {pids[name]}: rejected ({exc})")
-                    record.train_institutions.pop(pids[name], None)
+                    self.recorder.reject(server_round, pids[name], f"rejected ({exc})")
         self._save_guard_state()
         log(INFO, "focal round %d step %d: updated the head with %d of %d institutions",
             server_round, self._step, len(errors), len(self._members))
@@ -572,7 +566,7 @@ class Focal(FedAvg):
         """The guard's state in ``metrics.json`` (a resumed run restores it)."""
         g = self.guard
         if g is not None:
-            self.history.info["focal_guard_state"] = {
+            self.recorder.info["focal_guard_state"] = {
                 "lr": g.lr, "first": g.first, "prev": g.prev, "backoffs": g.backoffs,
                 "restarts": g.restarts, "members": list(g.members) if g.members else None,
                 "first_members": list(g.first_members) if g.first_members else None,
@@ -602,7 +596,7 @@ class Focal(FedAvg):
         """
         super().require_progress(num_rounds)
         if num_rounds <= 0:  # a resumed run with nothing left: its checkpoint must hold a trained head
-            saved = (self.history.info.get("focal_guard_state") or {}).get("standing")
+            saved = (self.recorder.info.get("focal_guard_state") or {}).get("standing")
             if saved == 0:
                 raise FocalDiverged(
                     "focal: the resumed checkpoint holds no head update that stands (that run "
@@ -612,7 +606,7 @@ class Focal(FedAvg):
         if self.layout is None or self._standing > 0:
             return
         guard = self.guard
-        lines = self.history.info.get("focal_guard", [])
+        lines = self.recorder.info.get("focal_guard", [])
         raise FocalDiverged(
             f"focal: every head update of this run was rolled back ({self._applied} applied, none "
             "stands): the institutions' decrypted training loss rose after each, so the head is "
@@ -644,13 +638,13 @@ class Focal(FedAvg):
             return
         over = any(wire.FOCAL_OVERFLOW in c[wire.METRICS] for c in contents.values())
         loss = float("inf") if over else self._mean_loss(contents)
-        self.history.info["final_train_loss"] = loss
+        self.recorder.info["final_train_loss"] = loss
         if not self.guard.final_ok(loss, list(contents)):
             self._restore()
-            self.history.info["final_train_loss"] = self.guard.prev
+            self.recorder.info["final_train_loss"] = self.guard.prev
             message = (f"the last update raised the training loss to {loss:.4g}: the head before it "
                        "is kept")
-            self.history.info.setdefault("focal_guard", []).append(message)
+            self.recorder.info.setdefault("focal_guard", []).append(message)
             log(WARNING, "focal: %s", message)
         else:
             self._pending = False  # the last update stands
@@ -661,7 +655,7 @@ class Focal(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Sum the encrypted errors and update W; run the round's extra steps, if any."""
         replies = self.roster.sort_replies(replies)
-        self._record_replies(server_round, replies, phase="train")
+        self.recorder.record_replies(server_round, replies, phase="train")
         self._rolled_back = False
         accepted = self._update(server_round, replies)
         for _ in range(1, self.steps_per_round):
@@ -670,7 +664,7 @@ class Focal(FedAvg):
             more = self._grid.send_and_receive(self._step_messages(server_round, self._grid),
                                                timeout=self.exchange_timeout)
             more = self.roster.sort_replies(more)
-            self._record_replies(server_round, more, phase="train")
+            self.recorder.record_replies(server_round, more, phase="train")
             accepted = self._update(server_round, more) or accepted
         if self.guard_on and server_round >= self._num_rounds > 0 and (accepted or self._rolled_back):
             self._final_check(server_round)
@@ -682,11 +676,10 @@ class Focal(FedAvg):
         arrays = ArrayRecord({wire.FOCAL_HEAD: he_array(server_export_head(server))})
         metrics = (self.train_metrics_aggr_fn(accepted, self.weighted_by_key) if accepted
                    else MetricRecord({}))  # a rolled-back round: the restored head stands
-        self.history.round(server_round).train = metric_dict(metrics)
-        return self._aggregated(server_round, arrays), metrics
+        return self.recorder.aggregated(server_round, arrays, metrics), metrics
 
     # ------------------------------------------------------------------ evaluate
-    def _add_validation(self, pid: int, name: str, content: RecordDict, record: Any) -> None:
+    def _add_validation(self, server_round: int, pid: int, name: str, content: RecordDict) -> None:
         """Keep a member's encrypted validation embeddings from its embed reply, if it sent
         any (an institution without a validation split sends none and is not evaluated)."""
         arrays = content.array_records.get(wire.ARRAYS)
@@ -695,7 +688,7 @@ class Focal(FedAvg):
         try:
             server_add_validation(self._server, name, he_bytes(arrays, wire.FOCAL_VAL_EMBEDDINGS))
         except (CiphertextError, ValueError) as exc:  # it still trains; it is not evaluated
-            record.failures.append(f"validation institution {pid}: rejected ({exc})")
+            self.recorder.failure(server_round, f"validation institution {pid}: rejected ({exc})")
             log(WARNING, "focal: rejected the validation embeddings of institution %d: %s", pid, exc)
 
     def configure_evaluate(
@@ -722,9 +715,9 @@ class Focal(FedAvg):
             sampled = random.sample(eligible, size)  # Flower's sample_nodes, without its wait
         log(INFO, "focal: evaluating on %d of %d institutions (%d with validation embeddings)",
             len(sampled), len(known), len(eligible))
-        if len(eligible) < len(known) and not self.history.info.get("focal_unevaluated"):
+        if len(eligible) < len(known) and not self.recorder.info.get("focal_unevaluated"):
             missing = [self._members.get(n, f"node {n}") for n in known if n not in eligible]
-            self.history.info["focal_unevaluated"] = [str(m) for m in missing]
+            self.recorder.info["focal_unevaluated"] = [str(m) for m in missing]
             log(WARNING, "focal: %d of %d institutions uploaded no validation embeddings (no "
                 "validation split, a rejected upload or joined after round 1) and are never "
                 "evaluated: %s", len(missing), len(known), ", ".join(map(str, missing[:10])))
@@ -735,6 +728,6 @@ class Focal(FedAvg):
             down = ArrayRecord({wire.FOCAL_LOGITS: he_array(logits)})
             messages.append(Message(RecordDict({wire.ARRAYS: down, wire.CONFIG: self._base_config(server_round)}),
                                     dst_node_id=node, message_type=wire.ACTION_FOCAL_EVALUATE))
-        self.history.round(server_round).timings.update(
-            {wire.FOCAL_EVALUATE_FORWARD_S: forward.wall_s, wire.FOCAL_EVALUATE_FORWARD_CPU_S: forward.cpu_s})
-        return self._count_sent(server_round, messages, phase="evaluate")
+        self.recorder.timings(server_round, {wire.FOCAL_EVALUATE_FORWARD_S: forward.wall_s,
+                                             wire.FOCAL_EVALUATE_FORWARD_CPU_S: forward.cpu_s})
+        return self.recorder.count_sent(server_round, messages, phase="evaluate")
