@@ -33,22 +33,25 @@ Flower rounds; the protocol itself and all HE live there and in :mod:`flower_foc
   AUROC. ``W``'s ciphertexts are sent to no institution during training (each can still solve
   for ``W`` from its own logits and features: bandwidth, not secrecy).
 
-Every strategy-level concern (roster, deterministic order, per-institution history, bytes,
-checkpoints) is :class:`~flower_focal.strategy.fedavg.FedAvg`'s. The server never holds a
+:class:`Focal` stands on Flower's :class:`~flwr.serverapp.strategy.Strategy` (whose ``start``
+drives the rounds) and on :class:`~flower_focal.strategy.base.RecordingStrategy`, the interface
+the server uses; every strategy-level record (roster, deterministic order, per-institution
+history, bytes, checkpoints) is its :class:`~flower_focal.strategy.recorder.RunRecorder`'s. The server never holds a
 secret key, nor plaintext images, embeddings, labels, logits, errors or weights.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Result
+from flwr.serverapp.strategy import Result, Strategy
+from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
 from flwr.supercore import log
 
 from flower_focal import wire
@@ -79,12 +82,16 @@ from flower_focal.focal import (
     server_sum,
 )
 from flower_focal.focal.errors import FocalDiverged, InstitutionUploadError
-from flower_focal.strategy.fedavg import FedAvg
+from flower_focal.history import RunHistory
+from flower_focal.metrics import nan_weighted_average
+from flower_focal.strategy.base import RecordingStrategy
+from flower_focal.strategy.roster import InstitutionRoster
 from flower_focal.strategy.roster import OrderedGrid, seeded_random
 from flower_focal.timing import Stopwatch
 from flower_focal.wire import he_array, he_bytes
 
 CLASS_WEIGHTS = ("none", "balanced")
+MetricsAggregation = Callable[[list[RecordDict], str], MetricRecord]
 
 
 class MixedBackbones(RuntimeError):
@@ -108,7 +115,7 @@ def check_same_backbone(contents: dict[int, RecordDict]) -> None:
             "register_focal(app, backbone=FrozenBackbone(lambda: Net().features, seed=0), ...))")
 
 
-class Focal(FedAvg):
+class Focal(RecordingStrategy, Strategy):
     """FOCAL split training of a linear head on encrypted embeddings (see module doc).
 
     Parameters
@@ -139,9 +146,24 @@ class Focal(FedAvg):
     num_classes : int
         Classes of the head. 0: asked from the institutions (flower-focal's describe query);
         an app whose ClientApp does not answer it must give it here.
-    **kwargs
-        Forwarded to :class:`FedAvg` (``seed``, ``min_train_replies``, ...). Every
-        institution takes part in every step: ``fraction_train`` is ignored.
+    seed : int
+        Seeds the initial head and the sampling of institutions for evaluation.
+    fraction_evaluate, min_evaluate_nodes : float, int
+        As Flower's FedAvg: evaluate this fraction of the institutions with validation
+        embeddings, at least ``min_evaluate_nodes`` (0: no evaluation).
+    min_train_replies : int
+        A step with fewer valid error uploads leaves the head unchanged (and says so).
+    roster, history, checkpoint_dir
+        As :class:`~flower_focal.strategy.fedavg.FedAvg` (the :attr:`recorder`'s).
+    fraction_train, min_train_nodes, min_available_nodes
+        Accepted for the shared run config and ignored: every institution known takes part
+        in every step.
+    weighted_by_key, train_metrics_aggr_fn, evaluate_metrics_aggr_fn
+        As Flower's FedAvg (defaults: ``num-examples`` and
+        :func:`~flower_focal.metrics.nan_weighted_average`).
+
+    It stands on Flower's :class:`~flwr.serverapp.strategy.Strategy`, whose ``start`` drives
+    the rounds; roster, history, byte counts and checkpoints are the :attr:`recorder`'s.
 
     Callers must register :mod:`flower_focal.client.focal`'s handlers for ``train.embed``,
     ``train.focal`` and ``evaluate.focal`` and give institutions the matching ``secret.ctx``.
@@ -168,7 +190,19 @@ class Focal(FedAvg):
         backbone_input_size: int = 0,
         num_classes: int = 0,
         num_rounds: int = 0,
-        **kwargs: Any,
+        seed: int = 0,
+        fraction_evaluate: float = 1.0,
+        min_evaluate_nodes: int = 2,
+        min_train_replies: int = 1,
+        roster: InstitutionRoster | None = None,
+        history: RunHistory | None = None,
+        checkpoint_dir: Path | None = None,
+        fraction_train: float = 1.0,
+        min_train_nodes: int = 2,
+        min_available_nodes: int = 2,
+        weighted_by_key: str = wire.NUM_EXAMPLES,
+        train_metrics_aggr_fn: MetricsAggregation | None = None,
+        evaluate_metrics_aggr_fn: MetricsAggregation | None = None,
     ) -> None:
         if not isinstance(he_public, PublicContext) or he_public.holds_secret_key:
             raise ValueError(
@@ -190,7 +224,15 @@ class Focal(FedAvg):
             raise ValueError(f"class_weights must be one of {CLASS_WEIGHTS}, got {class_weights!r}")
         if isinstance(steps_per_round, bool) or not isinstance(steps_per_round, int) or steps_per_round < 1:
             raise ValueError(f"steps_per_round must be an int >= 1, got {steps_per_round!r}")
-        super().__init__(**kwargs)
+        self.seed = seed
+        self.fraction_evaluate = fraction_evaluate
+        self.min_evaluate_nodes = min_evaluate_nodes if fraction_evaluate > 0 else 0
+        self.min_train_replies = max(1, min_train_replies)
+        self.weighted_by_key = weighted_by_key
+        self.train_metrics_aggr_fn = train_metrics_aggr_fn or nan_weighted_average
+        self.evaluate_metrics_aggr_fn = evaluate_metrics_aggr_fn or nan_weighted_average
+        del fraction_train, min_train_nodes, min_available_nodes  # every institution, every step
+        self._init_recorder(roster=roster, history=history, checkpoint_dir=checkpoint_dir)
         self.he_public = he_public
         self.evaluator = CkksEvaluator(he_public)
         self.lr = None if lr is None else float(lr)
@@ -222,8 +264,10 @@ class Focal(FedAvg):
 
     # ------------------------------------------------------------------ hooks
     def summary(self) -> None:
-        """FedAvg summary plus FOCAL parameters (never keys)."""
-        super().summary()
+        """Sampling and FOCAL parameters (never keys)."""
+        log(INFO, "\t├──> Every institution takes part in every step (min-train-replies %d); evaluate "
+            "%.2f of those with validation embeddings (at least %d); seed %d", self.min_train_replies,
+            self.fraction_evaluate, self.min_evaluate_nodes, self.seed)
         p = self.he_public.preset
         log(INFO, "\t└──> FOCAL: preset %s, fingerprint %s, block %d, step %s, momentum %g, "
             "standardise %s, loss guard %s, %d step(s)/round, class weights %s; server holds no "
@@ -231,14 +275,17 @@ class Focal(FedAvg):
             f"lr {self.lr:g}" if self.lr is not None else f"derived (scale {self.step_scale:g})",
             self.momentum, self.standardize, self.guard_on, self.steps_per_round, self.class_weights)
 
-    def start(self, *args: Any, **kwargs: Any) -> Result:
-        """Flower's round loop; stops the FOCAL server state (worker shards) afterwards."""
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
+              timeout: float = 3600, train_config: ConfigRecord | None = None,
+              evaluate_config: ConfigRecord | None = None, evaluate_fn: Any = None) -> Result:
+        """Flower's round loop (:meth:`RecordingStrategy.start`: the FOCAL server state, its
+        worker shards, is released afterwards); ``num_rounds`` is the run's last round unless
+        the constructor was given one."""
         if not self._num_rounds:
-            self._num_rounds = int(kwargs.get("num_rounds", args[2] if len(args) > 2 else 3))
-        try:
-            return super().start(*args, **kwargs)
-        finally:
-            self.close()
+            self._num_rounds = int(num_rounds)
+        return super().start(grid, initial_arrays, num_rounds=num_rounds, timeout=timeout,
+                             train_config=train_config, evaluate_config=evaluate_config,
+                             evaluate_fn=evaluate_fn)
 
     @classmethod
     def from_key_dir(cls, key_dir: str | Path, **kwargs: Any) -> Focal:
@@ -272,10 +319,6 @@ class Focal(FedAvg):
         """Release the server state (idempotent)."""
         if self._server is not None:
             self._server.close()
-
-    def final_model(self, result: Result) -> ArrayRecord | None:
-        """None: the server never holds the plaintext head."""
-        return None
 
     def final_ciphertext(self, result: Result) -> tuple[ArrayRecord, Any] | None:
         """The encrypted head and its :class:`~flower_focal.focal.FocalLayout`."""
@@ -583,7 +626,7 @@ class Focal(FedAvg):
             self._pending = False
 
     def require_progress(self, num_rounds: int) -> None:
-        """FedAvg's check, then: refuse a run in which no head update stands.
+        """The recorder's check, then: refuse a run in which no head update stands.
 
         Raises
         ------
@@ -731,3 +774,19 @@ class Focal(FedAvg):
         self.recorder.timings(server_round, {wire.FOCAL_EVALUATE_FORWARD_S: forward.wall_s,
                                              wire.FOCAL_EVALUATE_FORWARD_CPU_S: forward.cpu_s})
         return self.recorder.count_sent(server_round, messages, phase="evaluate")
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Each institution's scores and their weighted mean (Flower's reply checks); closes the
+        round and writes the checkpoint."""
+        replies = self.roster.sort_replies(replies)
+        self.recorder.record_replies(server_round, replies, phase="evaluate")
+        valid = [reply.content for reply in replies if not reply.has_error()]
+        if replies:
+            log(INFO, "aggregate_evaluate: Received %s results and %s failures", len(valid),
+                len(replies) - len(valid))
+        metrics = None
+        if valid:
+            validate_message_reply_consistency(valid, self.weighted_by_key, check_arrayrecord=False)
+            metrics = self.evaluate_metrics_aggr_fn(valid, self.weighted_by_key)
+        self.recorder.evaluated(server_round, metrics)
+        return metrics
