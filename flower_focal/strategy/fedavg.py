@@ -105,14 +105,24 @@ class FedAvg(RecordingStrategy, FlowerFedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Record each institution, then let Flower's FedAvg average in partition order."""
+        """Record each institution, then aggregate in partition order (:meth:`_aggregate_arrays`)."""
         replies = self.roster.sort_replies(replies)
         self.recorder.record_replies(server_round, replies, phase="train")
+        arrays, metrics = self._aggregate_arrays(server_round, replies)
+        if arrays is None and metrics is None:  # too few replies (recorded why)
+            return None, None
+        return self.recorder.aggregated(server_round, arrays, metrics), metrics
+
+    def _aggregate_arrays(
+        self, server_round: int, replies: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The seam subclasses override: the round's new global arrays and training metrics
+        from ``replies`` (recorded, in partition order), or ``(None, None)`` after
+        ``recorder.enough_replies`` said no. Here: Flower's FedAvg weighted average."""
         if not self.recorder.enough_replies(server_round, sum(not r.has_error() for r in replies),
                                             self.min_train_replies):
             return None, None
-        arrays, metrics = super().aggregate_train(server_round, replies)
-        return self.recorder.aggregated(server_round, arrays, metrics), metrics
+        return super().aggregate_train(server_round, replies)
 
     # ------------------------------------------------------------------ evaluate
     def configure_evaluate(

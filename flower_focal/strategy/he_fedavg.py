@@ -295,16 +295,15 @@ class HEFedAvg(FedAvg):
         return super().configure_evaluate(server_round, arrays, config, grid)
 
     # ------------------------------------------------------------------ aggregate
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
+    def _aggregate_arrays(
+        self, server_round: int, replies: list[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Finish the round's encrypted sum; rejected replies are logged and left out.
+        """FedAvg's seam: finish the round's encrypted sum; rejected replies are logged and left
+        out (FedAvg's ``aggregate_train`` has recorded the replies and records the outcome).
 
         Replies that :meth:`_absorb` already added on arrival are only accounted for here;
         any other reply (a grid without :class:`PromptGrid`) is checked and added now.
         """
-        replies = self.roster.sort_replies(replies)
-        self.recorder.record_replies(server_round, replies, phase="train")
         held: dict[int, RecordDict] | None = None
         if self._weight_norm <= 0:  # sizes were unknown: announce C and collect the ciphertexts
             sealed, held = self._seal(server_round, replies)
@@ -350,8 +349,7 @@ class HEFedAvg(FedAvg):
             wire.HE_CIPHERTEXT: wire.he_array(blob),
             wire.HE_WEIGHTS: Array(np.array([norm, total_weight], dtype=np.float64)),
         })
-        metrics = self.train_metrics_aggr_fn(accepted, self.weighted_by_key)
-        return self.recorder.aggregated(server_round, arrays, metrics), metrics
+        return arrays, self.train_metrics_aggr_fn(accepted, self.weighted_by_key)
 
     def _add(self, stream: _RoundSum, reply: Message) -> None:
         """Check a reply and add its ciphertext and its weight to the round's sum.
