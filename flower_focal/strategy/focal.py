@@ -56,6 +56,7 @@ from flwr.supercore import log
 
 from flower_focal import wire
 from flower_focal.artifacts import ModelSpec
+from flower_focal.checkpoint import CHECKPOINT_FILE
 from flower_focal.crypto import (
     FOCAL_PRESETS,
     CiphertextError,
@@ -261,6 +262,8 @@ class Focal(RecordingStrategy, Strategy):
         self._standing = 0  # head updates in the current head (applied and not rolled back)
         self._applied = 0  # head updates applied by this process (rolled back or not)
         self._pending = False  # the last update is not yet checked (the rollback point is before it)
+        self._rollback_to = "initial"  # the rollback point: "initial" / "checkpoint" (setup) or "snapshot"
+        self._resumed_after = 0  # the checkpoint's round, when resumed
 
     # ------------------------------------------------------------------ hooks
     def summary(self) -> None:
@@ -431,6 +434,8 @@ class Focal(RecordingStrategy, Strategy):
         if counts:
             self._class_counts = self._sum_counts(counts)
         self._step = (server_round - 1) * self.steps_per_round  # continues after a resume
+        self._rollback_to = "checkpoint" if resumed else "initial"
+        self._resumed_after = server_round - 1 if resumed else 0
         base = derived_step(self.layout, self.step_scale) if self.lr is None else self.lr
         self.guard = LossGuard(lr=base, setting="focal-step-scale" if self.lr is None else "lr")
         saved = self.recorder.info.get("focal_guard_state") if resumed else None
@@ -549,6 +554,8 @@ class Focal(RecordingStrategy, Strategy):
                     if not r.has_error() and r.metadata.src_node_id in self._members
                     and wire.FOCAL_OVERFLOW in r.content.metric_records.get(wire.METRICS, {})]
         if overflow and self.guard is not None:  # the head's logits left the safe range: a rise
+            if not self._pending:  # ... of the rollback point itself: halving cannot change that head
+                raise FocalDiverged(self._overflow_at_rollback_point(overflow))
             self.guard.accept(float("inf"), [self._members[r.metadata.src_node_id] for r in replies
                                              if not r.has_error() and r.metadata.src_node_id in self._members])
             self._restore()
@@ -581,6 +588,7 @@ class Focal(RecordingStrategy, Strategy):
                 self._rolled_back = True
                 return list(contents.values())
             server_snapshot(server)
+            self._rollback_to = "snapshot"
             self._pending = False  # the last update stands: its loss was accepted
         while errors:
             if len(errors) < self.min_train_replies:
@@ -604,6 +612,24 @@ class Focal(RecordingStrategy, Strategy):
         log(INFO, "focal round %d step %d: updated the head with %d of %d institutions",
             server_round, self._step, len(errors), len(self._members))
         return list(contents.values())
+
+    def _overflow_at_rollback_point(self, names: list[str]) -> str:
+        """Why a head whose logits overflow at its rollback point ends the run at once."""
+        who = f"institution(s) {', '.join(names)}"
+        setting = self.guard.setting if self.guard is not None else "focal-step-scale"
+        if self._rollback_to == "checkpoint":
+            where = (self.recorder.checkpoint_dir / CHECKPOINT_FILE if self.recorder.checkpoint_dir
+                     is not None else CHECKPOINT_FILE)
+            return (f"focal: the head restored from the checkpoint {where} (after round "
+                    f"{self._resumed_after}) gives logits beyond CKKS's safe range at {who}; it is the "
+                    "only head to roll back to (no earlier one is kept), so halving the step cannot help. "
+                    f"Start the run again, without resume, with a lower `{setting}`")
+        if self._rollback_to == "initial":
+            return (f"focal: the initial head gives logits beyond CKKS's safe range at {who}, so halving "
+                    "the step cannot help; check the embeddings (NaN/huge features, a wrong backbone)")
+        return (f"focal: the head the loss guard rolls back to gives logits beyond CKKS's safe range at "
+                f"{who} (not present when its loss was accepted), so halving the step cannot help; "
+                f"lower `{setting}` and check that institution's embeddings")
 
     def _save_guard_state(self) -> None:
         """The guard's state in ``metrics.json`` (a resumed run restores it)."""
