@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Result
+from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
 
 from flower_focal import wire
@@ -29,6 +29,7 @@ from flower_focal.grid import PromptGrid
 from flower_focal.history import RunHistory, write_json_atomic
 from flower_focal.models import build_model, count_parameters
 from flower_focal.reporting import plot_curves, write_summary
+from flower_focal.strategy.base import RecordingStrategy
 from flower_focal.strategy.registry import build_strategy, core_strategy
 
 
@@ -51,7 +52,7 @@ def run_server(grid: Grid, cfg: RunConfig, run_id: int | str = "local") -> Resul
         checkpoint = _checkpoint_to_resume(cfg, run_dir, history)
         driver = build_strategy(cfg)  # what Flower's loop runs (may wrap the core strategy)
         strategy = core_strategy(driver)
-        strategy.history, strategy.checkpoint_dir = history, run_dir
+        strategy.recorder.attach(history, run_dir)
         shape = _discover(strategy, grid, history)
         initial = _initial_model(cfg, strategy, shape, history)
         result = _run_rounds(cfg, driver, strategy, grid, shape, initial, checkpoint)
@@ -87,7 +88,7 @@ def _checkpoint_to_resume(cfg: RunConfig, run_dir: Path, history: RunHistory):
     return checkpoint
 
 
-def _discover(strategy, grid: Grid, history: RunHistory):
+def _discover(strategy: RecordingStrategy, grid: Grid, history: RunHistory):
     """Ask the institutions for the data shape (the model's in-channels and classes)."""
     shape = strategy.roster.data_shape(grid)
     history.info.update(
@@ -98,7 +99,7 @@ def _discover(strategy, grid: Grid, history: RunHistory):
     return shape
 
 
-def _initial_model(cfg: RunConfig, strategy, shape, history: RunHistory) -> ArrayRecord:
+def _initial_model(cfg: RunConfig, strategy: RecordingStrategy, shape, history: RunHistory) -> ArrayRecord:
     """The seeded public initial model (FOCAL: empty, an institution makes the encrypted head)."""
     initial = ArrayRecord()
     if strategy.uses_initial_model:
@@ -110,7 +111,8 @@ def _initial_model(cfg: RunConfig, strategy, shape, history: RunHistory) -> Arra
     return initial
 
 
-def _run_rounds(cfg: RunConfig, driver, strategy, grid: Grid, shape, initial: ArrayRecord,
+def _run_rounds(cfg: RunConfig, driver: Strategy, strategy: RecordingStrategy, grid: Grid, shape,
+                initial: ArrayRecord,
                 checkpoint) -> Result:
     """Flower's round loop for the rounds left (after a resumed checkpoint's); raises
     :class:`~flower_focal.strategy.NothingAggregated` when no round trained anything."""
@@ -136,7 +138,8 @@ def _run_rounds(cfg: RunConfig, driver, strategy, grid: Grid, shape, initial: Ar
     return result
 
 
-def _write_final_model(cfg: RunConfig, strategy, shape, result: Result, run_dir: Path) -> None:
+def _write_final_model(cfg: RunConfig, strategy: RecordingStrategy, shape, result: Result,
+                       run_dir: Path) -> None:
     """``model.pt`` + ``model.json`` (plaintext strategies) or ``model.he`` (encrypted ones)."""
     spec = ModelSpec(
         model=cfg.model,

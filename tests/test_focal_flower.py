@@ -361,6 +361,40 @@ def test_focal_resumed_run_rolls_back_to_the_checkpointed_head_and_goes_on(tmp_p
     assert [m.content[wire.CONFIG][wire.SERVER_ROUND] for m in fwd] == [2, 2, 2, 3, 3, 3]
 
 
+def test_focal_resumed_run_whose_checkpointed_head_overflows_fails_at_once(tmp_path, npz, key_dir):
+    """The checkpointed head's logits are beyond CKKS's safe range: it is the only rollback point,
+    so halving the step cannot help. The resumed run fails at its first step, naming the
+    checkpoint, instead of rejecting the same head until ten halvings stop it."""
+    from flower_focal.crypto import CkksKeyHolder, SecretContext
+    from flower_focal.focal import FocalDiverged, init_head
+    from flower_focal.checkpoint import Checkpoint
+    from flwr.app import ArrayRecord
+
+    cfg = _cfg(tmp_path, npz, key_dir, "resumed-overflow", num_server_rounds=2,
+               fraction_evaluate=0.0)  # no validation uploads or evaluation: only the steps matter
+    run_dir = Path(cfg.run_dir)
+    with pytest.raises(ServerKilled):
+        _run(cfg, grid_class=DyingAtRound2)
+    ckpt = load_checkpoint(run_dir)
+    assert ckpt is not None and ckpt.server_round == 1
+    info = ckpt.history["info"]
+    holder = CkksKeyHolder(SecretContext.load(key_dir / "secret.ctx"))
+    k = int(info["num_classes"])
+    lay = FocalLayout(info["model_parameters"] // k - 1, k, holder.slots, cfg.focal_block)
+    huge = wire.he_array(init_head(holder, lay, seed=0, std=1e3))  # logits ~1e4: far out of range
+    save_checkpoint(run_dir, Checkpoint(1, ArrayRecord({wire.FOCAL_HEAD: huge}), ckpt.history, ckpt.config))
+
+    grids: list[LoopbackGrid] = []
+    said = r"checkpoint \S+checkpoint\.npz \(after round 1\) gives logits beyond.*without resume"
+    with pytest.raises(FocalDiverged, match=said):
+        _run(cfg.replace(resume=True), hook=grids.append)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and "halving the step cannot help" in metrics["info"]["error"]
+    assert metrics["info"]["focal_guard_state"]["backoffs"] == 0  # no halving was tried
+    steps = [m for m in grids[0].sent if m.metadata.message_type == wire.ACTION_FOCAL]
+    assert [m.content[wire.CONFIG][wire.FOCAL_STEP] for m in steps] == [2, 2, 2]  # one step, not ten
+
+
 @pytest.mark.parametrize("min_replies", [1, pytest.param(3, marks=pytest.mark.slow)])
 def test_institution_crashing_mid_training_is_left_out(tmp_path, npz, key_dir, min_replies):
     # also: fraction-evaluate 0.5 evaluates 2 of the 3 institutions (min-evaluate-nodes 2)

@@ -317,6 +317,22 @@ def test_loss_guard_rule() -> None:
         g.accept(float("nan"), ["a"])
 
 
+def test_loss_guard_compares_only_like_for_like_when_the_set_changes_and_returns() -> None:
+    """Mean losses over different institution sets are not comparable: a change of the set
+    present (one drops out, or comes back) starts a new comparison. Against the old reference a
+    returning institution with a high loss would make the same head a "rise" at every step
+    (restored, halved, rejected again) until the halving limit ended the run."""
+    g = LossGuard(lr=1.0, max_backoffs=1)
+    abc, ab = ["a", "b", "c"], ["a", "b"]
+    assert g.accept(2.0, abc) and g.accept(1.0, abc)
+    assert g.accept(0.5, ab) and g.accept(0.45, ab)  # c left: its own comparison
+    assert g.accept(1.8, abc) and g.accept(1.8, abc)  # c is back (above abc's old 1.0): no rise ...
+    assert g.accept(1.8, abc) and (g.lr, g.backoffs, g.restarts) == (1.0, 0, 0)  # ... step after step
+    assert (g.prev, g.first, g.members) == (1.8, 1.8, ("a", "b", "c"))
+    assert not g.accept(1.9, abc) and g.lr == 0.5  # a real rise over the same set is still one
+    assert g.final_ok(0.9, ab) and not g.final_ok(1.9, abc)  # the final check: same rule
+
+
 def test_loss_guard_limits_halvings_without_progress_not_isolated_rises() -> None:
     g = LossGuard(lr=1.0, max_backoffs=1)
     assert g.accept(2.0, ["a"]) and not g.accept(2.5, ["a"])  # a rise: halved once

@@ -1,8 +1,10 @@
 """Server-side strategies (Flower Message API), their descriptions and their registry.
 
 ``FedAvg`` is a drop-in for ``flwr.serverapp.strategy.FedAvg``; ``HEFedAvg`` and ``Focal`` add
-encryption. Everything is imported on first use (``HEFedAvg`` and ``Focal`` pull in TenSEAL),
-so reading :mod:`flower_focal.strategy.specs` costs nothing.
+encryption. All three are ``RecordingStrategy`` (the interface the server uses) and hold a
+``RunRecorder`` (history, bytes, checkpoints). Everything is imported on first use
+(``HEFedAvg`` and ``Focal`` pull in TenSEAL), so reading :mod:`flower_focal.strategy.specs`
+costs nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ _EXPORTS = {
     "NothingAggregated": "flower_focal.strategy.fedavg",
     "HEFedAvg": "flower_focal.strategy.he_fedavg",
     "Focal": "flower_focal.strategy.focal",
+    "RecordingStrategy": "flower_focal.strategy.base",
+    "RunRecorder": "flower_focal.strategy.recorder",
     "STRATEGIES": "flower_focal.strategy.registry",
     "build_strategy": "flower_focal.strategy.registry",
     "STRATEGY_SPECS": "flower_focal.strategy.specs",

@@ -8,15 +8,16 @@ needs around it:
 * per-institution and federation metrics for every round in a :class:`RunHistory`,
 * NaN-aware weighted metric averaging (an institution whose validation split lacks a class
   reports an undefined AUROC, which must not poison the federation mean),
-* bytes sent and received per round.
+* bytes sent and received per round,
 
-HE-FedAvg and FOCAL build on it, so every strategy reports the same way.
+the last three kept by its :class:`~flower_focal.strategy.recorder.RunRecorder`, which
+HE-FedAvg and FOCAL hold too, so every strategy reports the same way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from logging import INFO, WARNING
+from logging import INFO
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -25,19 +26,16 @@ from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.serverapp.strategy import Result
 from flwr.supercore import log
 
-from flower_focal.artifacts import ModelSpec
-from flower_focal.checkpoint import Checkpoint, save_checkpoint
-from flower_focal.history import RunHistory, array_bytes, metric_dict, reply_bytes
+from flower_focal.history import RunHistory
 from flower_focal.metrics import nan_weighted_average
-from flower_focal.flatten import ArrayLayout
-from flower_focal.strategy.roster import InstitutionRoster, OrderedGrid, seeded_random, short_reason
+from flower_focal.strategy.base import RecordingStrategy
+from flower_focal.strategy.recorder import NothingAggregated
+from flower_focal.strategy.roster import InstitutionRoster, OrderedGrid, seeded_random
+
+__all__ = ["FedAvg", "NothingAggregated"]
 
 
-class NothingAggregated(RuntimeError):
-    """A run whose rounds all ended without a single aggregated training reply."""
-
-
-class FedAvg(FlowerFedAvg):
+class FedAvg(RecordingStrategy, FlowerFedAvg):
     """Flower FedAvg with reproducible sampling and per-institution history.
 
     Parameters
@@ -58,10 +56,12 @@ class FedAvg(FlowerFedAvg):
         Forwarded unchanged to :class:`flwr.serverapp.strategy.FedAvg`
         (``fraction_train``, ``min_available_nodes``, ...). Metric aggregation defaults to
         :func:`flower_focal.metrics.nan_weighted_average`.
+
+    Roster, history, byte counts and checkpoints are the :attr:`recorder`'s
+    (:class:`~flower_focal.strategy.recorder.RunRecorder`).
     """
 
     name = "fedavg"
-    uses_initial_model = True  # the server sends a (public) initial model; FOCAL's head comes from an institution
 
     def __init__(
         self,
@@ -77,73 +77,17 @@ class FedAvg(FlowerFedAvg):
         fedavg_kwargs.setdefault("evaluate_metrics_aggr_fn", nan_weighted_average)
         super().__init__(**fedavg_kwargs)
         self.seed = seed
-        self.roster = roster if roster is not None else InstitutionRoster()
-        self.history = history if history is not None else RunHistory(strategy=self.name)
+        self._init_recorder(roster=roster, history=history, checkpoint_dir=checkpoint_dir)
         self.min_train_replies = max(1, min_train_replies)
-        self.checkpoint_dir = checkpoint_dir
-        self._global: ArrayRecord | None = None  # what the server holds after the last round
-        self.rounds_aggregated = 0  # rounds whose training produced a new global model
-
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
-              timeout: float = 3600, train_config: ConfigRecord | None = None,
-              evaluate_config: ConfigRecord | None = None, evaluate_fn=None) -> Result:
-        """Flower's round loop, refusing to report success for a run that trained nothing.
-
-        Raises
-        ------
-        NothingAggregated
-            When ``num_rounds > 0`` and no round aggregated a single training reply (every
-            institution failed, or every reply was rejected); the message carries the first
-            institution errors, so the cause is in the run's error rather than deep in a log.
-        """
-        self.check_evaluate_fn(evaluate_fn)
-        result = super().start(grid, initial_arrays, num_rounds=num_rounds, timeout=timeout,
-                               train_config=train_config, evaluate_config=evaluate_config,
-                               evaluate_fn=evaluate_fn)
-        self.require_progress(num_rounds)
-        return result
-
-    def close(self) -> None:
-        """Release what the strategy holds between rounds (processes, shards); idempotent."""
-
-    def check_evaluate_fn(self, evaluate_fn) -> None:
-        """Strategies whose server holds no plaintext model refuse server-side evaluation."""
-
-    def require_progress(self, num_rounds: int) -> None:
-        """Raise :class:`NothingAggregated` if ``num_rounds`` rounds ran and none aggregated."""
-        if num_rounds <= 0 or self.rounds_aggregated > 0:
-            return
-        reasons: list[str] = []
-        for record in self.history.rounds:
-            for failure in record.failures:
-                if failure not in reasons:
-                    reasons.append(failure)
-        shown = "; ".join(reasons[:3]) or "no institution replied to any training message"
-        raise NothingAggregated(
-            f"{self.name}: none of the {num_rounds} round(s) aggregated a training reply, so "
-            f"nothing was trained. First errors: {shown}"
-        )
 
     def summary(self) -> None:
         """Log Flower's FedAvg summary plus the sampling seed."""
         super().summary()
         log(INFO, "\t└──> Sampling seed: %d (partition-ordered, reproducible)", self.seed)
 
-    def bind_initial_model(self, arrays: ArrayRecord) -> None:
-        """Called with the (public) initial model before the first round, also on resume."""
-        self._global = arrays
-
     def final_model(self, result: Result) -> ArrayRecord | None:
         """The plaintext global model the server may write to disk (HE strategies: None)."""
         return result.arrays
-
-    def final_ciphertext(self, result: Result) -> tuple[ArrayRecord, ArrayLayout] | None:
-        """The encrypted final model and its layout, for strategies that only hold ciphertext."""
-        return None
-
-    def final_spec(self, spec: ModelSpec) -> ModelSpec:
-        """The spec written with the final model (strategies with another model change it)."""
-        return spec
 
     # ------------------------------------------------------------------ train
     def configure_train(
@@ -151,88 +95,53 @@ class FedAvg(FlowerFedAvg):
     ) -> Iterable[Message]:
         """Flower's FedAvg sampling, made deterministic; counts bytes sent."""
         self.roster.refresh(grid)
-        self._global = arrays
+        self.recorder.hold(arrays)
         with seeded_random(self.seed, server_round, "train"):
             messages = list(
                 super().configure_train(server_round, arrays, config, OrderedGrid(grid, self.roster))
             )
-        return self._count_sent(server_round, messages)
+        return self.recorder.count_sent(server_round, messages)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Record each institution, then let Flower's FedAvg average in partition order."""
+        """Record each institution, then aggregate in partition order (:meth:`_aggregate_arrays`)."""
         replies = self.roster.sort_replies(replies)
-        self._record_replies(server_round, replies, phase="train")
-        if not self._enough_replies(server_round, sum(not r.has_error() for r in replies)):
+        self.recorder.record_replies(server_round, replies, phase="train")
+        arrays, metrics = self._aggregate_arrays(server_round, replies)
+        if arrays is None and metrics is None:  # too few replies (recorded why)
             return None, None
-        arrays, metrics = super().aggregate_train(server_round, replies)
-        self.history.round(server_round).train = metric_dict(metrics)
-        return self._aggregated(server_round, arrays), metrics
+        return self.recorder.aggregated(server_round, arrays, metrics), metrics
 
-    def _aggregated(self, server_round: int, arrays: ArrayRecord | None) -> ArrayRecord | None:
-        """Bookkeeping of a round's aggregate (``None``: the round failed, the model stays)."""
-        if arrays is None:
-            record = self.history.round(server_round)
-            record.failures.append(f"round {server_round}: nothing aggregated; the global model is unchanged")
-            return None
-        self._global = arrays
-        self.rounds_aggregated += 1
-        return arrays
+    def _aggregate_arrays(
+        self, server_round: int, replies: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The seam subclasses override: the round's new global arrays and training metrics
+        from ``replies`` (recorded, in partition order), or ``(None, None)`` after
+        ``recorder.enough_replies`` said no. Here: Flower's FedAvg weighted average."""
+        if not self.recorder.enough_replies(server_round, sum(not r.has_error() for r in replies),
+                                            self.min_train_replies):
+            return None, None
+        return super().aggregate_train(server_round, replies)
 
     # ------------------------------------------------------------------ evaluate
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Flower's FedAvg evaluation sampling, made deterministic; counts bytes sent."""
-        self._global = arrays  # the global model as it now is (after any wrapper's noise)
+        self.recorder.hold(arrays)  # the global model as it now is (after any wrapper's noise)
         with seeded_random(self.seed, server_round, "evaluate"):
             messages = list(
                 super().configure_evaluate(
                     server_round, arrays, config, OrderedGrid(grid, self.roster)
                 )
             )
-        return self._count_sent(server_round, messages, phase="evaluate")
+        return self.recorder.count_sent(server_round, messages, phase="evaluate")
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Record each institution's metrics and the federation's weighted mean."""
+        """Record each institution's metrics and the federation's weighted mean; checkpoint."""
         replies = self.roster.sort_replies(replies)
-        self._record_replies(server_round, replies, phase="evaluate")
+        self.recorder.record_replies(server_round, replies, phase="evaluate")
         metrics = super().aggregate_evaluate(server_round, replies)
-        self.history.round(server_round).evaluate = metric_dict(metrics)
-        self.history.close_round(server_round)
-        if self.checkpoint_dir is not None and self._global is not None:
-            save_checkpoint(self.checkpoint_dir, Checkpoint(
-                server_round, self._global, self.history.to_json(), self.history.config))
+        self.recorder.evaluated(server_round, metrics)
         return metrics
-
-    # ------------------------------------------------------------------ helpers
-    def _enough_replies(self, server_round: int, received: int) -> bool:
-        if received >= self.min_train_replies and received > 0:
-            return True
-        msg = (f"round {server_round}: {received} valid training replies (min-train-replies "
-               f"{self.min_train_replies}); the global model is left unchanged")
-        log(WARNING, msg)
-        self.history.round(server_round).failures.append(msg)
-        return False
-
-    def _count_sent(self, server_round: int, messages: list[Message], phase: str = "train") -> list[Message]:
-        record = self.history.round(server_round)
-        for message in messages:
-            sent = sum(array_bytes(a) for a in message.content.array_records.values())
-            record.bytes_down += sent
-            if phase == "evaluate":
-                record.bytes_down_evaluate += sent
-        return messages
-
-    def _record_replies(self, server_round: int, replies: list[Message], phase: str) -> None:
-        record = self.history.round(server_round)
-        per_institution = record.train_institutions if phase == "train" else record.evaluate_institutions
-        for reply in replies:
-            pid = self.roster.label_of(reply.metadata.src_node_id)
-            record.bytes_up += reply_bytes(reply)
-            if reply.has_error():
-                record.failures.append(f"{phase} institution {pid}: {short_reason(reply.error.reason)}")
-                continue
-            for metrics in reply.content.metric_records.values():
-                per_institution[pid] = metric_dict(metrics)

@@ -33,26 +33,30 @@ Flower rounds; the protocol itself and all HE live there and in :mod:`flower_foc
   AUROC. ``W``'s ciphertexts are sent to no institution during training (each can still solve
   for ``W`` from its own logits and features: bandwidth, not secrecy).
 
-Every strategy-level concern (roster, deterministic order, per-institution history, bytes,
-checkpoints) is :class:`~flower_focal.strategy.fedavg.FedAvg`'s. The server never holds a
+:class:`Focal` stands on Flower's :class:`~flwr.serverapp.strategy.Strategy` (whose ``start``
+drives the rounds) and on :class:`~flower_focal.strategy.base.RecordingStrategy`, the interface
+the server uses; every strategy-level record (roster, deterministic order, per-institution
+history, bytes, checkpoints) is its :class:`~flower_focal.strategy.recorder.RunRecorder`'s. The server never holds a
 secret key, nor plaintext images, embeddings, labels, logits, errors or weights.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Result
+from flwr.serverapp.strategy import Result, Strategy
+from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
 from flwr.supercore import log
 
 from flower_focal import wire
 from flower_focal.artifacts import ModelSpec
+from flower_focal.checkpoint import CHECKPOINT_FILE
 from flower_focal.crypto import (
     FOCAL_PRESETS,
     CiphertextError,
@@ -79,13 +83,16 @@ from flower_focal.focal import (
     server_sum,
 )
 from flower_focal.focal.errors import FocalDiverged, InstitutionUploadError
-from flower_focal.history import metric_dict, reply_bytes
-from flower_focal.strategy.fedavg import FedAvg
+from flower_focal.history import RunHistory
+from flower_focal.metrics import nan_weighted_average
+from flower_focal.strategy.base import RecordingStrategy
+from flower_focal.strategy.roster import InstitutionRoster
 from flower_focal.strategy.roster import OrderedGrid, seeded_random
 from flower_focal.timing import Stopwatch
 from flower_focal.wire import he_array, he_bytes
 
 CLASS_WEIGHTS = ("none", "balanced")
+MetricsAggregation = Callable[[list[RecordDict], str], MetricRecord]
 
 
 class MixedBackbones(RuntimeError):
@@ -109,7 +116,7 @@ def check_same_backbone(contents: dict[int, RecordDict]) -> None:
             "register_focal(app, backbone=FrozenBackbone(lambda: Net().features, seed=0), ...))")
 
 
-class Focal(FedAvg):
+class Focal(RecordingStrategy, Strategy):
     """FOCAL split training of a linear head on encrypted embeddings (see module doc).
 
     Parameters
@@ -140,9 +147,24 @@ class Focal(FedAvg):
     num_classes : int
         Classes of the head. 0: asked from the institutions (flower-focal's describe query);
         an app whose ClientApp does not answer it must give it here.
-    **kwargs
-        Forwarded to :class:`FedAvg` (``seed``, ``min_train_replies``, ...). Every
-        institution takes part in every step: ``fraction_train`` is ignored.
+    seed : int
+        Seeds the initial head and the sampling of institutions for evaluation.
+    fraction_evaluate, min_evaluate_nodes : float, int
+        As Flower's FedAvg: evaluate this fraction of the institutions with validation
+        embeddings, at least ``min_evaluate_nodes`` (0: no evaluation).
+    min_train_replies : int
+        A step with fewer valid error uploads leaves the head unchanged (and says so).
+    roster, history, checkpoint_dir
+        As :class:`~flower_focal.strategy.fedavg.FedAvg` (the :attr:`recorder`'s).
+    fraction_train, min_train_nodes, min_available_nodes
+        Accepted for the shared run config and ignored: every institution known takes part
+        in every step.
+    weighted_by_key, train_metrics_aggr_fn, evaluate_metrics_aggr_fn
+        As Flower's FedAvg (defaults: ``num-examples`` and
+        :func:`~flower_focal.metrics.nan_weighted_average`).
+
+    It stands on Flower's :class:`~flwr.serverapp.strategy.Strategy`, whose ``start`` drives
+    the rounds; roster, history, byte counts and checkpoints are the :attr:`recorder`'s.
 
     Callers must register :mod:`flower_focal.client.focal`'s handlers for ``train.embed``,
     ``train.focal`` and ``evaluate.focal`` and give institutions the matching ``secret.ctx``.
@@ -169,7 +191,19 @@ class Focal(FedAvg):
         backbone_input_size: int = 0,
         num_classes: int = 0,
         num_rounds: int = 0,
-        **kwargs: Any,
+        seed: int = 0,
+        fraction_evaluate: float = 1.0,
+        min_evaluate_nodes: int = 2,
+        min_train_replies: int = 1,
+        roster: InstitutionRoster | None = None,
+        history: RunHistory | None = None,
+        checkpoint_dir: Path | None = None,
+        fraction_train: float = 1.0,
+        min_train_nodes: int = 2,
+        min_available_nodes: int = 2,
+        weighted_by_key: str = wire.NUM_EXAMPLES,
+        train_metrics_aggr_fn: MetricsAggregation | None = None,
+        evaluate_metrics_aggr_fn: MetricsAggregation | None = None,
     ) -> None:
         if not isinstance(he_public, PublicContext) or he_public.holds_secret_key:
             raise ValueError(
@@ -191,7 +225,15 @@ class Focal(FedAvg):
             raise ValueError(f"class_weights must be one of {CLASS_WEIGHTS}, got {class_weights!r}")
         if isinstance(steps_per_round, bool) or not isinstance(steps_per_round, int) or steps_per_round < 1:
             raise ValueError(f"steps_per_round must be an int >= 1, got {steps_per_round!r}")
-        super().__init__(**kwargs)
+        self.seed = seed
+        self.fraction_evaluate = fraction_evaluate
+        self.min_evaluate_nodes = min_evaluate_nodes if fraction_evaluate > 0 else 0
+        self.min_train_replies = max(1, min_train_replies)
+        self.weighted_by_key = weighted_by_key
+        self.train_metrics_aggr_fn = train_metrics_aggr_fn or nan_weighted_average
+        self.evaluate_metrics_aggr_fn = evaluate_metrics_aggr_fn or nan_weighted_average
+        del fraction_train, min_train_nodes, min_available_nodes  # every institution, every step
+        self._init_recorder(roster=roster, history=history, checkpoint_dir=checkpoint_dir)
         self.he_public = he_public
         self.evaluator = CkksEvaluator(he_public)
         self.lr = None if lr is None else float(lr)
@@ -220,11 +262,15 @@ class Focal(FedAvg):
         self._standing = 0  # head updates in the current head (applied and not rolled back)
         self._applied = 0  # head updates applied by this process (rolled back or not)
         self._pending = False  # the last update is not yet checked (the rollback point is before it)
+        self._rollback_to = "initial"  # the rollback point: "initial" / "checkpoint" (setup) or "snapshot"
+        self._resumed_after = 0  # the checkpoint's round, when resumed
 
     # ------------------------------------------------------------------ hooks
     def summary(self) -> None:
-        """FedAvg summary plus FOCAL parameters (never keys)."""
-        super().summary()
+        """Sampling and FOCAL parameters (never keys)."""
+        log(INFO, "\t├──> Every institution takes part in every step (min-train-replies %d); evaluate "
+            "%.2f of those with validation embeddings (at least %d); seed %d", self.min_train_replies,
+            self.fraction_evaluate, self.min_evaluate_nodes, self.seed)
         p = self.he_public.preset
         log(INFO, "\t└──> FOCAL: preset %s, fingerprint %s, block %d, step %s, momentum %g, "
             "standardise %s, loss guard %s, %d step(s)/round, class weights %s; server holds no "
@@ -232,14 +278,17 @@ class Focal(FedAvg):
             f"lr {self.lr:g}" if self.lr is not None else f"derived (scale {self.step_scale:g})",
             self.momentum, self.standardize, self.guard_on, self.steps_per_round, self.class_weights)
 
-    def start(self, *args: Any, **kwargs: Any) -> Result:
-        """Flower's round loop; stops the FOCAL server state (worker shards) afterwards."""
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
+              timeout: float = 3600, train_config: ConfigRecord | None = None,
+              evaluate_config: ConfigRecord | None = None, evaluate_fn: Any = None) -> Result:
+        """Flower's round loop (:meth:`RecordingStrategy.start`: the FOCAL server state, its
+        worker shards, is released afterwards); ``num_rounds`` is the run's last round unless
+        the constructor was given one."""
         if not self._num_rounds:
-            self._num_rounds = int(kwargs.get("num_rounds", args[2] if len(args) > 2 else 3))
-        try:
-            return super().start(*args, **kwargs)
-        finally:
-            self.close()
+            self._num_rounds = int(num_rounds)
+        return super().start(grid, initial_arrays, num_rounds=num_rounds, timeout=timeout,
+                             train_config=train_config, evaluate_config=evaluate_config,
+                             evaluate_fn=evaluate_fn)
 
     @classmethod
     def from_key_dir(cls, key_dir: str | Path, **kwargs: Any) -> Focal:
@@ -273,10 +322,6 @@ class Focal(FedAvg):
         """Release the server state (idempotent)."""
         if self._server is not None:
             self._server.close()
-
-    def final_model(self, result: Result) -> ArrayRecord | None:
-        """None: the server never holds the plaintext head."""
-        return None
 
     def final_ciphertext(self, result: Result) -> tuple[ArrayRecord, Any] | None:
         """The encrypted head and its :class:`~flower_focal.focal.FocalLayout`."""
@@ -329,7 +374,6 @@ class Focal(FedAvg):
         if not nodes:
             raise RuntimeError("focal: no institution is known; nothing to train on")
         resumed = wire.FOCAL_HEAD in arrays and arrays[wire.FOCAL_HEAD].stype == wire.HE_STYPE
-        record = self.history.round(server_round)
         if self.standardize:
             self._collect_moments(server_round, nodes, num_classes, grid)
         messages = []
@@ -344,13 +388,13 @@ class Focal(FedAvg):
                 content[wire.ARRAYS] = ArrayRecord({wire.FOCAL_MOMENTS: he_array(self._moments)})
             messages.append(Message(content, dst_node_id=node, message_type=wire.ACTION_EMBED))
         replies = self.roster.sort_replies(
-            grid.send_and_receive(self._count_sent(server_round, messages), timeout=self.exchange_timeout))
+            grid.send_and_receive(self.recorder.count_sent(server_round, messages), timeout=self.exchange_timeout))
         ok: list[tuple[int, int, RecordDict]] = []
         for reply in replies:
             pid = self.roster.label_of(reply.metadata.src_node_id)
-            record.bytes_up += reply_bytes(reply)
+            self.recorder.count_received(server_round, [reply])
             if reply.has_error():
-                record.failures.append(f"embed institution {pid}: {reply.error.reason}")
+                self.recorder.failure(server_round, f"embed institution {pid}: {reply.error.reason}")
                 log(WARNING, "focal: institution %d failed to upload embeddings: %s", pid, reply.error.reason)
                 continue
             ok.append((reply.metadata.src_node_id, pid, reply.content))
@@ -379,20 +423,22 @@ class Focal(FedAvg):
                 if self.class_weights == "balanced":
                     counts.append(he_bytes(content[wire.ARRAYS], wire.FOCAL_CLASS_COUNTS))
             except (CiphertextError, ValueError, KeyError) as exc:
-                record.failures.append(f"embed institution {pid}: rejected ({exc})")
+                self.recorder.failure(server_round, f"embed institution {pid}: rejected ({exc})")
                 log(WARNING, "focal: rejected the embeddings of institution %d: %s", pid, exc)
                 continue
             self._members[node] = name
             self._n_total += int(content[wire.METRICS][wire.NUM_EXAMPLES])
-            self._add_validation(pid, name, content, record)
+            self._add_validation(server_round, pid, name, content)
         if not self._members:
             raise RuntimeError("focal: no institution uploaded usable embeddings")
         if counts:
             self._class_counts = self._sum_counts(counts)
         self._step = (server_round - 1) * self.steps_per_round  # continues after a resume
+        self._rollback_to = "checkpoint" if resumed else "initial"
+        self._resumed_after = server_round - 1 if resumed else 0
         base = derived_step(self.layout, self.step_scale) if self.lr is None else self.lr
         self.guard = LossGuard(lr=base, setting="focal-step-scale" if self.lr is None else "lr")
-        saved = self.history.info.get("focal_guard_state") if resumed else None
+        saved = self.recorder.info.get("focal_guard_state") if resumed else None
         if saved:  # a resumed run continues with the step, reference losses of the killed one;
             for name in ("lr", "first", "prev", "backoffs", "restarts"):
                 setattr(self.guard, name, saved[name])
@@ -402,14 +448,13 @@ class Focal(FedAvg):
             self.guard.resume()  # the checkpointed head is the rollback point (server_setup's snapshot)
         # updates already in the checkpointed head (a checkpoint without the count: assume some)
         self._standing = int(saved.get("standing", 1)) if saved else int(resumed)
-        self.history.info["model_parameters"] = self.layout.d1 * num_classes  # the head W
+        self.recorder.info["model_parameters"] = self.layout.d1 * num_classes  # the head W
         log(INFO, "focal: %d institutions, N=%d samples, layout d=%d K=%d block %d%s",
             len(self._members), self._n_total, dim, num_classes, self.block,
             ", head restored from the checkpoint" if resumed else "")
 
     def _collect_moments(self, server_round: int, nodes: list[int], num_classes: int, grid: Grid) -> None:
         """The statistics exchange: add every institution's encrypted feature moments."""
-        record = self.history.round(server_round)
         messages = []
         for node in nodes:
             config = self._base_config(server_round)
@@ -418,20 +463,20 @@ class Focal(FedAvg):
             messages.append(Message(RecordDict({wire.CONFIG: config}), dst_node_id=node,
                                     message_type=wire.ACTION_EMBED))
         replies = self.roster.sort_replies(
-            grid.send_and_receive(self._count_sent(server_round, messages), timeout=self.exchange_timeout))
+            grid.send_and_receive(self.recorder.count_sent(server_round, messages), timeout=self.exchange_timeout))
         blobs, n, dims = [], 0, set()
         for reply in replies:
             pid = self.roster.label_of(reply.metadata.src_node_id)
-            record.bytes_up += reply_bytes(reply)
+            self.recorder.count_received(server_round, [reply])
             if reply.has_error():
-                record.failures.append(f"statistics institution {pid}: {reply.error.reason}")
+                self.recorder.failure(server_round, f"statistics institution {pid}: {reply.error.reason}")
                 continue
             try:
                 blobs.append(he_bytes(reply.content[wire.ARRAYS], wire.FOCAL_MOMENTS))
                 n += int(reply.content[wire.METRICS][wire.NUM_EXAMPLES])
                 dims.add(int(reply.content[wire.METRICS][wire.EMBED_DIM]))
             except (KeyError, ValueError) as exc:
-                record.failures.append(f"statistics institution {pid}: rejected ({exc})")
+                self.recorder.failure(server_round, f"statistics institution {pid}: rejected ({exc})")
         if not blobs or len(dims) != 1:
             raise RuntimeError(f"focal: no usable feature statistics from the institutions (dimensions "
                                f"{sorted(dims)}; see their ClientApp logs)")
@@ -483,7 +528,7 @@ class Focal(FedAvg):
                 arrays[wire.FOCAL_CLASS_COUNTS] = he_array(self._class_counts)
             messages.append(Message(RecordDict({wire.ARRAYS: arrays, wire.CONFIG: config}),
                                     dst_node_id=node, message_type=wire.ACTION_FOCAL))
-        return self._count_sent(server_round, messages)
+        return self.recorder.count_sent(server_round, messages)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -492,7 +537,7 @@ class Focal(FedAvg):
         self.roster.refresh(grid)
         self._grid = grid
         if wire.FOCAL_HEAD in arrays:
-            self._global = arrays  # the encrypted head as the server holds it (checkpoints)
+            self.recorder.hold(arrays)  # the encrypted head as the server holds it (checkpoints)
         if self._server is None:
             self._setup(server_round, arrays, grid)
         return self._step_messages(server_round, grid)
@@ -502,7 +547,6 @@ class Focal(FedAvg):
         server = self._server
         if server is None:
             raise RuntimeError("focal: the server state is not set up")
-        record = self.history.round(server_round)
         errors: dict[str, bytes] = {}
         contents: dict[str, RecordDict] = {}
         pids: dict[str, int] = {}
@@ -510,11 +554,13 @@ class Focal(FedAvg):
                     if not r.has_error() and r.metadata.src_node_id in self._members
                     and wire.FOCAL_OVERFLOW in r.content.metric_records.get(wire.METRICS, {})]
         if overflow and self.guard is not None:  # the head's logits left the safe range: a rise
+            if not self._pending:  # ... of the rollback point itself: halving cannot change that head
+                raise FocalDiverged(self._overflow_at_rollback_point(overflow))
             self.guard.accept(float("inf"), [self._members[r.metadata.src_node_id] for r in replies
                                              if not r.has_error() and r.metadata.src_node_id in self._members])
             self._restore()
             message = self.guard.log_line()
-            self.history.info.setdefault("focal_guard", []).append(f"step {self._step}: {message}")
+            self.recorder.info.setdefault("focal_guard", []).append(f"step {self._step}: {message}")
             log(WARNING, "focal round %d step %d: %s", server_round, self._step, message)
             self._save_guard_state()
             self._rolled_back = True
@@ -531,22 +577,22 @@ class Focal(FedAvg):
                 errors[name] = he_bytes(reply.content[wire.ARRAYS], wire.FOCAL_ERROR)
                 contents[name], pids[name] = reply.content, pid
             except (ValueError, KeyError) as exc:
-                record.failures.append(f"train institution {pid}: rejected ({exc})")
-                record.train_institutions.pop(pid, None)
+                self.recorder.reject(server_round, pid, f"rejected ({exc})")
         if errors and self.guard_on and self.guard is not None:
             if not self.guard.accept(self._mean_loss(contents), list(errors)):
                 self._restore()  # the loss rose: no update; halved step, momentum restarts
                 message = self.guard.log_line()
-                self.history.info.setdefault("focal_guard", []).append(f"step {self._step}: {message}")
+                self.recorder.info.setdefault("focal_guard", []).append(f"step {self._step}: {message}")
                 log(WARNING, "focal round %d step %d: %s", server_round, self._step, message)
                 self._save_guard_state()
                 self._rolled_back = True
                 return list(contents.values())
             server_snapshot(server)
+            self._rollback_to = "snapshot"
             self._pending = False  # the last update stands: its loss was accepted
         while errors:
             if len(errors) < self.min_train_replies:
-                self._enough_replies(server_round, len(errors))  # records why
+                self.recorder.enough_replies(server_round, len(errors), self.min_train_replies)  # records why
                 return []
             try:
                 server_backward_update(server, errors)
@@ -561,18 +607,35 @@ class Focal(FedAvg):
                 for name in bad:
                     errors.pop(name)
                     contents.pop(name)
-                    record.failures.append(f"train institution {pids[name]}: rejected ({exc})")
-                    record.train_institutions.pop(pids[name], None)
+                    self.recorder.reject(server_round, pids[name], f"rejected ({exc})")
         self._save_guard_state()
         log(INFO, "focal round %d step %d: updated the head with %d of %d institutions",
             server_round, self._step, len(errors), len(self._members))
         return list(contents.values())
 
+    def _overflow_at_rollback_point(self, names: list[str]) -> str:
+        """Why a head whose logits overflow at its rollback point ends the run at once."""
+        who = f"institution(s) {', '.join(names)}"
+        setting = self.guard.setting if self.guard is not None else "focal-step-scale"
+        if self._rollback_to == "checkpoint":
+            where = (self.recorder.checkpoint_dir / CHECKPOINT_FILE if self.recorder.checkpoint_dir
+                     is not None else CHECKPOINT_FILE)
+            return (f"focal: the head restored from the checkpoint {where} (after round "
+                    f"{self._resumed_after}) gives logits beyond CKKS's safe range at {who}; it is the "
+                    "only head to roll back to (no earlier one is kept), so halving the step cannot help. "
+                    f"Start the run again, without resume, with a lower `{setting}`")
+        if self._rollback_to == "initial":
+            return (f"focal: the initial head gives logits beyond CKKS's safe range at {who}, so halving "
+                    "the step cannot help; check the embeddings (NaN/huge features, a wrong backbone)")
+        return (f"focal: the head the loss guard rolls back to gives logits beyond CKKS's safe range at "
+                f"{who} (not present when its loss was accepted), so halving the step cannot help; "
+                f"lower `{setting}` and check that institution's embeddings")
+
     def _save_guard_state(self) -> None:
         """The guard's state in ``metrics.json`` (a resumed run restores it)."""
         g = self.guard
         if g is not None:
-            self.history.info["focal_guard_state"] = {
+            self.recorder.info["focal_guard_state"] = {
                 "lr": g.lr, "first": g.first, "prev": g.prev, "backoffs": g.backoffs,
                 "restarts": g.restarts, "members": list(g.members) if g.members else None,
                 "first_members": list(g.first_members) if g.first_members else None,
@@ -589,7 +652,7 @@ class Focal(FedAvg):
             self._pending = False
 
     def require_progress(self, num_rounds: int) -> None:
-        """FedAvg's check, then: refuse a run in which no head update stands.
+        """The recorder's check, then: refuse a run in which no head update stands.
 
         Raises
         ------
@@ -602,7 +665,7 @@ class Focal(FedAvg):
         """
         super().require_progress(num_rounds)
         if num_rounds <= 0:  # a resumed run with nothing left: its checkpoint must hold a trained head
-            saved = (self.history.info.get("focal_guard_state") or {}).get("standing")
+            saved = (self.recorder.info.get("focal_guard_state") or {}).get("standing")
             if saved == 0:
                 raise FocalDiverged(
                     "focal: the resumed checkpoint holds no head update that stands (that run "
@@ -612,7 +675,7 @@ class Focal(FedAvg):
         if self.layout is None or self._standing > 0:
             return
         guard = self.guard
-        lines = self.history.info.get("focal_guard", [])
+        lines = self.recorder.info.get("focal_guard", [])
         raise FocalDiverged(
             f"focal: every head update of this run was rolled back ({self._applied} applied, none "
             "stands): the institutions' decrypted training loss rose after each, so the head is "
@@ -644,13 +707,13 @@ class Focal(FedAvg):
             return
         over = any(wire.FOCAL_OVERFLOW in c[wire.METRICS] for c in contents.values())
         loss = float("inf") if over else self._mean_loss(contents)
-        self.history.info["final_train_loss"] = loss
+        self.recorder.info["final_train_loss"] = loss
         if not self.guard.final_ok(loss, list(contents)):
             self._restore()
-            self.history.info["final_train_loss"] = self.guard.prev
+            self.recorder.info["final_train_loss"] = self.guard.prev
             message = (f"the last update raised the training loss to {loss:.4g}: the head before it "
                        "is kept")
-            self.history.info.setdefault("focal_guard", []).append(message)
+            self.recorder.info.setdefault("focal_guard", []).append(message)
             log(WARNING, "focal: %s", message)
         else:
             self._pending = False  # the last update stands
@@ -661,7 +724,7 @@ class Focal(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Sum the encrypted errors and update W; run the round's extra steps, if any."""
         replies = self.roster.sort_replies(replies)
-        self._record_replies(server_round, replies, phase="train")
+        self.recorder.record_replies(server_round, replies, phase="train")
         self._rolled_back = False
         accepted = self._update(server_round, replies)
         for _ in range(1, self.steps_per_round):
@@ -670,7 +733,7 @@ class Focal(FedAvg):
             more = self._grid.send_and_receive(self._step_messages(server_round, self._grid),
                                                timeout=self.exchange_timeout)
             more = self.roster.sort_replies(more)
-            self._record_replies(server_round, more, phase="train")
+            self.recorder.record_replies(server_round, more, phase="train")
             accepted = self._update(server_round, more) or accepted
         if self.guard_on and server_round >= self._num_rounds > 0 and (accepted or self._rolled_back):
             self._final_check(server_round)
@@ -682,11 +745,10 @@ class Focal(FedAvg):
         arrays = ArrayRecord({wire.FOCAL_HEAD: he_array(server_export_head(server))})
         metrics = (self.train_metrics_aggr_fn(accepted, self.weighted_by_key) if accepted
                    else MetricRecord({}))  # a rolled-back round: the restored head stands
-        self.history.round(server_round).train = metric_dict(metrics)
-        return self._aggregated(server_round, arrays), metrics
+        return self.recorder.aggregated(server_round, arrays, metrics), metrics
 
     # ------------------------------------------------------------------ evaluate
-    def _add_validation(self, pid: int, name: str, content: RecordDict, record: Any) -> None:
+    def _add_validation(self, server_round: int, pid: int, name: str, content: RecordDict) -> None:
         """Keep a member's encrypted validation embeddings from its embed reply, if it sent
         any (an institution without a validation split sends none and is not evaluated)."""
         arrays = content.array_records.get(wire.ARRAYS)
@@ -695,7 +757,7 @@ class Focal(FedAvg):
         try:
             server_add_validation(self._server, name, he_bytes(arrays, wire.FOCAL_VAL_EMBEDDINGS))
         except (CiphertextError, ValueError) as exc:  # it still trains; it is not evaluated
-            record.failures.append(f"validation institution {pid}: rejected ({exc})")
+            self.recorder.failure(server_round, f"validation institution {pid}: rejected ({exc})")
             log(WARNING, "focal: rejected the validation embeddings of institution %d: %s", pid, exc)
 
     def configure_evaluate(
@@ -722,9 +784,9 @@ class Focal(FedAvg):
             sampled = random.sample(eligible, size)  # Flower's sample_nodes, without its wait
         log(INFO, "focal: evaluating on %d of %d institutions (%d with validation embeddings)",
             len(sampled), len(known), len(eligible))
-        if len(eligible) < len(known) and not self.history.info.get("focal_unevaluated"):
+        if len(eligible) < len(known) and not self.recorder.info.get("focal_unevaluated"):
             missing = [self._members.get(n, f"node {n}") for n in known if n not in eligible]
-            self.history.info["focal_unevaluated"] = [str(m) for m in missing]
+            self.recorder.info["focal_unevaluated"] = [str(m) for m in missing]
             log(WARNING, "focal: %d of %d institutions uploaded no validation embeddings (no "
                 "validation split, a rejected upload or joined after round 1) and are never "
                 "evaluated: %s", len(missing), len(known), ", ".join(map(str, missing[:10])))
@@ -735,6 +797,22 @@ class Focal(FedAvg):
             down = ArrayRecord({wire.FOCAL_LOGITS: he_array(logits)})
             messages.append(Message(RecordDict({wire.ARRAYS: down, wire.CONFIG: self._base_config(server_round)}),
                                     dst_node_id=node, message_type=wire.ACTION_FOCAL_EVALUATE))
-        self.history.round(server_round).timings.update(
-            {wire.FOCAL_EVALUATE_FORWARD_S: forward.wall_s, wire.FOCAL_EVALUATE_FORWARD_CPU_S: forward.cpu_s})
-        return self._count_sent(server_round, messages, phase="evaluate")
+        self.recorder.timings(server_round, {wire.FOCAL_EVALUATE_FORWARD_S: forward.wall_s,
+                                             wire.FOCAL_EVALUATE_FORWARD_CPU_S: forward.cpu_s})
+        return self.recorder.count_sent(server_round, messages, phase="evaluate")
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Each institution's scores and their weighted mean (Flower's reply checks); closes the
+        round and writes the checkpoint."""
+        replies = self.roster.sort_replies(replies)
+        self.recorder.record_replies(server_round, replies, phase="evaluate")
+        valid = [reply.content for reply in replies if not reply.has_error()]
+        if replies:
+            log(INFO, "aggregate_evaluate: Received %s results and %s failures", len(valid),
+                len(replies) - len(valid))
+        metrics = None
+        if valid:
+            validate_message_reply_consistency(valid, self.weighted_by_key, check_arrayrecord=False)
+            metrics = self.evaluate_metrics_aggr_fn(valid, self.weighted_by_key)
+        self.recorder.evaluated(server_round, metrics)
+        return metrics

@@ -48,7 +48,7 @@ from flower_focal import wire
 from flower_focal.crypto import Accumulator, CiphertextError, PublicContext
 from flower_focal.encrypted_model import EncryptedModel
 from flower_focal.grid import PromptGrid
-from flower_focal.history import metric_dict, reply_bytes
+from flower_focal.history import reply_bytes
 from flower_focal.timing import Stopwatch
 from flower_focal.flatten import ArrayLayout
 from flower_focal.strategy.fedavg import FedAvg
@@ -137,13 +137,6 @@ class HEFedAvg(FedAvg):
         Raises ``FileNotFoundError`` naming the file (and how to make it) when it is missing.
         """
         return cls(he_public=PublicContext.from_key_dir(key_dir), **kwargs)
-
-    def start(self, *args, **kwargs) -> Result:
-        """Flower's round loop; stops the server's summing processes afterwards."""
-        try:
-            return super().start(*args, **kwargs)
-        finally:
-            self.close()
 
     def close(self) -> None:
         """Stop the summing pool of ``server_workers`` (idempotent; a later round restarts it)."""
@@ -245,7 +238,6 @@ class HEFedAvg(FedAvg):
 
         Returns the seal replies and, per node, the train reply's content (the app's metrics).
         """
-        record = self.history.round(server_round)
         held: dict[int, RecordDict] = {}
         for reply in replies:
             if reply.has_error():
@@ -259,8 +251,7 @@ class HEFedAvg(FedAvg):
             elif not isinstance(weight, int | float) or not np.isfinite(weight) or weight <= 0:
                 problem = f"invalid {self.weighted_by_key} {weight!r}"
             if problem is not None:
-                record.failures.append(f"train institution {label}: rejected ({problem})")
-                record.train_institutions.pop(label, None)
+                self.recorder.reject(server_round, label, f"rejected ({problem})")
                 continue
             held[reply.metadata.src_node_id] = reply.content
         if not held or self._grid is None:
@@ -277,8 +268,7 @@ class HEFedAvg(FedAvg):
         for reply in sealed:
             if reply.has_error():
                 label = self.roster.label_of(reply.metadata.src_node_id)
-                record.failures.append(f"train institution {label}: seal failed ({reply.error.reason})")
-                record.train_institutions.pop(label, None)
+                self.recorder.reject(server_round, label, f"seal failed ({reply.error.reason})")
         return sealed, held
 
     def _absorb(self, reply: Message) -> Message:
@@ -305,25 +295,22 @@ class HEFedAvg(FedAvg):
         return super().configure_evaluate(server_round, arrays, config, grid)
 
     # ------------------------------------------------------------------ aggregate
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
+    def _aggregate_arrays(
+        self, server_round: int, replies: list[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Finish the round's encrypted sum; rejected replies are logged and left out.
+        """FedAvg's seam: finish the round's encrypted sum; rejected replies are logged and left
+        out (FedAvg's ``aggregate_train`` has recorded the replies and records the outcome).
 
         Replies that :meth:`_absorb` already added on arrival are only accounted for here;
         any other reply (a grid without :class:`PromptGrid`) is checked and added now.
         """
-        replies = self.roster.sort_replies(replies)
-        self._record_replies(server_round, replies, phase="train")
         held: dict[int, RecordDict] | None = None
         if self._weight_norm <= 0:  # sizes were unknown: announce C and collect the ciphertexts
             sealed, held = self._seal(server_round, replies)
             replies = self.roster.sort_replies(sealed)
-            record = self.history.round(server_round)
-            for reply in replies:
-                record.bytes_up += reply_bytes(reply)
+            self.recorder.count_received(server_round, replies)
         stream, self._sum = self._sum or _RoundSum(Accumulator(self.he_public, workers=self.server_workers)), None
-        record = self.history.round(server_round)
+        record = self.recorder.round(server_round)
         accepted = []
         for reply in replies:
             if reply.has_error():
@@ -342,20 +329,19 @@ class HEFedAvg(FedAvg):
             if error is not None:
                 log(WARNING, "he-fedavg round %d: rejected reply of institution %d: %s",
                     server_round, pid, error)
-                record.failures.append(f"train institution {pid}: rejected ({error})")
-                record.train_institutions.pop(pid, None)
+                self.recorder.reject(server_round, pid, f"rejected ({error})")
                 continue
             accepted.append(reply.content if held is None else held[reply.metadata.src_node_id])
         acc, total_weight = stream.acc, stream.weight
         log(INFO, "he-fedavg round %d: summed %d ciphertexts (total weight %.0f)",
             server_round, len(accepted), total_weight)
-        if not self._enough_replies(server_round, len(accepted)):
+        if not self.recorder.enough_replies(server_round, len(accepted), self.min_train_replies):
             return None, None
         norm = self._weight_norm
         serializing = Stopwatch()
         with serializing:
             blob = acc.to_bytes()
-        record.timings.update({
+        self.recorder.timings(server_round, {
             wire.HE_SUM_S: stream.summing.wall_s, wire.HE_SUM_CPU_S: stream.summing.cpu_s,
             wire.HE_SERIALIZE_S: serializing.wall_s, wire.HE_SERIALIZE_CPU_S: serializing.cpu_s,
         })
@@ -363,9 +349,7 @@ class HEFedAvg(FedAvg):
             wire.HE_CIPHERTEXT: wire.he_array(blob),
             wire.HE_WEIGHTS: Array(np.array([norm, total_weight], dtype=np.float64)),
         })
-        metrics = self.train_metrics_aggr_fn(accepted, self.weighted_by_key)
-        self.history.round(server_round).train = metric_dict(metrics)
-        return self._aggregated(server_round, arrays), metrics
+        return arrays, self.train_metrics_aggr_fn(accepted, self.weighted_by_key)
 
     def _add(self, stream: _RoundSum, reply: Message) -> None:
         """Check a reply and add its ciphertext and its weight to the round's sum.

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from flwr.serverapp.strategy import Strategy
 
 from flower_focal.config import RunConfig
+from flower_focal.strategy.base import RecordingStrategy
 from flower_focal.strategy.fedavg import FedAvg
 from flower_focal.strategy.specs import STRATEGY_SPECS, strategy_spec
 
@@ -92,10 +93,11 @@ STRATEGIES: dict[str, Callable[[RunConfig], Strategy]] = {
 }
 
 
-def core_strategy(strategy: Strategy) -> FedAvg:
-    """The flower-focal strategy inside any wrappers (e.g. Flower's DP wrappers)."""
+def core_strategy(strategy: Strategy) -> RecordingStrategy:
+    """The flower-focal strategy inside any wrappers (e.g. Flower's DP wrappers): what the
+    server talks to (:class:`~flower_focal.strategy.base.RecordingStrategy`)."""
     inner = strategy
-    while not isinstance(inner, FedAvg):
+    while not isinstance(inner, RecordingStrategy):
         inner = getattr(inner, "strategy", None)
         if inner is None:
             raise TypeError(f"{type(strategy).__name__} wraps no flower-focal strategy")
