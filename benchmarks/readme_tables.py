@@ -205,9 +205,16 @@ def render_he_fedavg_pathmnist() -> str:
     preset = doc["settings"]["presets"][0]
     labels = {"fedavg": "fedavg", "he-fedavg": f"he-fedavg (`{preset}`)",
               "fedavg-lr-1e-7-perturbed": "fedavg, lr × (1 + 1e-7) (control)"}
-    rows = [[label, f"{doc['pathmnist'][key]['val_auroc_macro']:.3f}", f"{doc['pathmnist'][key]['val_accuracy']:.2f}"]
+    runs = doc["pathmnist"]
+    rows = [[label, f"{runs[key]['val_auroc_macro']:.3f}", f"{runs[key]['val_accuracy']:.2f}"]
             for key, label in labels.items()]
-    return md_table(["run", "val macro AUROC", "val accuracy"], rows)
+
+    def diff(key: str) -> str:
+        return (f"AUROC {runs[key]['val_auroc_macro'] - runs['fedavg']['val_auroc_macro']:+.3f}, "
+                f"accuracy {runs[key]['val_accuracy'] - runs['fedavg']['val_accuracy']:+.2f}")
+
+    return md_table(["run", "val macro AUROC", "val accuracy"], rows) + (
+        f"\nAgainst fedavg: he-fedavg {diff('he-fedavg')}; the control {diff('fedavg-lr-1e-7-perturbed')}.\n")
 
 
 def render_server_sum() -> str:
@@ -243,6 +250,31 @@ def render_comparison_example() -> str:
                      fmt_bytes(run["bytes_down_per_round_per_institution"]),
                      fmt_bytes(run["bytes_up_total"] + run["bytes_down_total"]), leakage])
     return md_table(list(SUMMARY_HEADER), rows)
+
+
+def render_comparison_audits() -> str:
+    """The example command's time and what its audits' attacks reconstructed."""
+    doc = load("comparison-example.json")
+    prov, audits = doc["provenance"], doc["audits"]
+    loads = [line.split("load average: ")[1].split(",")[0] for line in prov["uptime_before_after"]]
+    attacks, found = [], []
+    for label, a in audits.items():
+        for side, who in ((a, "the server"), (a["institution_side"] or {}, "an institution")):
+            if side.get("attackable") and side.get("ssim"):
+                attacks.append(f"{label.split(' (')[0]}'s by {who} {side['attack_s']:.0f} s")
+                found.append(f"{label.split(' (')[0]} attacked by {who} {min(side['ssim']):.2f}–{max(side['ssim']):.2f}")
+    none = [label.split(" (")[0] for label, a in audits.items()
+            if not a.get("attackable") and not (a["institution_side"] or {}).get("attackable")]
+    threshold = {a["ssim_threshold"] for a in audits.values()}.pop()
+    leaked = any(a["leakage_rate"] or (a["institution_side"] or {}).get("leakage_rate") for a in audits.values())
+    at_audits = ", ".join(f"{a['load_avg'][0]:.1f}" for a in audits.values())
+    text = (f"The whole command took {prov['command_wall_s']} s on the 2 shared cores (load average "
+            f"{float(loads[0]):.1f} at the start, {at_audits} when the audits ended, {float(loads[-1]):.1f} at the end), "
+            f"of which {sum(a['wall_time_s'] for a in audits.values()):.0f} s the audits "
+            f"(attacks: {', '.join(attacks)}). Reconstruction SSIM: {'; '.join(found)}: "
+            + (f"no sample reached {threshold}, so none counts as leaked" if not leaked else "some samples leaked")
+            + (f"; {' and '.join(none)}: no image gradient to attack, for the server or an institution." if none else "."))
+    return textwrap.fill(text, 96) + "\n"
 
 
 # ------------------------------------------------------------------ results: FOCAL scale
@@ -555,6 +587,10 @@ TABLES: dict[str, Table] = {
     "deployment": Table("results", render_deployment, ("deployment-before.json", "deployment.json")),
     "deployment-messages": Table("results", render_deployment_messages,
                                  ("deployment-before.json", "deployment.json")),
+    "comparison-example": Table("results", render_comparison_example,
+                                ("comparison-example.json", "flower_focal/compare.py")),
+    "comparison-audits": Table("results", render_comparison_audits, ("comparison-example.json",)),
+    "he-fedavg-pathmnist": Table("results", render_he_fedavg_pathmnist, ("he_fedavg-pathmnist.json",)),
     "focal-scale": Table("results", render_focal_scale, ("focal_scale-before.json", "focal_scale.json")),
     "he-presets": Table("results", render_he_presets, ("crypto_presets.json", "flower_focal/crypto/params.py")),
     "gpu-path": Table("results", render_gpu_path, ("gpu_path.json",)),
