@@ -21,7 +21,7 @@ import statistics
 import subprocess
 import sys
 
-from _common import ROOT, emit, loadavg
+from _common import ROOT, emit, loadavg, machine
 
 CASES = {
     "flwr_s": "import flwr.clientapp",
@@ -44,7 +44,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    result: dict[str, object] = {"loadavg_before": loadavg()}
+    result: dict[str, object] = {"benchmark": "client_imports", "machine": machine(), "settings": vars(args),
+                                 "loadavg_before": loadavg()}
     for name, stmt in CASES.items():
         runs = [measure(stmt) for _ in range(args.repeats)]
         result[name] = round(statistics.median(r[0] for r in runs), 3)

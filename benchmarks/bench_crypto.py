@@ -166,11 +166,14 @@ def main(argv: list[str] | None = None) -> None:
 
     sizes = [args.params] + ([11_000_000] if args.large else [])
     out: dict[str, Any] = {
+        "benchmark": "crypto_presets",
+        "settings": vars(args),
         "machine": {
             "cpus": os.cpu_count(),
             "loadavg_start": [round(v, 2) for v in os.getloadavg()],
             "python": platform.python_version(),
             "platform": platform.platform(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
         "results": [],
     }

@@ -35,6 +35,7 @@ import json
 import re
 import statistics
 import sys
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,6 +198,25 @@ def render_he_fedavg_time_split() -> str:
           _s(t["cpu_overhead_s_per_round"])]])
 
 
+def render_he_fedavg_pathmnist() -> str:
+    """``bench_he_fedavg.py --auroc-rounds 20`` part 3: PathMNIST validation macro AUROC and
+    accuracy of fedavg, he-fedavg and the control (fedavg, lr x (1 + 1e-7))."""
+    doc = load("he_fedavg-pathmnist.json")
+    preset = doc["settings"]["presets"][0]
+    labels = {"fedavg": "fedavg", "he-fedavg": f"he-fedavg (`{preset}`)",
+              "fedavg-lr-1e-7-perturbed": "fedavg, lr × (1 + 1e-7) (control)"}
+    runs = doc["pathmnist"]
+    rows = [[label, f"{runs[key]['val_auroc_macro']:.3f}", f"{runs[key]['val_accuracy']:.2f}"]
+            for key, label in labels.items()]
+
+    def diff(key: str) -> str:
+        return (f"AUROC {runs[key]['val_auroc_macro'] - runs['fedavg']['val_auroc_macro']:+.3f}, "
+                f"accuracy {runs[key]['val_accuracy'] - runs['fedavg']['val_accuracy']:+.2f}")
+
+    return md_table(["run", "val macro AUROC", "val accuracy"], rows) + (
+        f"\nAgainst fedavg: he-fedavg {diff('he-fedavg')}; the control {diff('fedavg-lr-1e-7-perturbed')}.\n")
+
+
 def render_server_sum() -> str:
     """``bench_server_sum.py``: the server's check + add per 11 M upload against numpy's
     weighted sum of the same update, by ``he-server-workers`` and institution count."""
@@ -211,6 +231,196 @@ def render_server_sum() -> str:
                          f"{w['round_s']:.1f} s", same])
     return md_table(["institutions", "he-server-workers", "check + add per upload", "numpy weighted sum",
                      "ratio", "round (all adds)", "sum byte-identical to 1 worker"], rows)
+
+
+# ------------------------------------------------------------- results: comparison report
+def render_comparison_example() -> str:
+    """The summary table of ``flower-focal report`` for the README's example multirun, from
+    the ``report.json`` it wrote (``comparison-example.json``), in the report's own format
+    (:data:`flower_focal.compare.SUMMARY_HEADER`, its number and byte formatting)."""
+    from flower_focal.compare import SUMMARY_HEADER, _num, fmt_bytes
+
+    rows = []
+    for run in load("comparison-example.json")["report"]["runs"]:
+        leak = run["leakage"]
+        leakage = "not audited" if leak is None else (
+            _num(leak["leakage_rate"], 2) + ("" if leak["attackable"] else " (server holds only ciphertexts)"))
+        rows.append([run["label"], run["status"], _num(run["final_accuracy"]), _num(run["final_auroc"]),
+                     _num(run["wall_time_s"], 1), fmt_bytes(run["bytes_up_per_round_per_institution"]),
+                     fmt_bytes(run["bytes_down_per_round_per_institution"]),
+                     fmt_bytes(run["bytes_up_total"] + run["bytes_down_total"]), leakage])
+    return md_table(list(SUMMARY_HEADER), rows)
+
+
+def render_comparison_audits() -> str:
+    """The example command's time and what its audits' attacks reconstructed."""
+    doc = load("comparison-example.json")
+    prov, audits = doc["provenance"], doc["audits"]
+    loads = [line.split("load average: ")[1].split(",")[0] for line in prov["uptime_before_after"]]
+    attacks, found = [], []
+    for label, a in audits.items():
+        for side, who in ((a, "the server"), (a["institution_side"] or {}, "an institution")):
+            if side.get("attackable") and side.get("ssim"):
+                attacks.append(f"{label.split(' (')[0]}'s by {who} {side['attack_s']:.0f} s")
+                found.append(f"{label.split(' (')[0]} attacked by {who} {min(side['ssim']):.2f}–{max(side['ssim']):.2f}")
+    none = [label.split(" (")[0] for label, a in audits.items()
+            if not a.get("attackable") and not (a["institution_side"] or {}).get("attackable")]
+    threshold = {a["ssim_threshold"] for a in audits.values()}.pop()
+    leaked = any(a["leakage_rate"] or (a["institution_side"] or {}).get("leakage_rate") for a in audits.values())
+    at_audits = ", ".join(f"{a['load_avg'][0]:.1f}" for a in audits.values())
+    text = (f"The whole command took {prov['command_wall_s']} s on the 2 shared cores (load average "
+            f"{float(loads[0]):.1f} at the start, {at_audits} when the audits ended, {float(loads[-1]):.1f} at the end), "
+            f"of which {sum(a['wall_time_s'] for a in audits.values()):.0f} s the audits "
+            f"(attacks: {', '.join(attacks)}). Reconstruction SSIM: {'; '.join(found)}: "
+            + (f"no sample reached {threshold}, so none counts as leaked" if not leaked else "some samples leaked")
+            + (f"; {' and '.join(none)}: no image gradient to attack, for the server or an institution." if none else "."))
+    return textwrap.fill(text, 96) + "\n"
+
+
+# ------------------------------------------------------------------ results: FOCAL scale
+def _focal_scale_eval_mib(before: dict, after: dict) -> float:
+    """Evaluation's share of a before round's bytes down. The before tree did not record it;
+    training sends the same bytes before and after, so it is the before round's bytes down
+    less the after round's training share (its bytes down less its evaluation's)."""
+    return before["bytes_down_mib"] - (after["bytes_down_mib"] - after["evaluate_bytes_down_mib"])
+
+
+def _load_range(doc: dict) -> tuple[float, float]:
+    """The 1-minute load average from a run's first start to its last end."""
+    runs = doc["results"]
+    return min(r["loadavg_before"][0] for r in runs), max(r["loadavg_after"][0] for r in runs)
+
+
+def render_focal_scale() -> str:
+    """``bench_focal_scale.py --institutions 10 100 --rounds 2`` on the tree before evaluation
+    by validation logits (``focal_scale-before.json``) and after (``focal_scale.json``), and a
+    paragraph on the largest run: metrics before and after, replies, forward time, memory, load."""
+    before, after = load("focal_scale-before.json"), load("focal_scale.json")
+    rows = []
+    for b, a in zip(before["results"], after["results"], strict=True):
+        if b["institutions"] != a["institutions"]:
+            raise ValueError("focal_scale: the before and after runs have different institution counts")
+        (b1, b2), (a1, a2) = b["rounds"], a["rounds"]
+        rows.append([str(a["institutions"]),
+                     f"{_focal_scale_eval_mib(b2, a2):.1f} → {a2['evaluate_bytes_down_mib']:.3g} MiB",
+                     f"{b2['wall_s']:.1f} → {a2['wall_s']:.1f} s",
+                     f"{b1['bytes_up_mib']:.1f} → {a1['bytes_up_mib']:.1f} MiB, "
+                     f"{b1['wall_s']:.1f} → {a1['wall_s']:.1f} s"])
+    big_b, big_a = before["results"][-1], after["results"][-1]
+    n, rounds = big_a["institutions"], big_a["rounds"]
+    same = all((rb["val_auroc"], rb["val_accuracy"]) == (ra["val_auroc"], ra["val_accuracy"])
+               for rb, ra in zip(big_b["rounds"], rounds, strict=True))
+    answered = all(r["train_replies"] == r["evaluate_replies"] == n and not r["failures"] for r in rounds)
+    load_b, load_a = _load_range(before), _load_range(after)
+    fairness = ("so the wall times favour the after run" if sum(load_b) > sum(load_a) else
+                "so the wall times favour the before run" if sum(load_b) < sum(load_a) else "")
+    text = (
+        f"The validation metrics are {'identical' if same else '**not** identical'} before and after ({n} "
+        "institutions: AUROC " + " and ".join(f"{r['val_auroc']:.3f}" for r in rounds)
+        + " after rounds " + " and ".join(str(r["round"]) for r in rounds)
+        + ", accuracy " + " and ".join(f"{r['val_accuracy']:.2f}" for r in rounds)
+        + f", {big_a['final_val_examples']} images); "
+        + (f"all {n} answered every exchange" if answered else "**not every institution answered**")
+        + f"; the server's forward passes on the validation embeddings took "
+        f"{rounds[-1]['evaluate_server_forward_s']:.1f} s of each round at {n}; peak RSS of the run's "
+        f"process tree (SuperLink, Ray workers, ServerApp) {big_a['peak_rss_gib']:.2f} GiB "
+        f"({big_b['peak_rss_gib']:.2f} before). Load average (1 min) {load_b[0]:.1f}–{load_b[1]:.1f} during "
+        f"the before run, {load_a[0]:.1f}–{load_a[1]:.1f} during the after run on the 2 shared cores"
+        + (f", {fairness}." if fairness else "."))
+    return md_table(["institutions", "evaluation bytes down per round", "round 2 wall time",
+                     "round 1 (embed exchange): bytes up, wall time"], rows) + "\n" + textwrap.fill(text, 96) + "\n"
+
+
+# ------------------------------------------------------------------- results: HE presets
+PRESET_ROWS = {"compact": ("", ""), "ckks": ("", ""), "bfv": ("", "exact sums of up to 1000 uploads"),
+               "nvflare": (" (NVIDIA FLARE's)", "for comparison")}  # preset: (scheme suffix, notes)
+BACKEND_NAMES = {"seal-ckks": "SEAL CKKS", "tenseal-ckks": "TenSEAL CKKS", "tenseal-bfv": "TenSEAL BFV"}
+
+
+def _scheme_text(preset) -> str:
+    """A preset's parameters in words, from :class:`~flower_focal.crypto.params.HEPreset`."""
+    bits = preset.coeff_mod_bit_sizes
+    parts = [BACKEND_NAMES.get(preset.backend, preset.backend), f"N={preset.poly_modulus_degree}",
+             f"one {bits[0]}-bit prime" if len(bits) == 1 else "[" + ",".join(str(b) for b in bits) + "]"]
+    if preset.plain_modulus_bits is not None:
+        parts += [f"{preset.plain_modulus_bits}-bit plain modulus", f"{preset.fixed_point_bits}-bit fixed point"]
+    else:
+        parts.append(f"2^{preset.scale_bits}")
+    parts.append("seeded symmetric" if preset.seeded else "symmetric")
+    if preset.complex_packing:
+        parts.append("2 reals/slot")
+    return ", ".join(parts)
+
+
+def _sci(value: float) -> str:
+    mantissa, exponent = f"{value:.1e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def render_he_presets() -> str:
+    """``bench_crypto.py`` (bytes per parameter and relative error of a 10-upload sum at its
+    ``--params``); scheme and value range from the presets themselves (``crypto/params.py``)."""
+    from flower_focal.config import RunConfig
+    from flower_focal.crypto import PRESETS
+
+    doc = load("crypto_presets.json")
+    size = doc["settings"]["params"]
+    measured = {r["preset"]: r for r in doc["results"] if r["params"] == size}
+    default = RunConfig().he_preset
+    rows = []
+    for name, (suffix, notes) in PRESET_ROWS.items():
+        preset, r = PRESETS[name], measured[name]
+        error = _sci(r["rel_error"]) + (" (quantisation)" if preset.plain_modulus_bits is not None else "")
+        rows.append([f"`{name}`" + (" (default)" if name == default else ""), _scheme_text(preset) + suffix,
+                     f"{r['upload_bytes_per_param']:.3g}", f"{r['download_bytes_per_param']:.3g}", error,
+                     f"±{preset.max_abs_value:g}", notes])
+    return md_table(["preset", "scheme", "upload B/param", "download B/param", "rel. error", "value range",
+                     "notes"], rows)
+
+
+# ------------------------------------------------------------------------ results: GPU
+def render_gpu_path() -> str:
+    """``bench_gpu_path.py --device cuda`` on an H200 (a transcription: no GPU here)."""
+    rows = []
+    for r in load("gpu_path.json")["rows"]:
+        now = r.get("train_local_img_s", r.get("end_to_end_img_s"))
+        raw = r.get("raw_loop_img_s", r.get("raw_net_img_s"))
+        path = r["path"] + (f" (build {r['dataset_build_s']:g} s for {r['n']:,})" if "n" in r else "")
+        now_text = f"{now:,} img/s" + (f" (embedding alone {r['embed_img_s']:,})" if "embed_img_s" in r else "")
+        raw_text = (f"{raw:,}" + (f" ({r['raw_note']})" if "raw_note" in r else "")
+                    + (f"; fp32 loop {r['raw_fp32_loop_img_s']:,}" if "raw_fp32_loop_img_s" in r else ""))
+        share = f"**{r['share_of_raw']:.2f}**" if r.get("headline") else f"{r['share_of_raw']:.2f}"
+        if "target" in r:
+            share += f" ({r['target']}{'' if r['target_met'] else ': missed'})"
+        rows.append([path, f"{r['before_img_s']:,} img/s", now_text, raw_text, share])
+    return md_table(["path", "before", "now", "raw, same run", "share of raw (target)"], rows)
+
+
+# --------------------------------------------------------------- results: client imports
+def render_client_imports() -> str:
+    """``bench_client_imports.py``: median import seconds in fresh interpreters, on the tree
+    before the ClientApp's imports were made lazy (``client_imports-before.json``) and now."""
+    before, after = load("client_imports-before.json"), load("client_imports.json")
+
+    def cell(doc: dict, case: str, first_message: bool = False) -> str:
+        torch, monai = doc[f"{case}_imports_torch"], doc[f"{case}_imports_monai"]
+        note = "torch + MONAI" if torch and monai else "torch" if torch else "MONAI" if monai else ""
+        if torch and not monai and first_message:
+            note += ("; MONAI only in the first message of an institution, which builds its data: see the "
+                     "per-message table below")
+        if case == "client_app" and not note:
+            note = f"of which flwr {doc['flwr_s']:.1f}"
+        return f"{doc[f'{case}_s']:.2f} s" + (f" ({note})" if note else "")
+
+    def load_text(doc: dict) -> str:
+        return f"{doc['loadavg_before'][0]:.1f} / {doc['loadavg_after'][0]:.1f}"
+
+    return md_table(["import", "before", "after"], [
+        ["`import clients.client_app`", cell(before, "client_app"), cell(after, "client_app")],
+        ["what a FOCAL step / evaluation needs", cell(before, "focal_step"), cell(after, "focal_step")],
+        ["what a fedavg / he-fedavg train message needs", cell(before, "train"), cell(after, "train", True)],
+    ]) + (f"\nLoad average (1 min) at start / end on the 2 shared cores: {load_text(before)} before, "
+          f"{load_text(after)} after.\n")
 
 
 # ------------------------------------------------------------------ results: deployment
@@ -386,6 +596,14 @@ TABLES: dict[str, Table] = {
     "deployment": Table("results", render_deployment, ("deployment-before.json", "deployment.json")),
     "deployment-messages": Table("results", render_deployment_messages,
                                  ("deployment-before.json", "deployment.json")),
+    "comparison-example": Table("results", render_comparison_example,
+                                ("comparison-example.json", "flower_focal/compare.py")),
+    "comparison-audits": Table("results", render_comparison_audits, ("comparison-example.json",)),
+    "he-fedavg-pathmnist": Table("results", render_he_fedavg_pathmnist, ("he_fedavg-pathmnist.json",)),
+    "focal-scale": Table("results", render_focal_scale, ("focal_scale-before.json", "focal_scale.json")),
+    "he-presets": Table("results", render_he_presets, ("crypto_presets.json", "flower_focal/crypto/params.py")),
+    "gpu-path": Table("results", render_gpu_path, ("gpu_path.json",)),
+    "client-imports": Table("results", render_client_imports, ("client_imports-before.json", "client_imports.json")),
 }
 
 

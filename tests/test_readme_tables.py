@@ -88,14 +88,28 @@ def test_every_results_file_says_where_it_came_from():
             assert "settings" in doc and "machine" in doc, name
 
 
-def test_the_pasted_comparison_example_has_the_reports_columns():
-    # The example report table is a measured run's (610 s, real data, audits; not kept), so it is
-    # pasted: at least its columns must be the ones `flower-focal report` writes today.
+def test_the_comparison_example_is_the_reports_own_summary_table():
+    # The example is rendered from the report.json its command wrote; the summary table that
+    # run's report.md held is stored next to it, so the renderer must reproduce it cell for cell
+    # (and the columns are the ones `flower-focal report` writes today).
     from flower_focal.compare import SUMMARY_HEADER
 
-    section = (ROOT / "README.md").read_text().split("Example: the summary table of a report", 1)[1]
-    lines = section.splitlines()
-    start = next(k for k, line in enumerate(lines) if line.startswith("| strategy |"))
-    table = lines[start:start + next(k for k, line in enumerate(lines[start:]) if not line.startswith("|"))]
-    assert table[0] == "| " + " | ".join(SUMMARY_HEADER) + " |"
-    assert all(line.count(" | ") == len(SUMMARY_HEADER) - 1 for line in table[2:]) and len(table) >= 5
+    doc = json.loads((ROOT / "benchmarks" / "results" / "comparison-example.json").read_text())
+    rendered = readme_tables.render_comparison_example().splitlines()
+    assert rendered[0] == "| " + " | ".join(SUMMARY_HEADER) + " |"
+    assert rendered == doc["report_md_summary"]
+    assert len(rendered) == 2 + len(doc["report"]["runs"]) >= 5
+
+
+def test_focal_scale_before_evaluation_bytes_are_consistent():
+    # The tree before evaluation by logits did not record evaluation's bytes; the renderer takes
+    # them as the before round's bytes down less the after round's training share. Evaluation
+    # sent the same (the head and feature moments, ~8.0 MiB per institution) in every round, so
+    # the derivation must give the same figure for both rounds.
+    results = ROOT / "benchmarks" / "results"
+    before = json.loads((results / "focal_scale-before.json").read_text())["results"]
+    after = json.loads((results / "focal_scale.json").read_text())["results"]
+    for b, a in zip(before, after, strict=True):
+        derived = [readme_tables._focal_scale_eval_mib(rb, ra) for rb, ra in zip(b["rounds"], a["rounds"], strict=True)]
+        assert max(derived) - min(derived) <= 0.2, derived
+        assert abs(derived[0] / a["institutions"] - 8.0) < 0.1, derived
