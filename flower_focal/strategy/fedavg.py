@@ -8,7 +8,10 @@ needs around it:
 * per-institution and federation metrics for every round in a :class:`RunHistory`,
 * NaN-aware weighted metric averaging (an institution whose validation split lacks a class
   reports an undefined AUROC, which must not poison the federation mean),
-* bytes sent and received per round.
+* bytes sent and received per round,
+* an optional server optimiser, FedAvgM (``server_momentum``, ``server_lr``): the same math as
+  Flower's :class:`flwr.serverapp.strategy.FedAvgM` (:class:`flower_focal.server_opt.ServerOpt`),
+  with the momentum checkpointed so that a resumed run continues it.
 
 HE-FedAvg and FOCAL build on it, so every strategy reports the same way.
 """
@@ -19,7 +22,8 @@ from collections.abc import Iterable
 from logging import INFO, WARNING
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.serverapp.strategy import Result
@@ -30,6 +34,7 @@ from flower_focal.checkpoint import Checkpoint, save_checkpoint
 from flower_focal.history import RunHistory, array_bytes, metric_dict, reply_bytes
 from flower_focal.metrics import nan_weighted_average
 from flower_focal.flatten import ArrayLayout
+from flower_focal.server_opt import ServerOpt
 from flower_focal.strategy.roster import InstitutionRoster, OrderedGrid, seeded_random, short_reason
 
 
@@ -54,6 +59,9 @@ class FedAvg(FlowerFedAvg):
         so in the history) instead of averaging too few institutions.
     checkpoint_dir : Path, optional
         Where ``checkpoint.npz`` is written atomically at the end of every round.
+    server_momentum, server_lr : float
+        FedAvgM: ``w' = w - server_lr * m'`` with ``m' = server_momentum * m + (w - avg)``
+        (Flower's ``FedAvgM``); the defaults 0 and 1 are plain FedAvg (the step is skipped).
     **fedavg_kwargs
         Forwarded unchanged to :class:`flwr.serverapp.strategy.FedAvg`
         (``fraction_train``, ``min_available_nodes``, ...). Metric aggregation defaults to
@@ -71,6 +79,8 @@ class FedAvg(FlowerFedAvg):
         history: RunHistory | None = None,
         min_train_replies: int = 1,
         checkpoint_dir: Path | None = None,
+        server_momentum: float = 0.0,
+        server_lr: float = 1.0,
         **fedavg_kwargs,
     ) -> None:
         fedavg_kwargs.setdefault("train_metrics_aggr_fn", nan_weighted_average)
@@ -81,7 +91,10 @@ class FedAvg(FlowerFedAvg):
         self.history = history if history is not None else RunHistory(strategy=self.name)
         self.min_train_replies = max(1, min_train_replies)
         self.checkpoint_dir = checkpoint_dir
+        self.server_opt = ServerOpt(server_momentum, server_lr)
         self._global: ArrayRecord | None = None  # what the server holds after the last round
+        self._round_start: ArrayRecord | None = None  # the global the current round trains from
+        self._velocity: dict[str, np.ndarray] | None = None  # FedAvgM momentum (None: not started)
         self.rounds_aggregated = 0  # rounds whose training produced a new global model
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
@@ -128,10 +141,24 @@ class FedAvg(FlowerFedAvg):
         """Log Flower's FedAvg summary plus the sampling seed."""
         super().summary()
         log(INFO, "\t└──> Sampling seed: %d (partition-ordered, reproducible)", self.seed)
+        if self.server_opt.active:
+            log(INFO, "\t└──> Server optimiser FedAvgM: momentum %g, server lr %g",
+                self.server_opt.momentum, self.server_opt.lr)
 
     def bind_initial_model(self, arrays: ArrayRecord) -> None:
         """Called with the (public) initial model before the first round, also on resume."""
         self._global = arrays
+
+    def server_state(self) -> ArrayRecord:
+        """What a checkpoint must hold besides the global model for the server optimiser to
+        continue after a resume (fedavg: the FedAvgM momentum; empty without one)."""
+        if self._velocity is None:
+            return ArrayRecord()
+        return ArrayRecord({k: Array(np.asarray(v)) for k, v in self._velocity.items()})
+
+    def restore_server_state(self, state: ArrayRecord) -> None:
+        """Continue from a checkpoint's :meth:`server_state`."""
+        self._velocity = {k: a.numpy() for k, a in state.items()} if len(state) else None
 
     def final_model(self, result: Result) -> ArrayRecord | None:
         """The plaintext global model the server may write to disk (HE strategies: None)."""
@@ -151,12 +178,16 @@ class FedAvg(FlowerFedAvg):
     ) -> Iterable[Message]:
         """Flower's FedAvg sampling, made deterministic; counts bytes sent."""
         self.roster.refresh(grid)
-        self._global = arrays
+        self._global = self._round_start = arrays
         with seeded_random(self.seed, server_round, "train"):
             messages = list(
                 super().configure_train(server_round, arrays, config, OrderedGrid(grid, self.roster))
             )
-        return self._count_sent(server_round, messages)
+        return self._count_sent(server_round, self._train_messages(messages))
+
+    def _train_messages(self, messages: list[Message]) -> list[Message]:
+        """The round's training messages before they are counted and sent (subclasses add to them)."""
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -168,7 +199,18 @@ class FedAvg(FlowerFedAvg):
             return None, None
         arrays, metrics = super().aggregate_train(server_round, replies)
         self.history.round(server_round).train = metric_dict(metrics)
+        if arrays is not None and self.server_opt.active:
+            arrays = self._server_step(arrays)
         return self._aggregated(server_round, arrays), metrics
+
+    def _server_step(self, average: ArrayRecord) -> ArrayRecord:
+        """FedAvgM from the global this round trained from to the new one (Flower's math)."""
+        if self._round_start is None:
+            raise RuntimeError("server optimiser: aggregate_train ran before configure_train")
+        old = {k: a.numpy() for k, a in self._round_start.items()}
+        new, self._velocity = self.server_opt.step(old, {k: a.numpy() for k, a in average.items()},
+                                                   self._velocity)
+        return ArrayRecord({k: Array(new[k]) for k in average.keys()})
 
     def _aggregated(self, server_round: int, arrays: ArrayRecord | None) -> ArrayRecord | None:
         """Bookkeeping of a round's aggregate (``None``: the round failed, the model stays)."""
@@ -203,7 +245,8 @@ class FedAvg(FlowerFedAvg):
         self.history.close_round(server_round)
         if self.checkpoint_dir is not None and self._global is not None:
             save_checkpoint(self.checkpoint_dir, Checkpoint(
-                server_round, self._global, self.history.to_json(), self.history.config))
+                server_round, self._global, self.history.to_json(), self.history.config,
+                self.server_state()))
         return metrics
 
     # ------------------------------------------------------------------ helpers
