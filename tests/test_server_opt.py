@@ -22,6 +22,7 @@ from flower_focal.server import run_server
 from flower_focal.server_opt import ServerOpt
 from flower_focal.strategy import build_strategy
 from flower_focal.strategy.fedavg import FedAvg
+from flower_focal.strategy.he_fedavg import HEFedAvg
 from flower_focal.testing import LoopbackGrid
 from tests.conftest import make_reply
 
@@ -203,3 +204,27 @@ def test_resume_continues_the_server_momentum(tmp_path, key_dir, strategy):
         assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical
     else:
         assert _max_diff(a, b) <= 1e-5
+
+
+def test_sealed_rounds_apply_the_server_momentum_like_fedavg_and_flowers_fedavgm(key_dir):
+    """An app without the describe query (every he-fedavg round sealed in a second exchange:
+    the institutions hold x_i, not w_i, until C is known): he-fedavg = fedavg = Flower's FedAvgM."""
+    from tests.test_dropin import RUN_CONFIG, initial, quickstart_app
+
+    config = {**RUN_CONFIG, "he-key-dir": str(key_dir)}
+    kwargs = dict(fraction_train=1.0, min_available_nodes=3)
+    opt = dict(server_momentum=BETA, server_lr=SERVER_LR)
+    flower = FedAvgM(server_momentum=BETA, server_learning_rate=SERVER_LR, **kwargs).start(
+        LoopbackGrid(quickstart_app(he=False), 3, config), initial(), num_rounds=3)
+    plain = FedAvg(**kwargs, **opt).start(LoopbackGrid(quickstart_app(he=False), 3, config), initial(), num_rounds=3)
+    momentum_free = FedAvg(**kwargs).start(LoopbackGrid(quickstart_app(he=False), 3, config), initial(),
+                                           num_rounds=3)
+    he_grid = LoopbackGrid(quickstart_app(he=True), 3, config)
+    strategy = HEFedAvg.from_key_dir(key_dir, **kwargs, **opt)
+    decrypted = strategy.encrypted_model(strategy.start(he_grid, initial(), num_rounds=3)).decrypt(key_dir)
+    for name in ("w", "b"):
+        np.testing.assert_allclose(plain.arrays[name].numpy(), flower.arrays[name].numpy(), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(decrypted[name].numpy(), plain.arrays[name].numpy(), rtol=0, atol=1e-5)
+    assert np.abs(plain.arrays["w"].numpy() - momentum_free.arrays["w"].numpy()).max() > 1e-2
+    seals = [m for m in he_grid.sent if next(iter(m.content.config_records.values()), {}).get(wire.HE_SEAL)]
+    assert len(seals) == 3 * 3
