@@ -86,6 +86,36 @@ def test_the_institutions_targets_sum_to_the_fedavgm_step_and_give_back_the_mome
                                first["x"], rtol=0, atol=1e-12)
 
 
+def test_normalisation_statistics_are_averaged_not_stepped_on_the_server_and_under_he():
+    """BatchNorm's running statistics keep the plain average (the step would extrapolate a
+    running variance below zero); the parameters next to them take the FedAvgM step."""
+    from flower_focal.server_opt import is_statistic, stepped_mask
+
+    assert [is_statistic(n) for n in ("bn.running_var", "bn.running_mean", "bn.num_batches_tracked",
+                                      "bn.weight", "running_var_head.weight")] == [True, True, True, False, False]
+    rng = np.random.default_rng(2)
+    opt = ServerOpt(BETA, SERVER_LR)
+    names, shapes = ("conv.weight", "bn.running_var", "bn.num_batches_tracked"), ((3, 2), (2,), ())
+    old = {"conv.weight": rng.normal(size=(3, 2)), "bn.running_var": np.array([1.0, 1.0]),
+           "bn.num_batches_tracked": np.array(4.0)}
+    avg = {"conv.weight": rng.normal(size=(3, 2)), "bn.running_var": np.array([0.05, 0.3]),
+           "bn.num_batches_tracked": np.array(8.0)}
+    new, velocity = opt.step(old, avg, {"conv.weight": rng.normal(size=(3, 2))})
+    assert set(velocity) == {"conv.weight"}
+    np.testing.assert_array_equal(new["bn.running_var"], avg["bn.running_var"])
+    assert not np.allclose(new["conv.weight"], avg["conv.weight"])
+    # under HE: sum_i (n_i/W) target_i with the mask is the same step
+    flat = lambda d: np.concatenate([np.ravel(d[k]) for k in names])  # noqa: E731
+    mask = stepped_mask(names, shapes)
+    assert mask.tolist() == [True] * 6 + [False] * 3
+    models = [{k: v + rng.normal(size=np.shape(v)) for k, v in avg.items()} for _ in range(2)]
+    models.append({k: 3 * avg[k] - models[0][k] - models[1][k] for k in avg})  # mean = avg
+    m = rng.normal(size=9)
+    stepped, _ = opt.step(old, avg, {"conv.weight": m[:6].reshape(3, 2)})
+    summed = sum(opt.target(flat(old), m, flat(w_i), mask) for w_i in models) / 3
+    np.testing.assert_allclose(summed, flat(stepped), rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize(("momentum", "lr", "message"), [
     (-0.1, 1.0, "server-momentum"), (float("nan"), 1.0, "server-momentum"), (0.9, 0.0, "server-lr")])
 def test_invalid_server_settings_are_named(momentum, lr, message):

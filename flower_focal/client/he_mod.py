@@ -28,7 +28,8 @@ and the mod encrypts the held update weighted by ``n_i / C``. Range guarantees a
 
 With a server optimiser (FedAvgM: the train config carries ``he-server-momentum`` /
 ``he-server-lr``) the mod encrypts ``x_i = w - lr * (beta * m + w - w_i)`` instead of the
-trained ``w_i`` (after clipping and noise; the range check applies to ``x_i``), with ``w`` the
+trained ``w_i`` (after clipping and noise; the range check applies to ``x_i``; normalisation
+statistics stay ``w_i``, averaged as on the fedavg server), with ``w`` the
 global it received and ``m = (previous - w) / lr`` from the previous global that travels in
 the message (:data:`~flower_focal.wire.HE_PREVIOUS`; none: ``m = 0``). The previous global is
 removed from the message before the train handler sees it. See
@@ -48,7 +49,7 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from flower_focal import wire
 from flower_focal.crypto import PRESETS, SECRET_FILE, SecretContext
-from flower_focal.server_opt import ServerOpt
+from flower_focal.server_opt import ServerOpt, stepped_mask
 from flower_focal.timing import Stopwatch
 from flower_focal.flatten import ArrayLayout
 
@@ -206,7 +207,8 @@ def prepare_update(
 
     ``server_step = (opt, w, m)``: then FedAvgM's target ``w - lr * (beta * m + w - w_i)`` of
     the clipped, noised model ``w_i`` (``w`` the flat global it trained from, ``m`` the server
-    momentum or ``None`` for zero).
+    momentum or ``None`` for zero); normalisation statistics stay ``w_i`` (averaged, as on the
+    fedavg server: :func:`flower_focal.server_opt.is_statistic`).
 
     Raises ``ValueError`` for NaN/Inf or values beyond the preset's range.
     """
@@ -225,7 +227,7 @@ def prepare_update(
         flat = base + delta
     if server_step is not None:
         opt, w, m = server_step
-        flat = opt.target(w, m, flat)
+        flat = opt.target(w, m, flat, stepped_mask(layout.names, layout.shapes))
     _check_range(flat, he_secret, layout)
     return flat
 
