@@ -238,8 +238,13 @@ def test_resume_continues_the_server_momentum(tmp_path, key_dir, strategy):
 
 def test_sealed_rounds_apply_the_server_momentum_like_fedavg_and_flowers_fedavgm(key_dir):
     """An app without the describe query (every he-fedavg round sealed in a second exchange:
-    the institutions hold x_i, not w_i, until C is known): he-fedavg = fedavg = Flower's FedAvgM."""
-    from tests.test_dropin import RUN_CONFIG, initial, quickstart_app
+    the institutions hold x_i, not w_i, until C is known): he-fedavg = fedavg = Flower's FedAvgM,
+    except on a normalisation statistic, which fedavg and he-fedavg both average."""
+    from tests.test_dropin import RUN_CONFIG, quickstart_app
+    from tests.test_dropin import initial as dropin_initial
+
+    def initial():
+        return ArrayRecord({**dropin_initial(), "bn.running_var": Array(np.ones(3, np.float32))})
 
     config = {**RUN_CONFIG, "he-key-dir": str(key_dir)}
     kwargs = dict(fraction_train=1.0, min_available_nodes=3)
@@ -252,9 +257,14 @@ def test_sealed_rounds_apply_the_server_momentum_like_fedavg_and_flowers_fedavgm
     he_grid = LoopbackGrid(quickstart_app(he=True), 3, config)
     strategy = HEFedAvg.from_key_dir(key_dir, **kwargs, **opt)
     decrypted = strategy.encrypted_model(strategy.start(he_grid, initial(), num_rounds=3)).decrypt(key_dir)
+    for name in ("w", "b", "bn.running_var"):
+        np.testing.assert_allclose(decrypted[name].numpy(), plain.arrays[name].numpy(), rtol=0, atol=1e-5)
     for name in ("w", "b"):
         np.testing.assert_allclose(plain.arrays[name].numpy(), flower.arrays[name].numpy(), rtol=0, atol=1e-6)
-        np.testing.assert_allclose(decrypted[name].numpy(), plain.arrays[name].numpy(), rtol=0, atol=1e-5)
     assert np.abs(plain.arrays["w"].numpy() - momentum_free.arrays["w"].numpy()).max() > 1e-2
+    # the statistic is the plain average every round: as without a server optimiser
+    np.testing.assert_allclose(plain.arrays["bn.running_var"].numpy(),
+                               momentum_free.arrays["bn.running_var"].numpy(), rtol=0, atol=1e-6)
+    assert np.abs(flower.arrays["bn.running_var"].numpy() - momentum_free.arrays["bn.running_var"].numpy()).max() > 1e-2
     seals = [m for m in he_grid.sent if next(iter(m.content.config_records.values()), {}).get(wire.HE_SEAL)]
     assert len(seals) == 3 * 3
