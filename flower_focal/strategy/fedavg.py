@@ -9,9 +9,10 @@ needs around it:
 * NaN-aware weighted metric averaging (an institution whose validation split lacks a class
   reports an undefined AUROC, which must not poison the federation mean),
 * bytes sent and received per round,
-* an optional server optimiser, FedAvgM (``server_momentum``, ``server_lr``): the same math as
-  Flower's :class:`flwr.serverapp.strategy.FedAvgM` (:class:`flower_focal.server_opt.ServerOpt`),
-  with the momentum checkpointed so that a resumed run continues it.
+* an optional server optimiser, FedAvgM (``server_momentum``, ``server_lr``): the math of
+  Flower's :class:`flwr.serverapp.strategy.FedAvgM` except that normalisation statistics are
+  averaged, not stepped (:class:`flower_focal.server_opt.ServerOpt`), with the momentum
+  checkpointed so that a resumed run continues it.
 
 HE-FedAvg and FOCAL build on it, so every strategy reports the same way.
 """
@@ -61,7 +62,8 @@ class FedAvg(FlowerFedAvg):
         Where ``checkpoint.npz`` is written atomically at the end of every round.
     server_momentum, server_lr : float
         FedAvgM: ``w' = w - server_lr * m'`` with ``m' = server_momentum * m + (w - avg)``
-        (Flower's ``FedAvgM``); the defaults 0 and 1 are plain FedAvg (the step is skipped).
+        (Flower's ``FedAvgM``; normalisation statistics keep the average); the defaults 0 and 1
+        are plain FedAvg (the step is skipped).
     **fedavg_kwargs
         Forwarded unchanged to :class:`flwr.serverapp.strategy.FedAvg`
         (``fraction_train``, ``min_available_nodes``, ...). Metric aggregation defaults to
@@ -204,7 +206,7 @@ class FedAvg(FlowerFedAvg):
         return self._aggregated(server_round, arrays), metrics
 
     def _server_step(self, average: ArrayRecord) -> ArrayRecord:
-        """FedAvgM from the global this round trained from to the new one (Flower's math)."""
+        """FedAvgM from the global this round trained from to the new one (:meth:`ServerOpt.step`)."""
         if self._round_start is None:
             raise RuntimeError("server optimiser: aggregate_train ran before configure_train")
         old = {k: a.numpy() for k, a in self._round_start.items()}
