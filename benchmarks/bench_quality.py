@@ -24,6 +24,9 @@ Methods, for each seed:
   (``max_abs_weight_diff_vs_fedavg``).
 * ``fedbn``: fedavg with ``fedbn=true``; its final global model holds the initial
   normalisation layers, so only its federated evaluation is reported (``fed_*``).
+* ``--server-momentum`` / ``--server-lr`` (default 0 / 1: plain FedAvg) set the server optimiser
+  (FedAvgM, run config ``server-momentum`` / ``server-lr``) of every federated method, e.g.
+  ``--methods fedavg --server-momentum 0.9``; they are recorded in the JSON's ``settings``.
 * ``fedavg`` and ``fedbn`` also report ``personal_*``: the federated evaluation after
   ``--personal-epochs`` of local fine-tuning at each institution (``personal-epochs``).
 * Every federated method reports ``fed_*``: the last round's federated evaluation (each
@@ -172,6 +175,10 @@ def main() -> None:
     p.add_argument("--institutions", type=int, default=5)
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--fedprox-mu", type=float, default=0.01)
+    p.add_argument("--server-momentum", type=float, default=0.0,
+                   help="FedAvgM server momentum of every federated method (run config server-momentum)")
+    p.add_argument("--server-lr", type=float, default=1.0,
+                   help="FedAvgM server learning rate of every federated method (run config server-lr)")
     p.add_argument("--personal-epochs", type=int, default=1,
                    help="fedavg and fedbn runs also report personal-* metrics after this much local fine-tuning")
     p.add_argument("--he-seeds", nargs="+", type=int, default=None,
@@ -213,6 +220,7 @@ def main() -> None:
                             row = pooled_rows[dataset, seed]
                         else:
                             changes: dict[str, Any] = dict(FEDERATED[method])
+                            changes.update(server_momentum=args.server_momentum, server_lr=args.server_lr)
                             if method == "fedprox":
                                 changes["fedprox_mu"] = args.fedprox_mu
                             if method in ("fedavg", "fedbn"):

@@ -431,6 +431,16 @@ def render_client_imports() -> str:
           f"{load_text(after)} after.\n")
 
 
+def render_server_opt_bn() -> str:
+    """``bench_server_opt_bn.py``: the smallest BatchNorm running variance of the global model
+    after each round, Flower's FedAvgM (steps every array) vs flower-focal's (averages them)."""
+    d = load("server_opt_bn.json")
+    runs = d["min_running_var_after_each_round"]
+    rounds = len(next(iter(runs.values())))
+    return md_table(["server optimiser", *(f"round {r}" for r in range(1, rounds + 1))],
+                    [[name, *(f"{v:.3f}" for v in mins)] for name, mins in runs.items()])
+
+
 # ------------------------------------------------------------------ results: deployment
 def render_deployment() -> str:
     """``bench_deployment.py --no-recovery``: a deployment round against its simulation round,
@@ -601,6 +611,7 @@ TABLES: dict[str, Table] = {
     "preflight-example": Table("run", render_preflight_example, ("flower_focal/preflight.py",)),
     "cache-regions": Table("code", render_cache_regions, ("flower_focal/cache.py",)),
     "server-sum": Table("results", render_server_sum, ("server_sum.json",)),
+    "server-opt-bn": Table("results", render_server_opt_bn, ("server_opt_bn.json",)),
     "deployment": Table("results", render_deployment, ("deployment-before.json", "deployment.json")),
     "deployment-messages": Table("results", render_deployment_messages,
                                  ("deployment-before.json", "deployment.json")),

@@ -155,10 +155,12 @@ class ProcessCache:
         store.hits += 1
         return found[0]
 
-    def put(self, region: str, key: Hashable, value: Any, *, nbytes: int | None = None) -> Any:
+    def put(self, region: str, key: Hashable, value: Any, *, nbytes: int | None = None,
+            keep: int = 1) -> Any:
         """Store ``value`` under ``key`` (``nbytes``: what it holds; required in a ``MiB``
-        region) and drop least recently used entries beyond the region's bound. Returns
-        ``value``."""
+        region) and drop least recently used entries beyond the region's bound, but never the
+        ``keep`` most recent ones (a caller that asks for two entries in turn, every time, says
+        ``keep=2``). Returns ``value``."""
         store = self._store(region)
         if store.region.unit == "MiB" and nbytes is None:
             raise ValueError(f"cache region {region!r} is bounded by bytes: put() needs nbytes")
@@ -166,12 +168,13 @@ class ProcessCache:
         with self._lock:
             store.entries.pop(key, None)  # re-inserted last: the most recently used
             store.entries[key] = (value, None if nbytes is None else int(nbytes))
-            self._evict(store, limit)
+            self._evict(store, limit, keep)
         return value
 
     def get_or_build(self, region: str, key: Hashable, build: Callable[[], V], *,
-                     nbytes: Callable[[V], int] | None = None) -> V:
-        """The value under ``key``, or ``build()`` stored under it (``nbytes(value)``: its size).
+                     nbytes: Callable[[V], int] | None = None, keep: int = 1) -> V:
+        """The value under ``key``, or ``build()`` stored under it (``nbytes(value)``: its size;
+        ``keep``: as for :meth:`put`).
 
         The bound is read before building, so a malformed variable fails before any work (and
         counts no miss: ``misses`` is the number of builds started).
@@ -186,13 +189,13 @@ class ProcessCache:
         with self._lock:
             store.misses += 1
         value = build()
-        self.put(region, key, value, nbytes=None if nbytes is None else nbytes(value))
+        self.put(region, key, value, nbytes=None if nbytes is None else nbytes(value), keep=keep)
         return value
 
-    def _evict(self, store: _Store, limit: int) -> None:
+    def _evict(self, store: _Store, limit: int, keep: int = 1) -> None:
         by_bytes = store.region.unit == "MiB"
         total = store.nbytes() if by_bytes else len(store.entries)
-        while len(store.entries) > 1 and total > limit:
+        while len(store.entries) > max(1, keep) and total > limit:
             _, n = store.entries.pop(next(iter(store.entries)))
             total -= (n or 0) if by_bytes else 1
             store.evictions += 1

@@ -15,7 +15,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,10 @@ class Checkpoint:
     arrays: ArrayRecord
     history: dict[str, Any]
     config: dict[str, Any]
+    state: ArrayRecord = field(default_factory=ArrayRecord)
+    """The strategy's server-optimiser state (fedavg: the FedAvgM momentum; he-fedavg: the
+    global model before the last aggregated round, ciphertext or the plaintext initial model);
+    empty without a server optimiser."""
 
 
 def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
@@ -46,15 +50,16 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
     names = list(checkpoint.arrays.keys())
     meta = {
         "round": checkpoint.server_round,
-        "arrays": [
-            {"name": n, "dtype": a.dtype, "shape": list(a.shape), "stype": a.stype}
-            for n, a in checkpoint.arrays.items()
-        ],
+        "arrays": _describe(checkpoint.arrays),
         "history": checkpoint.history,
         "config": checkpoint.config,
         "rng": "stateless: sampling = f(seed, round); local training = f(seed, institution, round)",
     }
+    if checkpoint.state:  # (only with a server optimiser: other checkpoints are as before)
+        meta["state"] = _describe(checkpoint.state)
     payload = {f"a{i}": np.frombuffer(checkpoint.arrays[n].data, dtype=np.uint8) for i, n in enumerate(names)}
+    payload.update({f"s{i}": np.frombuffer(a.data, dtype=np.uint8)
+                    for i, a in enumerate(checkpoint.state.values())})
     buf = io.BytesIO()
     np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **payload)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -86,14 +91,23 @@ def load_checkpoint(run_dir: Path) -> Checkpoint | None:
     try:
         with np.load(path) as data:
             meta = json.loads(data["meta"].tobytes())
-            arrays = ArrayRecord({
-                m["name"]: Array(dtype=m["dtype"], shape=tuple(m["shape"]), stype=m["stype"],
-                                 data=data[f"a{i}"].tobytes())
-                for i, m in enumerate(meta["arrays"])
-            })
+            arrays = _restore(meta["arrays"], data, "a")
+            state = _restore(meta.get("state", []), data, "s")  # older checkpoints have none
     except (OSError, KeyError, ValueError) as exc:
         raise ValueError(f"checkpoint {path} is damaged: {exc}") from exc
-    return Checkpoint(meta["round"], arrays, meta["history"], meta["config"])
+    return Checkpoint(meta["round"], arrays, meta["history"], meta["config"], state)
+
+
+def _describe(record: ArrayRecord) -> list[dict[str, Any]]:
+    return [{"name": n, "dtype": a.dtype, "shape": list(a.shape), "stype": a.stype} for n, a in record.items()]
+
+
+def _restore(described: list[dict[str, Any]], data, prefix: str) -> ArrayRecord:
+    return ArrayRecord({
+        m["name"]: Array(dtype=m["dtype"], shape=tuple(m["shape"]), stype=m["stype"],
+                         data=data[f"{prefix}{i}"].tobytes())
+        for i, m in enumerate(described)
+    })
 
 
 def check_compatible(checkpoint: Checkpoint, config: dict[str, Any]) -> None:

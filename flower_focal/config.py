@@ -69,6 +69,12 @@ class RunConfig:
     fedbn: bool = setting(
         False, "FedBN: normalisation layers stay at each institution (their values never leave it; "
         "fedavg, he-fedavg)", hydra="train.fedbn")
+    server_momentum: float = setting(
+        0.0, "FedAvgM: server momentum beta on the pseudo-gradient (0 = off; fedavg, he-fedavg)",
+        hydra="server_opt.momentum")
+    server_lr: float = setting(
+        1.0, "FedAvgM: server learning rate (1 with momentum 0 = plain FedAvg; fedavg, he-fedavg)",
+        hydra="server_opt.lr")
     personal_epochs: int = setting(
         0, "evaluate also a copy fine-tuned locally for this many epochs: personal-* metrics (0 = off)",
         hydra="train.personal_epochs")

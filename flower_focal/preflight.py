@@ -17,6 +17,7 @@ institutions' reader, and checks the HE key directory. Used by
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,6 +143,10 @@ def check_settings(cfg: RunConfig, num_institutions: int) -> None:
         raise _fail(f"lr-schedule: unknown schedule {cfg.lr_schedule!r}; valid: {', '.join(LR_SCHEDULES)}")
     if cfg.fedprox_mu < 0:
         raise _fail(f"fedprox-mu must be >= 0, got {cfg.fedprox_mu}")
+    if not (math.isfinite(cfg.server_momentum) and cfg.server_momentum >= 0):
+        raise _fail(f"server-momentum must be a finite number >= 0, got {cfg.server_momentum}")
+    if not (math.isfinite(cfg.server_lr) and cfg.server_lr > 0):
+        raise _fail(f"server-lr must be a finite number > 0, got {cfg.server_lr}")
     if cfg.personal_epochs < 0 or not cfg.personal_lr > 0:
         raise _fail(f"personal-epochs must be >= 0 and personal-lr > 0, got {cfg.personal_epochs} "
                     f"and {cfg.personal_lr}")

@@ -55,6 +55,8 @@ def run_server(grid: Grid, cfg: RunConfig, run_id: int | str = "local") -> Resul
         strategy.recorder.attach(history, run_dir)
         shape = _discover(strategy, grid, history)
         initial = _initial_model(cfg, strategy, shape, history)
+        if checkpoint is not None:  # the server optimiser's state (empty without one)
+            strategy.restore_server_state(checkpoint.state)
         result = _run_rounds(cfg, driver, strategy, grid, shape, initial, checkpoint)
         history.status = "completed"
     except BaseException as exc:

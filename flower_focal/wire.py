@@ -55,6 +55,13 @@ RUN_HE_WORKERS = "he-workers"  # run config: encryption processes per institutio
 HE_WEIGHTED_BY = "he-weighted-by"  # config: the reply metric the strategy weights by (num-examples)
 HE_SEAL = "he-seal"  # config bool: encrypt the update held since this round's train message
 HE_PENDING = "he-pending"  # reply metric: the update is held, waiting for the server's C
+# Server optimiser (FedAvgM) under HE, applied by the institutions (flower_focal.server_opt):
+# train configs carry beta and the server lr (only when the optimiser is on), and train messages
+# carry, next to the current global, the global before the last aggregated round (ciphertext +
+# [C, W], or the plaintext initial model), from which m = (previous - current) / lr.
+HE_SERVER_MOMENTUM = "he-server-momentum"  # config: beta (absent: 0)
+HE_SERVER_LR = "he-server-lr"  # config: server learning rate (absent: 1)
+HE_PREVIOUS = "he-previous"  # RecordDict key of the previous global's ArrayRecord (absent: m = 0)
 # Reply metrics an institution adds under HE-FedAvg: seconds (wall) and CPU seconds (this
 # thread: a he-workers pool's processes are not counted) it spent decrypting the global model
 # (0 when this process had already decrypted that aggregate) and encrypting its update.

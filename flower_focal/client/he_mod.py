@@ -25,6 +25,15 @@ answer flower-focal's describe query), a round takes two exchanges: the train me
 in the node's ``context.state`` (it never leaves the institution), replying with its metrics
 only; the server then announces ``C`` = the sum of the reported sizes in a *seal* message,
 and the mod encrypts the held update weighted by ``n_i / C``. Range guarantees are the same.
+
+With a server optimiser (FedAvgM: the train config carries ``he-server-momentum`` /
+``he-server-lr``) the mod encrypts ``x_i = w - lr * (beta * m + w - w_i)`` instead of the
+trained ``w_i`` (after clipping and noise; the range check applies to ``x_i``; normalisation
+statistics stay ``w_i``, averaged as on the fedavg server), with ``w`` the
+global it received and ``m = (previous - w) / lr`` from the previous global that travels in
+the message (:data:`~flower_focal.wire.HE_PREVIOUS`; none: ``m = 0``). The previous global is
+removed from the message before the train handler sees it. See
+:mod:`flower_focal.strategy.he_fedavg`.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flower_focal import wire
 from flower_focal.cache import CACHE, ExactBytes
 from flower_focal.crypto import PRESETS, SECRET_FILE, SecretContext
+from flower_focal.server_opt import ServerOpt, stepped_mask
 from flower_focal.timing import Stopwatch
 from flower_focal.flatten import ArrayLayout
 
@@ -90,7 +100,11 @@ def is_encrypted(record: ArrayRecord) -> bool:
     return arr is not None and arr.stype == wire.HE_STYPE
 
 
-def _decrypted(record: ArrayRecord, he_secret: SecretContext) -> np.ndarray:
+_KEEP_DECRYPTED = 1
+"""How many decrypted globals :func:`_decrypted` keeps at least (2 once server momentum is seen)."""
+
+
+def _decrypted(record: ArrayRecord, he_secret: SecretContext, keep: int = 1) -> np.ndarray:
     """The rescaled plaintext of an encrypted aggregate, decrypted at most once per process.
 
     Within a round every institution receives the same encrypted aggregate twice (evaluate
@@ -103,7 +117,11 @@ def _decrypted(record: ArrayRecord, he_secret: SecretContext) -> np.ndarray:
     cheaper than hashing 150 MB per message at 11 M parameters), so a different aggregate or
     key never hits; the cached vector is read-only and every caller gets freshly built arrays.
     An entry holds the plaintext global model (which this process decrypts anyway) and a
-    reference to the ciphertext bytes it came from; both are counted against the budget.
+    reference to the ciphertext bytes it came from; both are counted against the budget. With
+    server momentum under HE a train message carries the current and the previous global, and
+    both are asked for every time: from the first such message on (:data:`_KEEP_DECRYPTED`) the
+    two are kept whatever the budget, so that the
+    institutions of one process do not evict each other's.
     """
     blob = bytes(record[wire.HE_CIPHERTEXT].data)  # Array.data is bytes: no copy
     weights = record[wire.HE_WEIGHTS].numpy()
@@ -119,7 +137,8 @@ def _decrypted(record: ArrayRecord, he_secret: SecretContext) -> np.ndarray:
         flat.setflags(write=False)
         return flat
 
-    return CACHE.get_or_build("decrypted", key, build, nbytes=lambda flat: flat.nbytes + len(blob))
+    return CACHE.get_or_build("decrypted", key, build, nbytes=lambda flat: flat.nbytes + len(blob),
+                              keep=max(keep, _KEEP_DECRYPTED))
 
 
 def decrypt_record(record: ArrayRecord, he_secret: SecretContext, layout: ArrayLayout) -> ArrayRecord:
@@ -167,8 +186,14 @@ def prepare_update(
     reference: ArrayRecord | None = None,
     clip_norm: float = 0.0,
     noise_std: float = 0.0,
+    server_step: tuple[ServerOpt, np.ndarray, np.ndarray | None] | None = None,
 ) -> np.ndarray:
     """The flat, unweighted vector an institution will encrypt: checked, clipped, noised.
+
+    ``server_step = (opt, w, m)``: then FedAvgM's target ``w - lr * (beta * m + w - w_i)`` of
+    the clipped, noised model ``w_i`` (``w`` the flat global it trained from, ``m`` the server
+    momentum or ``None`` for zero); normalisation statistics stay ``w_i`` (averaged, as on the
+    fedavg server: :func:`flower_focal.server_opt.is_statistic`).
 
     Raises ``ValueError`` for NaN/Inf or values beyond the preset's range.
     """
@@ -185,6 +210,9 @@ def prepare_update(
         if noise_std > 0:
             delta = delta + np.random.default_rng(secrets.randbits(128)).normal(0.0, noise_std, delta.shape)
         flat = base + delta
+    if server_step is not None:
+        opt, w, m = server_step
+        flat = opt.target(w, m, flat, stepped_mask(layout.names, layout.shapes))
     _check_range(flat, he_secret, layout)
     return flat
 
@@ -254,14 +282,19 @@ def he_fedavg_mod(message: Message, context: Context, call_next: ClientAppCallab
     if bool(config.get(wire.HE_SEAL, False)):
         return _seal(message, context, config, he_secret)
     layout = ArrayLayout.from_config(config)
-    arrays_name, incoming = _single(message.content.array_records, "ArrayRecord", "server's message")
-    decrypting = Stopwatch()
+    content = RecordDict({k: v for k, v in message.content.items() if k != wire.HE_PREVIOUS})
+    previous = message.content.array_records.get(wire.HE_PREVIOUS)
+    arrays_name, incoming = _single(content.array_records, "ArrayRecord", "server's message")
+    decrypting = Stopwatch()  # accumulates: the global, and the previous one under server momentum
     if is_encrypted(incoming):
         with decrypting:
             global_model = decrypt_record(incoming, he_secret, layout)
     else:
         global_model = incoming
-    content = RecordDict(dict(message.content.items()))
+    server_step = None
+    if message.metadata.message_type == MessageType.TRAIN and (previous is not None or _has_server_opt(config)):
+        with decrypting:
+            server_step = _server_step(config, incoming, previous, he_secret, layout)
     content[arrays_name] = global_model
     message.content = content
 
@@ -287,6 +320,7 @@ def he_fedavg_mod(message: Message, context: Context, call_next: ClientAppCallab
         trained, he_secret, layout, reference=global_model,
         clip_norm=float(config.get(wire.HE_CLIP_NORM, 0.0)),
         noise_std=float(config.get(wire.HE_NOISE_STD, 0.0)),
+        server_step=server_step,
     )
     norm = float(config[wire.HE_WEIGHT_NORM])
     if norm <= 0:  # the server does not know C yet: hold the update here until it says
@@ -301,6 +335,36 @@ def he_fedavg_mod(message: Message, context: Context, call_next: ClientAppCallab
     metrics[wire.HE_ENCRYPT_CPU_S] = encrypting.cpu_s
     reply.content = RecordDict({wire.ARRAYS: encrypted, metrics_name: metrics})
     return reply
+
+
+def _global_flat(record: ArrayRecord, he_secret: SecretContext, layout: ArrayLayout,
+                 keep: int = 1) -> np.ndarray:
+    """A global model as the flat float64 vector (decrypted and ``C/W``-rescaled if encrypted;
+    ``keep``: see :func:`_decrypted`)."""
+    return _decrypted(record, he_secret, keep) if is_encrypted(record) else layout.flatten(record)
+
+
+def _has_server_opt(config) -> bool:
+    return wire.HE_SERVER_MOMENTUM in config or wire.HE_SERVER_LR in config
+
+
+def _server_step(config, incoming: ArrayRecord, previous: ArrayRecord | None, he_secret: SecretContext,
+                 layout: ArrayLayout) -> tuple[ServerOpt, np.ndarray, np.ndarray | None] | None:
+    """FedAvgM's ``(opt, w, m)`` for this round's upload, or ``None`` without a server optimiser."""
+    opt = ServerOpt(float(config.get(wire.HE_SERVER_MOMENTUM, 0.0)), float(config.get(wire.HE_SERVER_LR, 1.0)))
+    if not opt.active:
+        if previous is not None:
+            raise ValueError(f"the train message carries {wire.HE_PREVIOUS!r} without server momentum")
+        return None
+    w = _global_flat(incoming, he_secret, layout)  # read-only; the step makes new arrays
+    m = None
+    if previous is not None:
+        if opt.momentum <= 0:
+            raise ValueError(f"the train message carries {wire.HE_PREVIOUS!r} without server momentum")
+        global _KEEP_DECRYPTED
+        _KEEP_DECRYPTED = 2  # current and previous global: both are asked for every round from now on
+        m = opt.momentum_from(_global_flat(previous, he_secret, layout), w)
+    return opt, w, m
 
 
 _HELD = "flower-focal.he-held-update"

@@ -37,7 +37,8 @@ class RecordingStrategy:
 
     def _init_recorder(self, *, roster: InstitutionRoster | None = None, history: RunHistory | None = None,
                        checkpoint_dir: Path | None = None) -> None:
-        self.recorder = RunRecorder(self.name, roster=roster, history=history, checkpoint_dir=checkpoint_dir)
+        self.recorder = RunRecorder(self.name, roster=roster, history=history, checkpoint_dir=checkpoint_dir,
+                                    state=self.server_state)
 
     # the recorder's parts, by their old names
     @property
@@ -82,6 +83,14 @@ class RecordingStrategy:
         """Raise :class:`~flower_focal.strategy.recorder.NothingAggregated` if ``num_rounds``
         rounds ran and none aggregated."""
         self.recorder.require_progress(num_rounds)
+
+    def server_state(self) -> ArrayRecord:
+        """What a checkpoint must hold besides the global state for the server optimiser to
+        continue after a resume (empty without one)."""
+        return ArrayRecord()
+
+    def restore_server_state(self, state: ArrayRecord) -> None:
+        """Continue from a checkpoint's :meth:`server_state` (nothing to restore here)."""
 
     def bind_initial_model(self, arrays: ArrayRecord) -> None:
         """Called with the (public) initial model before the first round, also on resume."""

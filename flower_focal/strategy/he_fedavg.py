@@ -24,6 +24,20 @@ sums those into ``C`` and sends a small *seal* message, and institutions encrypt
 update weighted by ``n_i / C`` (see :mod:`flower_focal.client.he_mod`). One extra exchange,
 the same ciphertexts and range guarantees.
 
+With a server optimiser (``server_momentum`` / ``server_lr``: FedAvgM) the server still only
+adds. Each institution, holding the global ``w`` it trains from and the server momentum ``m``,
+encrypts ``(n_i / C) * (w - lr * (beta * m + w - w_i))`` instead of ``(n_i / C) * w_i``
+(:meth:`flower_focal.server_opt.ServerOpt.target`); that is linear in ``w_i`` and the weights
+``n_i / W`` sum to 1, so the decrypted, ``C / W``-corrected sum is FedAvgM's new global ``w'``
+exactly, with the same [C, W] bookkeeping under failures and partial participation. The
+momentum after the step is ``m' = (w - w') / lr``: with ``beta > 0`` every train message also
+carries the global before the last aggregated round (a ciphertext the server already held, or
+the public initial model after round 1; :data:`~flower_focal.wire.HE_PREVIOUS`), so any
+institution, sampled before or not, derives ``m`` from the two globals it decrypts (none before
+the first aggregated round: ``m = 0``). Upload stays one ciphertext; train messages carry two.
+That previous global is also the server's checkpointed optimiser state, so resume continues.
+Institutions learn nothing new: they decrypt every global anyway.
+
 Everything else (sampling, rounds, per-institution history, metrics) is :class:`FedAvg`'s.
 Server-side evaluation of the model does not exist in this mode: evaluation is federated, and
 :meth:`HEFedAvg.start` refuses an ``evaluate_fn``. The final model is ciphertext:
@@ -129,6 +143,7 @@ class HEFedAvg(FedAvg):
         self._weight_norm = 1.0
         self._sum: _RoundSum | None = None
         self._grid: Grid | None = None
+        self._previous: ArrayRecord | None = None  # global before the last aggregated round (FedAvgM)
 
     @classmethod
     def from_key_dir(cls, key_dir: str | Path, **kwargs) -> HEFedAvg:
@@ -183,6 +198,14 @@ class HEFedAvg(FedAvg):
         super().bind_initial_model(arrays)
         self._layout = ArrayLayout.of(arrays)
 
+    def server_state(self) -> ArrayRecord:
+        """The global before the last aggregated round (FedAvgM with ``beta > 0``), else empty."""
+        return self._previous if self._previous is not None else ArrayRecord()
+
+    def restore_server_state(self, state: ArrayRecord) -> None:
+        """Continue from a checkpoint's :meth:`server_state`."""
+        self._previous = state if len(state) else None
+
     def final_model(self, result: Result) -> ArrayRecord | None:
         """None: the server never holds the plaintext model (see :meth:`final_ciphertext`)."""
         return None
@@ -217,6 +240,9 @@ class HEFedAvg(FedAvg):
         config[wire.HE_WEIGHTED_BY] = self.weighted_by_key
         config[wire.HE_NOISE_STD] = 0.0
         config[wire.HE_WEIGHT_NORM] = 0.0
+        if self.server_opt.active:  # institutions apply FedAvgM before encrypting (module doc)
+            config[wire.HE_SERVER_MOMENTUM] = float(self.server_opt.momentum)
+            config[wire.HE_SERVER_LR] = float(self.server_opt.lr)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         if messages and self.roster.sizes_known(m.metadata.dst_node_id for m in messages):
             self._weight_norm = float(max(self.roster.total_train_examples(), 1))
@@ -232,6 +258,22 @@ class HEFedAvg(FedAvg):
         if isinstance(grid, PromptGrid):
             grid.reply_hook = self._absorb  # add each ciphertext as it arrives
         return messages
+
+    def _train_messages(self, messages: list[Message]) -> list[Message]:
+        """With server momentum: every train message also carries the previous global."""
+        if self.server_opt.momentum > 0 and self._previous is not None:
+            for message in messages:
+                message.content[wire.HE_PREVIOUS] = self._previous
+        return messages
+
+    def _aggregated(self, server_round: int, arrays: ArrayRecord | None,
+                    metrics: MetricRecord | None) -> ArrayRecord | None:
+        """FedAvg's bookkeeping; a new global makes the one this round trained from the previous."""
+        start = self._round_start
+        arrays = super()._aggregated(server_round, arrays, metrics)
+        if arrays is not None and self.server_opt.momentum > 0:
+            self._previous = start
+        return arrays
 
     def _seal(self, server_round: int, replies: list[Message]) -> tuple[list[Message], dict[int, RecordDict]]:
         """Second exchange of a round with unknown sizes: announce C, collect the ciphertexts.

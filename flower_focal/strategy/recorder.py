@@ -18,7 +18,7 @@ run directory's history and checkpoint directory to it (:meth:`RunRecorder.attac
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import WARNING
 from pathlib import Path
 from typing import Any
@@ -48,10 +48,14 @@ class RunRecorder:
         Where round records go; a new one is made if not given.
     checkpoint_dir : Path, optional
         Where ``checkpoint.npz`` is written atomically at the end of every round.
+    state : callable, optional
+        Returns the strategy's server-optimiser state for the checkpoint (``Checkpoint.state``).
     """
 
     def __init__(self, strategy: str, *, roster: InstitutionRoster | None = None,
-                 history: RunHistory | None = None, checkpoint_dir: Path | None = None) -> None:
+                 history: RunHistory | None = None, checkpoint_dir: Path | None = None,
+                 state: Callable[[], ArrayRecord] | None = None) -> None:
+        self.state = state if state is not None else ArrayRecord
         self.strategy = strategy
         self.roster = roster if roster is not None else InstitutionRoster()
         self.history = history if history is not None else RunHistory(strategy=strategy)
@@ -155,7 +159,7 @@ class RunRecorder:
         self.history.close_round(server_round)
         if self.checkpoint_dir is not None and self.held is not None:
             save_checkpoint(self.checkpoint_dir, Checkpoint(
-                server_round, self.held, self.history.to_json(), self.history.config))
+                server_round, self.held, self.history.to_json(), self.history.config, self.state()))
 
     # ------------------------------------------------------------------ run
     def require_progress(self, num_rounds: int) -> None:

@@ -31,11 +31,31 @@ def fedavg_kwargs(cfg: RunConfig) -> dict[str, object]:
     }
 
 
+def server_opt_kwargs(cfg: RunConfig) -> dict[str, float]:
+    """The FedAvgM settings of the FedAvg family (``server-momentum``, ``server-lr``)."""
+    return {"server_momentum": cfg.server_momentum, "server_lr": cfg.server_lr}
+
+
 def build_fedavg(cfg: RunConfig) -> Strategy:
-    """FedAvg, wrapped in Flower's client-side DP when ``dp-noise-multiplier`` > 0."""
-    strategy = FedAvg(**fedavg_kwargs(cfg))
+    """FedAvg, wrapped in Flower's client-side DP when ``dp-noise-multiplier`` > 0.
+
+    Raises
+    ------
+    ValueError
+        For a server optimiser together with Flower's DP wrapper: the wrapper adds its noise to
+        the strategy's output, after the FedAvgM step, so the server's momentum would hold
+        un-noised aggregates (he-fedavg's noise is added before the step and allows both).
+    """
+    strategy = FedAvg(**fedavg_kwargs(cfg), **server_opt_kwargs(cfg))
     if cfg.dp_noise_multiplier <= 0:
         return strategy
+    if strategy.server_opt.active:
+        raise ValueError(
+            f"fedavg: server-momentum {cfg.server_momentum:g} / server-lr {cfg.server_lr:g} cannot be "
+            f"combined with dp-noise-multiplier {cfg.dp_noise_multiplier:g}: Flower's DP wrapper adds "
+            "its noise after the server step, so the momentum would accumulate un-noised aggregates. "
+            "Use server-momentum=0 server-lr=1 with DP, or he-fedavg (its noise is added before the step)"
+        )
     from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
 
     # Flower's own DP wrapper: clients clip (flower_focal.client.dp.dp_clipping_mod), the
@@ -67,7 +87,7 @@ def build_he_fedavg(cfg: RunConfig) -> Strategy:
 
     he_public = server_public_context(cfg)
     return HEFedAvg(he_public=he_public, clip_norm=cfg.he_clip_norm, server_workers=cfg.he_server_workers,
-                    noise_multiplier=cfg.he_noise_multiplier, **fedavg_kwargs(cfg))
+                    noise_multiplier=cfg.he_noise_multiplier, **fedavg_kwargs(cfg), **server_opt_kwargs(cfg))
 
 
 def build_focal(cfg: RunConfig) -> Strategy:

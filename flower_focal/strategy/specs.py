@@ -16,6 +16,7 @@ from typing import Any
 
 TRAINING_KEYS = ("model", "lr", "lr-schedule", "local-epochs", "batch-size", "optimizer", "fedprox-mu",
                  "fedbn")
+SERVER_OPT_KEYS = ("server-momentum", "server-lr")
 AUDIT_KINDS = ("plaintext", "he-fedavg", "focal")
 
 
@@ -46,10 +47,10 @@ class StrategySpec:
 
 STRATEGY_SPECS: dict[str, StrategySpec] = {spec.name: spec for spec in (
     StrategySpec("fedavg", "flower_focal.strategy.registry:build_fedavg",
-                 settings=(*TRAINING_KEYS, "dp-noise-multiplier", "dp-clipping-norm"),
+                 settings=(*TRAINING_KEYS, *SERVER_OPT_KEYS, "dp-noise-multiplier", "dp-clipping-norm"),
                  dp=("dp-clipping-norm", "dp-noise-multiplier")),
     StrategySpec("he-fedavg", "flower_focal.strategy.registry:build_he_fedavg", keyed=True,
-                 settings=(*TRAINING_KEYS, "he-preset", "he-clip-norm", "he-noise-multiplier"),
+                 settings=(*TRAINING_KEYS, *SERVER_OPT_KEYS, "he-preset", "he-clip-norm", "he-noise-multiplier"),
                  dp=("he-clip-norm", "he-noise-multiplier"), audit="he-fedavg"),
     StrategySpec("focal", "flower_focal.strategy.registry:build_focal", keyed=True, focal_keys=True,
                  settings=("backbone", "backbone-input-size", "focal-lr", "focal-step-scale", "focal-momentum",
