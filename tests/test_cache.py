@@ -53,6 +53,20 @@ def test_byte_bound_counts_what_values_hold_and_keeps_the_newest(
         cache.put("bytes", 6, "unsized")
 
 
+def test_keep_holds_the_most_recent_entries_whatever_the_budget(
+        cache: ProcessCache, monkeypatch: pytest.MonkeyPatch) -> None:
+    # he-fedavg with server momentum asks for the current and the previous global every time
+    monkeypatch.setenv("FF_TEST_MB", "0")
+    cache.put("bytes", "prev", "P", nbytes=10)
+    cache.put("bytes", "cur", "C", nbytes=10, keep=2)
+    assert cache.keys("bytes") == ["prev", "cur"]
+    assert cache.get_or_build("bytes", "prev", lambda: "rebuilt", nbytes=len, keep=2) == "P"
+    cache.put("bytes", "next", "N", nbytes=10, keep=2)  # a third: the oldest goes
+    assert cache.keys("bytes") == ["prev", "next"]
+    cache.put("bytes", "alone", "A", nbytes=10)  # keep=1 (default): the budget applies again
+    assert cache.keys("bytes") == ["alone"]
+
+
 def test_a_malformed_bound_fails_before_building_and_names_the_variable(
         cache: ProcessCache, monkeypatch: pytest.MonkeyPatch) -> None:
     built = []
