@@ -10,9 +10,10 @@ in simulation and deployment alike) pushes the messages and then pulls replies e
 reply. Everything else is delegated unchanged, and the return value has Flower's meaning:
 the replies that arrived before ``timeout`` (all of them when ``timeout`` is ``None``).
 
-A strategy may also set :attr:`PromptGrid.reply_hook`: a function applied to every reply the
-moment it is pulled (HE-FedAvg adds each ciphertext into the running sum there and drops it,
-so the sum is ready when the last reply lands and the server holds about one model).
+``on_reply`` (a strategy's :meth:`~flower_focal.strategy.base.RecordingStrategy.on_reply`) is
+applied to every reply the moment it is pulled (HE-FedAvg adds each ciphertext into the running
+sum there and drops it, so the sum is ready when the last reply lands and the server holds about
+one model).
 
 This module is Flower glue only; :func:`flower_focal.server.run_server` wraps the grid it
 is given, so every strategy (and a consortium's own ServerApp that calls ``run_server``)
@@ -38,17 +39,15 @@ class PromptGrid(Grid):
     ----------
     inner : Grid
         The grid Flower handed to the ServerApp.
+    on_reply : Callable[[Message], Message], optional
+        Applied to each reply as it arrives; its return value is what the caller gets.
     first_poll_s, max_poll_s : float
         The poll interval starts at ``first_poll_s`` after the push and grows by half on
         every empty pull, up to ``max_poll_s``; a pull that brings replies resets it.
-
-    Attributes
-    ----------
-    reply_hook : Callable[[Message], Message] | None
-        Applied to each reply as it arrives; its return value is what the caller gets.
     """
 
-    def __init__(self, inner: Grid, *, first_poll_s: float = 0.02, max_poll_s: float = 0.25) -> None:
+    def __init__(self, inner: Grid, *, on_reply: Callable[[Message], Message] | None = None,
+                 first_poll_s: float = 0.02, max_poll_s: float = 0.25) -> None:
         if isinstance(inner, PromptGrid):
             inner = inner.inner  # one level of wrapping, whoever wraps twice
         if not 0 < first_poll_s <= max_poll_s:
@@ -57,7 +56,7 @@ class PromptGrid(Grid):
         self.first_poll_s = first_poll_s
         self.max_poll_s = max_poll_s
         self.pulls = 0
-        self.reply_hook: Callable[[Message], Message] | None = None
+        self.on_reply = on_reply
 
     # ---------------------------------------------------------------- delegated
     def set_run(self, run: Any) -> None:  # noqa: D102 - Grid's
@@ -97,8 +96,8 @@ class PromptGrid(Grid):
         interval = self.first_poll_s
         while pending:
             got = list(self.pull_messages(pending))
-            if got and self.reply_hook is not None:
-                got = [self.reply_hook(m) for m in got]
+            if got and self.on_reply is not None:
+                got = [self.on_reply(m) for m in got]
             if got:
                 replies.extend(got)
                 pending.difference_update(m.metadata.reply_to_message_id for m in got)

@@ -46,13 +46,14 @@ def run_server(grid: Grid, cfg: RunConfig, run_id: int | str = "local") -> Resul
     with status ``failed`` so that a failed run never looks like a finished one.
     """
     run_dir = resolve_run_dir(cfg, run_id)
-    grid = PromptGrid(grid)  # replies collected as they arrive, not on Flower's 3 s poll tick
     history = _open_run_dir(cfg, run_dir)
     try:
         checkpoint = _checkpoint_to_resume(cfg, run_dir, history)
         driver = build_strategy(cfg)  # what Flower's loop runs (may wrap the core strategy)
         strategy = core_strategy(driver)
         strategy.recorder.attach(history, run_dir)
+        # replies collected as they arrive (not on Flower's 3 s poll tick), each handed to the strategy
+        grid = PromptGrid(grid, on_reply=strategy.on_reply)
         shape = _discover(strategy, grid, history)
         initial = _initial_model(cfg, strategy, shape, history)
         if checkpoint is not None:  # the server optimiser's state (empty without one)

@@ -67,3 +67,34 @@ def test_wrapping_is_idempotent_and_bad_intervals_are_refused():
     assert list(PromptGrid(inner).get_node_ids()) == inner.node_ids
     with pytest.raises(ValueError, match="poll"):
         PromptGrid(inner, first_poll_s=1.0, max_poll_s=0.5)
+
+
+def test_start_on_a_plain_grid_hands_every_reply_to_on_reply_as_it_arrives(monkeypatch):
+    """A foreign ServerApp calls ``strategy.start(grid=...)`` with Flower's grid: ``start`` puts a
+    PromptGrid around it whose ``on_reply`` is the strategy's (HE-FedAvg sums ciphertexts there).
+    The institutions are the quickstart-style foreign app's (own Net, DataLoader, keys)."""
+    from pathlib import Path
+
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from flower_focal.strategy import FedAvg
+    from flower_focal.testing import LoopbackGrid
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "foreign_app"))
+    from quickstart.client_app import app as foreign_client
+    from quickstart.task import Net
+
+    arrived: list[str] = []
+
+    class Watching(FedAvg):
+        def on_reply(self, reply):
+            arrived.append(reply.metadata.message_type)
+            return super().on_reply(reply)
+
+    grid = LoopbackGrid(foreign_client, 2, {"local-epochs": 1, "learning-rate": 0.05, "batch-size": 16})
+    Watching(min_available_nodes=2).start(grid=grid, initial_arrays=ArrayRecord(Net().state_dict()),
+                                          num_rounds=1, train_config=ConfigRecord({"lr": 0.05}))
+    # every reply, the roster's describe queries too (the foreign app answers them with an error)
+    assert sorted(t for t in arrived if t in ("train", "evaluate")) == ["evaluate", "evaluate", "train", "train"]
+    assert len(arrived) == 6
+    assert not isinstance(grid, PromptGrid)  # the caller's grid itself is left alone

@@ -297,7 +297,7 @@ def test_replies_added_on_arrival_give_the_same_sum_bytes_and_failures_as_adding
     from flower_focal.crypto import Accumulator
     from flower_focal.strategy.he_fedavg import _RoundSum
     stream._sum = _RoundSum(Accumulator(stream.he_public))
-    arrived = [stream._absorb(r) for r in reversed(replies())]  # what PromptGrid does, other order
+    arrived = [stream.on_reply(r) for r in reversed(replies())]  # what PromptGrid does, other order
     assert sum(wire.HE_CIPHERTEXT not in r.content.array_records.get("arrays", {}) for r in arrived) == 4
     arrays_s, metrics_s = stream.aggregate_train(1, arrived)
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 
 from flower_focal.artifacts import ModelSpec
+from flower_focal.grid import PromptGrid
 from flower_focal.history import RunHistory
 from flower_focal.strategy.recorder import RunRecorder
 from flower_focal.strategy.roster import InstitutionRoster
@@ -54,7 +55,8 @@ class RecordingStrategy:
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
               timeout: float = 3600, train_config: ConfigRecord | None = None,
               evaluate_config: ConfigRecord | None = None, evaluate_fn: Any = None) -> Result:
-        """Flower's round loop; then :meth:`close`, and :meth:`require_progress`.
+        """Flower's round loop on a :class:`~flower_focal.grid.PromptGrid` that hands each reply
+        to :meth:`on_reply` as it arrives; then :meth:`close`, and :meth:`require_progress`.
 
         Raises
         ------
@@ -64,6 +66,8 @@ class RecordingStrategy:
             institution errors, so the cause is in the run's error rather than deep in a log.
         """
         self.check_evaluate_fn(evaluate_fn)
+        if not (isinstance(grid, PromptGrid) and grid.on_reply is not None):
+            grid = PromptGrid(grid, on_reply=self.on_reply)
         try:
             result = super().start(  # type: ignore[misc]
                 grid, initial_arrays, num_rounds=num_rounds, timeout=timeout, train_config=train_config,
@@ -72,6 +76,11 @@ class RecordingStrategy:
             self.close()
         self.require_progress(num_rounds)
         return result
+
+    def on_reply(self, reply: Message) -> Message:
+        """Each reply the moment it arrives (:class:`~flower_focal.grid.PromptGrid` calls it);
+        what it returns is what the round's aggregation gets. Here: the reply unchanged."""
+        return reply
 
     def close(self) -> None:
         """Release what the strategy holds between rounds (processes, shards); idempotent."""

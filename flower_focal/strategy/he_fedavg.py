@@ -7,9 +7,9 @@ are checked, sends the encrypted sum back together with the plaintext pair ``[C,
 multiply by ``C / W``. So the weighting stays exact when institutions fail or are rejected,
 and the server holds no secret key, no plaintext update and no plaintext model.
 
-Replies are added the moment they arrive when the grid is a
-:class:`~flower_focal.grid.PromptGrid` (``run_server`` always wraps it so): each ciphertext is
-checked, added into the running sum and dropped, so the sum is ready when the last reply
+Replies are added the moment they arrive (:meth:`HEFedAvg.on_reply`, called by the
+:class:`~flower_focal.grid.PromptGrid` that ``run_server`` and ``start`` put around any grid, a
+foreign ServerApp's included): each ciphertext is checked, added into the running sum and dropped, so the sum is ready when the last reply
 lands and the server holds about one model, not one per institution. Ciphertext addition is
 exact modular arithmetic, so the sum is bit-identical in any arrival order. The seconds spent
 summing and serialising the sum go into the round's ``timings`` in ``metrics.json``
@@ -61,7 +61,6 @@ from flwr.supercore import log
 from flower_focal import wire
 from flower_focal.crypto import Accumulator, CiphertextError, PublicContext
 from flower_focal.encrypted_model import EncryptedModel
-from flower_focal.grid import PromptGrid
 from flower_focal.history import reply_bytes
 from flower_focal.timing import Stopwatch
 from flower_focal.flatten import ArrayLayout
@@ -255,8 +254,6 @@ class HEFedAvg(FedAvg):
                 # m = sampled institutions
                 message_config[wire.HE_NOISE_STD] = self.noise_multiplier * self.clip_norm / len(messages) ** 0.5
         self._sum = _RoundSum(Accumulator(self.he_public, workers=self.server_workers)) if self._weight_norm > 0 else None
-        if isinstance(grid, PromptGrid):
-            grid.reply_hook = self._absorb  # add each ciphertext as it arrives
         return messages
 
     def _train_messages(self, messages: list[Message]) -> list[Message]:
@@ -313,8 +310,9 @@ class HEFedAvg(FedAvg):
                 self.recorder.reject(server_round, label, f"seal failed ({reply.error.reason})")
         return sealed, held
 
-    def _absorb(self, reply: Message) -> Message:
-        """Check and add a training reply into the round's sum, then drop its ciphertext."""
+    def on_reply(self, reply: Message) -> Message:
+        """Check and add a training reply into the round's sum the moment it arrives, then drop
+        its ciphertext (other replies, and any while no sum is open, pass unchanged)."""
         stream = self._sum
         if stream is None or reply.has_error() or reply.metadata.message_type != MessageType.TRAIN:
             return reply
@@ -343,8 +341,9 @@ class HEFedAvg(FedAvg):
         """FedAvg's seam: finish the round's encrypted sum; rejected replies are logged and left
         out (FedAvg's ``aggregate_train`` has recorded the replies and records the outcome).
 
-        Replies that :meth:`_absorb` already added on arrival are only accounted for here;
-        any other reply (a grid without :class:`PromptGrid`) is checked and added now.
+        Replies that :meth:`on_reply` already added on arrival are only accounted for here;
+        any other reply (one that reached the strategy without passing :meth:`on_reply`) is
+        checked and added now.
         """
         held: dict[int, RecordDict] | None = None
         if self._weight_norm <= 0:  # sizes were unknown: announce C and collect the ciphertexts
