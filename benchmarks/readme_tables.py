@@ -503,21 +503,64 @@ def render_dp() -> str:
                      "val accuracy"], rows)
 
 
+AUDIT_LABELS = {
+    "lenet-bs1-path": "fedavg, lenet-sigmoid, batch 1, PathMNIST",
+    "lenet-bs1-retina": "fedavg, lenet-sigmoid, batch 1, RetinaMNIST",
+    "lenet-bs1-path-idlg": "same, PathMNIST, `--attack idlg`",
+    "lenet-bs1-5steps-path": "fedavg, lenet-sigmoid, batch 1, 5 local steps",
+    "lenet-bs4-path": "fedavg, lenet-sigmoid, batch 4",
+    "smallcnn-bs1-path": "fedavg, small-cnn (default), batch 1",
+    "smallcnn-bs32-path": "fedavg, small-cnn, batch 32 (its default)",
+}
+"""Row labels of ``bench_audit.py``'s case ids (other cases are labelled from their fields)."""
+AUDIT_HEADLINE = ("lenet-bs1-path", "lenet-bs1-retina")
+
+
+def audit_doc() -> dict:
+    return load("audit.json")
+
+
 def render_audit() -> str:
-    def both(value: float | list[float], digits: int) -> str:
-        values = value if isinstance(value, list) else [value]
-        return " / ".join(f"{v:.{digits}f}" for v in values)
+    """``bench_audit.py``'s printed JSON: one row per case (server view), the DP cases with the
+    server view / after noise, the HE cases' server and institution side as separate rows."""
+    def cells(a: dict, b: dict | None = None) -> list[str]:
+        pair = [a] if b is None else [a, b]
+        return [" / ".join(f"{x['leakage_rate']:.2f}" for x in pair),
+                " / ".join(f"{x['ssim_median']:.2f}" for x in pair),
+                " / ".join(f"{x['psnr_median']:.1f}" for x in pair), f"{a['label_accuracy']:.2f}"]
+
+    def evals(c: dict) -> str:
+        return f" ({c['iterations']} evaluations)" if c["iterations"] != 400 else ""
 
     rows = []
-    for c in load("audit.json")["cases"]:
-        if c.get("attackable") is False:
-            rows.append([c["case"], str(c["attacked"]), "**0** (not attackable)", "–", "–", "–"])
-            continue
-        rate = both(c["leakage_rate"], 2)
-        rows.append([c["case"], str(c["attacked"]), f"**{rate}**" if c.get("headline") else rate,
-                     both(c["ssim_median"], 2), both(c["psnr_median"], 1), f"{c['label_accuracy']:.2f}"])
+    for c in audit_doc()["cases"]:
+        server = c["server"]
+        if c["strategy"] == "fedavg" and "dp" in c:
+            dp = c["dp"]
+            label = (f"fedavg + Flower DP, S = {dp['clip_norm']:g}, z = {dp['noise_multiplier']:g} "
+                     "(server view / after noise)")
+            rows.append([label, str(server["attacked"]), *cells(server, dp["after_noise"])])
+        elif c["strategy"] == "fedavg":
+            row = cells(server)
+            if c["case"] in AUDIT_HEADLINE:
+                row[0] = f"**{row[0]}**"
+            rows.append([AUDIT_LABELS.get(c["case"], c["case"]) + evals(c), str(server["attacked"]), *row])
+        else:
+            where = "FOCAL" if c["strategy"] == "focal" else c["strategy"]
+            if not server["attackable"] and not any(r[0] == f"{c['strategy']}, server" for r in rows):
+                rows.append([f"{c['strategy']}, server" + (" (EfficientNet-Lite0 embeddings)" if where == "FOCAL" else ""),
+                             "–", "**0** (not attackable)", "–", "–", "–"])
+            side = c.get("institution_side") or {}
+            if side.get("attackable"):
+                others = side["victims_per_aggregate"][0]
+                label = (f"{c['strategy']}, institution side, {others} other institution"
+                         f"{'s' if others > 1 else ''} in the aggregate{evals(c)}")
+                rows.append([label, str(side["attacked"]), *cells(side)])
+    doc = audit_doc()
+    first = doc["cases"][0]["loadavg_before"][0]
     return md_table(["case", "attacked", "leakage rate (server)", "SSIM median", "PSNR median (dB)", "labels right"],
-                    rows)
+                    rows) + (f"\nAll cases: {doc['total_wall_time_s']:.0f} s on {doc['machine']['cpus']} CPU cores, "
+                             f"load average (1 min) {first:.1f} at the start, {doc['loadavg_end'][0]:.1f} at the end.\n")
 
 
 # --------------------------------------------------------------- code: run-config tables
