@@ -487,7 +487,15 @@ def render_dp() -> str:
     doc = load("dp.json")
     rounds, delta = doc["settings"]["rounds"], doc["settings"]["delta"]
     rows = []
-    for r in doc["results"]:
+
+    def order(r: dict) -> tuple:  # the controls first, then by noise level, fedavg before he-fedavg
+        return (r["clip_norm"] is not None and r["noise_multiplier"] > 0, r["noise_multiplier"], r["strategy"])
+
+    for r in sorted(doc["results"], key=order):
+        losses = r.get("federated_val_loss_per_round", [])
+        if "note" not in r and None in losses:  # the benchmark records a NaN loss as null
+            first = losses.index(None) + 1
+            r = {**r, "note": f"NaN loss {'in' if first == len(losses) else 'from'} round {first}"}
         z, clip = r["noise_multiplier"], r["clip_norm"]
         if clip is None:
             label = f"{r['strategy']}, no DP"
@@ -497,7 +505,7 @@ def render_dp() -> str:
             label = "fedavg + Flower DP" if r["strategy"] == "fedavg" else r["strategy"]
         eps = client_level_epsilon(z, rounds, delta).epsilon if z else float("inf")
         note = f" ({r['note']})" if r.get("note") else ""
-        rows.append([label, "–" if clip is None else str(z), "–" if clip is None else str(clip), _epsilon_text(eps),
+        rows.append([label, "–" if clip is None else f"{z:g}", "–" if clip is None else f"{clip:g}", _epsilon_text(eps),
                      f"{r['val_auroc_macro']:.3f}{note}", f"{r['val_accuracy']:.2f}"])
     return md_table(["strategy", "z", "S", f"ε (δ = {delta:.0e}, {rounds} rounds)".replace("e-0", "e-"), "val macro AUROC",
                      "val accuracy"], rows)
