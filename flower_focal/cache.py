@@ -1,4 +1,4 @@
-"""Everything this process keeps in memory between messages, in one place: :data:`CACHE`.
+"""Every large thing this process keeps in memory between messages, in one place: :data:`CACHE`.
 
 A Flower simulation worker serves many institutions round after round, and a deployed
 SuperNode's process may handle many messages; what they keep (datasets, embeddings, frozen
@@ -57,8 +57,8 @@ class Region:
         except ValueError:
             unit = "a number of MiB" if self.unit == "MiB" else "a number of entries"
             raise ValueError(f"{self.env}={raw!r} is not {unit}") from None
-        if math.isnan(value):
-            raise ValueError(f"{self.env}={raw!r} is not a number")
+        if not math.isfinite(value):
+            raise ValueError(f"{self.env}={raw!r} is not a finite number (a large one means: no practical bound)")
         value = max(value, 0.0)
         return int(value * 2**20) if self.unit == "MiB" else int(value)
 
@@ -84,7 +84,8 @@ REGIONS: tuple[Region, ...] = (
            "loaded HE secret contexts, per key file path and mtime"),
     Region("decrypted", "MiB", 0, "FLOWER_FOCAL_DECRYPT_CACHE_MB",
            "HE-FedAvg: the decrypted global model and the ciphertext it came from "
-           "(0: the latest one only)"),
+           "(0: the latest one only; the latest two once he-fedavg's server momentum asks for the "
+           "previous global too)"),
 )
 """Every region of :data:`CACHE`."""
 
@@ -211,8 +212,8 @@ class ProcessCache:
         """Set ``region``'s bound (MiB or entries, as :data:`REGIONS` says) for this process,
         overriding its variable; ``None`` goes back to the variable. Applies at once."""
         store = self._store(region)
-        if limit is not None and not limit >= 0:
-            raise ValueError(f"cache region {region!r}: bound must be >= 0, got {limit!r}")
+        if limit is not None and not (limit >= 0 and math.isfinite(limit)):
+            raise ValueError(f"cache region {region!r}: bound must be a finite number >= 0, got {limit!r}")
         with self._lock:
             store.override = limit
             if limit is not None:

@@ -111,15 +111,19 @@ def _restore(described: list[dict[str, Any]], data, prefix: str) -> ArrayRecord:
 
 
 def check_compatible(checkpoint: Checkpoint, config: dict[str, Any]) -> None:
-    """Refuse to resume a checkpoint made with different settings (other than the resumable ones)."""
-    changed = sorted(
-        k for k in set(checkpoint.config) | set(config)
-        if k not in RESUMABLE_CHANGES and checkpoint.config.get(k) != config.get(k)
-    )
+    """Refuse to resume a checkpoint made with different settings (other than the resumable ones).
+
+    A setting missing on one side (a checkpoint written before the setting existed) counts as
+    its default, so adding a setting does not strand the runs in flight.
+    """
+    defaults = RunConfig().to_flower()
+    old = {**defaults, **checkpoint.config}
+    new = {**defaults, **config}
+    changed = sorted(k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
     if changed:
         raise ValueError(
             "cannot resume: the run config differs from the checkpoint's in "
-            + ", ".join(f"{k} ({checkpoint.config.get(k)!r} -> {config.get(k)!r})" for k in changed)
+            + ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed)
         )
 
 

@@ -64,7 +64,8 @@ HE_SERVER_LR = "he-server-lr"  # config: server learning rate (absent: 1)
 HE_PREVIOUS = "he-previous"  # RecordDict key of the previous global's ArrayRecord (absent: m = 0)
 # Reply metrics an institution adds under HE-FedAvg: seconds (wall) and CPU seconds (this
 # thread: a he-workers pool's processes are not counted) it spent decrypting the global model
-# (0 when this process had already decrypted that aggregate) and encrypting its update.
+# (about 0 when this process had already decrypted that aggregate; with server momentum also the
+# previous global and the momentum arithmetic) and encrypting its update.
 HE_DECRYPT_S = "he-decrypt-s"
 HE_DECRYPT_CPU_S = "he-decrypt-cpu-s"
 HE_ENCRYPT_S = "he-encrypt-s"

@@ -195,3 +195,13 @@ def test_the_cache_and_the_focal_step_path_import_without_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_an_infinite_bound_is_refused_with_its_name(cache: ProcessCache, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FF_TEST_MB", "inf")
+    with pytest.raises(ValueError, match="FF_TEST_MB='inf' is not a finite number"):
+        cache.put("bytes", 1, "one", nbytes=1)
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        cache.configure("count", float("inf"))
+    cache.put("count", "a", "A")  # the region still works: the bad bound was not stored
+    assert cache.keys("count") == ["a"]

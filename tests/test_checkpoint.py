@@ -110,3 +110,18 @@ def test_too_few_replies_keep_the_previous_model(tmp_path):
     assert len(survivors) == 2
     for pid, m in survivors.items():
         assert m["loss"] == pytest.approx(rounds[0]["evaluate_institutions"][pid]["loss"])
+
+
+def test_a_setting_added_after_the_checkpoint_counts_as_its_default():
+    """A checkpoint written before a setting existed (e.g. server-momentum) resumes when the run
+    leaves that setting at its default, and is refused when it does not."""
+    from flwr.app import ArrayRecord
+
+    from flower_focal.checkpoint import Checkpoint, check_compatible
+
+    config = RunConfig().to_flower()
+    older = {k: v for k, v in config.items() if k not in ("server-momentum", "server-lr")}
+    checkpoint = Checkpoint(2, ArrayRecord(), {}, older)
+    check_compatible(checkpoint, config)  # no error
+    with pytest.raises(ValueError, match=r"server-momentum \(0\.0 -> 0\.5\)"):
+        check_compatible(checkpoint, {**config, "server-momentum": 0.5})

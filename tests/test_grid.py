@@ -97,4 +97,4 @@ def test_start_on_a_plain_grid_hands_every_reply_to_on_reply_as_it_arrives(monke
     # every reply, the roster's describe queries too (the foreign app answers them with an error)
     assert sorted(t for t in arrived if t in ("train", "evaluate")) == ["evaluate", "evaluate", "train", "train"]
     assert len(arrived) == 6
-    assert not isinstance(grid, PromptGrid)  # the caller's grid itself is left alone
+    assert not hasattr(grid, "on_reply")  # the caller's grid itself is left alone (wrapped, not patched)

@@ -268,6 +268,37 @@ def test_an_aggregate_is_decrypted_once_per_process_and_callers_get_independent_
         decrypt_record(aggregate(rec, [1.0, 0.0]), he_secret, LAYOUT)
 
 
+def test_with_server_momentum_every_global_is_decrypted_once_per_process(key_dir, monkeypatch):
+    """Under he-fedavg with server momentum a train message asks for the current global and the
+    previous one, an evaluate message for the next: each ciphertext is decrypted once per process,
+    round after round (the two that are asked for stay in the cache whatever its budget)."""
+    from flower_focal.client import he_mod
+
+    he_secret = SecretContext.load(key_dir)
+    rng = np.random.default_rng(4)
+
+    def aggregate():
+        enc = encrypt_record(_plain(rng), he_secret, LAYOUT, weight=1.0)
+        return ArrayRecord({**dict(enc.items()), wire.HE_WEIGHTS: Array(np.array([1.0, 1.0]))})
+
+    calls = []
+    real = SecretContext.decrypt
+    monkeypatch.setattr(SecretContext, "decrypt", lambda self, v: calls.append(1) or real(self, v))
+    monkeypatch.setattr(he_mod, "_KEEP_DECRYPTED", 1)  # a fresh process
+    monkeypatch.setenv("FLOWER_FOCAL_DECRYPT_CACHE_MB", "0")
+    CACHE.clear("decrypted")
+    config = ConfigRecord({wire.HE_SERVER_MOMENTUM: 0.9, wire.HE_SERVER_LR: 1.0})
+    globals_ = [aggregate() for _ in range(5)]
+    for r in range(1, 5):  # round r: evaluate the new global, then two institutions train from it
+        current, previous = globals_[r], globals_[r - 1]
+        decrypt_record(current, he_secret, LAYOUT)  # evaluate (no server-momentum config)
+        for _ in range(2):
+            decrypt_record(current, he_secret, LAYOUT)  # what he_fedavg_mod does for train ...
+            he_mod._server_step(config, current, previous, he_secret, LAYOUT)  # ... then the step
+    assert len(calls) == 5  # g0 .. g4, once each (before the fix: g1, g2, g3 twice)
+    CACHE.clear("decrypted")
+
+
 def test_replies_added_on_arrival_give_the_same_sum_bytes_and_failures_as_adding_at_the_end(key_dir, tmp_path):
     """The streaming path (PromptGrid's reply hook) in any arrival order == the batch path."""
     he_secret = SecretContext.load(key_dir)

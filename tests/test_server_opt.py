@@ -55,7 +55,13 @@ def test_the_server_step_is_flowers_fedavgm_bit_for_bit(beta, lr):
     flower.current_arrays = global_flower  # what its configure_train does in round 1
     for server_round in (1, 2, 3, 4):
         replies = [_reply(node, _arrays(rng), n) for node, n in ((1, 30), (2, 50), (3, 20))]
-        if server_round == 3:  # a failed round: nothing aggregated, the momentum stays
+        if server_round == 3:  # a failed round: no reply; nothing aggregated, the momentum stays
+            velocity = None if ours._velocity is None else {k: v.copy() for k, v in ours._velocity.items()}
+            assert ours.aggregate_train(3, []) == (None, None) == flower.aggregate_train(3, [])
+            if velocity is None:  # momentum 0: no velocity is kept
+                assert ours._velocity is None
+            else:
+                assert all(np.array_equal(ours._velocity[k], v) for k, v in velocity.items())
             continue
         ours._round_start = global_ours  # what our configure_train records
         got, _ = ours.aggregate_train(server_round, replies)

@@ -104,7 +104,7 @@ _KEEP_DECRYPTED = 1
 """How many decrypted globals :func:`_decrypted` keeps at least (2 once server momentum is seen)."""
 
 
-def _decrypted(record: ArrayRecord, he_secret: SecretContext, keep: int = 1) -> np.ndarray:
+def _decrypted(record: ArrayRecord, he_secret: SecretContext) -> np.ndarray:
     """The rescaled plaintext of an encrypted aggregate, decrypted at most once per process.
 
     Within a round every institution receives the same encrypted aggregate twice (evaluate
@@ -138,7 +138,7 @@ def _decrypted(record: ArrayRecord, he_secret: SecretContext, keep: int = 1) -> 
         return flat
 
     return CACHE.get_or_build("decrypted", key, build, nbytes=lambda flat: flat.nbytes + len(blob),
-                              keep=max(keep, _KEEP_DECRYPTED))
+                              keep=_KEEP_DECRYPTED)
 
 
 def decrypt_record(record: ArrayRecord, he_secret: SecretContext, layout: ArrayLayout) -> ArrayRecord:
@@ -337,11 +337,9 @@ def he_fedavg_mod(message: Message, context: Context, call_next: ClientAppCallab
     return reply
 
 
-def _global_flat(record: ArrayRecord, he_secret: SecretContext, layout: ArrayLayout,
-                 keep: int = 1) -> np.ndarray:
-    """A global model as the flat float64 vector (decrypted and ``C/W``-rescaled if encrypted;
-    ``keep``: see :func:`_decrypted`)."""
-    return _decrypted(record, he_secret, keep) if is_encrypted(record) else layout.flatten(record)
+def _global_flat(record: ArrayRecord, he_secret: SecretContext, layout: ArrayLayout) -> np.ndarray:
+    """A global model as the flat float64 vector (decrypted and ``C/W``-rescaled if encrypted)."""
+    return _decrypted(record, he_secret) if is_encrypted(record) else layout.flatten(record)
 
 
 def _has_server_opt(config) -> bool:
@@ -352,18 +350,22 @@ def _server_step(config, incoming: ArrayRecord, previous: ArrayRecord | None, he
                  layout: ArrayLayout) -> tuple[ServerOpt, np.ndarray, np.ndarray | None] | None:
     """FedAvgM's ``(opt, w, m)`` for this round's upload, or ``None`` without a server optimiser."""
     opt = ServerOpt(float(config.get(wire.HE_SERVER_MOMENTUM, 0.0)), float(config.get(wire.HE_SERVER_LR, 1.0)))
+    if previous is not None and opt.momentum <= 0:
+        raise ValueError(
+            f"the train message carries {wire.HE_PREVIOUS!r} (the previous global) but its config has "
+            f"{wire.HE_SERVER_MOMENTUM}={config.get(wire.HE_SERVER_MOMENTUM)!r}, "
+            f"{wire.HE_SERVER_LR}={config.get(wire.HE_SERVER_LR)!r}: only server momentum > 0 sends it")
     if not opt.active:
-        if previous is not None:
-            raise ValueError(f"the train message carries {wire.HE_PREVIOUS!r} without server momentum")
         return None
-    w = _global_flat(incoming, he_secret, layout)  # read-only; the step makes new arrays
-    m = None
+    w_prev = None
     if previous is not None:
-        if opt.momentum <= 0:
-            raise ValueError(f"the train message carries {wire.HE_PREVIOUS!r} without server momentum")
         global _KEEP_DECRYPTED
         _KEEP_DECRYPTED = 2  # current and previous global: both are asked for every round from now on
-        m = opt.momentum_from(_global_flat(previous, he_secret, layout), w)
+        # the previous global first, the current one last: the current one is then the most recently
+        # used entry, and next round's new global evicts the previous one, not this round's
+        w_prev = _global_flat(previous, he_secret, layout)
+    w = _global_flat(incoming, he_secret, layout)  # read-only; the step makes new arrays
+    m = None if w_prev is None else opt.momentum_from(w_prev, w)
     return opt, w, m
 
 

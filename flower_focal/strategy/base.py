@@ -66,7 +66,7 @@ class RecordingStrategy:
             institution errors, so the cause is in the run's error rather than deep in a log.
         """
         self.check_evaluate_fn(evaluate_fn)
-        if not (isinstance(grid, PromptGrid) and grid.on_reply is not None):
+        if not (isinstance(grid, PromptGrid) and grid.on_reply == self.on_reply):  # another's: re-wrap
             grid = PromptGrid(grid, on_reply=self.on_reply)
         try:
             result = super().start(  # type: ignore[misc]

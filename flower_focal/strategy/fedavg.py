@@ -61,7 +61,9 @@ class FedAvg(RecordingStrategy, FlowerFedAvg):
     server_momentum, server_lr : float
         FedAvgM: ``w' = w - server_lr * m'`` with ``m' = server_momentum * m + (w - avg)``
         (Flower's ``FedAvgM``; normalisation statistics keep the average); the defaults 0 and 1
-        are plain FedAvg (the step is skipped).
+        are plain FedAvg (the step is skipped). The momentum belongs to the instance: a second
+        ``start`` on the same object continues it (as with Flower's ``FedAvgM``); use a new
+        strategy per run.
     **fedavg_kwargs
         Forwarded unchanged to :class:`flwr.serverapp.strategy.FedAvg`
         (``fraction_train``, ``min_available_nodes``, ...). Metric aggregation defaults to

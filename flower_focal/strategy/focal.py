@@ -86,8 +86,7 @@ from flower_focal.focal.errors import FocalDiverged, InstitutionUploadError
 from flower_focal.history import RunHistory
 from flower_focal.metrics import nan_weighted_average
 from flower_focal.strategy.base import RecordingStrategy
-from flower_focal.strategy.roster import InstitutionRoster
-from flower_focal.strategy.roster import OrderedGrid, seeded_random
+from flower_focal.strategy.roster import InstitutionRoster, OrderedGrid, seeded_random
 from flower_focal.timing import Stopwatch
 from flower_focal.wire import he_array, he_bytes
 
