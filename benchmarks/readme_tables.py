@@ -66,7 +66,13 @@ QUALITY_FILES = ["quality-pathmnist-iid.json", "quality-pathmnist-dirichlet.json
 QUALITY_HE_FILES = ["quality-he-fedavg-pathmnist-iid.json", "quality-he-fedavg-pathmnist-dirichlet.json",
                     "quality-he-fedavg-retinamnist-iid.json", "quality-he-fedavg-retinamnist-dirichlet.json"]
 """he-fedavg on all three seeds (the cell files above ran it on seed 0 only): shown in their place."""
+QUALITY_SERVER_MOMENTUM_FILES = ["quality-server-momentum-pathmnist-iid.json",
+                                 "quality-server-momentum-pathmnist-dirichlet.json",
+                                 "quality-server-momentum-retinamnist-iid.json",
+                                 "quality-server-momentum-retinamnist-dirichlet.json"]
+"""fedavg with server momentum (``--server-momentum 0.5 --server-lr 1.0``): a row of its own."""
 QUALITY_METHODS = {"central": "centralised bound (pooled)", "fedavg": "fedavg",
+                   "fedavg-server-momentum": "fedavg + server momentum 0.5 (FedAvgM)",
                    "he-fedavg": "he-fedavg (`compact`)", "fedprox": "fedprox (mu 0.01)", "fedbn": "fedbn"}
 
 
@@ -86,9 +92,13 @@ def render_quality() -> str:
     cells = [cell for name in QUALITY_FILES for cell in load(name)["cells"]]
     he_runs = {(c["dataset"], c["partition"]): c["methods"]["he-fedavg"]
                for name in QUALITY_HE_FILES for c in load(name)["cells"]}
+    momentum_runs = {(c["dataset"], c["partition"]): c["methods"]["fedavg"]
+                     for name in QUALITY_SERVER_MOMENTUM_FILES for c in load(name)["cells"]}
     for cell in cells:
         if (cell["dataset"], cell["partition"]) in he_runs:
             cell["methods"]["he-fedavg"] = he_runs[cell["dataset"], cell["partition"]]
+        if (cell["dataset"], cell["partition"]) in momentum_runs:
+            cell["methods"]["fedavg-server-momentum"] = momentum_runs[cell["dataset"], cell["partition"]]
     central = {c["dataset"]: c["methods"]["central"] for c in cells if "central" in c["methods"]}
     rows = []
     for cell in cells:
@@ -678,7 +688,7 @@ TABLES: dict[str, Table] = {
     "focal-quality": Table("results", render_focal_quality,
                            ("focal_quality-twin.json", "focal_quality-encrypted-iid.json")),
     "focal-real": Table("results", render_focal_real, ("focal_real.json",)),
-    "quality": Table("results", render_quality, tuple(QUALITY_FILES + QUALITY_HE_FILES)),
+    "quality": Table("results", render_quality, tuple(QUALITY_FILES + QUALITY_HE_FILES + QUALITY_SERVER_MOMENTUM_FILES)),
     "dp": Table("results", render_dp, ("dp.json", "flower_focal/privacy.py")),
     "audit": Table("results", render_audit, ("audit.json",)),
     "settings-training": Table("code", settings_renderer("settings-training"), ("flower_focal/config.py",)),
