@@ -193,17 +193,24 @@ def _s(value: float | None, digits: int = 1) -> str:
 
 
 def render_he_fedavg_micro() -> str:
-    presets = load("he_fedavg-micro.json")["presets"]
-    rows = []
-    for preset, sizes in presets.items():
-        row = [f"`{preset}`"]
-        for size in ("1M", "11M"):
-            t = sizes[size]
-            row += [_s(t["encrypt_s"], 2), _s(t["server_10_uploads_s"], 2 if size == "1M" else 1),
-                    _s(t["decrypt_s"], 2)]
-        rows.append(row)
-    return md_table(["preset", "1 M: encrypt", "server, 10 uploads", "decrypt", "11 M: encrypt",
-                     "server, 10 uploads", "decrypt"], rows)
+    """``bench_he_fedavg.py --skip-simulation``'s printed JSON: per preset, at 1 M (medium-cnn)
+    and 11 M (resnet18) parameters, one institution's encryption, the server's check + add of
+    all the uploads plus serialising the sum, and one decryption."""
+    models = load("he_fedavg-micro.json")["models"]
+    sizes = [next(iter(models[name]["micro"]))["params"] for name in ("medium-cnn", "resnet18")]
+    by_preset: dict[str, list[str]] = {}
+    n = None
+    for name in ("medium-cnn", "resnet18"):
+        for m in models[name]["micro"]:
+            n = m["institutions"]
+            by_preset.setdefault(m["preset"], []).extend(
+                [_s(m["encrypt_s_w1"], 2), _s(m["aggregate_s"] + m["result_s"], 2 if name == "medium-cnn" else 1),
+                 _s(m["decrypt_s"], 2)])
+    order = ["compact", "ckks", "bfv", "nvflare"]
+    rows = [[f"`{p}`", *by_preset[p]] for p in order if p in by_preset]
+    small, large = (f"{round(x / 1e6):d} M" for x in sizes)
+    return md_table(["preset", f"{small}: encrypt", f"server, {n} uploads", "decrypt", f"{large}: encrypt",
+                     f"server, {n} uploads", "decrypt"], rows)
 
 
 def render_he_fedavg_rounds() -> str:
