@@ -100,11 +100,11 @@ class RunRecorder:
     def record_replies(self, server_round: int, replies: list[Message], phase: str) -> None:
         """Bytes received, each institution's metrics and each error reply (``phase``:
         ``train`` or ``evaluate``)."""
+        self.count_received(server_round, replies)
         record = self.round(server_round)
         per_institution = record.train_institutions if phase == "train" else record.evaluate_institutions
         for reply in replies:
             pid = self.roster.label_of(reply.metadata.src_node_id)
-            record.bytes_up += reply_bytes(reply)
             if reply.has_error():
                 record.failures.append(f"{phase} institution {pid}: {short_reason(reply.error.reason)}")
                 continue
