@@ -251,6 +251,18 @@ class ProcessCache:
             return out
 
 
+def nbytes(value: Any) -> int:
+    """Bytes held by ``value``: numpy arrays, torch tensors (MONAI MetaTensors) and dicts, lists
+    and tuples of them (anything else: its ``nbytes`` or 0). What byte-bounded regions count."""
+    if isinstance(value, dict):
+        return sum(nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(nbytes(v) for v in value)
+    if hasattr(value, "element_size") and hasattr(value, "nelement"):  # torch / MetaTensor
+        return int(value.element_size() * value.nelement())
+    return int(getattr(value, "nbytes", 0))
+
+
 class ExactBytes:
     """A bytes key compared byte for byte but hashed cheaply (length and both ends).
 
@@ -278,4 +290,4 @@ class ExactBytes:
 CACHE = ProcessCache()
 """This process's cache."""
 
-__all__ = ["CACHE", "REGIONS", "ExactBytes", "ProcessCache", "Region", "region"]
+__all__ = ["CACHE", "REGIONS", "ExactBytes", "ProcessCache", "Region", "nbytes", "region"]

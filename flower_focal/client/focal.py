@@ -49,7 +49,7 @@ from flwr.app import (
 from flwr.supercore import log
 
 from flower_focal import wire
-from flower_focal.cache import CACHE
+from flower_focal.cache import CACHE, nbytes
 from flower_focal.client.he_mod import secret_context
 from flower_focal.crypto import CkksKeyHolder
 from flower_focal.focal import (
@@ -89,14 +89,7 @@ def site_backbone(site: Site) -> Backbone:
     return CACHE.get_or_build("backbones", key, lambda: build_backbone(
         cfg.backbone, weights_path=cfg.backbone_weights or None, device=device,
         input_size=cfg.backbone_input_size or None, precision=cfg.precision,
-    ), nbytes=_module_nbytes)
-
-
-def _module_nbytes(backbone: Backbone) -> int:
-    """Bytes of a backbone's parameters and buffers (what the ``backbones`` region reports)."""
-    module = backbone.module
-    return sum(t.element_size() * t.nelement()
-               for t in (*module.parameters(), *module.buffers()))
+    ), nbytes=lambda backbone: nbytes([*backbone.module.parameters(), *backbone.module.buffers()]))
 
 
 def site_embeddings(site: Site, split: str, *, where: dict[str, str] | None = None
@@ -139,7 +132,7 @@ def site_embeddings(site: Site, split: str, *, where: dict[str, str] | None = No
             x.shape, backbone.name)
         return x, y
 
-    x, y = CACHE.get_or_build("embeddings", memo, build, nbytes=lambda xy: xy[0].nbytes + xy[1].nbytes)
+    x, y = CACHE.get_or_build("embeddings", memo, build, nbytes=nbytes)
     if where is not None and len(y):
         full = {**parts, "n_items": len(y)}
         where.update(path=str(cache_path(backbone, cache_dir, full)), key=cache_key(backbone, full))
@@ -535,7 +528,7 @@ class LoaderSource:
         key = (int(context.run_id), int(context.node_id), split)
         return CACHE.get_or_build("embeddings", ("loader-source", self._token, *key),
                                   lambda: self._embed(context, key),
-                                  nbytes=lambda xy: xy[0].nbytes + xy[1].nbytes)
+                                  nbytes=nbytes)
 
     def _embed(self, context: Context, key: tuple[int, int, str]) -> tuple[np.ndarray, np.ndarray]:
         split = key[2]

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from flower_focal.cache import CACHE, region
+from flower_focal.cache import CACHE, nbytes, region
 from flower_focal.config import RunConfig
 from flower_focal.data import prepared
 from flower_focal.data.fields import IMAGE
@@ -57,7 +57,7 @@ def _partitions(
             val_sites=src.sites("val"), min_size=key.min_partition_size,
         )
 
-    return CACHE.get_or_build("partitions", (key, num_partitions), build, nbytes=_nbytes)
+    return CACHE.get_or_build("partitions", (key, num_partitions), build, nbytes=nbytes)
 
 
 def _check_partition(partition_id: int, num_partitions: int) -> None:
@@ -130,22 +130,12 @@ institution datasets (the ``institutions`` region of :data:`flower_focal.cache.C
 DEFAULT_CACHE_BUDGET_MB = region("institutions").default
 
 
-def _nbytes(value: Any) -> int:
-    if isinstance(value, dict):
-        return sum(_nbytes(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(_nbytes(v) for v in value)
-    if hasattr(value, "element_size") and hasattr(value, "nelement"):  # torch / MetaTensor
-        return int(value.element_size() * value.nelement())
-    return int(getattr(value, "nbytes", 0))
-
-
 def dataset_nbytes(ds: Dataset) -> int:
     """Bytes held by an ``ImageTensorDataset`` or a ``CacheDataset``'s cache (0 for a dataset
     that caches nothing)."""
     if isinstance(ds, ImageTensorDataset):
         return ds.nbytes
-    return _nbytes(getattr(ds, "_cache", None) or [])
+    return nbytes(getattr(ds, "_cache", None) or [])
 
 
 def _train_transforms(key: RunConfig, src: SourceData, partition_id: int) -> dict[str, Any]:
