@@ -29,8 +29,9 @@ institutions, val split, via `flower-focal evaluate`, and of a control: fedavg w
 learning rate changed by 1e-7 (relative), which shows how much this training regime alone
 moves after many rounds from a perturbation as small as CKKS's error.
 Prints one JSON object. The README's HE-FedAvg tables are rendered from
-``benchmarks/results/he_fedavg-*.json`` by ``python benchmarks/readme_tables.py --write``
-(today a transcription: the original output was not kept); store a new run's figures there.
+``benchmarks/results/he_fedavg-*.json`` (each this script's printed JSON, verbatim, after a
+``provenance`` field) by ``python benchmarks/readme_tables.py --write``; store a new run's
+output there.
 """
 
 from __future__ import annotations
