@@ -42,6 +42,31 @@ The README's training-quality table is rendered from this JSON (the files
 ``benchmarks/results/quality-*.json`` that ``readme_tables.QUALITY_FILES`` lists, one per dataset
 and partition today) by ``python benchmarks/readme_tables.py --write``; save a new run's output
 there to update it.
+
+Cross-validation (``--cv K``, default 0 = off): the 100 / 120 validation images move a seed's
+AUROC by about 0.006, too much to decide targets such as "fedavg >= 0.97" or "within 0.01 of
+central". With ``--cv K`` the npz's ``train`` and ``val`` are pooled and split into K stratified
+folds (:func:`cv_folds`: per class a permutation seeded by ``--cv-fold-seed``, default
+:data:`CV_FOLD_SEED`, never by the run seed, so every method and seed sees the same folds); fold
+``f`` is written to ``<work-dir>/cv/<dataset>_cv<K>-seed<S>-fold<f>.npz`` (train = the other
+folds, val = fold f; never into the repository) and every method runs on it exactly as above,
+once per (fold, seed), so each pooled image is scored once per seed. The training set is
+(K-1)/K of train+val (PathMNIST 5 folds: 640-641 images instead of 701). ``focal`` is not
+available under CV (bench_focal_quality scores the fixed val split): ``--cv`` with ``--methods
+focal`` is refused, and without ``--methods`` the default under CV is every other method. Per
+method the summary adds ``folds``, ``n_runs``, ``val_<metric>_per_fold`` (means over seeds; the
+``val_<metric>_mean/std/spread`` are over all (fold, seed) runs and ``val_<metric>_per_seed`` are
+means over folds), ``val_images`` (distinct pooled images scored) and ``val_images_scored``
+(summed over runs); every method with a final-model AUROC gets ``val_auroc_minus_central_paired``
+(mean and std of its per-(fold, seed) difference to central: what decides "within 0.01 of
+central") and the cell ``fedavg_minus_central_auroc_paired``. ``settings.cv`` records ``folds``,
+``fold_seed`` and ``fold_sizes`` per dataset. The full CV sweep of one cell (about K times the
+plain run's time; store it as ``benchmarks/results/quality-cv-<dataset>-<partition>.json``, the
+files the README's ``quality-cv`` table reads)::
+
+    python benchmarks/bench_quality.py --cv 5 --seeds 0 1 2 --datasets pathmnist --partitions iid \\
+        --methods central fedavg he-fedavg fedprox fedbn --he-seeds 0 \\
+        --out benchmarks/results/quality-cv-pathmnist-iid.json --work-dir /tmp/quality-cv
 """
 
 from __future__ import annotations
@@ -56,24 +81,79 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit, loadavg, machine, shared_npz  # noqa: E402
 
 from flower_focal.config import RunConfig  # noqa: E402
 
+CV_FOLD_SEED = 17
+"""Default seed of the cross-validation folds (issue 17); independent of the run seeds."""
 FEDERATED: dict[str, dict[str, Any]] = {
     "fedavg": {}, "he-fedavg": {"strategy": "he-fedavg"}, "fedprox": {}, "fedbn": {"fedbn": True}}
-ALL_METHODS = ("central", "fedavg", "he-fedavg", "fedprox", "fedbn", "focal")
+ALL_METHODS = ("central", *FEDERATED, "focal")
 METRICS = ("auroc", "accuracy", "fed_auroc", "fed_accuracy", "personal_auroc", "personal_accuracy")
 
 
-def base_config(dataset: str, partition: str, seed: int, args: argparse.Namespace, **changes: Any) -> RunConfig:
-    """The run config of one cell: defaults plus data, partition, rounds and seed."""
+def base_config(dataset: str, partition: str, seed: int, args: argparse.Namespace,
+                data: Path | None = None, **changes: Any) -> RunConfig:
+    """The run config of one cell: defaults plus data (``data``, e.g. a CV fold's npz, or the
+    shared npz), partition, rounds and seed."""
     return RunConfig(
-        dataset="medmnist", data_path=str(shared_npz(dataset)), image_size=28,
+        dataset="medmnist", data_path=str(data or shared_npz(dataset)), image_size=28,
         partitioner=partition, dirichlet_alpha=0.5, num_server_rounds=args.rounds,
         min_available_nodes=args.institutions, seed=seed, device="cpu", **changes,
     )
+
+
+def cv_folds(labels: np.ndarray, k: int, seed: int = CV_FOLD_SEED) -> list[np.ndarray]:
+    """``k`` stratified, disjoint folds of ``range(len(labels))`` (sorted index arrays).
+
+    Each class's indices are permuted with ``seed`` and the classes, one after another, are dealt
+    round-robin over the folds: every fold holds each class's count / k (rounded either way) and
+    the fold sizes differ by at most one. Depends only on ``labels``, ``k`` and ``seed``.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 2:
+        raise ValueError(f"--cv: the number of folds must be an integer >= 2, got {k!r}")
+    classes, counts = np.unique(labels, return_counts=True)
+    if len(labels) == 0 or k > counts.min():
+        smallest = "no images" if len(labels) == 0 else (
+            f"class {classes[counts.argmin()]} has {counts.min()} images")
+        raise ValueError(f"--cv {k}: every fold must hold every class, but {smallest} in train+val; "
+                         f"use at most {0 if len(labels) == 0 else counts.min()} folds")
+    rng = np.random.default_rng(seed)
+    order = np.concatenate([rng.permutation(np.flatnonzero(labels == c)) for c in classes])
+    assignment = np.empty(len(labels), dtype=np.int64)
+    assignment[order] = np.arange(len(order)) % k
+    return [np.flatnonzero(assignment == f) for f in range(k)]
+
+
+def write_cv_folds(npz: Path, k: int, seed: int, out_dir: Path) -> tuple[list[Path], list[int]]:
+    """Pool ``npz``'s train and val, split them with :func:`cv_folds` and write one MedMNIST npz
+    per fold to ``out_dir`` (train = the other folds, val = the fold; other keys, e.g.
+    ``test_*``, copied unchanged). The file names start with the dataset's name, which
+    flower-focal's loader reads the class names from. Returns the paths and the fold sizes."""
+    with np.load(npz, allow_pickle=False) as z:
+        arrays = {key: z[key] for key in z.files}
+    missing = [key for key in ("train_images", "train_labels", "val_images", "val_labels") if key not in arrays]
+    if missing:
+        raise ValueError(f"--cv: {npz} lacks {missing}; it needs MedMNIST train_* and val_* arrays")
+    images = np.concatenate([arrays["train_images"], arrays["val_images"]])
+    labels = np.concatenate([arrays["train_labels"], arrays["val_labels"]])
+    folds = cv_folds(labels, k, seed)
+    rest = {key: v for key, v in arrays.items() if not key.startswith(("train_", "val_"))}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for f, val_idx in enumerate(folds):
+        train_idx = np.concatenate([folds[g] for g in range(k) if g != f])
+        train_idx.sort()
+        path = out_dir / f"{npz.stem}_cv{k}-seed{seed}-fold{f}.npz"
+        np.savez(path, train_images=images[train_idx], train_labels=labels[train_idx],
+                 val_images=images[val_idx], val_labels=labels[val_idx], **rest)
+        paths.append(path)
+    return paths, [len(v) for v in folds]
 
 
 def central(cfg: RunConfig) -> dict[str, Any]:
@@ -141,8 +221,17 @@ def weight_diff(a: Path, b: Path) -> float:
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean, std and spread of AUROC and accuracy over the seeds of one cell."""
-    out: dict[str, Any] = {"seeds": [r["seed"] for r in rows]}
+    """Mean, std and spread of AUROC and accuracy over the runs of one cell: its seeds, or with
+    ``--cv`` (rows with a ``fold``) its (fold, seed) runs, plus per-seed means over folds,
+    per-fold means over seeds and the validation images scored."""
+    cv = any("fold" in r for r in rows)
+    seeds = sorted({r["seed"] for r in rows}) if cv else [r["seed"] for r in rows]
+    out: dict[str, Any] = {"seeds": seeds}
+    if cv:
+        folds = sorted({r["fold"] for r in rows})
+        out.update(folds=folds, n_runs=len(rows),
+                   val_images=sum({r["fold"]: r["val_images"] for r in rows}.values()),
+                   val_images_scored=sum(r["val_images"] for r in rows))
     for metric in METRICS:
         values = [r[metric] for r in rows if r.get(metric) is not None]
         if not values:
@@ -150,8 +239,29 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         out[f"val_{metric}_mean"] = round(statistics.fmean(values), 4)
         out[f"val_{metric}_std"] = round(statistics.stdev(values), 4) if len(values) > 1 else 0.0
         out[f"val_{metric}_spread"] = round(max(values) - min(values), 4)
-        out[f"val_{metric}_per_seed"] = [round(v, 4) for v in values]
+        if not cv:
+            out[f"val_{metric}_per_seed"] = [round(v, 4) for v in values]
+            continue
+        for group, name in (("seed", "per_seed"), ("fold", "per_fold")):
+            means = [statistics.fmean(vs) for g in sorted({r[group] for r in rows})
+                     if (vs := [r[metric] for r in rows if r[group] == g and r.get(metric) is not None])]
+            out[f"val_{metric}_{name}"] = [round(v, 4) for v in means]
     return out
+
+
+def paired_difference(rows: list[dict[str, Any]], reference: list[dict[str, Any]],
+                      metric: str = "auroc") -> dict[str, Any] | None:
+    """Mean and std of ``rows``' ``metric`` minus ``reference``'s, paired on (fold, seed): the
+    same validation images and seed. None when no run pairs."""
+    ref = {(r.get("fold"), r["seed"]): r.get(metric) for r in reference}
+    diffs = [(r.get("fold"), r["seed"], r[metric] - ref[r.get("fold"), r["seed"]]) for r in rows
+             if r.get(metric) is not None and ref.get((r.get("fold"), r["seed"])) is not None]
+    if not diffs:
+        return None
+    values = [d for _, _, d in diffs]
+    return {"mean": round(statistics.fmean(values), 4),
+            "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+            "n": len(values), "per_run": [{"fold": f, "seed": s, "diff": round(d, 4)} for f, s, d in diffs]}
 
 
 def focal_rows(dataset: str, partition: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -166,12 +276,13 @@ def focal_rows(dataset: str, partition: str, args: argparse.Namespace) -> dict[s
     return quality(dataset=dataset, partition=partition, seeds=args.seeds, institutions=args.institutions)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datasets", nargs="+", default=["pathmnist", "retinamnist"])
     p.add_argument("--partitions", nargs="+", default=["iid", "dirichlet"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS)
+    p.add_argument("--methods", nargs="+", default=None, choices=ALL_METHODS,
+                   help="default: all of them (with --cv all but focal)")
     p.add_argument("--institutions", type=int, default=5)
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--fedprox-mu", type=float, default=0.01)
@@ -185,15 +296,33 @@ def main() -> None:
                    help="seeds he-fedavg runs for (default: all; it is the slowest method)")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here (after every run)")
     p.add_argument("--work-dir", type=Path, default=None, help="keep the run directories here (default: a temporary one)")
-    args = p.parse_args()
+    p.add_argument("--cv", type=int, default=0, metavar="K",
+                   help="K-fold cross-validation over the pooled train+val (0: score on the val split)")
+    p.add_argument("--cv-fold-seed", type=int, default=CV_FOLD_SEED,
+                   help="seed of the CV folds (the same for every method and run seed)")
+    args = p.parse_args(argv)
+    if args.cv:
+        if args.cv < 2:
+            p.error(f"--cv: the number of folds must be >= 2 (0 = no cross-validation), got {args.cv}")
+        if args.methods and "focal" in args.methods:
+            p.error("--cv: --methods focal is not available under cross-validation "
+                    "(bench_focal_quality scores the fixed val split); run focal without --cv")
+    args.methods = args.methods or [m for m in ALL_METHODS if not (args.cv and m == "focal")]
     defaults = RunConfig()
+    settings: dict[str, Any] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                                if k not in ("cv", "cv_fold_seed")}
+    if args.cv:
+        settings["cv"] = {"folds": args.cv, "fold_seed": args.cv_fold_seed, "fold_sizes": {}}
     result: dict[str, Any] = {
         "benchmark": "quality",
-        "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": {**settings,
                      "defaults": {k: getattr(defaults, k) for k in (
                          "model", "lr", "lr_schedule", "local_epochs", "batch_size", "optimizer",
                          "momentum", "weight_decay")}},
-        "evaluation": "pooled val split, macro one-vs-rest AUROC and accuracy of the final model",
+        "evaluation": "pooled val split, macro one-vs-rest AUROC and accuracy of the final model" if not args.cv else (
+            f"{args.cv}-fold cross-validation over the pooled train+val (stratified, fold seed "
+            f"{args.cv_fold_seed}): each fold scored by the final model trained on the other folds, "
+            "macro one-vs-rest AUROC and accuracy"),
         "machine": machine(), "load_before": loadavg(), "cells": [],
     }
 
@@ -201,40 +330,51 @@ def main() -> None:
         if args.out is not None:
             args.out.write_text(json.dumps(result, indent=2))
 
-    pooled_rows: dict[tuple[str, int], dict[str, Any]] = {}
+    pooled_rows: dict[tuple[str, int | None, int], dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="ff-quality-") as scratch:
-        tmp = str(args.work_dir or scratch)
+        tmp = Path(args.work_dir or scratch)
         for dataset in args.datasets:
-            if shared_npz(dataset) is None:
+            npz = shared_npz(dataset)
+            if npz is None:
                 result["cells"].append({"dataset": dataset, "skipped": "data not found"})
                 continue
+            folds: list[tuple[int | None, Path | None]] = [(None, None)]
+            fold_sizes: list[int] = []
+            if args.cv:  # the same folds for every partition, method and seed
+                paths, fold_sizes = write_cv_folds(npz, args.cv, args.cv_fold_seed, tmp / "cv")
+                result["settings"]["cv"]["fold_sizes"][dataset] = fold_sizes
+                folds = list(enumerate(paths))
             for partition in args.partitions:
                 cell: dict[str, Any] = {"dataset": dataset, "partition": partition, "methods": {}}
                 result["cells"].append(cell)
                 for method in (m for m in args.methods if m != "focal"):
                     rows = []
-                    for seed in args.seeds:
-                        if method == "central":  # pooled data: the same for every partition
-                            if (dataset, seed) not in pooled_rows:
-                                pooled_rows[dataset, seed] = central(base_config(dataset, partition, seed, args))
-                            row = pooled_rows[dataset, seed]
-                        else:
-                            changes: dict[str, Any] = dict(FEDERATED[method])
-                            changes.update(server_momentum=args.server_momentum, server_lr=args.server_lr)
-                            if method == "fedprox":
-                                changes["fedprox_mu"] = args.fedprox_mu
-                            if method in ("fedavg", "fedbn"):
-                                changes["personal_epochs"] = args.personal_epochs
-                            if method == "he-fedavg" and seed not in (args.he_seeds or args.seeds):
-                                continue
-                            run_dir = Path(tmp) / f"{dataset}-{partition}-{method}-{seed}"
-                            row = federated(base_config(dataset, partition, seed, args, **changes), run_dir)
-                            twin = Path(tmp) / f"{dataset}-{partition}-fedavg-{seed}"
-                            if method == "he-fedavg" and (twin / "model.pt").exists():
-                                row["max_abs_weight_diff_vs_fedavg"] = weight_diff(run_dir, twin)
-                        rows.append({"seed": seed, **row})
-                        cell["methods"][method] = {**summarise(rows), "runs": rows}
-                        save()
+                    for fold, data in folds:
+                        for seed in args.seeds:
+                            tag = str(seed) if fold is None else f"fold{fold}-{seed}"
+                            if method == "central":  # pooled data: the same for every partition
+                                if (dataset, fold, seed) not in pooled_rows:
+                                    pooled_rows[dataset, fold, seed] = central(
+                                        base_config(dataset, partition, seed, args, data))
+                                row = pooled_rows[dataset, fold, seed]
+                            else:
+                                changes: dict[str, Any] = dict(FEDERATED[method])
+                                changes.update(server_momentum=args.server_momentum, server_lr=args.server_lr)
+                                if method == "fedprox":
+                                    changes["fedprox_mu"] = args.fedprox_mu
+                                if method in ("fedavg", "fedbn"):
+                                    changes["personal_epochs"] = args.personal_epochs
+                                if method == "he-fedavg" and seed not in (args.he_seeds or args.seeds):
+                                    continue
+                                run_dir = tmp / f"{dataset}-{partition}-{method}-{tag}"
+                                row = federated(base_config(dataset, partition, seed, args, data, **changes), run_dir)
+                                twin = tmp / f"{dataset}-{partition}-fedavg-{tag}"
+                                if method == "he-fedavg" and (twin / "model.pt").exists():
+                                    row["max_abs_weight_diff_vs_fedavg"] = weight_diff(run_dir, twin)
+                            where = {} if fold is None else {"fold": fold, "val_images": fold_sizes[fold]}
+                            rows.append({"seed": seed, **where, **row})
+                            cell["methods"][method] = {**summarise(rows), "runs": rows}
+                            save()
                 if "focal" in args.methods:
                     cell["methods"]["focal"] = focal_rows(dataset, partition, args)
                     save()
@@ -242,6 +382,14 @@ def main() -> None:
                 if "central" in methods and "fedavg" in methods:
                     cell["fedavg_minus_central_auroc"] = round(
                         methods["fedavg"]["val_auroc_mean"] - methods["central"]["val_auroc_mean"], 4)
+                if args.cv and "central" in methods:  # paired on (fold, seed): same images, same seed
+                    for name in FEDERATED:
+                        if name in methods:
+                            paired = paired_difference(methods[name]["runs"], methods["central"]["runs"])
+                            if paired is not None:
+                                methods[name]["val_auroc_minus_central_paired"] = paired
+                    if "val_auroc_minus_central_paired" in methods.get("fedavg", {}):
+                        cell["fedavg_minus_central_auroc_paired"] = methods["fedavg"]["val_auroc_minus_central_paired"]
                 save()
     result["load_after"] = loadavg()
     save()

@@ -115,6 +115,54 @@ def render_quality() -> str:
                      "federated AUROC", "personalised AUROC (1 epoch fine-tuning)"], rows)
 
 
+# --------------------------------------------------------------- results: quality under CV
+QUALITY_CV_FILES = sorted(p.name for p in RESULTS.glob("quality-cv-*.json"))
+"""``bench_quality.py --cv K`` runs (one per dataset and partition, like :data:`QUALITY_FILES`).
+The ``quality-cv`` table is registered in :data:`TABLES` only once such a file exists; from then
+on the README needs its ``<!-- table:quality-cv -->`` section (the tests say so)."""
+
+
+def _cv_mean_std(method: dict, key: str) -> str:
+    """``mean ± std`` over the (fold, seed) runs."""
+    if f"{key}_mean" not in method:
+        return "–"
+    return f"{method[f'{key}_mean']:.3f} ± {method[f'{key}_std']:.3f}"
+
+
+def render_quality_cv(docs: list[dict] | None = None) -> str:
+    """``bench_quality.py --cv K``: per cell and method, mean ± std over every (fold, seed) run
+    (each pooled train+val image scored once per seed), the runs, and the final model's AUROC
+    minus the centralised bound's paired on (fold, seed). ``docs``: the JSON documents (default:
+    :data:`QUALITY_CV_FILES`). A cell without central shows the centralised bound of another cell
+    of the same dataset and folds (it does not depend on the partition), without a paired gap."""
+    docs = [load(name) for name in QUALITY_CV_FILES] if docs is None else docs
+    cells = []
+    for doc in docs:
+        cv = doc["settings"].get("cv")
+        if not cv:
+            raise ValueError("quality-cv: a results file without settings.cv (not a bench_quality --cv run)")
+        cells += [(cv["folds"], cv["fold_seed"], c) for c in doc["cells"] if "methods" in c]
+    cells.sort(key=lambda t: (t[2]["dataset"], t[2]["partition"] != "iid", t[2]["partition"]))
+    central = {(c["dataset"], k, seed): c["methods"]["central"] for k, seed, c in cells if "central" in c["methods"]}
+    rows = []
+    for k, seed, cell in cells:
+        methods = {"central": central.get((cell["dataset"], k, seed), {}), **cell["methods"]}
+        part = {"iid": "IID", "dirichlet": "Dirichlet 0.5"}.get(cell["partition"], cell["partition"])
+        order = [m for m in QUALITY_METHODS if m in methods] + [m for m in methods if m not in QUALITY_METHODS]
+        for key in order:
+            m = methods[key]
+            if not m or "runs" not in m:
+                continue
+            paired = m.get("val_auroc_minus_central_paired")
+            rows.append([f"{cell['dataset']}, {part}", QUALITY_METHODS.get(key, key),
+                         f"{len(m['folds'])} × {len(m['seeds'])} ({m['val_images']} images)",
+                         _cv_mean_std(m, "val_auroc"), _cv_mean_std(m, "val_fed_auroc"),
+                         _cv_mean_std(m, "val_personal_auroc"),
+                         "–" if paired is None else f"{paired['mean']:+.3f} ± {paired['std']:.3f}"])
+    return md_table(["data, partition", "method", "runs (folds × seeds)", "val macro AUROC (final global model)",
+                     "federated AUROC", "personalised AUROC", "final model − central, paired by (fold, seed)"], rows)
+
+
 # ------------------------------------------------------------------ results: FOCAL quality
 FOCAL_NAMES = {"pathmnist": "PathMNIST (9 classes, 701 / 100)", "retinamnist": "RetinaMNIST (5 classes, 1080 / 120)"}
 
@@ -742,6 +790,8 @@ TABLES: dict[str, Table] = {
     "gpu-path": Table("results", render_gpu_path, ("gpu_path.json",)),
     "client-imports": Table("results", render_client_imports, ("client_imports-before.json", "client_imports.json")),
 }
+if QUALITY_CV_FILES:  # registered once bench_quality --cv results are stored (then the README needs the section)
+    TABLES["quality-cv"] = Table("results", render_quality_cv, tuple(QUALITY_CV_FILES))
 
 
 def sections(text: str) -> dict[str, re.Match]:
