@@ -75,7 +75,7 @@ class ArrayLayout:
             names=tuple(n for n, _ in vector),
             shapes=tuple(tuple(int(d) for d in a.shape) for _, a in vector),
             dtypes=tuple(str(a.dtype) for _, a in vector),
-            local=tuple(n for n in record.keys() if n in local),
+            local=tuple(n for n in record if n in local),
             local_index=tuple(i for i, n in enumerate(record.keys()) if n in local),
         )
 
@@ -146,9 +146,9 @@ class ArrayLayout:
                    local_index=tuple(int(i) for i in d.get("local_index", ())))
 
     def _check_names(self, record: ArrayRecord) -> None:
-        if tuple(k for k in record.keys() if k not in self.local) == self.names:
+        if tuple(k for k in record if k not in self.local) == self.names:
             return
-        unexpected = [k for k in record.keys() if k not in self.names and k not in self.local]
+        unexpected = [k for k in record if k not in self.names and k not in self.local]
         missing = [n for n in self.names if n not in record]
         detail = "; ".join(part for part in (
             f"not in the layout: {_few(unexpected)}" if unexpected else "",

@@ -217,9 +217,8 @@ def test_local_keys_stay_out_of_the_uploads_and_travel_in_plaintext_next_to_the_
     arrays' initial values in plaintext, and the final model decrypts to a complete one."""
     from flower_focal.crypto.envelope import EnvelopeLayout
     from flower_focal.encrypted_model import EncryptedModel, local_path
-    from tests.test_dropin import RUN_CONFIG, quickstart_app
-
     from flower_focal.models import build_model, norm_keys
+    from tests.test_dropin import RUN_CONFIG, quickstart_app
 
     # the project's wiring: fedbn=true makes the model's normalisation layers local (names only:
     # the same for any data shape; the global random state is left alone)

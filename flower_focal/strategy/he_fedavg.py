@@ -154,7 +154,7 @@ class HEFedAvg(FedAvg):
             raise ValueError(f"server_workers must be an int >= 1, got {server_workers!r}")
         self.server_workers = server_workers
         if isinstance(local_keys, str):
-            raise ValueError(f"local_keys must be an iterable of array names, got the string {local_keys!r}")
+            raise TypeError(f"local_keys must be an iterable of array names, got the string {local_keys!r}")
         self.local_keys: tuple[str, ...] = tuple(dict.fromkeys(local_keys))
         self._layout: ArrayLayout | None = None
         self._local = ArrayRecord()  # plaintext initial values of the local arrays (public)
@@ -458,7 +458,7 @@ class HEFedAvg(FedAvg):
         arrays = ArrayRecord({
             wire.HE_CIPHERTEXT: wire.he_array(blob),
             wire.HE_WEIGHTS: Array(np.array([norm, total_weight], dtype=np.float64)),
-            **{k: self._local[k] for k in self._local.keys()},  # plaintext, public: the initial values
+            **{k: self._local[k] for k in self._local},  # plaintext, public: the initial values
         })
         return arrays, self.train_metrics_aggr_fn(accepted, self.weighted_by_key)
 
