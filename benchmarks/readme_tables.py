@@ -556,6 +556,23 @@ def render_server_opt_bn() -> str:
                     [[name, *(f"{v:.3f}" for v in mins)] for name, mins in runs.items()])
 
 
+def render_fedbn_upload() -> str:
+    """``bench_fedbn_upload.py``: values and bytes of one he-fedavg upload with every array in
+    the encrypted vector and with FedBN's normalisation layers left out."""
+    d = load("fedbn_upload.json")
+    rows = []
+    for name, m in d["models"].items():
+        full, fedbn = m["all_arrays"], m["fedbn"]
+        rows.append([f"`{name}`", f"{full['values']:,}", f"{fedbn['values']:,} ({m['local_arrays']} arrays local)",
+                     f"{full['chunks']} / {full['ciphertext_bytes'] / 1e6:.3f} MB",
+                     f"{fedbn['chunks']} / {fedbn['ciphertext_bytes'] / 1e6:.3f} MB",
+                     f"{100 * m['values_saved'] / full['values']:.2f} %",
+                     f"{100 * m['bytes_saved'] / full['ciphertext_bytes']:.2f} %"])
+    return md_table(["model", "values encrypted, every array", "values encrypted, FedBN",
+                     f"upload ({d['settings']['preset']}), every array: chunks / bytes", "upload, FedBN",
+                     "values saved", "bytes saved"], rows)
+
+
 # ------------------------------------------------------------------ results: deployment
 def render_deployment() -> str:
     """``bench_deployment.py --no-recovery``: a deployment round against its simulation round,
@@ -778,6 +795,7 @@ TABLES: dict[str, Table] = {
     "cache-regions": Table("code", render_cache_regions, ("flower_focal/cache.py",)),
     "server-sum": Table("results", render_server_sum, ("server_sum.json",)),
     "server-opt-bn": Table("results", render_server_opt_bn, ("server_opt_bn.json",)),
+    "fedbn-upload": Table("results", render_fedbn_upload, ("fedbn_upload.json",)),
     "deployment": Table("results", render_deployment, ("deployment-before.json", "deployment.json")),
     "deployment-messages": Table("results", render_deployment_messages,
                                  ("deployment-before.json", "deployment.json")),

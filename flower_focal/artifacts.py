@@ -113,9 +113,12 @@ def save_model(run_dir: Path, arrays: ArrayRecord, spec: ModelSpec) -> Path:
 
 
 def save_encrypted_model(run_dir: Path, arrays: ArrayRecord, layout: Any, spec: ModelSpec) -> Path:
-    """Write an HE strategy's encrypted final model (``model.he`` + ``model.he.json``).
+    """Write an HE strategy's encrypted final model (``model.he`` + ``model.he.json``; FedBN
+    under he-fedavg also ``model.he.local.npz``, the plaintext initial normalisation layers that
+    were never in the ciphertext).
 
-    The server can write this: it is ciphertext plus public facts (layout, weights). Turn it
+    The server can write this: it is ciphertext plus public facts (layout, weights, the initial
+    values of the local arrays). Turn it
     into ``model.pt`` with :func:`decrypt_model` where the secret key lives. ``layout`` is an
     :class:`~flower_focal.flatten.ArrayLayout` (HE-FedAvg) or a
     :class:`~flower_focal.focal.FocalLayout` (FOCAL: ``arrays`` holds the encrypted head).

@@ -5,7 +5,10 @@ is an :class:`EncryptedModel`: the encrypted weighted sum, the ``[C, W]`` pair t
 it, and the :class:`~flower_focal.flatten.ArrayLayout` (names, shapes, dtypes: the
 architecture, public). It is saved as two files, ``<name>.he`` (ciphertext) and
 ``<name>.he.json`` (layout and weights), and turned back into arrays only where the secret key
-lives::
+lives. A FedBN run's layout leaves the normalisation layers out of the ciphertext
+(:attr:`~flower_focal.flatten.ArrayLayout.local`); the model carries their plaintext values
+(the public initial model's: they were never aggregated) in a third file,
+``<name>.he.local.npz``, so that it still decrypts to a complete state dict::
 
     # ServerApp (any app): result = strategy.start(...)
     strategy.save_final_model(result, "final_model.he")
@@ -18,7 +21,7 @@ Nothing here needs a model registry: any network's arrays round-trip.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,13 @@ def meta_path(path: str | Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
+def local_path(path: str | Path) -> Path:
+    """The plaintext local arrays that go with an encrypted model file (``model.he`` ->
+    ``model.he.local.npz``; only for a layout with local arrays, e.g. FedBN's)."""
+    path = Path(path)
+    return path.with_name(path.name + ".local.npz")
+
+
 @dataclass(frozen=True)
 class EncryptedModel:
     """Ciphertext of ``sum_i (n_i / C) w_i`` plus what an institution needs to decrypt it."""
@@ -44,31 +54,46 @@ class EncryptedModel:
     ciphertext: bytes
     weights: tuple[float, float]  # [C, W]: multiply the decrypted sum by C / W
     layout: ArrayLayout
+    local: ArrayRecord = field(default_factory=ArrayRecord)
+    """Plaintext values of the layout's :attr:`~flower_focal.flatten.ArrayLayout.local` arrays
+    (FedBN: the initial normalisation layers); empty for a layout without any."""
+
+    def __post_init__(self) -> None:
+        missing = [n for n in self.layout.local if n not in self.local]
+        if missing:
+            raise ValueError(f"encrypted model: the layout keeps {len(self.layout.local)} arrays out of the "
+                             f"ciphertext but their plaintext values are missing: {missing[:5]}")
 
     @classmethod
     def from_record(cls, arrays: ArrayRecord, layout: ArrayLayout) -> EncryptedModel:
-        """From the strategy's encrypted aggregate (``Result.arrays`` of an HE-FedAvg run)."""
+        """From the strategy's encrypted aggregate (``Result.arrays`` of an HE-FedAvg run;
+        with local arrays in the layout, their plaintext values travel in the same record)."""
         if wire.HE_CIPHERTEXT not in arrays or wire.HE_WEIGHTS not in arrays:
             raise ValueError(f"not an encrypted aggregate: arrays {list(arrays.keys())}")
         norm, total = (float(x) for x in arrays[wire.HE_WEIGHTS].numpy())
-        return cls(bytes(arrays[wire.HE_CIPHERTEXT].data), (norm, total), layout)
+        missing = [n for n in layout.local if n not in arrays]
+        if missing:
+            raise ValueError(f"encrypted aggregate without the plaintext local arrays {missing[:5]} its "
+                             f"layout keeps out of the ciphertext (arrays: {list(arrays.keys())[:5]})")
+        local = ArrayRecord({n: arrays[n] for n in layout.local})
+        return cls(bytes(arrays[wire.HE_CIPHERTEXT].data), (norm, total), layout, local)
 
     def to_record(self) -> ArrayRecord:
-        """The encrypted aggregate as Flower sends it (ciphertext Array + ``[C, W]``)."""
+        """The encrypted aggregate as Flower sends it (ciphertext Array + ``[C, W]``, then the
+        plaintext local arrays, if any)."""
         return ArrayRecord({
             wire.HE_CIPHERTEXT: wire.he_array(self.ciphertext),
             wire.HE_WEIGHTS: Array(np.array(self.weights, dtype=np.float64)),
+            **{n: self.local[n] for n in self.layout.local},
         })
 
     def meta(self) -> dict[str, Any]:
         """The public facts written next to the ciphertext."""
-        return {"kind": KIND, "weights": list(self.weights),
-                "layout": {"names": list(self.layout.names),
-                           "shapes": [list(s) for s in self.layout.shapes],
-                           "dtypes": list(self.layout.dtypes)}}
+        return {"kind": KIND, "weights": list(self.weights), "layout": self.layout.to_json()}
 
     def save(self, path: str | Path) -> Path:
-        """Write ``path`` (ciphertext) and ``path.json`` atomically; returns ``path``."""
+        """Write ``path`` (ciphertext), ``path.local.npz`` (plaintext local arrays, if the layout
+        has any) and ``path.json`` (last) atomically; returns ``path``."""
         from flower_focal.history import write_json_atomic
 
         path = Path(path)
@@ -76,7 +101,15 @@ class EncryptedModel:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_bytes(self.ciphertext)
         tmp.replace(path)
-        write_json_atomic(meta_path(path), self.meta())
+        meta = self.meta()
+        if self.layout.local:
+            side = local_path(path)
+            tmp = side.with_name(side.name + ".tmp")
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **{n: self.local[n].numpy() for n in self.layout.local})
+            tmp.replace(side)
+            meta["local_file"] = side.name
+        write_json_atomic(meta_path(path), meta)
         return path
 
     @classmethod
@@ -89,6 +122,8 @@ class EncryptedModel:
             If the ciphertext or its ``.json`` is missing.
         ValueError
             If the ``.json`` describes something else (e.g. a FOCAL head).
+
+        A file written before layouts had local arrays loads as a layout without any.
         """
         path = Path(path)
         for needed in (path, meta_path(path)):
@@ -98,16 +133,25 @@ class EncryptedModel:
         meta = json.loads(meta_path(path).read_text())
         if meta.get("kind", KIND) != KIND:
             raise ValueError(f"{path} holds a {meta['kind']!r} model, not an HE-FedAvg model")
-        layout = ArrayLayout(
-            names=tuple(meta["layout"]["names"]),
-            shapes=tuple(tuple(int(d) for d in s) for s in meta["layout"]["shapes"]),
-            dtypes=tuple(meta["layout"]["dtypes"]),
-        )
+        layout = ArrayLayout.from_json(meta["layout"])
+        local = ArrayRecord()
+        if layout.local:
+            side = local_path(path)
+            if not side.is_file():
+                raise FileNotFoundError(
+                    f"{side} not found: {path.name}'s layout keeps {len(layout.local)} arrays (FedBN's "
+                    f"normalisation layers) out of the ciphertext, and their plaintext values are in that file")
+            with np.load(side, allow_pickle=False) as data:
+                missing = [n for n in layout.local if n not in data.files]
+                if missing:
+                    raise ValueError(f"{side} lacks the local arrays {missing[:5]}")
+                local = ArrayRecord({n: Array(np.array(data[n])) for n in layout.local})
         norm, total = (float(x) for x in meta["weights"])
-        return cls(path.read_bytes(), (norm, total), layout)
+        return cls(path.read_bytes(), (norm, total), layout, local)
 
     def decrypt(self, secret: Any) -> ArrayRecord:
-        """The plaintext model's arrays (names, shapes and dtypes of the layout).
+        """The plaintext model's arrays (names, shapes and dtypes of the layout; the local
+        arrays' plaintext values merged in, in the model's order).
 
         ``secret`` is a :class:`~flower_focal.crypto.SecretContext`, a ``secret.ctx`` path or
         the keygen directory holding it.
@@ -122,7 +166,7 @@ class EncryptedModel:
             raise ValueError(f"encrypted model carries invalid weights [C, W] = [{norm}, {total}]")
         flat = secret.decrypt(self.ciphertext)
         flat *= norm / total
-        return self.layout.unflatten(flat)
+        return self.layout.merge(self.layout.unflatten(flat), self.local)
 
     def state_dict(self, secret: Any) -> dict[str, Any]:
         """The plaintext model as a PyTorch ``state_dict`` (for ``model.load_state_dict``)."""

@@ -125,3 +125,55 @@ def test_a_setting_added_after_the_checkpoint_counts_as_its_default():
     check_compatible(checkpoint, config)  # no error
     with pytest.raises(ValueError, match=r"server-momentum \(0\.0 -> 0\.5\)"):
         check_compatible(checkpoint, {**config, "server-momentum": 0.5})
+
+
+@pytest.mark.slow
+def test_he_fedbn_resumes_and_a_checkpoint_of_the_full_layout_is_refused(tmp_path):
+    """FedBN under he-fedavg: the checkpoint holds the ciphertext (normalisation layers left out)
+    and their plaintext initial values; a server killed after round 1 resumes to the uninterrupted
+    result (with institutions that kept their node state: only the ServerApp died). A checkpoint
+    whose ciphertext was made with the full layout (a flower-focal that still encrypted FedBN's
+    layers) is refused with the reason, before any institution trains."""
+    from flwr.app import ArrayRecord
+
+    from flower_focal import wire
+    from flower_focal.checkpoint import Checkpoint, save_checkpoint
+    from flower_focal.client.he_mod import encrypt_record
+    from flower_focal.crypto import SecretContext
+    from flower_focal.flatten import ArrayLayout
+    from flower_focal.models import build_model, norm_keys
+
+    keys = keygen(tmp_path / "keys", "compact")
+    kw = dict(he_key_dir=str(keys), fedbn=True, model="small-cnn", num_server_rounds=2)
+    whole = _cfg(tmp_path / "whole", "he-fedavg", **kw)
+    run_server(_grid(whole), whole)
+    killed = _cfg(tmp_path / "killed", "he-fedavg", **kw)
+    grid = _grid(killed, die_at=2)
+    with pytest.raises(ServerKilled):
+        run_server(grid, killed)
+    ckpt = load_checkpoint(tmp_path / "killed")
+    names = norm_keys(build_model("small-cnn", 3, 2, 32))
+    assert ckpt.server_round == 1 and set(ckpt.arrays.keys()) == {wire.HE_CIPHERTEXT, wire.HE_WEIGHTS, *names}
+    assert all(ckpt.arrays[k].stype != wire.HE_STYPE for k in names)  # plaintext: the public initial values
+    grid.die_at = 10**9
+    resumed = killed.replace(resume=True)
+    run_server(grid, resumed)
+    decrypt_model(tmp_path / "whole", str(keys))
+    decrypt_model(tmp_path / "killed", str(keys))
+    a = torch.load(tmp_path / "whole" / "model.pt")
+    b = torch.load(tmp_path / "killed" / "model.pt")
+    assert list(a) == list(b) and max(float((a[k].double() - b[k].double()).abs().max()) for k in a) <= 1e-5
+    for k in names:
+        assert torch.equal(b[k], torch.from_numpy(ckpt.arrays[k].numpy()))
+    last = [json.loads((tmp_path / run / "metrics.json").read_text())["rounds"][-1] for run in ("whole", "killed")]
+    for pid, metrics in last[0]["evaluate_institutions"].items():
+        assert last[1]["evaluate_institutions"][pid]["loss"] == pytest.approx(metrics["loss"], abs=1e-5)
+    # a round-1 checkpoint as the full-layout flower-focal wrote it: every array in the ciphertext
+    full = ArrayRecord(a)
+    old = encrypt_record(full, SecretContext.load(keys), ArrayLayout.of(full), 1.0)
+    old[wire.HE_WEIGHTS] = ckpt.arrays[wire.HE_WEIGHTS]
+    save_checkpoint(tmp_path / "killed", Checkpoint(1, old, ckpt.history, ckpt.config))
+    sent = len(grid.sent)
+    with pytest.raises(ValueError, match="another layout.*start the run again"):
+        run_server(grid, resumed)
+    assert not [m for m in grid.sent[sent:] if m.metadata.message_type == "train"]

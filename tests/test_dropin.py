@@ -21,7 +21,9 @@ from flower_focal.testing import LoopbackGrid
 RUN_CONFIG = {"learning-rate": 0.5, "he-key-dir": ""}  # the app's own key next to the mod's
 
 
-def quickstart_app(*, he: bool, broken: bool = False) -> ClientApp:
+def quickstart_app(*, he: bool, broken: bool = False, fedbn: bool = False) -> ClientApp:
+    """``fedbn``: arrays named ``bn.*`` are not trained and the reply carries the received values
+    for them (what flower-focal's FedBN handler does with the normalisation layers)."""
     app = ClientApp(mods=[he_fedavg_mod] if he else [])
 
     @app.train()
@@ -32,7 +34,8 @@ def quickstart_app(*, he: bool, broken: bool = False) -> ClientApp:
         arrays = msg.content["arrays"]
         lr = float(context.run_config["learning-rate"])
         target = np.float32(pid + 1)
-        trained = {k: Array(arrays[k].numpy() - lr * (arrays[k].numpy() - target)) for k in arrays}
+        trained = {k: arrays[k] if fedbn and k.startswith("bn.") else
+                   Array(arrays[k].numpy() - lr * (arrays[k].numpy() - target)) for k in arrays}
         metrics = MetricRecord({"train_loss": float(pid), "num-examples": 10 * (pid + 1)})
         return Message(RecordDict({"arrays": ArrayRecord(trained), "metrics": metrics}), reply_to=msg)
 

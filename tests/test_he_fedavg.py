@@ -167,6 +167,112 @@ def test_layout_flattens_mixed_dtypes_like_concatenate_and_restores_them():
         layout.flatten(ArrayRecord({**dict(record.items()), "bias": Array(np.zeros(4))}))
 
 
+LOCAL = ("bn.weight", "bn.num_batches_tracked")  # what FedBN keeps at the institutions
+
+
+def _model_with_norm(rng) -> ArrayRecord:
+    return ArrayRecord({"conv": Array(rng.normal(size=(2, 3)).astype(np.float32)),
+                        "bn.weight": Array(rng.normal(size=2).astype(np.float32)),
+                        "bn.num_batches_tracked": Array(np.array([3], dtype=np.int64)),
+                        "fc": Array(rng.normal(size=4).astype(np.float32))})
+
+
+def test_a_layout_leaves_its_local_arrays_out_of_the_vector_and_merges_them_back_in_order():
+    record = _model_with_norm(np.random.default_rng(7))
+    layout = ArrayLayout.of(record, local=reversed(LOCAL))  # kept in the model's order
+    assert layout.names == ("conv", "fc") and layout.local == LOCAL and layout.local_index == (1, 2)
+    assert layout.size == 6 + 4 and layout.full_names == tuple(record.keys())
+    flat = layout.flatten(record)  # the local arrays are ignored ...
+    want = np.concatenate([record["conv"].numpy().ravel(), record["fc"].numpy()]).astype(np.float64)
+    assert np.array_equal(flat, want)
+    assert np.array_equal(layout.flatten(ArrayRecord({k: record[k] for k in ("conv", "fc")})), flat)  # ... or absent
+    merged = layout.merge(layout.unflatten(flat), record)
+    assert list(merged.keys()) == list(record.keys())  # the model's original order
+    for name, arr in record.items():
+        assert merged[name].numpy().dtype == arr.numpy().dtype and np.array_equal(merged[name].numpy(), arr.numpy())
+    # travels in the message config; a layout without local arrays writes the config as before
+    config = ConfigRecord()
+    layout.to_config(config)
+    assert ArrayLayout.from_config(config) == layout
+    old = ConfigRecord()
+    ArrayLayout.of(record).to_config(old)
+    assert sorted(old.keys()) == ["layout-dtypes", "layout-names", "layout-shapes"]
+    assert ArrayLayout.from_config(old) == ArrayLayout.of(record) and ArrayLayout.from_config(old).local == ()
+    assert ArrayLayout.from_json(layout.to_json()) == layout
+    assert ArrayLayout.from_json({k: v for k, v in layout.to_json().items() if "local" not in k}).local == ()
+    # anything else is refused, named
+    with pytest.raises(ValueError, match=r"not in the layout: \['extra'\]"):
+        layout.flatten(ArrayRecord({**dict(record.items()), "extra": Array(np.zeros(1))}))
+    with pytest.raises(ValueError, match=r"missing: \['fc'\]"):
+        layout.flatten(ArrayRecord({k: record[k] for k in ("conv", "bn.weight")}))
+    with pytest.raises(ValueError, match=r"\['bn.bias'\]"):
+        ArrayLayout.of(record, local=("bn.bias", "bn.weight"))
+    with pytest.raises(ValueError, match="bn.weight"):
+        layout.merge(layout.unflatten(flat), ArrayRecord({"bn.num_batches_tracked": record["bn.num_batches_tracked"]}))
+
+
+def test_local_keys_stay_out_of_the_uploads_and_travel_in_plaintext_next_to_the_ciphertext(key_dir, tmp_path):
+    """HEFedAvg(local_keys=...) on a drop-in app whose training also changes the local arrays:
+    uploads are ciphertexts of the other arrays only, every later message carries the local
+    arrays' initial values in plaintext, and the final model decrypts to a complete one."""
+    from flower_focal.crypto.envelope import EnvelopeLayout
+    from flower_focal.encrypted_model import EncryptedModel, local_path
+    from flower_focal.models import build_model, norm_keys
+    from tests.test_dropin import RUN_CONFIG, quickstart_app
+
+    # the project's wiring: fedbn=true makes the model's normalisation layers local (names only:
+    # the same for any data shape; the global random state is left alone)
+    rng_state = torch.get_rng_state()
+    fedbn = build_strategy(RunConfig(strategy="he-fedavg", he_key_dir=str(key_dir), fedbn=True, model="small-cnn"))
+    assert torch.equal(torch.get_rng_state(), rng_state)
+    assert fedbn.local_keys == tuple(norm_keys(build_model("small-cnn", 1, 9, 28))) and len(fedbn.local_keys) == 20
+    assert build_strategy(RunConfig(strategy="he-fedavg", he_key_dir=str(key_dir), model="small-cnn")).local_keys == ()
+    init = _model_with_norm(np.random.default_rng(8))
+    with pytest.raises(ValueError, match=r"local_keys .*\['bn.bias'\]"):
+        HEFedAvg.from_key_dir(key_dir, local_keys=["bn.bias", "bn.weight"]).bind_initial_model(init)
+    with pytest.raises(ValueError, match="every array"):
+        HEFedAvg.from_key_dir(key_dir, local_keys=list(init.keys())).bind_initial_model(init)
+    grid = LoopbackGrid(quickstart_app(he=True), 3, {**RUN_CONFIG, "he-key-dir": str(key_dir)})
+    strategy = HEFedAvg.from_key_dir(key_dir, fraction_train=1.0, min_available_nodes=3, local_keys=LOCAL)
+    result = strategy.start(grid, init, num_rounds=2)
+    fingerprint = PublicContext.load(key_dir).fingerprint
+    uploads = [r.content["arrays"] for r in grid.received if r.has_content() and "arrays" in r.content.array_records]
+    assert len(uploads) == 2 * 3
+    for upload in uploads:  # one ciphertext of conv + fc: the local arrays never leave, not even encrypted
+        assert list(upload.keys()) == [wire.HE_CIPHERTEXT]
+        assert EnvelopeLayout.parse(upload[wire.HE_CIPHERTEXT].data, fingerprint).length == 6 + 4
+    encrypted = [m for m in grid.sent if wire.HE_CIPHERTEXT in m.content.array_records.get("arrays", {})]
+    assert {m.metadata.message_type for m in encrypted} == {"train", "evaluate"}
+    for message in encrypted:
+        assert ArrayLayout.from_config(message.content["config"]).local == LOCAL
+        for name in LOCAL:
+            arr = message.content["arrays"][name]
+            assert arr.stype != wire.HE_STYPE and np.array_equal(arr.numpy(), init[name].numpy())
+    final = strategy.encrypted_model(result)
+    model = final.decrypt(key_dir)
+    assert list(model.keys()) == list(init.keys())
+    for name in LOCAL:  # the initial values, exactly (the institutions trained theirs: not aggregated)
+        assert np.array_equal(model[name].numpy(), init[name].numpy())
+    assert np.abs(model["fc"].numpy() - init["fc"].numpy()).max() > 0.1  # the rest trained
+    # saved with the local arrays beside the ciphertext; without that file it says so
+    path = final.save(tmp_path / "final.he")
+    again = EncryptedModel.load(path).decrypt(key_dir)
+    assert all(np.array_equal(again[k].numpy(), model[k].numpy()) for k in LOCAL)
+    np.testing.assert_allclose(again["conv"].numpy(), model["conv"].numpy(), rtol=0, atol=1e-6)
+    local_path(path).unlink()
+    with pytest.raises(FileNotFoundError, match="final.he.local.npz"):
+        EncryptedModel.load(path)
+    # a file written before layouts had local arrays (everything encrypted) still loads
+    full = ArrayLayout.of(init)
+    old = EncryptedModel(encrypt_record(init, SecretContext.load(key_dir), full, 1.0)[wire.HE_CIPHERTEXT].data,
+                         (1.0, 1.0), full).save(tmp_path / "old.he")
+    assert "local" not in json.loads((tmp_path / "old.he.json").read_text())["layout"]
+    assert not local_path(old).exists()
+    back = EncryptedModel.load(old).decrypt(key_dir)
+    np.testing.assert_allclose(back["fc"].numpy(), init["fc"].numpy(), rtol=0, atol=1e-6)
+    assert back["bn.num_batches_tracked"].numpy().tolist() == [3]
+
+
 def _enc_reply(node, record, n, he_secret, norm):
     arrays = encrypt_record(record, he_secret, LAYOUT, weight=n / norm)
     return make_reply(node, RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": n})}))

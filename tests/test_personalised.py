@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from clients.client_app import app as client_app
+from flower_focal import wire
 from flower_focal.artifacts import decrypt_model
 from flower_focal.client.handlers import _LOCAL_NORM
 from flower_focal.config import RunConfig
-from flower_focal.crypto import keygen
+from flower_focal.crypto import PublicContext, keygen
+from flower_focal.crypto.envelope import EnvelopeLayout
+from flower_focal.flatten import ArrayLayout
 from flower_focal.models import build_model, norm_keys, norm_layers
 from flower_focal.server import run_server
 from flower_focal.testing import LoopbackGrid
@@ -42,16 +46,50 @@ def test_norm_keys_name_every_batchnorm_entry_and_nothing_else():
 
 def test_fedbn_keeps_normalisation_local_and_he_fedavg_equals_fedavg(tmp_path, key_dir):
     grid, plain = _run(tmp_path / "fedbn", "fedavg", key_dir, fedbn=True)
-    _, enc = _run(tmp_path / "he-fedbn", "he-fedavg", key_dir, fedbn=True)
+    he_grid, enc = _run(tmp_path / "he-fedbn", "he-fedavg", key_dir, fedbn=True)
     decrypt_model(enc, key_dir)
     a, b = torch.load(plain / "model.pt"), torch.load(enc / "model.pt")
+    assert list(a) == list(b)  # a complete state dict, in the model's order
     assert max(float((a[k].double() - b[k].double()).abs().max()) for k in a) <= 1e-5
     torch.manual_seed(3)
     initial = build_model("small-cnn", 3, 2, 32).state_dict()
     names = norm_keys(build_model("small-cnn", 3, 2, 32))
+    # under HE the normalisation layers are not even encrypted: every upload is one ciphertext of
+    # the other parameters only, and they travel in plaintext (their initial values) next to it
+    vector = sum(v.numel() for k, v in b.items() if k not in names)  # the run's model (its classes)
+    assert sum(b[k].numel() for k in names) > 0
+    fingerprint = PublicContext.from_key_dir(key_dir).fingerprint
+    uploads = [r.content["arrays"] for r in he_grid.received
+               if r.metadata.message_type == "train" and not r.has_error()]
+    assert len(uploads) == 2 * 3
+    for upload in uploads:
+        assert list(upload.keys()) == [wire.HE_CIPHERTEXT]
+        assert EnvelopeLayout.parse(upload[wire.HE_CIPHERTEXT].data, fingerprint).length == vector
+    encrypted = [m for m in he_grid.sent if wire.HE_CIPHERTEXT in m.content.array_records.get("arrays", {})]
+    assert len(encrypted) == 3 + 3 * 2  # round 2's training, both rounds' evaluation
+    for message in encrypted:
+        layout = ArrayLayout.from_config(message.content[wire.CONFIG])
+        assert layout.size == vector and set(layout.local) == set(names)
+        for key in names:
+            assert np.array_equal(message.content["arrays"][key].numpy(), initial[key].numpy()), key
+    # the same per-institution metrics as fedavg, round by round
+    rounds_a = json.loads((plain / "metrics.json").read_text())["rounds"]
+    rounds_b = json.loads((enc / "metrics.json").read_text())["rounds"]
+    for ra, rb in zip(rounds_a, rounds_b, strict=True):
+        for phase in ("train_institutions", "evaluate_institutions"):
+            assert sorted(ra[phase]) == sorted(rb[phase]) and len(ra[phase]) == 3
+            for pid, ma in ra[phase].items():
+                shared = [k for k in (wire.LOSS, wire.ACCURACY, wire.AUROC, wire.TRAIN_LOSS, wire.NUM_EXAMPLES)
+                          if k in ma]
+                assert len(shared) >= 2, ma
+                for key in shared:
+                    want, got = ma[key], rb[phase][pid][key]
+                    assert (want is None and got is None) or got == pytest.approx(want, abs=1e-5, nan_ok=True), \
+                        (phase, pid, key)
     # the aggregate's normalisation layers are the initial ones: no local statistic left an institution
     for key in names:
         assert torch.equal(a[key].to(initial[key].dtype), initial[key]), key
+        assert torch.equal(b[key], initial[key]), key  # he-fedavg: exact (plaintext, never encrypted)
     assert any(not torch.equal(a[k], initial[k]) for k in a if k not in names)  # the rest trained
     held = [ctx.state.array_records[_LOCAL_NORM].to_torch_state_dict() for ctx in grid.contexts.values()]
     assert all(set(h) == set(names) for h in held)

@@ -278,3 +278,41 @@ def test_sealed_rounds_apply_the_server_momentum_like_fedavg_and_flowers_fedavgm
     assert np.abs(flower.arrays["bn.running_var"].numpy() - momentum_free.arrays["bn.running_var"].numpy()).max() > 1e-2
     seals = [m for m in he_grid.sent if next(iter(m.content.config_records.values()), {}).get(wire.HE_SEAL)]
     assert len(seals) == 3 * 3
+
+
+def test_fedbn_local_layers_under_he_with_server_momentum_equal_fedavg(key_dir):
+    """FedBN + FedAvgM, sealed rounds: he-fedavg with the normalisation arrays as ``local_keys``
+    (never encrypted, the institutions apply the step to the rest) ends where fedavg does, and
+    both keep the initial normalisation values; the previous global a train message carries
+    holds no plaintext local arrays (the step does not use them)."""
+    from tests.test_dropin import RUN_CONFIG, quickstart_app
+    from tests.test_dropin import initial as dropin_initial
+
+    local = ("bn.weight", "bn.running_var")
+
+    def initial():
+        return ArrayRecord({**dropin_initial(), "bn.weight": Array(np.full(3, 0.5, np.float32)),
+                            "bn.running_var": Array(np.ones(3, np.float32))})
+
+    config = {**RUN_CONFIG, "he-key-dir": str(key_dir)}
+    kwargs = dict(fraction_train=1.0, min_available_nodes=3)
+    opt = dict(server_momentum=BETA, server_lr=SERVER_LR)
+    plain = FedAvg(**kwargs, **opt).start(LoopbackGrid(quickstart_app(he=False, fedbn=True), 3, config),
+                                          initial(), num_rounds=3)
+    momentum_free = FedAvg(**kwargs).start(LoopbackGrid(quickstart_app(he=False, fedbn=True), 3, config),
+                                           initial(), num_rounds=3)
+    he_grid = LoopbackGrid(quickstart_app(he=True, fedbn=True), 3, config)
+    strategy = HEFedAvg.from_key_dir(key_dir, **kwargs, **opt, local_keys=local)
+    decrypted = strategy.encrypted_model(strategy.start(he_grid, initial(), num_rounds=3)).decrypt(key_dir)
+    assert list(decrypted.keys()) == list(initial().keys())
+    for name in ("w", "b"):
+        np.testing.assert_allclose(decrypted[name].numpy(), plain.arrays[name].numpy(), rtol=0, atol=1e-5)
+    assert np.abs(plain.arrays["w"].numpy() - momentum_free.arrays["w"].numpy()).max() > 1e-2  # it acts
+    for name in local:  # never aggregated, never stepped: the initial values in both
+        assert np.array_equal(decrypted[name].numpy(), initial()[name].numpy())
+        assert np.array_equal(plain.arrays[name].numpy(), initial()[name].numpy())
+    previous = [m.content.array_records.get(wire.HE_PREVIOUS) for m in he_grid.sent
+                if m.metadata.message_type == "train" and "arrays" in m.content.array_records]
+    carried = [p for p in previous if p is not None]
+    assert previous[:3] == [None] * 3 and len(carried) == 2 * 3 and wire.HE_CIPHERTEXT in carried[-1]
+    assert all(name not in p for p in carried for name in local)

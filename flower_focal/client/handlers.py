@@ -136,8 +136,9 @@ def train(message: Message, context: Context) -> Message:
 
     With ``fedbn`` the normalisation layers are this institution's own (kept in
     ``context.state``) and the reply carries the *received* values for them: their average
-    stays the initial model's, and no local statistic leaves the institution (under HE the
-    encrypted vector holds the unchanged values).
+    stays the initial model's, and no local statistic leaves the institution (under he-fedavg
+    they are not even encrypted: the server's layout leaves them out of the vector and
+    :mod:`flower_focal.client.he_mod` uploads the rest only).
     """
     from flower_focal.models import model_to_arrays, norm_keys
     from flower_focal.training import resolve_device, round_lr, train_local

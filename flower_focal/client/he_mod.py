@@ -5,12 +5,17 @@ it makes them run unchanged under HE-FedAvg:
 
 * incoming: a ciphertext global model (Array with stype :data:`~flower_focal.wire.HE_STYPE`)
   is decrypted with the shared secret key and rescaled by ``C / W`` (the weights that travel
-  with the aggregate); a plaintext model (round 1) passes through;
+  with the aggregate); arrays the layout keeps out of the ciphertext (its ``local`` ones:
+  FedBN's normalisation layers) travel in plaintext next to it and are merged in, so the
+  handler gets the complete model in its original order; a plaintext model (round 1) passes
+  through;
 * outgoing (train only): the trained model is checked for NaN/Inf, optionally clipped
   (``he-clip-norm`` bounds ``||w_local - w_global||``), weighted by ``n_i / C`` *here*, so the
   server only adds, and encrypted; before weighting it is checked against the preset's value
   range, which bounds the aggregate (a refusal names the arrays that do not fit); the reply
-  carries one ciphertext Array and the metrics;
+  carries one ciphertext Array and the metrics. Only the layout's vector is encrypted: local
+  arrays never leave the institution, not even as ciphertext (clipping, noise and the server
+  step work over the vector only);
 * every reply's metrics gain the seconds this institution spent decrypting and encrypting
   (:data:`~flower_focal.wire.HE_DECRYPT_S` and the others next to it).
 
@@ -142,11 +147,13 @@ def _decrypted(record: ArrayRecord, he_secret: SecretContext) -> np.ndarray:
 
 
 def decrypt_record(record: ArrayRecord, he_secret: SecretContext, layout: ArrayLayout) -> ArrayRecord:
-    """Plaintext global model from an encrypted aggregate (``C/W`` rescaling applied).
+    """Plaintext global model from an encrypted aggregate (``C/W`` rescaling applied), with the
+    layout's local arrays taken from the plaintext ones next to the ciphertext in ``record``
+    (every array of the model, in its original order).
 
     Decrypts at most once per distinct aggregate in this process (see :func:`_decrypted`).
     """
-    return layout.unflatten(_decrypted(record, he_secret))
+    return layout.merge(layout.unflatten(_decrypted(record, he_secret)), record)
 
 
 def encrypt_record(

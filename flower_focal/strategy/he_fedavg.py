@@ -38,6 +38,13 @@ the first aggregated round: ``m = 0``). Upload stays one ciphertext; train messa
 That previous global is also the server's checkpointed optimiser state, so resume continues.
 Institutions learn nothing new: they decrypt every global anyway.
 
+With ``local_keys`` (FedBN: the normalisation layers stay at each institution) those arrays are
+left out of the encrypted vector (:attr:`~flower_focal.flatten.ArrayLayout.local`): institutions
+never upload them, not even as ciphertext. Their global values are the public initial model's
+(never aggregated); the server keeps them and sends them in plaintext next to the ciphertext in
+every train and evaluate message and with the final model, so an institution still decrypts a
+complete model. Uploads shrink by the normalisation layers' share of the parameters.
+
 Everything else (sampling, rounds, per-institution history, metrics) is :class:`FedAvg`'s.
 Server-side evaluation of the model does not exist in this mode: evaluation is federated, and
 :meth:`HEFedAvg.start` refuses an ``evaluate_fn``. The final model is ciphertext:
@@ -60,6 +67,7 @@ from flwr.supercore import log
 
 from flower_focal import wire
 from flower_focal.crypto import Accumulator, CiphertextError, PublicContext
+from flower_focal.crypto.envelope import EnvelopeLayout
 from flower_focal.encrypted_model import EncryptedModel
 from flower_focal.history import reply_bytes
 from flower_focal.timing import Stopwatch
@@ -110,6 +118,12 @@ class HEFedAvg(FedAvg):
         ``noise_multiplier * clip_norm / sqrt(m)`` to its clipped update before encrypting, so
         the (uniformly weighted) sum carries the noise of central DP with this multiplier
         while no institution's update is ever encrypted un-noised. Needs ``clip_norm > 0``.
+    local_keys : iterable of str
+        Arrays of the model that stay at the institutions and are left out of the encrypted
+        vector (FedBN). Their plaintext initial values travel next to the ciphertext; the
+        institutions' ClientApp keeps its own (flower-focal's ``fedbn=true`` does). The names
+        must be arrays of the initial model (else ``ValueError`` naming them). For a foreign
+        ServerApp with FedBN clients: ``local_keys=flower_focal.models.norm_keys(model)``.
     **kwargs
         Forwarded to :class:`FedAvg` (``seed``, ``fraction_train``, ...).
 
@@ -121,7 +135,8 @@ class HEFedAvg(FedAvg):
 
     def __init__(
         self, *, he_public: PublicContext, clip_norm: float = 0.0, noise_multiplier: float = 0.0,
-        exchange_timeout: float = 3600.0, server_workers: int = 1, **kwargs
+        exchange_timeout: float = 3600.0, server_workers: int = 1, local_keys: Iterable[str] = (),
+        **kwargs
     ) -> None:
         if not isinstance(he_public, PublicContext) or he_public.holds_secret_key:
             raise ValueError(
@@ -138,7 +153,11 @@ class HEFedAvg(FedAvg):
         if isinstance(server_workers, bool) or not isinstance(server_workers, int) or server_workers < 1:
             raise ValueError(f"server_workers must be an int >= 1, got {server_workers!r}")
         self.server_workers = server_workers
+        if isinstance(local_keys, str):
+            raise TypeError(f"local_keys must be an iterable of array names, got the string {local_keys!r}")
+        self.local_keys: tuple[str, ...] = tuple(dict.fromkeys(local_keys))
         self._layout: ArrayLayout | None = None
+        self._local = ArrayRecord()  # plaintext initial values of the local arrays (public)
         self._weight_norm = 1.0
         self._sum: _RoundSum | None = None
         self._grid: Grid | None = None
@@ -193,12 +212,33 @@ class HEFedAvg(FedAvg):
             p.name, p.params(), self.he_public.fingerprint.hex())
 
     def bind_initial_model(self, arrays: ArrayRecord) -> None:
-        """Fix the array layout from the plaintext initial model (also when resuming)."""
+        """Fix the array layout from the plaintext initial model (also when resuming).
+
+        Raises
+        ------
+        ValueError
+            If ``local_keys`` names arrays the model does not have, or every array.
+        """
         super().bind_initial_model(arrays)
-        self._layout = ArrayLayout.of(arrays)
+        self._bind_layout(arrays)
+
+    def _bind_layout(self, arrays: ArrayRecord) -> None:
+        """The layout of the plaintext initial model, without the local arrays, whose plaintext
+        initial values are kept to travel next to the ciphertext."""
+        unknown = [k for k in self.local_keys if k not in arrays]
+        if unknown:
+            raise ValueError(
+                f"he-fedavg local_keys name {len(unknown)} array(s) the initial model does not have: "
+                f"{unknown[:5]} (its arrays: {list(arrays.keys())[:5]}...); pass the model's own names, "
+                "e.g. flower_focal.models.norm_keys(model)")
+        if self.local_keys and len(set(self.local_keys)) == len(arrays):
+            raise ValueError("he-fedavg local_keys name every array of the model: nothing would be aggregated")
+        self._layout = ArrayLayout.of(arrays, local=self.local_keys)
+        self._local = ArrayRecord({k: arrays[k] for k in self._layout.local})
 
     def server_state(self) -> ArrayRecord:
-        """The global before the last aggregated round (FedAvgM with ``beta > 0``), else empty."""
+        """The global before the last aggregated round (FedAvgM with ``beta > 0``; without the
+        plaintext local arrays, which the step does not use), else empty."""
         return self._previous if self._previous is not None else ArrayRecord()
 
     def restore_server_state(self, state: ArrayRecord) -> None:
@@ -220,10 +260,38 @@ class HEFedAvg(FedAvg):
         if self._layout is None:
             if wire.HE_CIPHERTEXT in arrays:
                 raise ValueError("HEFedAvg must start from a plaintext model (the public initial weights)")
-            self._layout = ArrayLayout.of(arrays)
+            self._bind_layout(arrays)
+        assert self._layout is not None
+        self._check_global(arrays, "the global model")
         self._layout.to_config(config)
         config[wire.HE_FINGERPRINT] = self.he_public.fingerprint.hex()
         config[wire.HE_CLIP_NORM] = float(self.clip_norm)
+
+    def _check_global(self, arrays: ArrayRecord, what: str, *, with_local: bool = True) -> None:
+        """Refuse an encrypted global made with another layout (e.g. a checkpoint written before
+        FedBN's local arrays were left out of the ciphertext): its length (public, in the
+        envelope header) must be the layout's and the local arrays must travel next to it."""
+        if self._layout is None or wire.HE_CIPHERTEXT not in arrays:
+            return
+        length = EnvelopeLayout.parse(arrays[wire.HE_CIPHERTEXT].data, self.he_public.fingerprint).length
+        missing = [k for k in self._layout.local if k not in arrays] if with_local else []
+        if length == self._layout.size and not missing:
+            return
+        local = len(self._layout.local)
+        raise ValueError(
+            f"he-fedavg: {what} is a ciphertext of {length} values, but this run's layout encrypts "
+            f"{self._layout.size} ({local} array(s) kept local{' (FedBN)' if local else ''})"
+            + (f" and its plaintext {missing[:3]}{'...' if len(missing) > 3 else ''} are not next to it"
+               if missing else "")
+            + ": it was made with another layout, e.g. a checkpoint written by a flower-focal that still "
+            "encrypted FedBN's normalisation layers. It cannot be continued: start the run again "
+            "(resume=false, or another run-dir)")
+
+    def _without_local(self, arrays: ArrayRecord) -> ArrayRecord:
+        """``arrays`` without the plaintext local arrays (what HE_PREVIOUS needs)."""
+        if not self._local:
+            return arrays
+        return ArrayRecord({k: a for k, a in arrays.items() if k not in self._local})
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -259,6 +327,7 @@ class HEFedAvg(FedAvg):
     def _train_messages(self, messages: list[Message]) -> list[Message]:
         """With server momentum: every train message also carries the previous global."""
         if self.server_opt.momentum > 0 and self._previous is not None:
+            self._check_global(self._previous, "the previous global (server momentum)", with_local=False)
             for message in messages:
                 message.content[wire.HE_PREVIOUS] = self._previous
         return messages
@@ -268,8 +337,8 @@ class HEFedAvg(FedAvg):
         """FedAvg's bookkeeping; a new global makes the one this round trained from the previous."""
         start = self._round_start
         arrays = super()._aggregated(server_round, arrays, metrics)
-        if arrays is not None and self.server_opt.momentum > 0:
-            self._previous = start
+        if arrays is not None and self.server_opt.momentum > 0 and start is not None:
+            self._previous = self._without_local(start)
         return arrays
 
     def _seal(self, server_round: int, replies: list[Message]) -> tuple[list[Message], dict[int, RecordDict]]:
@@ -389,6 +458,7 @@ class HEFedAvg(FedAvg):
         arrays = ArrayRecord({
             wire.HE_CIPHERTEXT: wire.he_array(blob),
             wire.HE_WEIGHTS: Array(np.array([norm, total_weight], dtype=np.float64)),
+            **{k: self._local[k] for k in self._local},  # plaintext, public: the initial values
         })
         return arrays, self.train_metrics_aggr_fn(accepted, self.weighted_by_key)
 

@@ -81,13 +81,34 @@ def server_public_context(cfg: RunConfig, keygen_hint: str = ""):
     return PublicContext.from_key_dir(cfg.he_key_dir, keygen_hint)
 
 
+def fedbn_local_keys(cfg: RunConfig) -> tuple[str, ...]:
+    """With ``fedbn``: the ``state_dict`` names of ``cfg.model``'s normalisation layers (what
+    FedBN keeps at the institutions), else none.
+
+    The names depend on the architecture only, not on the data's channels and classes (which
+    the server learns later, from the institutions), so a throw-away instance (3 channels, 2
+    classes) names them; HEFedAvg checks them against the real initial model when it binds it.
+    The global random state is left as it was.
+    """
+    if not cfg.fedbn:
+        return ()
+    import torch
+
+    from flower_focal.models import build_model, norm_keys
+
+    with torch.random.fork_rng(devices=[]):
+        return tuple(norm_keys(build_model(cfg.model, 3, 2, cfg.image_size)))
+
+
 def build_he_fedavg(cfg: RunConfig) -> Strategy:
-    """HE-FedAvg with the server's ``public.ctx`` from ``he-key-dir``."""
+    """HE-FedAvg with the server's ``public.ctx`` from ``he-key-dir``; with ``fedbn`` the
+    normalisation layers are left out of the encrypted vector (``local_keys``)."""
     from flower_focal.strategy.he_fedavg import HEFedAvg
 
     he_public = server_public_context(cfg)
     return HEFedAvg(he_public=he_public, clip_norm=cfg.he_clip_norm, server_workers=cfg.he_server_workers,
-                    noise_multiplier=cfg.he_noise_multiplier, **fedavg_kwargs(cfg), **server_opt_kwargs(cfg))
+                    noise_multiplier=cfg.he_noise_multiplier, local_keys=fedbn_local_keys(cfg),
+                    **fedavg_kwargs(cfg), **server_opt_kwargs(cfg))
 
 
 def build_focal(cfg: RunConfig) -> Strategy:
