@@ -29,6 +29,9 @@ Methods, for each seed:
   ``--methods fedavg --server-momentum 0.9``; they are recorded in the JSON's ``settings``.
 * ``fedavg`` and ``fedbn`` also report ``personal_*``: the federated evaluation after
   ``--personal-epochs`` of local fine-tuning at each institution (``personal-epochs``).
+* ``ditto``: fedavg with Ditto (``ditto-lambda`` = ``--ditto-lambda``, ``personal-epochs`` =
+  ``--personal-epochs`` per round): each institution's persistent personal model, reported as
+  ``personal_*``; its global model (``auroc``, ``fed_*``) is fedavg's of the same seed.
 * Every federated method reports ``fed_*``: the last round's federated evaluation (each
   institution scores on its own share of val, which follows its training label mix under
   Dirichlet; weighted mean, classes absent at an institution skipped).
@@ -62,8 +65,9 @@ from _common import emit, loadavg, machine, shared_npz  # noqa: E402
 from flower_focal.config import RunConfig  # noqa: E402
 
 FEDERATED: dict[str, dict[str, Any]] = {
-    "fedavg": {}, "he-fedavg": {"strategy": "he-fedavg"}, "fedprox": {}, "fedbn": {"fedbn": True}}
-ALL_METHODS = ("central", "fedavg", "he-fedavg", "fedprox", "fedbn", "focal")
+    "fedavg": {}, "he-fedavg": {"strategy": "he-fedavg"}, "fedprox": {}, "fedbn": {"fedbn": True},
+    "ditto": {}}  # ditto: ditto_lambda and personal_epochs from the arguments (main)
+ALL_METHODS = ("central", "fedavg", "he-fedavg", "fedprox", "fedbn", "ditto", "focal")
 METRICS = ("auroc", "accuracy", "fed_auroc", "fed_accuracy", "personal_auroc", "personal_accuracy")
 
 
@@ -180,12 +184,16 @@ def main() -> None:
     p.add_argument("--server-lr", type=float, default=1.0,
                    help="FedAvgM server learning rate of every federated method (run config server-lr)")
     p.add_argument("--personal-epochs", type=int, default=1,
-                   help="fedavg and fedbn runs also report personal-* metrics after this much local fine-tuning")
+                   help="fedavg and fedbn runs also report personal-* metrics after this much local fine-tuning; "
+                   "ditto: the personal model's epochs per round")
+    p.add_argument("--ditto-lambda", type=float, default=0.1,
+                   help="ditto: its run config ditto-lambda (personal-epochs: --personal-epochs)")
     p.add_argument("--he-seeds", nargs="+", type=int, default=None,
                    help="seeds he-fedavg runs for (default: all; it is the slowest method)")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here (after every run)")
     p.add_argument("--work-dir", type=Path, default=None, help="keep the run directories here (default: a temporary one)")
     args = p.parse_args()
+    FEDERATED["ditto"].update(ditto_lambda=args.ditto_lambda, personal_epochs=args.personal_epochs)
     defaults = RunConfig()
     result: dict[str, Any] = {
         "benchmark": "quality",
