@@ -94,6 +94,7 @@ def test_norm_keys_name_every_batchnorm_entry_and_nothing_else():
     assert not any(n.startswith("classifier") or "weight" in n and n.rsplit(".", 1)[0] not in bn for n in names)
 
 
+@pytest.mark.slow  # two simulations, one under CKKS: about 25 s on 2 cores
 def test_fedbn_and_ditto_keep_local_state_and_he_fedavg_equals_fedavg(tmp_path, key_dir):
     """FedBN with Ditto on top (Ditto leaves the global model bit for bit as it is, see below):
     he-fedavg equals fedavg in the global model, each institution's personal model and its
