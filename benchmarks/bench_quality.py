@@ -29,6 +29,9 @@ Methods, for each seed:
   ``--methods fedavg --server-momentum 0.9``; they are recorded in the JSON's ``settings``.
 * ``fedavg`` and ``fedbn`` also report ``personal_*``: the federated evaluation after
   ``--personal-epochs`` of local fine-tuning at each institution (``personal-epochs``).
+* ``ditto``: fedavg with Ditto (``ditto-lambda`` = ``--ditto-lambda``, ``personal-epochs`` =
+  ``--personal-epochs`` per round): each institution's persistent personal model, reported as
+  ``personal_*``; its global model (``auroc``, ``fed_*``) is fedavg's of the same seed.
 * Every federated method reports ``fed_*``: the last round's federated evaluation (each
   institution scores on its own share of val, which follows its training label mix under
   Dirichlet; weighted mean, classes absent at an institution skipped).
@@ -91,7 +94,8 @@ from flower_focal.config import RunConfig  # noqa: E402
 CV_FOLD_SEED = 17
 """Default seed of the cross-validation folds (issue 17); independent of the run seeds."""
 FEDERATED: dict[str, dict[str, Any]] = {
-    "fedavg": {}, "he-fedavg": {"strategy": "he-fedavg"}, "fedprox": {}, "fedbn": {"fedbn": True}}
+    "fedavg": {}, "he-fedavg": {"strategy": "he-fedavg"}, "fedprox": {}, "fedbn": {"fedbn": True},
+    "ditto": {}}  # ditto: ditto_lambda and personal_epochs from the arguments (main)
 ALL_METHODS = ("central", *FEDERATED, "focal")
 METRICS = ("auroc", "accuracy", "fed_auroc", "fed_accuracy", "personal_auroc", "personal_accuracy")
 
@@ -291,7 +295,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--server-lr", type=float, default=1.0,
                    help="FedAvgM server learning rate of every federated method (run config server-lr)")
     p.add_argument("--personal-epochs", type=int, default=1,
-                   help="fedavg and fedbn runs also report personal-* metrics after this much local fine-tuning")
+                   help="fedavg and fedbn runs also report personal-* metrics after this much local fine-tuning; "
+                   "ditto: the personal model's epochs per round")
+    p.add_argument("--ditto-lambda", type=float, default=0.1,
+                   help="ditto: its run config ditto-lambda (personal-epochs: --personal-epochs)")
     p.add_argument("--he-seeds", nargs="+", type=int, default=None,
                    help="seeds he-fedavg runs for (default: all; it is the slowest method)")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here (after every run)")
@@ -308,6 +315,7 @@ def main(argv: list[str] | None = None) -> None:
             p.error("--cv: --methods focal is not available under cross-validation "
                     "(bench_focal_quality scores the fixed val split); run focal without --cv")
     args.methods = args.methods or [m for m in ALL_METHODS if not (args.cv and m == "focal")]
+    FEDERATED["ditto"].update(ditto_lambda=args.ditto_lambda, personal_epochs=args.personal_epochs)
     defaults = RunConfig()
     settings: dict[str, Any] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                                 if k not in ("cv", "cv_fold_seed")}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -76,10 +77,15 @@ class RunConfig:
         1.0, "FedAvgM: server learning rate (1 with momentum 0 = plain FedAvg; fedavg, he-fedavg)",
         hydra="server_opt.lr")
     personal_epochs: int = setting(
-        0, "evaluate also a copy fine-tuned locally for this many epochs: personal-* metrics (0 = off)",
+        0, "evaluate also a copy fine-tuned locally for this many epochs: personal-* metrics (0 = off); "
+        "with ditto-lambda > 0: epochs of the personal model per round",
         hydra="train.personal_epochs")
-    personal_lr: float = setting(0.005, "learning rate of that local fine-tuning (constant)",
+    personal_lr: float = setting(0.005, "learning rate of that local fine-tuning (constant; not used by Ditto)",
                                  hydra="train.personal_lr")
+    ditto_lambda: float = setting(
+        0.0, "Ditto: > 0 = each institution keeps a personal model v, trained with lambda/2 ||v - w_global||^2; "
+        "personal-* metrics are v's (0 = off; fedavg, he-fedavg)",
+        hydra="train.ditto_lambda")
     # --- data -------------------------------------------------------------------------
     dataset: str = setting("synthetic-retina",
                            "synthetic-retina | synthetic-pathology | medmnist | folder | csv",
@@ -237,3 +243,22 @@ def _coerce(key: str, value: Any, target: type) -> Any:
     raise ValueError(
         f"run-config key {key!r} must be of type {target.__name__}, got {value!r}"
     )
+
+
+def check_personalisation(cfg: RunConfig) -> None:
+    """Refuse personalisation settings that cannot run: ``ValueError`` naming the setting.
+
+    ``personal-epochs`` >= 0 and ``personal-lr`` > 0; ``ditto-lambda`` a finite number >= 0,
+    and > 0 (Ditto on) only with ``personal-epochs`` >= 1 (the personal model's epochs per
+    round). The launcher's preflight and the institutions' handlers both call it.
+    """
+    if cfg.personal_epochs < 0 or not cfg.personal_lr > 0:
+        raise ValueError(f"personal-epochs must be >= 0 and personal-lr > 0, got {cfg.personal_epochs} "
+                         f"and {cfg.personal_lr}")
+    if not (math.isfinite(cfg.ditto_lambda) and cfg.ditto_lambda >= 0):
+        raise ValueError(f"ditto-lambda must be a finite number >= 0 (0 = off), got {cfg.ditto_lambda}")
+    if cfg.ditto_lambda > 0 and cfg.personal_epochs < 1:
+        raise ValueError(
+            f"ditto-lambda={cfg.ditto_lambda:g} turns Ditto on, which trains each institution's personal "
+            f"model for personal-epochs epochs every round, but personal-epochs={cfg.personal_epochs}; "
+            "set personal-epochs >= 1 (or ditto-lambda=0)")

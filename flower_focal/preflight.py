@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flower_focal.config import RunConfig
+from flower_focal.config import RunConfig, check_personalisation
 
 KEY_ROLES = ("all", "server", "institution")
 """Which key files :func:`preflight` requires: both, ``public.ctx`` only, ``secret.ctx`` only."""
@@ -147,9 +147,10 @@ def check_settings(cfg: RunConfig, num_institutions: int) -> None:
         raise _fail(f"server-momentum must be a finite number >= 0, got {cfg.server_momentum}")
     if not (math.isfinite(cfg.server_lr) and cfg.server_lr > 0):
         raise _fail(f"server-lr must be a finite number > 0, got {cfg.server_lr}")
-    if cfg.personal_epochs < 0 or not cfg.personal_lr > 0:
-        raise _fail(f"personal-epochs must be >= 0 and personal-lr > 0, got {cfg.personal_epochs} "
-                    f"and {cfg.personal_lr}")
+    try:
+        check_personalisation(cfg)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
     if cfg.partitioner not in PARTITIONERS:
         raise _fail(f"partitioner: unknown partitioner {cfg.partitioner!r}; valid: "
                     f"{', '.join(sorted(PARTITIONERS))}")

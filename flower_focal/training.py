@@ -15,7 +15,7 @@ import contextlib
 import math
 import os
 import random
-from collections.abc import Sized
+from collections.abc import Mapping, Sized
 from typing import Any
 
 import numpy as np
@@ -150,6 +150,7 @@ def train_local(
     num_workers: int | None = None,
     precision: str = "auto",
     prox_mu: float = 0.0,
+    prox_reference: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Train ``model`` in place for ``epochs`` passes over ``dataset``; return its metrics.
 
@@ -158,7 +159,9 @@ def train_local(
     and the caller's RNG state is left untouched). ``momentum`` applies to SGD only;
     ``class_weights`` (length K) weights the cross-entropy. ``prox_mu > 0`` adds FedProx's
     proximal term ``mu / 2 * ||w - w_0||^2`` over the trainable parameters, ``w_0`` being
-    the weights ``model`` holds on entry (the global model).
+    the weights ``model`` holds on entry (the global model), or, given ``prox_reference``
+    (parameter name -> tensor, e.g. ``dict(other.named_parameters())``; copied on entry), those
+    tensors: Ditto trains an institution's personal model towards the received global this way.
 
     An :class:`~flower_focal.data.loader.ImageTensorDataset` (what
     :func:`flower_focal.data.load_institution` returns) is sliced batch by batch, on the
@@ -194,8 +197,13 @@ def train_local(
     opt = _make_optimizer(model, optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if prox_mu < 0:
         raise ValueError(f"prox_mu must be >= 0, got {prox_mu}")
-    anchors = ([(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
-               if prox_mu > 0 else [])
+    if prox_reference is not None and not prox_mu > 0:
+        raise ValueError(f"prox_reference needs prox_mu > 0, got {prox_mu}")
+    if prox_reference is None:
+        anchors = ([(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
+                   if prox_mu > 0 else [])
+    else:
+        anchors = _reference_anchors(model, prox_reference)
     weight = None if class_weights is None else class_weights.to(device, torch.float32)
 
     _seed_augmentation(dataset, seed)
@@ -246,6 +254,27 @@ def train_local(
     if channels_last:
         model.to(memory_format=torch.contiguous_format)
     return {wire.TRAIN_LOSS: epoch_loss, wire.NUM_EXAMPLES: num_examples}
+
+
+def _reference_anchors(model: nn.Module, reference: Mapping[str, torch.Tensor]
+                       ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(parameter, copy of its reference)`` for every trainable parameter of ``model``.
+
+    Each copy has the parameter's device, dtype and memory format (as the entry copy of the
+    FedProx anchor has), so the proximal term is computed the same way either way.
+    """
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(set(params) - set(reference))
+    if missing:
+        raise ValueError(f"prox_reference lacks trainable parameters of the model: {missing[:5]}")
+    anchors = []
+    for name, p in params.items():
+        ref = reference[name]
+        if tuple(ref.shape) != tuple(p.shape):
+            raise ValueError(f"prox_reference {name!r} has shape {tuple(ref.shape)}, "
+                             f"the model's parameter {tuple(p.shape)}")
+        anchors.append((p, torch.empty_like(p.detach()).copy_(ref.detach())))
+    return anchors
 
 
 def _check_finite(value: float, epoch: int, step: int | None, lr: float) -> None:

@@ -25,7 +25,7 @@ TRAIN_LOSS = "train-loss"
 LOSS = "loss"
 ACCURACY = "accuracy"
 AUROC = "auroc"
-PERSONAL_PREFIX = "personal-"  # evaluate metrics of the locally fine-tuned model (personal-epochs > 0)
+PERSONAL_PREFIX = "personal-"  # evaluate metrics of the personal model (personal-epochs fine-tuning or Ditto)
 
 # QUERY "query.describe": what an institution tells the server when it joins (no label
 # statistics). Optional: strategies fall back to Flower's defaults for nodes that don't answer.

@@ -20,6 +20,7 @@ from tests.conftest import write_synthetic_npz
 
 pytestmark = pytest.mark.slow
 
+PERSONAL = ("personal-loss", "personal-accuracy", "personal-auroc")
 ENV = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
 
 
@@ -106,9 +107,11 @@ def test_hydra_multirun_runs_each_setting(tmp_path):
 
 
 def test_he_fedavg_equals_fedavg_in_a_real_ray_simulation(npz, tmp_path):
-    """Same seed, same data, 3 rounds on Flower's Ray engine: HE-FedAvg == FedAvg (<= 1e-5)."""
+    """Same seed, same data, 3 rounds on Flower's Ray engine: HE-FedAvg == FedAvg (<= 1e-5),
+    with Ditto's personal models (which never leave the institutions) and their metrics too."""
     base = RunConfig(dataset="medmnist", data_path=str(npz), image_size=28, model="lenet-sigmoid",
-                     lr=0.01, num_server_rounds=3, min_available_nodes=3, seed=11)
+                     lr=0.01, num_server_rounds=3, min_available_nodes=3, seed=11,
+                     ditto_lambda=0.1, personal_epochs=1)
     runs = {}
     for strategy in ("fedavg", "he-fedavg"):
         cfg = base.replace(strategy=strategy, run_dir=str(tmp_path / strategy))
@@ -120,7 +123,25 @@ def test_he_fedavg_equals_fedavg_in_a_real_ray_simulation(npz, tmp_path):
     for rp, rh in zip(mp, mh, strict=True):
         for key in ("loss", "accuracy", "auroc"):
             assert rh["evaluate"][key] == pytest.approx(rp["evaluate"][key], abs=1e-5)
+        assert sorted(rp["evaluate_institutions"]) == sorted(rh["evaluate_institutions"]) == ["0", "1", "2"]
+        for pid, m in rp["evaluate_institutions"].items():
+            for key in PERSONAL:
+                assert rh["evaluate_institutions"][pid][key] == pytest.approx(m[key], abs=1e-5), (pid, key)
+    assert any(m["personal-loss"] != m["loss"] for m in mp[-1]["evaluate_institutions"].values())
     assert not list(runs["he-fedavg"].run_dir.glob("*.ctx"))  # no key files in the run directory
+    # Ray keeps each institution's personal model across rounds as the in-process grid does
+    # (tests/test_personalised.py checks there that it persists): same personal metrics
+    from clients.client_app import app as client_app
+    from flower_focal.server import run_server
+    from flower_focal.testing import LoopbackGrid
+
+    cfg = base.replace(run_dir=str(tmp_path / "loopback"))
+    run_server(LoopbackGrid(client_app, 3, cfg.to_flower()), cfg)
+    loop = json.loads((tmp_path / "loopback" / "metrics.json").read_text())["rounds"]
+    for rp, rl in zip(mp, loop, strict=True):
+        for pid, m in rp["evaluate_institutions"].items():
+            for key in PERSONAL:
+                assert rl["evaluate_institutions"][pid][key] == pytest.approx(m[key], abs=1e-5), (pid, key)
 
 
 def test_a_killed_simulation_resumes_to_the_uninterrupted_result(npz, tmp_path):

@@ -239,3 +239,50 @@ def test_local_training_does_not_import_torch_dynamo() -> None:
              "print('torch._dynamo' in sys.modules, 'monai' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_prox_reference_pulls_towards_the_reference_not_the_entry_weights() -> None:
+    """Ditto: the personal model starts elsewhere and is pulled towards the received global."""
+    data = DictDataset(64)
+    target = _model(0)
+    reference = {n: p.detach().clone() for n, p in target.named_parameters()}
+
+    def distance(model: torch.nn.Module) -> float:
+        return sum(float(((p.detach() - reference[n]) ** 2).sum()) for n, p in model.named_parameters())
+
+    start = distance(_model(1))
+    free, pulled = _model(1), _model(1)
+    _train(free, data, epochs=2, momentum=0.0)
+    _train(pulled, data, epochs=2, momentum=0.0, prox_mu=10.0, prox_reference=reference)
+    assert distance(pulled) < 0.1 * start  # lambda 10 draws v to the reference
+    assert distance(free) > 0.8 * start  # without it, v stays as far away
+    # the reference was copied: training did not move it
+    assert all(torch.equal(p, reference[n]) for n, p in target.named_parameters())
+
+
+def test_prox_reference_equal_to_the_entry_weights_is_fedprox_bit_for_bit() -> None:
+    data = DictDataset(64)
+    fedprox, ditto = _model(), _model()
+    reference = {n: p.detach().clone() for n, p in _model().named_parameters()}
+    a = _train(fedprox, data, epochs=2, prox_mu=5.0)
+    b = _train(ditto, data, epochs=2, prox_mu=5.0, prox_reference=reference)
+    assert a == b
+    sa, sb = fedprox.state_dict(), ditto.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    plain = _model()
+    _train(plain, data, epochs=2)
+    assert not torch.equal(plain.state_dict()["classifier.weight"], sa["classifier.weight"])
+
+
+def test_prox_reference_is_refused_without_mu_or_when_it_does_not_fit() -> None:
+    data = DictDataset(32)
+    reference = {n: p.detach().clone() for n, p in _model().named_parameters()}
+    with pytest.raises(ValueError, match="prox_reference needs prox_mu > 0"):
+        _train(_model(), data, prox_reference=reference)
+    missing = dict(reference)
+    missing.pop("classifier.bias")
+    with pytest.raises(ValueError, match=r"prox_reference lacks .*classifier\.bias"):
+        _train(_model(), data, prox_mu=1.0, prox_reference=missing)
+    wrong = {**reference, "classifier.bias": torch.zeros(K + 1)}
+    with pytest.raises(ValueError, match=r"prox_reference 'classifier\.bias' has shape"):
+        _train(_model(), data, prox_mu=1.0, prox_reference=wrong)

@@ -17,7 +17,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.supercore import log
 
 from flower_focal import wire
-from flower_focal.config import RunConfig
+from flower_focal.config import RunConfig, check_personalisation
 
 if TYPE_CHECKING:  # torch and MONAI are imported by the handlers that need them
     from flower_focal.data import InstitutionData
@@ -131,6 +131,54 @@ def _keep_local_norm(model, context: Context) -> None:
     context.state[_LOCAL_NORM] = ArrayRecord({k: state[k].detach().cpu() for k in norm_keys(model)})
 
 
+_PERSONAL = "flower-focal.ditto-personal"
+
+
+def _personal_model(model, held):
+    """A copy of ``model`` holding the personal model's state ``held`` (an ArrayRecord)."""
+    import copy
+
+    from flower_focal.models import arrays_into_model
+
+    return arrays_into_model(copy.deepcopy(model), held)
+
+
+class _DittoRound:
+    """Ditto's personal update of one train round (Li et al., ICML 2021, Algorithm 1).
+
+    Made *before* the global model is trained: it holds a copy of the received global ``w``
+    (under ``fedbn`` with this institution's own normalisation layers, as local training starts
+    from it) and starts the personal model ``v`` from this institution's ``context.state``, or
+    from ``w`` when it has none yet.
+    """
+
+    def __init__(self, received, context: Context) -> None:
+        import copy
+
+        self.context = context
+        self.reference = {n: p.detach().clone() for n, p in received.named_parameters()}
+        held = context.state.array_records.get(_PERSONAL)
+        self.personal = copy.deepcopy(received) if held is None else _personal_model(received, held)
+
+    def train(self, site: Site, *, lr: float, device, seed: int) -> dict[str, float]:
+        """``personal-epochs`` of ``v`` towards ``w`` (same optimiser and data as the global's
+        local training); keeps ``v`` in ``context.state`` and returns its training metrics."""
+        from flwr.app import ArrayRecord
+
+        from flower_focal.training import train_local
+
+        cfg = site.cfg
+        metrics = train_local(
+            self.personal, site.data.train, epochs=cfg.personal_epochs, lr=lr,
+            batch_size=cfg.batch_size, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+            optimizer=cfg.optimizer, device=device, seed=seed,
+            num_workers=None if cfg.num_workers < 0 else cfg.num_workers, precision=cfg.precision,
+            prox_mu=cfg.ditto_lambda, prox_reference=self.reference)
+        state = self.personal.state_dict()
+        self.context.state[_PERSONAL] = ArrayRecord({k: v.detach().cpu() for k, v in state.items()})
+        return metrics
+
+
 def train(message: Message, context: Context) -> Message:
     """Train the received global model on local data; reply with weights and metrics.
 
@@ -139,6 +187,12 @@ def train(message: Message, context: Context) -> Message:
     stays the initial model's, and no local statistic leaves the institution (under he-fedavg
     they are not even encrypted: the server's layout leaves them out of the vector and
     :mod:`flower_focal.client.he_mod` uploads the rest only).
+
+    With ``ditto-lambda > 0`` (Ditto) this institution also trains its personal model ``v``
+    (kept in ``context.state``; the first global it trains from is its first value) for
+    ``personal-epochs`` on the same data, with the round's lr, towards the *received* global
+    ``w`` (proximal term ``ditto-lambda / 2 * ||v - w||^2``). The reply is exactly what it is
+    without Ditto: ``v`` never leaves the institution.
     """
     from flower_focal.models import model_to_arrays, norm_keys
     from flower_focal.training import resolve_device, round_lr, train_local
@@ -146,24 +200,34 @@ def train(message: Message, context: Context) -> Message:
     site = site_from_context(context)
     model, _, server_round = _global_model(site, message)
     cfg = site.cfg
+    if cfg.ditto_lambda:
+        check_personalisation(cfg)
     if cfg.fedbn:
         _restore_local_norm(model, context)
+    ditto = _DittoRound(model, context) if cfg.ditto_lambda > 0 else None
+    lr = round_lr(cfg.lr, cfg.lr_schedule, server_round, cfg.num_server_rounds)
+    device = resolve_device(cfg.device)
+    seed = local_seed(cfg.seed, site.partition_id, server_round)
     metrics = train_local(
         model,
         site.data.train,
         epochs=cfg.local_epochs,
-        lr=round_lr(cfg.lr, cfg.lr_schedule, server_round, cfg.num_server_rounds),
+        lr=lr,
         batch_size=cfg.batch_size,
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
         optimizer=cfg.optimizer,
-        device=resolve_device(cfg.device),
-        seed=local_seed(cfg.seed, site.partition_id, server_round),
+        device=device,
+        seed=seed,
         num_workers=None if cfg.num_workers < 0 else cfg.num_workers,
         precision=cfg.precision,
         prox_mu=cfg.fedprox_mu,
     )
     log(INFO, "institution %d round %d: %s", site.partition_id, server_round, metrics)
+    if ditto is not None:
+        personal = ditto.train(site, lr=lr, device=device, seed=seed + 2)
+        log(INFO, "institution %d round %d: personal model (Ditto) %s", site.partition_id, server_round,
+            personal)
     arrays = model_to_arrays(model)
     if cfg.fedbn:
         _keep_local_norm(model, context)
@@ -180,7 +244,9 @@ def evaluate(message: Message, context: Context) -> Message:
     """Evaluate the received global model on local validation data.
 
     With ``fedbn`` the model uses this institution's own normalisation layers. With
-    ``personal-epochs > 0`` a copy is also fine-tuned on the local training data (constant
+    ``ditto-lambda > 0`` the ``personal-`` metrics are those of this institution's Ditto
+    personal model (see :func:`train`; before it has trained, the received global's). Otherwise,
+    with ``personal-epochs > 0`` a copy is fine-tuned on the local training data (constant
     ``personal-lr``, seeded) and its metrics are reported next to the global model's, prefixed
     ``personal-``; the copy is not kept.
     """
@@ -190,13 +256,22 @@ def evaluate(message: Message, context: Context) -> Message:
 
     site = site_from_context(context)
     cfg = site.cfg
+    if cfg.ditto_lambda:
+        check_personalisation(cfg)
     model, num_classes, server_round = _global_model(site, message)
     if cfg.fedbn:
         _restore_local_norm(model, context)
     device = resolve_device(cfg.device)
     metrics = evaluate_model(model, site.data.val, batch_size=cfg.batch_size, device=device,
                              num_classes=num_classes)
-    if cfg.personal_epochs > 0 and metrics[wire.NUM_EXAMPLES] > 0:
+    if cfg.ditto_lambda > 0 and metrics[wire.NUM_EXAMPLES] > 0:
+        held = context.state.array_records.get(_PERSONAL)
+        personal = metrics if held is None else evaluate_model(
+            _personal_model(model, held), site.data.val, batch_size=cfg.batch_size, device=device,
+            num_classes=num_classes)
+        for key in (wire.LOSS, wire.ACCURACY, wire.AUROC):
+            metrics[wire.PERSONAL_PREFIX + key] = personal[key]
+    elif cfg.personal_epochs > 0 and metrics[wire.NUM_EXAMPLES] > 0:
         tuned = copy.deepcopy(model)
         train_local(tuned, site.data.train, epochs=cfg.personal_epochs, lr=cfg.personal_lr,
                     batch_size=cfg.batch_size, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
