@@ -141,8 +141,8 @@ def check_settings(cfg: RunConfig, num_institutions: int) -> None:
         raise _fail(f"optimizer: unknown optimizer {cfg.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
     if cfg.lr_schedule not in LR_SCHEDULES:
         raise _fail(f"lr-schedule: unknown schedule {cfg.lr_schedule!r}; valid: {', '.join(LR_SCHEDULES)}")
-    if cfg.fedprox_mu < 0:
-        raise _fail(f"fedprox-mu must be >= 0, got {cfg.fedprox_mu}")
+    if not (math.isfinite(cfg.fedprox_mu) and cfg.fedprox_mu >= 0):
+        raise _fail(f"fedprox-mu must be a finite number >= 0 (0 = off), got {cfg.fedprox_mu}")
     if not (math.isfinite(cfg.server_momentum) and cfg.server_momentum >= 0):
         raise _fail(f"server-momentum must be a finite number >= 0, got {cfg.server_momentum}")
     if not (math.isfinite(cfg.server_lr) and cfg.server_lr > 0):

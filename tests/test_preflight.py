@@ -130,6 +130,8 @@ def test_unknown_strategy_lists_the_valid_ones(tmp_path):
     ({"device": "tpu"}, r"device: Unknown device 'tpu'"),
     ({"optimizer": "lion"}, r"optimizer: unknown optimizer 'lion'"),
     ({"min_available_nodes": 9}, r"min-available-nodes=9 but only 3 institutions"),
+    ({"fedprox_mu": float("nan")}, r"fedprox-mu must be a finite number >= 0 \(0 = off\), got nan"),
+    ({"fedprox_mu": -0.1}, r"fedprox-mu must be a finite number >= 0"),
 ])
 def test_bad_settings_are_named(tmp_path, change, pattern):
     with pytest.raises(PreflightError, match=pattern):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 TRAINING_KEYS = ("model", "lr", "lr-schedule", "local-epochs", "batch-size", "optimizer", "fedprox-mu",
-                 "fedbn")
+                 "fedbn", "personal-epochs", "ditto-lambda")
 SERVER_OPT_KEYS = ("server-momentum", "server-lr")
 AUDIT_KINDS = ("plaintext", "he-fedavg", "focal")
 
