@@ -71,9 +71,12 @@ QUALITY_SERVER_MOMENTUM_FILES = ["quality-server-momentum-pathmnist-iid.json",
                                  "quality-server-momentum-retinamnist-iid.json",
                                  "quality-server-momentum-retinamnist-dirichlet.json"]
 """fedavg with server momentum (``--server-momentum 0.5 --server-lr 1.0``): a row of its own."""
+QUALITY_DITTO_FILES = ["quality-ditto-lambda1-pathmnist-dirichlet.json"]
+"""Ditto (``--methods ditto --ditto-lambda 1``): its row; the personalised column is its personal model."""
 QUALITY_METHODS = {"central": "centralised bound (pooled)", "fedavg": "fedavg",
                    "fedavg-server-momentum": "fedavg + server momentum 0.5 (FedAvgM)",
-                   "he-fedavg": "he-fedavg (`compact`)", "fedprox": "fedprox (mu 0.01)", "fedbn": "fedbn"}
+                   "he-fedavg": "he-fedavg (`compact`)", "fedprox": "fedprox (mu 0.01)", "fedbn": "fedbn",
+                   "ditto": "fedavg + Ditto (lambda 1; personalised: its personal models)"}
 
 
 def _mean_std(method: dict, key: str) -> str:
@@ -94,7 +97,11 @@ def render_quality() -> str:
                for name in QUALITY_HE_FILES for c in load(name)["cells"]}
     momentum_runs = {(c["dataset"], c["partition"]): c["methods"]["fedavg"]
                      for name in QUALITY_SERVER_MOMENTUM_FILES for c in load(name)["cells"]}
+    ditto_runs = {(c["dataset"], c["partition"]): c["methods"]["ditto"]
+                  for name in QUALITY_DITTO_FILES for c in load(name)["cells"]}
     for cell in cells:
+        if (cell["dataset"], cell["partition"]) in ditto_runs:
+            cell["methods"]["ditto"] = ditto_runs[cell["dataset"], cell["partition"]]
         if (cell["dataset"], cell["partition"]) in he_runs:
             cell["methods"]["he-fedavg"] = he_runs[cell["dataset"], cell["partition"]]
         if (cell["dataset"], cell["partition"]) in momentum_runs:
@@ -112,7 +119,26 @@ def render_quality() -> str:
                          _mean_std(m, "val_accuracy"), _mean_std(m, "val_fed_auroc"),
                          _mean_std(m, "val_personal_auroc")])
     return md_table(["data, partition", "method", "val macro AUROC (final global model)", "val accuracy",
-                     "federated AUROC", "personalised AUROC (1 epoch fine-tuning)"], rows)
+                     "federated AUROC", "personalised AUROC (1 epoch fine-tuning; Ditto: personal models)"], rows)
+
+
+QUALITY_DITTO_LAMBDA_FILES = ["quality-ditto-lambda0.1-pathmnist-dirichlet.json", *QUALITY_DITTO_FILES,
+                              "quality-ditto-lambda10-pathmnist-dirichlet.json"]
+
+
+def render_quality_ditto() -> str:
+    """``bench_quality.py --methods ditto --ditto-lambda L``: per lambda, the personal models'
+    AUROC and accuracy on the institutions' own validation shares, next to the global model's."""
+    rows = []
+    for name in QUALITY_DITTO_LAMBDA_FILES:
+        doc = load(name)
+        m = doc["cells"][0]["methods"]["ditto"]
+        rows.append([f"{doc['settings']['ditto_lambda']:g}", _mean_std(m, "val_personal_auroc"),
+                     _mean_std(m, "val_personal_accuracy"), _mean_std(m, "val_fed_auroc"),
+                     _mean_std(m, "val_fed_accuracy"), _mean_std(m, "val_auroc")])
+    return md_table(["ditto-lambda", "personal models: AUROC", "personal models: accuracy",
+                     "global model, federated: AUROC", "global model, federated: accuracy",
+                     "global model, pooled val: AUROC"], rows)
 
 
 # --------------------------------------------------------------- results: quality under CV
@@ -786,7 +812,9 @@ TABLES: dict[str, Table] = {
     "focal-quality": Table("results", render_focal_quality,
                            ("focal_quality-twin.json", "focal_quality-encrypted-iid.json")),
     "focal-real": Table("results", render_focal_real, ("focal_real.json",)),
-    "quality": Table("results", render_quality, tuple(QUALITY_FILES + QUALITY_HE_FILES + QUALITY_SERVER_MOMENTUM_FILES)),
+    "quality": Table("results", render_quality, tuple(QUALITY_FILES + QUALITY_HE_FILES + QUALITY_SERVER_MOMENTUM_FILES
+                                                      + QUALITY_DITTO_FILES)),
+    "quality-ditto": Table("results", render_quality_ditto, tuple(QUALITY_DITTO_LAMBDA_FILES)),
     "dp": Table("results", render_dp, ("dp.json", "flower_focal/privacy.py")),
     "audit": Table("results", render_audit, ("audit.json",)),
     "settings-training": Table("code", settings_renderer("settings-training"), ("flower_focal/config.py",)),
