@@ -141,6 +141,25 @@ def render_quality_ditto() -> str:
                      "global model, pooled val: AUROC"], rows)
 
 
+QUALITY_ROUNDS_FILES = ["quality-40rounds-pathmnist-iid-central.json", "quality-40rounds-pathmnist-iid-fedavg.json"]
+"""PathMNIST IID at 40 rounds (``--rounds 40``; central: 120 epochs), next to the 20-round cell."""
+
+
+def render_quality_rounds() -> str:
+    """PathMNIST IID, fixed val split, 3 seeds: the centralised bound and fedavg at 20 rounds
+    (the quality table's runs) and at 40 (central: rounds x local-epochs epochs)."""
+    twenty = next(c for c in load("quality-pathmnist-iid.json")["cells"])["methods"]
+    forty = {k: v for name in QUALITY_ROUNDS_FILES for k, v in load(name)["cells"][0]["methods"].items()}
+    rows = []
+    for rounds, methods in ((20, twenty), (40, forty)):
+        c, f = methods["central"], methods["fedavg"]
+        gaps = [a - b for a, b in zip(f["val_auroc_per_seed"], c["val_auroc_per_seed"], strict=True)]
+        rows.append([str(rounds), _mean_std(c, "val_auroc"), _mean_std(f, "val_auroc"), _mean_std(f, "val_fed_auroc"),
+                     f"{statistics.mean(gaps):+.3f} ({', '.join(f'{g:+.3f}' for g in gaps)})"])
+    return md_table(["rounds", "centralised bound (rounds x 3 epochs)", "fedavg: val macro AUROC",
+                     "fedavg: federated AUROC", "fedavg − central, mean (per seed)"], rows)
+
+
 # --------------------------------------------------------------- results: quality under CV
 QUALITY_CV_FILES = sorted(p.name for p in RESULTS.glob("quality-cv-*.json"))
 """``bench_quality.py --cv K`` runs (one per dataset and partition, like :data:`QUALITY_FILES`).
@@ -814,6 +833,7 @@ TABLES: dict[str, Table] = {
     "focal-real": Table("results", render_focal_real, ("focal_real.json",)),
     "quality": Table("results", render_quality, tuple(QUALITY_FILES + QUALITY_HE_FILES + QUALITY_SERVER_MOMENTUM_FILES
                                                       + QUALITY_DITTO_FILES)),
+    "quality-rounds": Table("results", render_quality_rounds, ("quality-pathmnist-iid.json", *QUALITY_ROUNDS_FILES)),
     "quality-ditto": Table("results", render_quality_ditto, tuple(QUALITY_DITTO_LAMBDA_FILES)),
     "dp": Table("results", render_dp, ("dp.json", "flower_focal/privacy.py")),
     "audit": Table("results", render_audit, ("audit.json",)),
