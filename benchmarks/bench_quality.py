@@ -31,7 +31,8 @@ Methods, for each seed:
   ``--personal-epochs`` of local fine-tuning at each institution (``personal-epochs``).
 * ``ditto``: fedavg with Ditto (``ditto-lambda`` = ``--ditto-lambda``, ``personal-epochs`` =
   ``--personal-epochs`` per round): each institution's persistent personal model, reported as
-  ``personal_*``; its global model (``auroc``, ``fed_*``) is fedavg's of the same seed.
+  ``personal_*``; its global model (``auroc``, ``fed_*``) is fedavg's of the same seed. It is
+  part of the default method list; ``--personal-epochs 0`` with it is refused before any run.
 * Every federated method reports ``fed_*``: the last round's federated evaluation (each
   institution scores on its own share of val, which follows its training label mix under
   Dirichlet; weighted mean, classes absent at an institution skipped).
@@ -316,6 +317,13 @@ def main(argv: list[str] | None = None) -> None:
                     "(bench_focal_quality scores the fixed val split); run focal without --cv")
     args.methods = args.methods or [m for m in ALL_METHODS if not (args.cv and m == "focal")]
     FEDERATED["ditto"].update(ditto_lambda=args.ditto_lambda, personal_epochs=args.personal_epochs)
+    if "ditto" in args.methods:  # refused now, not after hours of the other methods' runs
+        from flower_focal.config import check_personalisation
+
+        try:
+            check_personalisation(RunConfig(**FEDERATED["ditto"]))
+        except ValueError as exc:
+            p.error(f"--methods ditto: {exc}")
     defaults = RunConfig()
     settings: dict[str, Any] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                                 if k not in ("cv", "cv_fold_seed")}

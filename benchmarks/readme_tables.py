@@ -76,7 +76,15 @@ QUALITY_DITTO_FILES = ["quality-ditto-lambda1-pathmnist-dirichlet.json"]
 QUALITY_METHODS = {"central": "centralised bound (pooled)", "fedavg": "fedavg",
                    "fedavg-server-momentum": "fedavg + server momentum 0.5 (FedAvgM)",
                    "he-fedavg": "he-fedavg (`compact`)", "fedprox": "fedprox (mu 0.01)", "fedbn": "fedbn",
-                   "ditto": "fedavg + Ditto (lambda 1; personalised: its personal models)"}
+                   "ditto": "fedavg + Ditto"}
+
+
+def _label(key: str, settings: dict) -> str:
+    """A method's row label; Ditto's names its lambda and personal epochs from the run's settings."""
+    if key == "ditto":
+        return (f"fedavg + Ditto (lambda {settings['ditto_lambda']:g}, {settings['personal_epochs']} personal "
+                "epoch(s) per round; personalised: its personal models)")
+    return QUALITY_METHODS[key]
 
 
 def _mean_std(method: dict, key: str) -> str:
@@ -99,6 +107,8 @@ def render_quality() -> str:
                      for name in QUALITY_SERVER_MOMENTUM_FILES for c in load(name)["cells"]}
     ditto_runs = {(c["dataset"], c["partition"]): c["methods"]["ditto"]
                   for name in QUALITY_DITTO_FILES for c in load(name)["cells"]}
+    ditto_settings = {(c["dataset"], c["partition"]): load(name)["settings"]
+                      for name in QUALITY_DITTO_FILES for c in load(name)["cells"]}
     for cell in cells:
         if (cell["dataset"], cell["partition"]) in ditto_runs:
             cell["methods"]["ditto"] = ditto_runs[cell["dataset"], cell["partition"]]
@@ -115,6 +125,8 @@ def render_quality() -> str:
             m = methods.get(key)
             if not m or "runs" not in m:
                 continue
+            if key == "ditto":
+                label = _label(key, ditto_settings[cell["dataset"], cell["partition"]])
             rows.append([f"{cell['dataset']}, {part}", label, _mean_std(m, "val_auroc"),
                          _mean_std(m, "val_accuracy"), _mean_std(m, "val_fed_auroc"),
                          _mean_std(m, "val_personal_auroc")])
@@ -179,19 +191,23 @@ def render_quality_cv(docs: list[dict] | None = None) -> str:
     (each pooled train+val image scored once per seed), the runs, and the final model's AUROC
     minus the centralised bound's paired on (fold, seed). ``docs``: the JSON documents (default:
     :data:`QUALITY_CV_FILES`). A cell without central shows the centralised bound of another cell
-    of the same dataset and folds (it does not depend on the partition), without a paired gap."""
+    of the same dataset, folds, rounds and training defaults (it does not depend on the
+    partition), without a paired gap."""
     docs = [load(name) for name in QUALITY_CV_FILES] if docs is None else docs
     cells = []
     for doc in docs:
         cv = doc["settings"].get("cv")
         if not cv:
             raise ValueError("quality-cv: a results file without settings.cv (not a bench_quality --cv run)")
-        cells += [(cv["folds"], cv["fold_seed"], c) for c in doc["cells"] if "methods" in c]
+        # the bound is shared only between runs of the same folds, rounds and training defaults
+        same = (cv["folds"], cv["fold_seed"], doc["settings"].get("rounds"),
+                json.dumps(doc["settings"].get("defaults"), sort_keys=True))
+        cells += [(same, doc["settings"], c) for c in doc["cells"] if "methods" in c]
     cells.sort(key=lambda t: (t[2]["dataset"], t[2]["partition"] != "iid", t[2]["partition"]))
-    central = {(c["dataset"], k, seed): c["methods"]["central"] for k, seed, c in cells if "central" in c["methods"]}
+    central = {(c["dataset"], same): c["methods"]["central"] for same, _, c in cells if "central" in c["methods"]}
     rows = []
-    for k, seed, cell in cells:
-        methods = {"central": central.get((cell["dataset"], k, seed), {}), **cell["methods"]}
+    for same, settings, cell in cells:
+        methods = {"central": central.get((cell["dataset"], same), {}), **cell["methods"]}
         part = {"iid": "IID", "dirichlet": "Dirichlet 0.5"}.get(cell["partition"], cell["partition"])
         order = [m for m in QUALITY_METHODS if m in methods] + [m for m in methods if m not in QUALITY_METHODS]
         for key in order:
@@ -199,7 +215,7 @@ def render_quality_cv(docs: list[dict] | None = None) -> str:
             if not m or "runs" not in m:
                 continue
             paired = m.get("val_auroc_minus_central_paired")
-            rows.append([f"{cell['dataset']}, {part}", QUALITY_METHODS.get(key, key),
+            rows.append([f"{cell['dataset']}, {part}", _label(key, settings) if key in QUALITY_METHODS else key,
                          f"{len(m['folds'])} × {len(m['seeds'])} ({m['val_images']} images)",
                          _cv_mean_std(m, "val_auroc"), _cv_mean_std(m, "val_fed_auroc"),
                          _cv_mean_std(m, "val_personal_auroc"),

@@ -168,9 +168,33 @@ def test_quality_cv_table_renders_bench_quality_summaries():
         readme_tables.render_quality_cv([{"settings": {}, "cells": []}])
 
 
-def test_quality_cv_table_is_registered_only_with_its_results():
-    assert ("quality-cv" in readme_tables.TABLES) == bool(readme_tables.QUALITY_CV_FILES)
-    assert all(name.startswith("quality-cv-") for name in readme_tables.QUALITY_CV_FILES)
+def _readme_tables_over(tmp_path, cv_files: list[str]):
+    """readme_tables loaded from a copy whose results folder holds only ``cv_files``."""
+    import shutil
+
+    bench = tmp_path / "benchmarks"
+    (bench / "results").mkdir(parents=True)
+    for name in ("readme_tables.py", "_common.py"):
+        shutil.copy(ROOT / "benchmarks" / name, bench / name)
+    for name in cv_files:
+        (bench / "results" / name).write_text("{}")
+    name = f"readme_tables_copy_{len(cv_files)}"
+    spec = importlib.util.spec_from_file_location(name, bench / "readme_tables.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[name]
+    return module
+
+
+def test_quality_cv_table_is_registered_only_with_its_results(tmp_path):
+    without = _readme_tables_over(tmp_path / "a", [])
+    assert without.QUALITY_CV_FILES == [] and "quality-cv" not in without.TABLES
+    with_files = _readme_tables_over(tmp_path / "b", ["quality-cv-x-iid.json", "quality-x-iid.json"])
+    assert with_files.QUALITY_CV_FILES == ["quality-cv-x-iid.json"] and "quality-cv" in with_files.TABLES
+    assert with_files.TABLES["quality-cv"].sources == ("quality-cv-x-iid.json",)
 
 
 @pytest.mark.slow
@@ -190,3 +214,11 @@ def test_cv_run_of_the_centralised_bound(tmp_path, capsys):
     assert all(0.5 < r["auroc"] <= 1 for r in central["runs"])
     assert sorted(p.name for p in (tmp_path / "wd" / "cv").iterdir()) == [
         f"retinamnist_cv2-seed{bench_quality.CV_FOLD_SEED}-fold{f}.npz" for f in (0, 1)]
+
+
+def test_ditto_without_personal_epochs_is_refused_before_any_run(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench_quality.main(["--methods", "central", "ditto", "--personal-epochs", "0", "--datasets", "pathmnist",
+                            "--work-dir", str(tmp_path)])
+    assert "--methods ditto: ditto-lambda=0.1 turns Ditto on" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing ran

@@ -212,9 +212,11 @@ def test_a_layout_leaves_its_local_arrays_out_of_the_vector_and_merges_them_back
 
 
 def test_local_keys_stay_out_of_the_uploads_and_travel_in_plaintext_next_to_the_ciphertext(key_dir, tmp_path):
-    """HEFedAvg(local_keys=...) on a drop-in app whose training also changes the local arrays:
-    uploads are ciphertexts of the other arrays only, every later message carries the local
-    arrays' initial values in plaintext, and the final model decrypts to a complete one."""
+    """HEFedAvg(local_keys=...) on a drop-in FedBN app (its train replies the received values
+    of the local arrays): uploads are ciphertexts of the other arrays only, every later message
+    carries the local arrays' initial values in plaintext, and the final model decrypts to a
+    complete one. An app that trains the local arrays is refused by the mod, naming them (their
+    trained values would otherwise be dropped without a word)."""
     from flower_focal.crypto.envelope import EnvelopeLayout
     from flower_focal.encrypted_model import EncryptedModel, local_path
     from flower_focal.models import build_model, norm_keys
@@ -232,7 +234,16 @@ def test_local_keys_stay_out_of_the_uploads_and_travel_in_plaintext_next_to_the_
         HEFedAvg.from_key_dir(key_dir, local_keys=["bn.bias", "bn.weight"]).bind_initial_model(init)
     with pytest.raises(ValueError, match="every array"):
         HEFedAvg.from_key_dir(key_dir, local_keys=list(init.keys())).bind_initial_model(init)
-    grid = LoopbackGrid(quickstart_app(he=True), 3, {**RUN_CONFIG, "he-key-dir": str(key_dir)})
+    trains_them = LoopbackGrid(quickstart_app(he=True), 3, {**RUN_CONFIG, "he-key-dir": str(key_dir)})
+    strategy = HEFedAvg.from_key_dir(key_dir, fraction_train=1.0, min_available_nodes=3, local_keys=LOCAL)
+    from flower_focal.strategy.recorder import NothingAggregated
+
+    with pytest.raises(NothingAggregated):  # the reason is in every train reply
+        strategy.start(trains_them, init, num_rounds=1)
+    failed = [r for r in trains_them.received if r.metadata.message_type == "train"]
+    assert len(failed) == 3 and all(r.has_error() for r in failed)
+    assert all("local_keys" in r.error.reason and "bn.weight" in r.error.reason for r in failed)
+    grid = LoopbackGrid(quickstart_app(he=True, fedbn=True), 3, {**RUN_CONFIG, "he-key-dir": str(key_dir)})
     strategy = HEFedAvg.from_key_dir(key_dir, fraction_train=1.0, min_available_nodes=3, local_keys=LOCAL)
     result = strategy.start(grid, init, num_rounds=2)
     fingerprint = PublicContext.load(key_dir).fingerprint

@@ -323,6 +323,7 @@ def he_fedavg_mod(message: Message, context: Context, call_next: ClientAppCallab
                          "count FedAvg weights by); nothing is sent")
     n_examples = float(metrics[weighted_by])
     _, trained = _single(reply.content.array_records, "ArrayRecord", "train handler's reply")
+    _check_local_unchanged(trained, global_model, layout)
     flat = prepare_update(
         trained, he_secret, layout, reference=global_model,
         clip_norm=float(config.get(wire.HE_CLIP_NORM, 0.0)),
@@ -342,6 +343,25 @@ def he_fedavg_mod(message: Message, context: Context, call_next: ClientAppCallab
     metrics[wire.HE_ENCRYPT_CPU_S] = encrypting.cpu_s
     reply.content = RecordDict({wire.ARRAYS: encrypted, metrics_name: metrics})
     return reply
+
+
+def _check_local_unchanged(trained: ArrayRecord, received: ArrayRecord, layout: ArrayLayout) -> None:
+    """Refuse a reply whose arrays that the server keeps local (its ``local_keys``, FedBN's
+    normalisation layers) differ from the values this institution received.
+
+    Those arrays are not in the encrypted vector, so trained values would be dropped without a
+    word while plain fedavg would average them: the server and the ClientApp disagree about
+    FedBN. The handler must reply the received values (flower-focal's handlers do under
+    ``fedbn``) or leave the arrays out of its reply.
+    """
+    changed = [name for name in layout.local if name in trained and name in received
+               and not np.array_equal(trained[name].numpy(), received[name].numpy())]
+    if changed:
+        raise ValueError(
+            f"the train handler changed {len(changed)} array(s) that the server keeps at the institutions "
+            f"(HEFedAvg local_keys, e.g. with fedbn): {changed[:5]}; they are not encrypted, so their trained "
+            "values would be dropped. Reply the values received for them (FedBN: keep the trained ones in "
+            "the node state) or leave them out of the reply, or run the server without local_keys / fedbn")
 
 
 def _global_flat(record: ArrayRecord, he_secret: SecretContext, layout: ArrayLayout) -> np.ndarray:
