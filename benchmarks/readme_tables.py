@@ -71,7 +71,8 @@ QUALITY_SERVER_MOMENTUM_FILES = ["quality-server-momentum-pathmnist-iid.json",
                                  "quality-server-momentum-retinamnist-iid.json",
                                  "quality-server-momentum-retinamnist-dirichlet.json"]
 """fedavg with server momentum (``--server-momentum 0.5 --server-lr 1.0``): a row of its own."""
-QUALITY_DITTO_FILES = ["quality-ditto-lambda1-pathmnist-dirichlet.json"]
+QUALITY_DITTO_FILES = ["quality-ditto-lambda1-pathmnist-iid.json", "quality-ditto-lambda1-pathmnist-dirichlet.json",
+                       "quality-ditto-lambda1-retinamnist-iid.json", "quality-ditto-lambda1-retinamnist-dirichlet.json"]
 """Ditto (``--methods ditto --ditto-lambda 1``): its row; the personalised column is its personal model."""
 QUALITY_METHODS = {"central": "centralised bound (pooled)", "fedavg": "fedavg",
                    "fedavg-server-momentum": "fedavg + server momentum 0.5 (FedAvgM)",
@@ -134,7 +135,8 @@ def render_quality() -> str:
                      "federated AUROC", "personalised AUROC (1 epoch fine-tuning; Ditto: personal models)"], rows)
 
 
-QUALITY_DITTO_LAMBDA_FILES = ["quality-ditto-lambda0.1-pathmnist-dirichlet.json", *QUALITY_DITTO_FILES,
+QUALITY_DITTO_LAMBDA_FILES = ["quality-ditto-lambda0.1-pathmnist-dirichlet.json",
+                              "quality-ditto-lambda1-pathmnist-dirichlet.json",
                               "quality-ditto-lambda10-pathmnist-dirichlet.json"]
 
 
