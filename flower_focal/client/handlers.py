@@ -59,6 +59,14 @@ def local_seed(seed: int, partition_id: int, server_round: int) -> int:
     return (seed * 1_000_003 + partition_id * 10_007 + server_round) % (2**31 - 1)
 
 
+def _optimiser_settings(cfg: RunConfig, device) -> dict:
+    """The ``train_local`` arguments every local training of an institution shares: its global
+    model's, Ditto's personal model's and the evaluation's fine-tuned copy's."""
+    return {"batch_size": cfg.batch_size, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay,
+            "optimizer": cfg.optimizer, "device": device,
+            "num_workers": None if cfg.num_workers < 0 else cfg.num_workers, "precision": cfg.precision}
+
+
 def describe(message: Message, context: Context) -> Message:
     """Answer the server's describe query: partition id and data shape, no label statistics."""
     site = site_from_context(context)
@@ -169,11 +177,8 @@ class _DittoRound:
 
         cfg = site.cfg
         metrics = train_local(
-            self.personal, site.data.train, epochs=cfg.personal_epochs, lr=lr,
-            batch_size=cfg.batch_size, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-            optimizer=cfg.optimizer, device=device, seed=seed,
-            num_workers=None if cfg.num_workers < 0 else cfg.num_workers, precision=cfg.precision,
-            prox_mu=cfg.ditto_lambda, prox_reference=self.reference)
+            self.personal, site.data.train, epochs=cfg.personal_epochs, lr=lr, seed=seed,
+            prox_mu=cfg.ditto_lambda, prox_reference=self.reference, **_optimiser_settings(cfg, device))
         state = self.personal.state_dict()
         self.context.state[_PERSONAL] = ArrayRecord({k: v.detach().cpu() for k, v in state.items()})
         return metrics
@@ -208,21 +213,8 @@ def train(message: Message, context: Context) -> Message:
     lr = round_lr(cfg.lr, cfg.lr_schedule, server_round, cfg.num_server_rounds)
     device = resolve_device(cfg.device)
     seed = local_seed(cfg.seed, site.partition_id, server_round)
-    metrics = train_local(
-        model,
-        site.data.train,
-        epochs=cfg.local_epochs,
-        lr=lr,
-        batch_size=cfg.batch_size,
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-        optimizer=cfg.optimizer,
-        device=device,
-        seed=seed,
-        num_workers=None if cfg.num_workers < 0 else cfg.num_workers,
-        precision=cfg.precision,
-        prox_mu=cfg.fedprox_mu,
-    )
+    metrics = train_local(model, site.data.train, epochs=cfg.local_epochs, lr=lr, seed=seed,
+                          prox_mu=cfg.fedprox_mu, **_optimiser_settings(cfg, device))
     log(INFO, "institution %d round %d: %s", site.partition_id, server_round, metrics)
     if ditto is not None:
         personal = ditto.train(site, lr=lr, device=device, seed=seed + 2)
@@ -274,11 +266,8 @@ def evaluate(message: Message, context: Context) -> Message:
     elif cfg.personal_epochs > 0 and metrics[wire.NUM_EXAMPLES] > 0:
         tuned = copy.deepcopy(model)
         train_local(tuned, site.data.train, epochs=cfg.personal_epochs, lr=cfg.personal_lr,
-                    batch_size=cfg.batch_size, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                    optimizer=cfg.optimizer, device=device,
                     seed=local_seed(cfg.seed, site.partition_id, server_round) + 1,
-                    num_workers=None if cfg.num_workers < 0 else cfg.num_workers,
-                    precision=cfg.precision)
+                    **_optimiser_settings(cfg, device))
         personal = evaluate_model(tuned, site.data.val, batch_size=cfg.batch_size, device=device,
                                   num_classes=num_classes)
         for key in (wire.LOSS, wire.ACCURACY, wire.AUROC):
