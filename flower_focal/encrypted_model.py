@@ -71,11 +71,7 @@ class EncryptedModel:
         if wire.HE_CIPHERTEXT not in arrays or wire.HE_WEIGHTS not in arrays:
             raise ValueError(f"not an encrypted aggregate: arrays {list(arrays.keys())}")
         norm, total = (float(x) for x in arrays[wire.HE_WEIGHTS].numpy())
-        missing = [n for n in layout.local if n not in arrays]
-        if missing:
-            raise ValueError(f"encrypted aggregate without the plaintext local arrays {missing[:5]} its "
-                             f"layout keeps out of the ciphertext (arrays: {list(arrays.keys())[:5]})")
-        local = ArrayRecord({n: arrays[n] for n in layout.local})
+        local = ArrayRecord({n: arrays[n] for n in layout.local if n in arrays})  # all of them: __post_init__
         return cls(bytes(arrays[wire.HE_CIPHERTEXT].data), (norm, total), layout, local)
 
     def to_record(self) -> ArrayRecord:
@@ -142,12 +138,12 @@ class EncryptedModel:
                     f"{side} not found: {path.name}'s layout keeps {len(layout.local)} arrays (FedBN's "
                     f"normalisation layers) out of the ciphertext, and their plaintext values are in that file")
             with np.load(side, allow_pickle=False) as data:
-                missing = [n for n in layout.local if n not in data.files]
-                if missing:
-                    raise ValueError(f"{side} lacks the local arrays {missing[:5]}")
-                local = ArrayRecord({n: Array(np.array(data[n])) for n in layout.local})
+                local = ArrayRecord({n: Array(np.array(data[n])) for n in layout.local if n in data.files})
         norm, total = (float(x) for x in meta["weights"])
-        return cls(path.read_bytes(), (norm, total), layout, local)
+        try:
+            return cls(path.read_bytes(), (norm, total), layout, local)
+        except ValueError as exc:  # the local arrays are not all there
+            raise ValueError(f"{local_path(path)}: {exc}") from None
 
     def decrypt(self, secret: Any) -> ArrayRecord:
         """The plaintext model's arrays (names, shapes and dtypes of the layout; the local
