@@ -225,15 +225,14 @@ class HEFedAvg(FedAvg):
     def _bind_layout(self, arrays: ArrayRecord) -> None:
         """The layout of the plaintext initial model, without the local arrays, whose plaintext
         initial values are kept to travel next to the ciphertext."""
-        unknown = [k for k in self.local_keys if k not in arrays]
-        if unknown:
-            raise ValueError(
-                f"he-fedavg local_keys name {len(unknown)} array(s) the initial model does not have: "
-                f"{unknown[:5]} (its arrays: {list(arrays.keys())[:5]}...); pass the model's own names, "
-                "e.g. flower_focal.models.norm_keys(model)")
-        if self.local_keys and len(set(self.local_keys)) == len(arrays):
+        try:
+            layout = ArrayLayout.of(arrays, local=self.local_keys)  # refuses names the model lacks
+        except ValueError as exc:
+            raise ValueError(f"he-fedavg local_keys refused: {exc}; pass the model's own names, e.g. "
+                             "flower_focal.models.norm_keys(model)") from None
+        if not layout.names:
             raise ValueError("he-fedavg local_keys name every array of the model: nothing would be aggregated")
-        self._layout = ArrayLayout.of(arrays, local=self.local_keys)
+        self._layout = layout
         self._local = ArrayRecord({k: arrays[k] for k in self._layout.local})
 
     def server_state(self) -> ArrayRecord:
