@@ -96,7 +96,7 @@ CV_FOLD_SEED = 17
 """Default seed of the cross-validation folds (issue 17); independent of the run seeds."""
 FEDERATED: dict[str, dict[str, Any]] = {
     "fedavg": {}, "he-fedavg": {"strategy": "he-fedavg"}, "fedprox": {}, "fedbn": {"fedbn": True},
-    "ditto": {}}  # ditto: ditto_lambda and personal_epochs from the arguments (main)
+    "ditto": {}}  # ditto: ditto_lambda and personal_epochs from the arguments (see the run loop)
 ALL_METHODS = ("central", *FEDERATED, "focal")
 METRICS = ("auroc", "accuracy", "fed_auroc", "fed_accuracy", "personal_auroc", "personal_accuracy")
 
@@ -316,12 +316,11 @@ def main(argv: list[str] | None = None) -> None:
             p.error("--cv: --methods focal is not available under cross-validation "
                     "(bench_focal_quality scores the fixed val split); run focal without --cv")
     args.methods = args.methods or [m for m in ALL_METHODS if not (args.cv and m == "focal")]
-    FEDERATED["ditto"].update(ditto_lambda=args.ditto_lambda, personal_epochs=args.personal_epochs)
     if "ditto" in args.methods:  # refused now, not after hours of the other methods' runs
         from flower_focal.config import check_personalisation
 
         try:
-            check_personalisation(RunConfig(**FEDERATED["ditto"]))
+            check_personalisation(RunConfig(ditto_lambda=args.ditto_lambda, personal_epochs=args.personal_epochs))
         except ValueError as exc:
             p.error(f"--methods ditto: {exc}")
     defaults = RunConfig()
@@ -378,8 +377,10 @@ def main(argv: list[str] | None = None) -> None:
                                 changes.update(server_momentum=args.server_momentum, server_lr=args.server_lr)
                                 if method == "fedprox":
                                     changes["fedprox_mu"] = args.fedprox_mu
-                                if method in ("fedavg", "fedbn"):
+                                if method in ("fedavg", "fedbn", "ditto"):
                                     changes["personal_epochs"] = args.personal_epochs
+                                if method == "ditto":
+                                    changes["ditto_lambda"] = args.ditto_lambda
                                 if method == "he-fedavg" and seed not in (args.he_seeds or args.seeds):
                                     continue
                                 run_dir = tmp / f"{dataset}-{partition}-{method}-{tag}"

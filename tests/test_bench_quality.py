@@ -222,3 +222,23 @@ def test_ditto_without_personal_epochs_is_refused_before_any_run(tmp_path, capsy
                             "--work-dir", str(tmp_path)])
     assert "--methods ditto: ditto-lambda=0.1 turns Ditto on" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing ran
+
+
+def test_each_method_runs_with_its_own_settings(tmp_path, monkeypatch, capsys):
+    """--ditto-lambda and --personal-epochs reach the ditto runs (and only personal-epochs the
+    fedavg ones): the run configs bench_quality hands to the simulation, captured."""
+    shared_npz("retinamnist")
+    seen = {}
+
+    def fake_federated(cfg, run_dir):
+        seen[run_dir.name] = cfg
+        return {"auroc": 0.5, "accuracy": 0.5, "fed_auroc": 0.5, "fed_accuracy": 0.5,
+                "personal_auroc": 0.5, "personal_accuracy": 0.5, "wall_s": 0.0}
+
+    monkeypatch.setattr(bench_quality, "federated", fake_federated)
+    bench_quality.main(["--methods", "fedavg", "ditto", "--seeds", "0", "--datasets", "retinamnist",
+                        "--partitions", "iid", "--ditto-lambda", "0.7", "--personal-epochs", "2",
+                        "--work-dir", str(tmp_path)])
+    ditto, fedavg = seen["retinamnist-iid-ditto-0"], seen["retinamnist-iid-fedavg-0"]
+    assert (ditto.ditto_lambda, ditto.personal_epochs) == (0.7, 2)
+    assert (fedavg.ditto_lambda, fedavg.personal_epochs) == (0.0, 2)
