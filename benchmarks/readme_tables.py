@@ -106,13 +106,12 @@ def render_quality() -> str:
                for name in QUALITY_HE_FILES for c in load(name)["cells"]}
     momentum_runs = {(c["dataset"], c["partition"]): c["methods"]["fedavg"]
                      for name in QUALITY_SERVER_MOMENTUM_FILES for c in load(name)["cells"]}
-    ditto_runs = {(c["dataset"], c["partition"]): c["methods"]["ditto"]
-                  for name in QUALITY_DITTO_FILES for c in load(name)["cells"]}
-    ditto_settings = {(c["dataset"], c["partition"]): load(name)["settings"]
-                      for name in QUALITY_DITTO_FILES for c in load(name)["cells"]}
+    ditto_docs = [load(name) for name in QUALITY_DITTO_FILES]
+    ditto_runs = {(c["dataset"], c["partition"]): (c["methods"]["ditto"], doc["settings"])
+                  for doc in ditto_docs for c in doc["cells"]}
     for cell in cells:
         if (cell["dataset"], cell["partition"]) in ditto_runs:
-            cell["methods"]["ditto"] = ditto_runs[cell["dataset"], cell["partition"]]
+            cell["methods"]["ditto"] = ditto_runs[cell["dataset"], cell["partition"]][0]
         if (cell["dataset"], cell["partition"]) in he_runs:
             cell["methods"]["he-fedavg"] = he_runs[cell["dataset"], cell["partition"]]
         if (cell["dataset"], cell["partition"]) in momentum_runs:
@@ -127,7 +126,7 @@ def render_quality() -> str:
             if not m or "runs" not in m:
                 continue
             if key == "ditto":
-                label = _label(key, ditto_settings[cell["dataset"], cell["partition"]])
+                label = _label(key, ditto_runs[cell["dataset"], cell["partition"]][1])
             rows.append([f"{cell['dataset']}, {part}", label, _mean_std(m, "val_auroc"),
                          _mean_std(m, "val_accuracy"), _mean_std(m, "val_fed_auroc"),
                          _mean_std(m, "val_personal_auroc")])
@@ -324,13 +323,14 @@ def render_he_fedavg_micro() -> str:
                      f"server, {n} uploads", "decrypt"], rows)
 
 
-def _he_rounds() -> tuple[dict, list[tuple[str, dict, dict]]]:
-    """``bench_he_fedavg.py`` part 2: the output, and per (model, workload) row its
-    ``(model, row, compact preset's figures)``."""
+def _he_rounds() -> tuple[dict, list[tuple[str, dict, dict]], tuple[str, dict, dict]]:
+    """``bench_he_fedavg.py`` part 2: the output, per (model, workload) row its ``(model, row,
+    compact preset's figures)``, and the headline row (the largest workload of the largest model)."""
     doc = load("he_fedavg-rounds.json")
     rows = [(model, r, r["presets"]["compact"]) for model, entry in doc["models"].items()
             for r in entry["simulation"]]
-    return doc, rows
+    headline = max(rows, key=lambda t: (doc["models"][t[0]]["params"], t[1]["images_per_institution"]))
+    return doc, rows, headline
 
 
 def _params_label(n: int) -> str:
@@ -340,8 +340,7 @@ def _params_label(n: int) -> str:
 def render_he_fedavg_rounds() -> str:
     """Round wall time of fedavg and he-fedavg (``compact``) in the same Ray simulation, per
     model and workload; the largest workload of the largest model in bold (the headline)."""
-    doc, rows = _he_rounds()
-    headline = max(rows, key=lambda t: (doc["models"][t[0]]["params"], t[1]["images_per_institution"]))
+    doc, rows, headline = _he_rounds()
     out, seen = [], set()
     for model, r, he in rows:
         label = _params_label(doc["models"][model]["params"])
@@ -358,7 +357,7 @@ def render_he_fedavg_rounds() -> str:
 
 def render_he_fedavg_break_even() -> str:
     """The benchmark's ``break_even`` fit (workload where the ratio reaches 1.25), per model."""
-    doc, _ = _he_rounds()
+    doc, _, _ = _he_rounds()
     parts = []
     for model, entry in doc["models"].items():
         fit = entry["break_even"]["compact"]
@@ -373,8 +372,7 @@ def render_he_fedavg_break_even() -> str:
 
 def render_he_fedavg_time_split() -> str:
     """HE's own CPU seconds per round at the headline row, as institutions and server report them."""
-    doc, rows = _he_rounds()
-    model, r, he = max(rows, key=lambda t: (doc["models"][t[0]]["params"], t[1]["images_per_institution"]))
+    doc, _, (model, r, he) = _he_rounds()
     t = he["he_cpu_s_per_round"]
     return md_table(
         ["row", "institutions encrypt (10 uploads)", "institutions decrypt", "server sum", "server serialise",
